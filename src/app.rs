@@ -1,0 +1,152 @@
+//! Startup: open the master key, the store and the services; upsert declared installations; bind the
+//! listener; run the server until a shutdown signal.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::Path;
+
+use anyhow::Context as _;
+use secrecy::SecretString;
+use tokio::net::TcpListener;
+
+use crate::audit::StoreSink;
+use crate::config::Config;
+use crate::crypto::{Cipher, KeySource, MasterKey};
+use crate::http::{router, AppState};
+use crate::installation::manifest;
+use crate::store::Store;
+use crate::tenant::{InstallOutcome, Tenants};
+
+/// The store and the services over it, shared by `serve` and the operator's commands.
+#[derive(Clone)]
+pub struct Services {
+    /// The store.
+    pub store: Store,
+    /// Tenancy.
+    pub tenants: Tenants,
+}
+
+impl Services {
+    /// Opens the data directory: the master key (warning when it is a development key file) and the store.
+    ///
+    /// # Errors
+    /// A bad master key, an unreadable data directory, or a store held by another process.
+    pub fn open(data_dir: &Path, master_key: Option<&SecretString>) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(data_dir)
+            .with_context(|| format!("cannot create the data directory {}", data_dir.display()))?;
+        let (key, source) = MasterKey::load_or_generate(master_key, data_dir)
+            .context("cannot load the master key")?;
+        match source {
+            KeySource::Configured => {}
+            KeySource::KeyFile(path) | KeySource::Generated(path) => tracing::warn!(
+                path = %path.display(),
+                "AGENTGATE_MASTER_KEY is not set: tokens are sealed with a development key file; set AGENTGATE_MASTER_KEY in production"
+            ),
+        }
+        let store = Store::open_embedded(data_dir, Cipher::new(&key))
+            .with_context(|| format!("cannot open the store in {}", data_dir.display()))?;
+        let tenants = Tenants::new(store.clone(), StoreSink::new(store.clone()));
+        Ok(Services { store, tenants })
+    }
+
+    /// Upserts every declarative file in `dir`. A missing directory is not an error: there is nothing
+    /// to declare. Returns how many installations were created or changed.
+    ///
+    /// # Errors
+    /// A file that does not parse, or a store failure; nothing from a bad directory is imported.
+    pub async fn import_installations(&self, dir: &Path) -> anyhow::Result<usize> {
+        if !dir.exists() {
+            tracing::info!(dir = %dir.display(), "no installations directory; nothing to import");
+            return Ok(0);
+        }
+        let manifests = manifest::load(dir).context("cannot read the installations directory")?;
+        let mut changed = 0;
+        for m in &manifests {
+            for var in &m.missing_env {
+                tracing::warn!(file = %m.path.display(), variable = %var, "token variable is not set; replies through the platform API will fail");
+            }
+            let done = self
+                .tenants
+                .import_manifest(m)
+                .await
+                .with_context(|| format!("cannot import {}", m.path.display()))?;
+            for d in &done {
+                if d.outcome != InstallOutcome::Unchanged {
+                    changed += 1;
+                }
+                tracing::info!(file = %m.path.display(), tenant = %d.tenant, installation = %d.installation, outcome = ?d.outcome, "installation imported");
+            }
+        }
+        Ok(changed)
+    }
+}
+
+/// The built server: bound, with its services, not yet serving.
+pub struct Application {
+    listener: TcpListener,
+    services: Services,
+    config: Config,
+}
+
+impl Application {
+    /// Opens the services, upserts the declared installations and binds the listener.
+    ///
+    /// # Errors
+    /// Any startup step; the message says which.
+    pub async fn build(config: Config) -> anyhow::Result<Self> {
+        let services = Services::open(&config.data_dir, config.master_key.as_ref())?;
+        services
+            .import_installations(&config.installations_dir)
+            .await?;
+        services.store.flush().context("cannot flush the store")?;
+        let addr = SocketAddr::new(config.bind, config.port);
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr}"))?;
+        Ok(Application {
+            listener,
+            services,
+            config,
+        })
+    }
+
+    /// The port actually bound (useful when the configured port was 0).
+    pub fn port(&self) -> u16 {
+        self.listener.local_addr().map(|a| a.port()).unwrap_or(0)
+    }
+
+    /// The services, for tests and commands that run beside the server.
+    pub fn services(&self) -> &Services {
+        &self.services
+    }
+
+    /// Serves until `shutdown` completes, then drains in-flight requests and flushes the store.
+    ///
+    /// # Errors
+    /// A failure of the server or of the final flush.
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let state = AppState {
+            store: self.services.store.clone(),
+            tenants: self.services.tenants.clone(),
+        };
+        let app = router(state, self.config.request_timeout);
+        let addr = self
+            .listener
+            .local_addr()
+            .context("listener has no address")?;
+        tracing::info!(%addr, "agentgate listening");
+        axum::serve(self.listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await
+            .context("server failed")?;
+        self.services
+            .store
+            .flush()
+            .context("cannot flush the store at shutdown")?;
+        tracing::info!("agentgate stopped");
+        Ok(())
+    }
+}

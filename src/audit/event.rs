@@ -1,0 +1,312 @@
+//! The closed, versioned set of audit events and their one canonical encoding (the leaf bytes).
+//!
+//! The encoding is JSON with keys sorted, no insignificant whitespace and integers only, so that an
+//! independent verifier can recompute every leaf hash byte for byte (docs/AUDIT-FORMAT.md).
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde_json::{json, Value};
+
+use crate::tenant::TenantContext;
+
+/// The version of the event encoding written into every event as `v`.
+pub const EVENT_VERSION: u64 = 1;
+
+/// What happened. Each variant is one event type; its name in the log is [`EventBody::type_name`].
+///
+/// Prompts, tool arguments and results appear only as SHA-256 hashes; secrets never appear.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EventBody {
+    /// A tenant was created by its first installation.
+    TenantProvisioned {
+        /// Its human name.
+        name: String,
+        /// Its plan.
+        plan: String,
+    },
+    /// An installation was stored.
+    InstallationCreated {
+        /// The installation id.
+        installation_id: String,
+        /// slack or discord.
+        platform: String,
+        /// The directory key of the workspace.
+        workspace: String,
+        /// oauth or declared.
+        source: String,
+    },
+    /// An installation's record changed (tokens rotated, scopes changed, reinstalled).
+    InstallationUpdated {
+        /// The installation id.
+        installation_id: String,
+        /// The names of the fields that changed, never their values.
+        changed: Vec<String>,
+    },
+    /// An installation was revoked; its tokens are never used again.
+    InstallationRevoked {
+        /// The installation id.
+        installation_id: String,
+        /// uninstalled, tokens_revoked, operator.
+        reason: String,
+    },
+    /// Settings changed.
+    SettingsChanged {
+        /// The names of the settings that changed.
+        fields: Vec<String>,
+    },
+    /// A principal was given a role.
+    RoleGranted {
+        /// Who.
+        principal: String,
+        /// Which role.
+        role: String,
+    },
+    /// A principal lost a role.
+    RoleRevoked {
+        /// Who.
+        principal: String,
+        /// Which role.
+        role: String,
+    },
+    /// A command arrived from a platform.
+    CommandReceived {
+        /// slack or discord.
+        platform: String,
+        /// The kind of request: slash_command, app_mention, mention, interaction.
+        kind: String,
+        /// SHA-256 of the command text, in hex.
+        text_sha256: String,
+    },
+    /// A run started.
+    RunStarted {
+        /// SHA-256 of the prompt, in hex.
+        prompt_sha256: String,
+    },
+    /// A model was called.
+    ModelCalled {
+        /// The provider.
+        provider: String,
+        /// The model.
+        model: String,
+        /// Prompt tokens.
+        tokens_in: u64,
+        /// Completion tokens.
+        tokens_out: u64,
+        /// Cost in microcents.
+        cost_microcents: u64,
+    },
+    /// A tool was invoked.
+    ToolInvoked {
+        /// The capability.
+        capability: String,
+        /// SHA-256 of the canonical arguments, in hex.
+        arguments_sha256: String,
+        /// SHA-256 of the result, in hex.
+        result_sha256: String,
+        /// How long it took.
+        latency_ms: u64,
+        /// Cost in microcents.
+        cost_microcents: u64,
+    },
+    /// The gate refused a tool call.
+    ToolRefused {
+        /// The capability.
+        capability: String,
+        /// Why, in words safe to show.
+        reason: String,
+        /// The ids of the deciding policies.
+        policy_ids: Vec<String>,
+    },
+    /// A ceiling or quota stopped a run.
+    BudgetExceeded {
+        /// tokens, tool_calls, walltime_ms, cost_microcents, or a quota.
+        ceiling: String,
+        /// The limit.
+        limit: u64,
+        /// What the next call would have brought it to.
+        attempted: u64,
+    },
+    /// A run finished with an answer.
+    RunCompleted {
+        /// Totals of the run.
+        totals: RunTotals,
+    },
+    /// A run stopped without an answer.
+    RunFailed {
+        /// Totals of the run.
+        totals: RunTotals,
+        /// Why, in words safe to show.
+        reason: String,
+    },
+    /// A range of the log was exported.
+    ExportCreated {
+        /// First sequence number exported.
+        from: u64,
+        /// One past the last sequence number exported.
+        to: u64,
+    },
+    /// A checkpoint was signed.
+    CheckpointSigned {
+        /// The tree size it covers.
+        size: u64,
+        /// The root hash, in hex.
+        root: String,
+    },
+}
+
+/// What a run consumed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RunTotals {
+    /// Prompt tokens.
+    pub tokens_in: u64,
+    /// Completion tokens.
+    pub tokens_out: u64,
+    /// Tool calls.
+    pub tool_calls: u64,
+    /// Wall time.
+    pub walltime_ms: u64,
+    /// Cost in microcents.
+    pub cost_microcents: u64,
+}
+
+impl RunTotals {
+    fn to_json(&self) -> Value {
+        json!({
+            "tokens_in": self.tokens_in,
+            "tokens_out": self.tokens_out,
+            "tool_calls": self.tool_calls,
+            "walltime_ms": self.walltime_ms,
+            "cost_microcents": self.cost_microcents,
+        })
+    }
+}
+
+impl EventBody {
+    /// The event's type name in the log, such as `tenant.provisioned`.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            EventBody::TenantProvisioned { .. } => "tenant.provisioned",
+            EventBody::InstallationCreated { .. } => "installation.created",
+            EventBody::InstallationUpdated { .. } => "installation.updated",
+            EventBody::InstallationRevoked { .. } => "installation.revoked",
+            EventBody::SettingsChanged { .. } => "settings.changed",
+            EventBody::RoleGranted { .. } => "role.granted",
+            EventBody::RoleRevoked { .. } => "role.revoked",
+            EventBody::CommandReceived { .. } => "command.received",
+            EventBody::RunStarted { .. } => "run.started",
+            EventBody::ModelCalled { .. } => "model.called",
+            EventBody::ToolInvoked { .. } => "tool.invoked",
+            EventBody::ToolRefused { .. } => "tool.refused",
+            EventBody::BudgetExceeded { .. } => "budget.exceeded",
+            EventBody::RunCompleted { .. } => "run.completed",
+            EventBody::RunFailed { .. } => "run.failed",
+            EventBody::ExportCreated { .. } => "export.created",
+            EventBody::CheckpointSigned { .. } => "checkpoint.signed",
+        }
+    }
+
+    /// The event's `data` object.
+    pub fn data(&self) -> Value {
+        match self {
+            EventBody::TenantProvisioned { name, plan } => json!({ "name": name, "plan": plan }),
+            EventBody::InstallationCreated {
+                installation_id,
+                platform,
+                workspace,
+                source,
+            } => json!({
+                "installation_id": installation_id,
+                "platform": platform,
+                "workspace": workspace,
+                "source": source,
+            }),
+            EventBody::InstallationUpdated {
+                installation_id,
+                changed,
+            } => json!({ "installation_id": installation_id, "changed": changed }),
+            EventBody::InstallationRevoked {
+                installation_id,
+                reason,
+            } => json!({ "installation_id": installation_id, "reason": reason }),
+            EventBody::SettingsChanged { fields } => json!({ "fields": fields }),
+            EventBody::RoleGranted { principal, role }
+            | EventBody::RoleRevoked { principal, role } => {
+                json!({ "principal": principal, "role": role })
+            }
+            EventBody::CommandReceived {
+                platform,
+                kind,
+                text_sha256,
+            } => json!({ "platform": platform, "kind": kind, "text_sha256": text_sha256 }),
+            EventBody::RunStarted { prompt_sha256 } => json!({ "prompt_sha256": prompt_sha256 }),
+            EventBody::ModelCalled {
+                provider,
+                model,
+                tokens_in,
+                tokens_out,
+                cost_microcents,
+            } => json!({
+                "provider": provider,
+                "model": model,
+                "tokens_in": tokens_in,
+                "tokens_out": tokens_out,
+                "cost_microcents": cost_microcents,
+            }),
+            EventBody::ToolInvoked {
+                capability,
+                arguments_sha256,
+                result_sha256,
+                latency_ms,
+                cost_microcents,
+            } => json!({
+                "capability": capability,
+                "arguments_sha256": arguments_sha256,
+                "result_sha256": result_sha256,
+                "latency_ms": latency_ms,
+                "cost_microcents": cost_microcents,
+            }),
+            EventBody::ToolRefused {
+                capability,
+                reason,
+                policy_ids,
+            } => json!({ "capability": capability, "reason": reason, "policy_ids": policy_ids }),
+            EventBody::BudgetExceeded {
+                ceiling,
+                limit,
+                attempted,
+            } => json!({ "ceiling": ceiling, "limit": limit, "attempted": attempted }),
+            EventBody::RunCompleted { totals } => json!({ "totals": totals.to_json() }),
+            EventBody::RunFailed { totals, reason } => {
+                json!({ "totals": totals.to_json(), "reason": reason })
+            }
+            EventBody::ExportCreated { from, to } => json!({ "from": from, "to": to }),
+            EventBody::CheckpointSigned { size, root } => json!({ "size": size, "root": root }),
+        }
+    }
+}
+
+/// Formats a time the one way the log writes it: RFC 3339, UTC, microseconds, `Z`.
+pub fn format_time(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Micros, true)
+}
+
+/// Encodes one event as its canonical leaf bytes.
+///
+/// `serde_json`'s map is ordered by key (the `preserve_order` feature is off), and `to_vec` writes no
+/// whitespace, which together make the encoding canonical.
+pub fn encode(ctx: &TenantContext, seq: u64, time: DateTime<Utc>, body: &EventBody) -> Vec<u8> {
+    let audit = ctx.audit();
+    let value = json!({
+        "v": EVENT_VERSION,
+        "tenant": ctx.tenant_id().as_str(),
+        "seq": seq,
+        "time": format_time(time),
+        "principal": ctx.principal().as_str(),
+        "principal_kind": ctx.principal_kind().as_str(),
+        "run_id": audit.run_id.to_string(),
+        "correlation_id": audit.correlation_id.as_ref().map(|c| c.as_str()),
+        "initiator": audit.initiator.as_str(),
+        "type": body.type_name(),
+        "data": body.data(),
+    });
+    serde_json::to_vec(&value).expect("a JSON value always serialises")
+}

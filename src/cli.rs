@@ -1,0 +1,275 @@
+//! The command line: `serve`, `installations import|list|revoke` and `tenants list`.
+//!
+//! Every option is a flag and an `AGENTGATE_*` environment variable (the port is also `PORT`).
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use secrecy::SecretString;
+use serde_json::json;
+
+use crate::app::{Application, Services};
+use crate::config::{Config, LogFormat};
+use crate::installation::{manifest, Installation, InstallationId, InstallationStatus};
+
+/// agentgate: one gateway for many Slack workspaces and Discord servers, each an isolated tenant with a
+/// policy-gated agent and its own Merkle-verified audit log.
+#[derive(Debug, Parser)]
+#[command(name = "agentgate", version, about, long_about = None)]
+pub struct Cli {
+    /// Settings every command shares.
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Settings every command shares.
+#[derive(Debug, Args)]
+pub struct GlobalArgs {
+    /// Directory for the store, the audit logs and (in development) the generated master key.
+    #[arg(
+        long,
+        env = "AGENTGATE_DATA_DIR",
+        default_value = "./data",
+        global = true
+    )]
+    pub data_dir: PathBuf,
+    /// Master key sealing tokens at rest: 32 bytes as 64 hex digits or base64. Unset in development:
+    /// a key file is generated in the data directory (mode 0600) and a warning is logged.
+    #[arg(
+        long,
+        env = "AGENTGATE_MASTER_KEY",
+        hide_env_values = true,
+        global = true
+    )]
+    pub master_key: Option<String>,
+    /// Log line format.
+    #[arg(
+        long,
+        env = "AGENTGATE_LOG_FORMAT",
+        value_enum,
+        default_value = "text",
+        global = true
+    )]
+    pub log_format: LogFormat,
+    /// Log filter, in tracing's EnvFilter syntax (for example `info,agentgate=debug`).
+    #[arg(long, env = "AGENTGATE_LOG", default_value = "info", global = true)]
+    pub log: String,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the gateway: upsert the declared installations, then serve HTTP until SIGTERM or Ctrl-C.
+    Serve(ServeArgs),
+    /// Manage installation records.
+    #[command(subcommand)]
+    Installations(InstallationsCommand),
+    /// Inspect tenants.
+    #[command(subcommand)]
+    Tenants(TenantsCommand),
+}
+
+/// Options of `serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Port to listen on.
+    #[arg(long, env = "PORT", default_value_t = 3000)]
+    pub port: u16,
+    /// Address to listen on.
+    #[arg(long, env = "AGENTGATE_BIND", default_value = "0.0.0.0")]
+    pub bind: IpAddr,
+    /// Directory of declarative installation files (`*.toml`) upserted at start.
+    #[arg(
+        long,
+        env = "AGENTGATE_INSTALLATIONS_DIR",
+        default_value = "./installations"
+    )]
+    pub installations_dir: PathBuf,
+    /// Seconds a request may take before it is answered 408.
+    #[arg(long, env = "AGENTGATE_REQUEST_TIMEOUT_SECS", default_value_t = 30)]
+    pub request_timeout_secs: u64,
+}
+
+/// `installations …`
+#[derive(Debug, Subcommand)]
+pub enum InstallationsCommand {
+    /// Upsert declarative installation files (a file, or every *.toml in a directory).
+    Import {
+        /// The file or directory.
+        path: PathBuf,
+    },
+    /// List installations of every tenant (ids and status only, never tokens).
+    List {
+        /// Print a JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke an installation: its workspace stops resolving and its tokens are forgotten.
+    Revoke {
+        /// The installation id (`i_…`, from `installations list`).
+        id: String,
+        /// Why, recorded in the audit log.
+        #[arg(long, default_value = "operator")]
+        reason: String,
+    },
+}
+
+/// `tenants …`
+#[derive(Debug, Subcommand)]
+pub enum TenantsCommand {
+    /// List tenants with their installations (ids only, never tokens).
+    List {
+        /// Print a JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+impl Cli {
+    /// Runs the command.
+    ///
+    /// # Errors
+    /// Whatever the command failed on, with context.
+    pub async fn run(self) -> anyhow::Result<()> {
+        let master_key = self.global.master_key.map(SecretString::from);
+        match self.command {
+            Command::Serve(args) => {
+                let config = Config {
+                    data_dir: self.global.data_dir,
+                    installations_dir: args.installations_dir,
+                    bind: args.bind,
+                    port: args.port,
+                    master_key,
+                    request_timeout: Duration::from_secs(args.request_timeout_secs),
+                };
+                let app = Application::build(config).await?;
+                app.run_until_stopped(crate::shutdown::signal()).await
+            }
+            Command::Installations(cmd) => {
+                let services = Services::open(&self.global.data_dir, master_key.as_ref())?;
+                let result = installations(&services, cmd).await;
+                services.store.flush().context("cannot flush the store")?;
+                result
+            }
+            Command::Tenants(TenantsCommand::List { json }) => {
+                let services = Services::open(&self.global.data_dir, master_key.as_ref())?;
+                tenants_list(&services, json)
+            }
+        }
+    }
+}
+
+fn status_name(i: &Installation) -> &'static str {
+    match i.status {
+        InstallationStatus::Active => "active",
+        InstallationStatus::Revoked { .. } => "revoked",
+    }
+}
+
+/// Every tenant with its installations, read through an operator context per tenant.
+fn listing(
+    services: &Services,
+) -> anyhow::Result<Vec<(crate::store::TenantSummary, Vec<Installation>)>> {
+    let mut out = Vec::new();
+    for t in services.store.admin().tenants()? {
+        let ctx = services.tenants.operator_context(&t.id)?;
+        let insts = services.store.for_tenant(&ctx)?.installations().list()?;
+        out.push((t, insts));
+    }
+    Ok(out)
+}
+
+fn installation_json(i: &Installation) -> serde_json::Value {
+    json!({
+        "id": i.id.as_str(),
+        "platform": i.workspace.platform().as_str(),
+        "workspace": i.workspace.directory_key(),
+        "status": status_name(i),
+        "has_bot_token": i.bot_token.is_some(),
+    })
+}
+
+fn tenants_list(services: &Services, as_json: bool) -> anyhow::Result<()> {
+    let rows = listing(services)?;
+    if as_json {
+        let arr: Vec<_> = rows
+            .iter()
+            .map(|(t, insts)| {
+                json!({
+                    "id": t.id.as_str(),
+                    "name": t.name,
+                    "created_at": t.created_at.to_rfc3339(),
+                    "installations": insts.iter().map(installation_json).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&arr)?);
+    } else {
+        for (t, insts) in &rows {
+            let ids: Vec<&str> = insts.iter().map(|i| i.id.as_str()).collect();
+            println!("{}  {}  installations: {}", t.id, t.name, ids.join(", "));
+        }
+        if rows.is_empty() {
+            println!("no tenants");
+        }
+    }
+    Ok(())
+}
+
+async fn installations(services: &Services, cmd: InstallationsCommand) -> anyhow::Result<()> {
+    match cmd {
+        InstallationsCommand::Import { path } => {
+            let manifests = manifest::load(&path)?;
+            for m in &manifests {
+                for var in &m.missing_env {
+                    eprintln!(
+                        "warning: {}: {var} is not set; this installation has no bot token",
+                        m.path.display()
+                    );
+                }
+                for d in services.tenants.import_manifest(m).await? {
+                    println!("{}  tenant {}  {:?}", d.installation, d.tenant, d.outcome);
+                }
+            }
+            Ok(())
+        }
+        InstallationsCommand::List { json } => {
+            let rows = listing(services)?;
+            if json {
+                let arr: Vec<_> = rows
+                    .iter()
+                    .flat_map(|(t, insts)| {
+                        insts.iter().map(move |i| {
+                            let mut v = installation_json(i);
+                            v["tenant"] = json!(t.id.as_str());
+                            v
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&arr)?);
+            } else {
+                for (t, insts) in &rows {
+                    for i in insts {
+                        println!("{}  {}  {}  {}", i.id, t.id, i.workspace, status_name(i));
+                    }
+                }
+            }
+            Ok(())
+        }
+        InstallationsCommand::Revoke { id, reason } => {
+            let id: InstallationId = id.parse().context("not an installation id")?;
+            if services.tenants.revoke_installation(&id, &reason).await? {
+                println!("revoked {id}");
+            } else {
+                println!("{id} was already revoked");
+            }
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,48 @@
+//! `ApiError`: the one error type at the HTTP edge. It never shows internal detail to a client; the
+//! detail goes to the log through the response extensions.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+
+/// An error answered to an HTTP client.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// 404: the thing does not exist, or belongs to another tenant (the two are not told apart).
+    #[error("not found")]
+    NotFound,
+    /// 503: a dependency such as the store is not ready.
+    #[error("not ready")]
+    Unavailable(#[source] anyhow::Error),
+    /// 500: anything unexpected. The cause is logged, never sent.
+    #[error("internal error")]
+    Internal(#[from] anyhow::Error),
+}
+
+impl From<crate::store::StoreError> for ApiError {
+    fn from(e: crate::store::StoreError) -> Self {
+        ApiError::Internal(e.into())
+    }
+}
+
+/// The cause of an error response, for the logging middleware to read.
+#[derive(Clone, Debug)]
+pub struct ErrorCause(pub String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = match &self {
+            ApiError::NotFound => StatusCode::NOT_FOUND,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        let cause = match &self {
+            ApiError::Unavailable(e) | ApiError::Internal(e) => Some(format!("{e:#}")),
+            ApiError::NotFound => None,
+        };
+        let mut resp = (status, self.to_string()).into_response();
+        if let Some(cause) = cause {
+            resp.extensions_mut().insert(ErrorCause(cause));
+        }
+        resp
+    }
+}

@@ -1,0 +1,67 @@
+//! The HTTP surface: `AppState`, the router that merges each area's routes, and the health routes.
+
+pub mod error;
+
+use std::time::Duration;
+
+use axum::extract::{Request, State};
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::get;
+use axum::Router;
+use tower_http::timeout::TimeoutLayer;
+use tower_http::trace::TraceLayer;
+
+pub use error::ApiError;
+use error::ErrorCause;
+
+use crate::store::Store;
+use crate::tenant::Tenants;
+
+/// What every handler can reach. Cheap handles only.
+#[derive(Clone)]
+pub struct AppState {
+    /// The store, reached by handlers only through a context.
+    pub store: Store,
+    /// Tenant resolution and provisioning.
+    pub tenants: Tenants,
+}
+
+/// The whole router.
+pub fn router(state: AppState, request_timeout: Duration) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .layer(middleware::from_fn(log_error_cause))
+        .layer(TraceLayer::new_for_http())
+        .layer(TimeoutLayer::with_status_code(
+            axum::http::StatusCode::REQUEST_TIMEOUT,
+            request_timeout,
+        ))
+        .with_state(state)
+}
+
+/// Liveness: the process answers.
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+/// Readiness: the store answers a read.
+async fn readyz(State(state): State<AppState>) -> Result<&'static str, ApiError> {
+    state
+        .store
+        .ping()
+        .map_err(|e| ApiError::Unavailable(e.into()))?;
+    Ok("ready")
+}
+
+/// Logs the internal cause that an [`ApiError`] kept out of the response body.
+async fn log_error_cause(req: Request, next: Next) -> Response {
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let resp = next.run(req).await;
+    if let Some(ErrorCause(cause)) = resp.extensions().get::<ErrorCause>() {
+        tracing::error!(%method, %path, status = resp.status().as_u16(), cause = %cause, "request failed");
+    }
+    resp
+}

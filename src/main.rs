@@ -1,0 +1,28 @@
+//! The `agentgate` binary: parse the command line, set up logging, run the command.
+
+use clap::Parser as _;
+use tracing_subscriber::EnvFilter;
+
+use agentgate::cli::Cli;
+use agentgate::config::LogFormat;
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let filter = EnvFilter::try_new(&cli.global.log).unwrap_or_else(|_| EnvFilter::new("info"));
+    // Logs go to stderr so that commands printing JSON keep stdout clean.
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.global.log_format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+    match cli.run().await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

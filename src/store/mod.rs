@@ -1,0 +1,330 @@
+//! Storage: the repository traits every caller uses, obtained only from a `TenantContext`, and the
+//! embedded sled backend behind them. This is the only module that imports sled.
+//!
+//! Every tenant's records live in that tenant's own sled tree, and every key inside it begins with the
+//! tenant id as well, so a record can be neither read nor written under another tenant's name. The one
+//! cross-tenant structure is the installation directory (workspace key to tenant), read by tenant
+//! resolution and written by provisioning, and the tenant registry read by the operator's listings:
+//! both sit behind [`Store::directory`] and [`Store::admin`], which are reviewed admin paths.
+
+mod embedded;
+mod records;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::crypto::{Cipher, CryptoError};
+use crate::installation::{Installation, InstallationId};
+use crate::tenant::{PrincipalId, Role, TenantContext, TenantId, TenantSettings, ToolGrant};
+
+pub use embedded::Embedded;
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The storage engine failed (I/O, or the database is locked by another process).
+    #[error("storage engine: {0}")]
+    Engine(String),
+    /// A stored record could not be decoded; the store never guesses a value for it.
+    #[error("corrupt record {key}: {why}")]
+    Corrupt {
+        /// The record's key, which carries no secret.
+        key: String,
+        /// What was wrong.
+        why: String,
+    },
+    /// A sealed secret in a record did not open.
+    #[error("a sealed secret in {key} did not open: {source}")]
+    Sealed {
+        /// The record's key.
+        key: String,
+        /// The failure.
+        source: CryptoError,
+    },
+    /// A workspace is already bound to another tenant.
+    #[error("workspace {0} is already installed in another tenant")]
+    WorkspaceTaken(String),
+}
+
+/// Result alias for store operations.
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// A tenant's settings.
+pub trait SettingsRepo {
+    /// The settings, if the tenant has been provisioned.
+    ///
+    /// # Errors
+    /// [`StoreError`] on an engine failure or a corrupt record.
+    fn get(&self) -> Result<Option<TenantSettings>>;
+    /// Replaces the settings.
+    ///
+    /// # Errors
+    /// [`StoreError`] on an engine failure.
+    fn put(&self, settings: &TenantSettings) -> Result<()>;
+}
+
+/// A tenant's membership table: who holds which role.
+pub trait MembershipRepo {
+    /// The role of `principal`, if listed.
+    ///
+    /// # Errors
+    /// [`StoreError`] on an engine failure or a corrupt record.
+    fn role_of(&self, principal: &PrincipalId) -> Result<Option<Role>>;
+    /// Sets `principal`'s role; returns the previous one.
+    ///
+    /// # Errors
+    /// [`StoreError`] on an engine failure.
+    fn set_role(&self, principal: &PrincipalId, role: Role) -> Result<Option<Role>>;
+    /// Removes `principal`; returns the role it held.
+    ///
+    /// # Errors
+    /// [`StoreError`] on an engine failure.
+    fn remove(&self, principal: &PrincipalId) -> Result<Option<Role>>;
+    /// Every member, ordered by principal.
+    ///
+    /// # Errors
+    /// [`StoreError`] on an engine failure or a corrupt record.
+    fn list(&self) -> Result<Vec<(PrincipalId, Role)>>;
+}
+
+/// A tenant's installation records. Tokens are sealed on the way in and opened on the way out.
+pub trait InstallationRepo {
+    /// One installation.
+    ///
+    /// # Errors
+    /// [`StoreError`] on an engine failure, a corrupt record, or a token that does not open.
+    fn get(&self, id: &InstallationId) -> Result<Option<Installation>>;
+    /// Inserts or replaces an installation. Its `tenant` must be this repository's tenant.
+    ///
+    /// # Errors
+    /// [`StoreError`] on an engine failure.
+    ///
+    /// # Panics
+    /// When the record names another tenant: that is a programming error, never an input.
+    fn put(&self, installation: &Installation) -> Result<()>;
+    /// Every installation, ordered by id.
+    ///
+    /// # Errors
+    /// As for [`InstallationRepo::get`].
+    fn list(&self) -> Result<Vec<Installation>>;
+}
+
+/// A tenant's tool grants.
+pub trait ToolGrantRepo {
+    /// Every grant, ordered by capability.
+    ///
+    /// # Errors
+    /// [`StoreError`] on an engine failure or a corrupt record.
+    fn list(&self) -> Result<Vec<ToolGrant>>;
+    /// Inserts or replaces the grant for its capability.
+    ///
+    /// # Errors
+    /// [`StoreError`] on an engine failure.
+    fn put(&self, grant: &ToolGrant) -> Result<()>;
+    /// Removes the grant for `capability`; true if there was one.
+    ///
+    /// # Errors
+    /// [`StoreError`] on an engine failure.
+    fn remove(&self, capability: &str) -> Result<bool>;
+}
+
+/// A tenant's interim event list, which the audit sink appends to until the Merkle log replaces it.
+pub trait EventRepo {
+    /// Appends the bytes `encode(seq)` under the next sequence number, and returns that number.
+    ///
+    /// # Errors
+    /// [`StoreError`] on an engine failure.
+    fn append(&self, encode: &dyn Fn(u64) -> Vec<u8>) -> Result<u64>;
+    /// Every event, in order.
+    ///
+    /// # Errors
+    /// [`StoreError`] on an engine failure.
+    fn list(&self) -> Result<Vec<Vec<u8>>>;
+}
+
+/// Everything one tenant's storage offers; a backend hands these out per tenant.
+pub trait TenantRepos:
+    SettingsRepo + MembershipRepo + InstallationRepo + ToolGrantRepo + EventRepo + Send + Sync
+{
+}
+
+/// Where a workspace's installation lives.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DirectoryEntry {
+    /// The tenant.
+    pub tenant: TenantId,
+    /// The installation.
+    pub installation: InstallationId,
+}
+
+/// A tenant as the operator's listing shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TenantSummary {
+    /// The tenant.
+    pub id: TenantId,
+    /// Its human name.
+    pub name: String,
+    /// When it was provisioned.
+    pub created_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// What a storage backend implements. Callers never see it: they go through [`Store`].
+pub(crate) trait Backend: Send + Sync {
+    /// The repositories of one tenant.
+    fn tenant(&self, tenant: &TenantId) -> Result<Arc<dyn TenantRepos>>;
+    /// Looks a workspace key up in the installation directory.
+    fn lookup(&self, directory_key: &str) -> Result<Option<DirectoryEntry>>;
+    /// Binds a workspace key to an installation and registers the tenant, atomically.
+    fn bind(
+        &self,
+        directory_key: &str,
+        entry: &DirectoryEntry,
+        summary: &TenantSummary,
+    ) -> Result<()>;
+    /// Every registered tenant.
+    fn tenants(&self) -> Result<Vec<TenantSummary>>;
+    /// Makes everything written so far durable.
+    fn flush(&self) -> Result<()>;
+}
+
+/// The storage handle. Cheap to clone; every clone shares one backend.
+#[derive(Clone)]
+pub struct Store {
+    backend: Arc<dyn Backend>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Store")
+    }
+}
+
+impl Store {
+    /// Opens (or creates) the embedded sled store in `dir`, sealing tokens with `cipher`.
+    ///
+    /// # Errors
+    /// [`StoreError::Engine`] when the directory cannot be opened, for example because another
+    /// process holds it.
+    pub fn open_embedded(dir: &Path, cipher: Cipher) -> Result<Self> {
+        Ok(Store {
+            backend: Arc::new(Embedded::open(dir, cipher)?),
+        })
+    }
+
+    /// The repositories of the context's tenant: the only way to reach tenant data.
+    ///
+    /// # Errors
+    /// [`StoreError::Engine`] when the tenant's storage cannot be opened.
+    pub fn for_tenant(&self, ctx: &TenantContext) -> Result<TenantStore> {
+        Ok(TenantStore {
+            tenant: ctx.tenant_id().clone(),
+            repos: self.backend.tenant(ctx.tenant_id())?,
+        })
+    }
+
+    /// The installation directory. Reviewed admin path: only tenant resolution and provisioning use it.
+    pub(crate) fn directory(&self) -> Directory<'_> {
+        Directory {
+            backend: &*self.backend,
+        }
+    }
+
+    /// Operator listings across tenants. Reviewed admin path: it returns ids and names, never records.
+    pub fn admin(&self) -> Admin<'_> {
+        Admin {
+            backend: &*self.backend,
+        }
+    }
+
+    /// Makes everything written so far durable.
+    ///
+    /// # Errors
+    /// [`StoreError::Engine`] on an I/O failure.
+    pub fn flush(&self) -> Result<()> {
+        self.backend.flush()
+    }
+
+    /// Answers when the engine can serve a read, for readiness probes.
+    ///
+    /// # Errors
+    /// [`StoreError`] when it cannot.
+    pub fn ping(&self) -> Result<()> {
+        self.backend.lookup("ping:readiness").map(|_| ())
+    }
+}
+
+/// The repositories of one tenant, obtained from a [`TenantContext`] with [`Store::for_tenant`].
+pub struct TenantStore {
+    tenant: TenantId,
+    repos: Arc<dyn TenantRepos>,
+}
+
+impl TenantStore {
+    /// The tenant these repositories are scoped to.
+    pub fn tenant_id(&self) -> &TenantId {
+        &self.tenant
+    }
+
+    /// Settings.
+    pub fn settings(&self) -> &dyn SettingsRepo {
+        &*self.repos
+    }
+
+    /// Memberships and roles.
+    pub fn members(&self) -> &dyn MembershipRepo {
+        &*self.repos
+    }
+
+    /// Installation records.
+    pub fn installations(&self) -> &dyn InstallationRepo {
+        &*self.repos
+    }
+
+    /// Tool grants.
+    pub fn grants(&self) -> &dyn ToolGrantRepo {
+        &*self.repos
+    }
+
+    /// The interim event list.
+    pub fn events(&self) -> &dyn EventRepo {
+        &*self.repos
+    }
+}
+
+/// The cross-tenant installation directory; see [`Store::directory`].
+pub(crate) struct Directory<'a> {
+    backend: &'a dyn Backend,
+}
+
+impl Directory<'_> {
+    /// Where a workspace's installation lives.
+    pub(crate) fn lookup(&self, directory_key: &str) -> Result<Option<DirectoryEntry>> {
+        self.backend.lookup(directory_key)
+    }
+
+    /// Binds a workspace to an installation and registers its tenant in one atomic step, so that a
+    /// workspace never points at a tenant the registry does not know.
+    pub(crate) fn bind(
+        &self,
+        directory_key: &str,
+        entry: &DirectoryEntry,
+        summary: &TenantSummary,
+    ) -> Result<()> {
+        self.backend.bind(directory_key, entry, summary)
+    }
+}
+
+/// Operator listings; see [`Store::admin`].
+pub struct Admin<'a> {
+    backend: &'a dyn Backend,
+}
+
+impl Admin<'_> {
+    /// Every tenant, ordered by id.
+    ///
+    /// # Errors
+    /// [`StoreError`] on an engine failure or a corrupt record.
+    pub fn tenants(&self) -> Result<Vec<TenantSummary>> {
+        self.backend.tenants()
+    }
+}
