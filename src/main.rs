@@ -11,8 +11,11 @@ async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let filter = EnvFilter::try_new(&cli.global.log).unwrap_or_else(|_| EnvFilter::new("info"));
     // Logs go to stderr so that commands printing JSON keep stdout clean.
+    // Colours only on a terminal: log files and log shippers get plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     match cli.global.log_format {
         LogFormat::Text => builder.init(),

@@ -121,6 +121,23 @@ pub struct Tenants {
     audit: Arc<dyn AuditSink>,
 }
 
+/// Who a context acts for.
+struct Actor {
+    principal: PrincipalId,
+    kind: PrincipalKind,
+    role: Role,
+}
+
+impl Actor {
+    fn new(principal: PrincipalId, kind: PrincipalKind, role: Role) -> Self {
+        Actor {
+            principal,
+            kind,
+            role,
+        }
+    }
+}
+
 /// The principal the operator's CLI acts as.
 const OPERATOR: &str = "operator:cli";
 
@@ -135,12 +152,14 @@ impl Tenants {
         &self.store
     }
 
-    /// Builds a context for internal work in a tenant on behalf of `principal`.
+    /// Builds a context for work in a tenant on behalf of `actor`.
     fn context(
         tenant: TenantId,
-        principal: PrincipalId,
-        kind: PrincipalKind,
-        role: Role,
+        Actor {
+            principal,
+            kind,
+            role,
+        }: Actor,
         budget: Budget,
         features: BTreeMap<String, bool>,
         correlation_id: Option<CorrelationId>,
@@ -220,9 +239,7 @@ impl Tenants {
             .unwrap_or(settings.default_role);
         let ctx = Self::context(
             entry.tenant,
-            req.user.clone(),
-            PrincipalKind::User,
-            role,
+            Actor::new(req.user.clone(), PrincipalKind::User, role),
             settings.run_ceilings,
             settings.features,
             req.correlation_id.clone(),
@@ -256,9 +273,7 @@ impl Tenants {
             .ok_or_else(|| ResolveError::NotProvisioned(tenant.clone()))?;
         Ok(Self::context(
             tenant.clone(),
-            operator,
-            PrincipalKind::Service,
-            Role::Admin,
+            Actor::new(operator, PrincipalKind::Service, Role::Admin),
             settings.run_ceilings,
             settings.features,
             None,
@@ -307,9 +322,7 @@ impl Tenants {
         let defaults = TenantSettings::defaults(tenant_name);
         let ctx = Self::context(
             tenant.clone(),
-            new.installer.clone(),
-            PrincipalKind::User,
-            Role::Owner,
+            Actor::new(new.installer.clone(), PrincipalKind::User, Role::Owner),
             defaults.run_ceilings.clone(),
             defaults.features.clone(),
             None,
@@ -452,9 +465,7 @@ impl Tenants {
         let settings = repos.settings().get()?;
         let ctx = Self::context(
             entry.tenant.clone(),
-            new.installer.clone(),
-            PrincipalKind::User,
-            Role::Owner,
+            Actor::new(new.installer.clone(), PrincipalKind::User, Role::Owner),
             settings
                 .as_ref()
                 .map(|s| s.run_ceilings.clone())
@@ -566,9 +577,7 @@ impl Tenants {
         let operator: PrincipalId = OPERATOR.parse().expect("valid");
         let ctx = Self::context(
             tenant.clone(),
-            operator,
-            PrincipalKind::Service,
-            Role::Admin,
+            Actor::new(operator, PrincipalKind::Service, Role::Admin),
             TenantSettings::defaults("").run_ceilings,
             BTreeMap::new(),
             None,

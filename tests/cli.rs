@@ -1,0 +1,243 @@
+//! The `agentgate` binary end to end: `serve` on port 0 with SIGTERM, `installations …`, `tenants list`, `--help`.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_agentgate");
+
+fn agentgate(data: &Path) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.env_clear()
+        .env("AGENTGATE_DATA_DIR", data)
+        .env("AGENTGATE_MASTER_KEY", "17".repeat(32))
+        .env("AGENTGATE_LOG", "info");
+    cmd
+}
+
+fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("the binary runs");
+    assert!(
+        out.status.success(),
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn write_manifest(dir: &Path, team: &str, token_var: &str) -> std::path::PathBuf {
+    let path = dir.join(format!("{team}.toml"));
+    std::fs::write(
+        &path,
+        format!(
+            "[tenant]\nname = \"{team}-co\"\n[[installation]]\nplatform = \"slack\"\nteam_id = \"{team}\"\napp_id = \"A1\"\nbot_token_env = \"{token_var}\"\ninstaller = \"U1\"\n"
+        ),
+    )
+    .unwrap();
+    path
+}
+
+#[test]
+fn import_list_and_revoke_never_print_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let manifest = write_manifest(dir.path(), "T0CLI", "CLI_TEST_TOKEN");
+    let secret = "xoxb-cli-secret-4411";
+
+    let out = run_ok(
+        agentgate(&data)
+            .env("CLI_TEST_TOKEN", secret)
+            .args(["installations", "import"])
+            .arg(&manifest),
+    );
+    assert!(out.contains("TenantCreated"), "{out}");
+    // Importing again changes nothing.
+    let out = run_ok(
+        agentgate(&data)
+            .env("CLI_TEST_TOKEN", secret)
+            .args(["installations", "import"])
+            .arg(&manifest),
+    );
+    assert!(out.contains("Unchanged"), "{out}");
+
+    let json = run_ok(agentgate(&data).args(["tenants", "list", "--json"]));
+    assert!(!json.contains(secret), "tokens never print");
+    let tenants: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let arr = tenants.as_array().unwrap();
+    assert_eq!(arr.len(), 1);
+    assert_eq!(arr[0]["name"], "T0CLI-co");
+    assert!(arr[0]["id"].as_str().unwrap().starts_with("t_"));
+    let insts = arr[0]["installations"].as_array().unwrap();
+    assert_eq!(insts.len(), 1);
+    assert_eq!(insts[0]["workspace"], "slack:team:T0CLI");
+    assert_eq!(insts[0]["status"], "active");
+    assert_eq!(insts[0]["has_bot_token"], true);
+    let id = insts[0]["id"].as_str().unwrap().to_owned();
+
+    let listed = run_ok(agentgate(&data).args(["installations", "list"]));
+    assert!(
+        listed.contains(&id) && listed.contains("active") && !listed.contains(secret),
+        "{listed}"
+    );
+
+    let out = run_ok(agentgate(&data).args(["installations", "revoke", &id]));
+    assert!(out.contains("revoked"), "{out}");
+    let json: serde_json::Value = serde_json::from_str(&run_ok(agentgate(&data).args([
+        "installations",
+        "list",
+        "--json",
+    ])))
+    .unwrap();
+    assert_eq!(json[0]["status"], "revoked");
+    assert_eq!(json[0]["has_bot_token"], false);
+}
+
+#[test]
+fn bad_input_gets_a_clear_error_and_a_failing_exit() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let check = |args: &[&str], needle: &str| {
+        let out = agentgate(&data).args(args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        assert!(err.contains(needle), "{args:?}: {err}");
+    };
+    check(
+        &["installations", "revoke", "nonsense"],
+        "not an installation id",
+    );
+    check(
+        &["installations", "revoke", "i_01HZY3J5K6M7N8P9Q0R1S2T3V4"],
+        "not found",
+    );
+    check(
+        &["installations", "import", "/no/such/file.toml"],
+        "/no/such/file.toml",
+    );
+    let bad = dir.path().join("inline.toml");
+    std::fs::write(&bad, "[tenant]\nname=\"x\"\n[[installation]]\nplatform=\"slack\"\nteam_id=\"T1\"\napp_id=\"A\"\ninstaller=\"U1\"\nbot_token=\"xoxb-1\"\n").unwrap();
+    check(
+        &["installations", "import", bad.to_str().unwrap()],
+        "inline",
+    );
+    let out = agentgate(&data)
+        .env("AGENTGATE_MASTER_KEY", "short")
+        .args(["tenants", "list"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("32 bytes"));
+}
+
+#[test]
+fn help_documents_every_setting_without_showing_secret_values() {
+    let out = Command::new(BIN)
+        .env("AGENTGATE_MASTER_KEY", "a-secret-value-that-must-not-print")
+        .args(["serve", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    for needle in [
+        "AGENTGATE_DATA_DIR",
+        "AGENTGATE_MASTER_KEY",
+        "AGENTGATE_LOG_FORMAT",
+        "AGENTGATE_LOG",
+        "PORT",
+        "AGENTGATE_BIND",
+        "AGENTGATE_INSTALLATIONS_DIR",
+        "AGENTGATE_REQUEST_TIMEOUT_SECS",
+    ] {
+        assert!(help.contains(needle), "--help lacks {needle}:\n{help}");
+    }
+    assert!(
+        !help.contains("a-secret-value-that-must-not-print"),
+        "{help}"
+    );
+}
+
+#[test]
+fn serve_on_port_zero_answers_and_stops_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let installations = Path::new(env!("CARGO_MANIFEST_DIR")).join("installations");
+    let mut child = Command::new(BIN)
+        .env_clear()
+        .env("AGENTGATE_DATA_DIR", &data)
+        .env("AGENTGATE_INSTALLATIONS_DIR", &installations)
+        .env("AGENTGATE_BIND", "127.0.0.1")
+        .env("PORT", "0")
+        .env("AGENTGATE_LOG", "info")
+        .arg("serve")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut port = None;
+    let mut lines = Vec::new();
+    while port.is_none() && Instant::now() < deadline {
+        if let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) {
+            if let Some(rest) = line.split("addr=127.0.0.1:").nth(1) {
+                port = rest
+                    .split_whitespace()
+                    .next()
+                    .and_then(|p| p.parse::<u16>().ok());
+            }
+            lines.push(line);
+        }
+    }
+    let port = port.unwrap_or_else(|| panic!("no listening line in:\n{}", lines.join("\n")));
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("AGENTGATE_MASTER_KEY is not set")),
+        "a development key file is announced: {lines:?}"
+    );
+
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    use std::io::{Read, Write};
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut resp = String::new();
+    stream.read_to_string(&mut resp).unwrap();
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    assert!(resp.ends_with("ok"), "{resp}");
+
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let exit = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "serve did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(exit.success(), "serve exits 0 after SIGTERM: {exit:?}");
+
+    let key = data.join("master.key");
+    assert!(key.is_file(), "the development key file was generated");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+    }
+    assert!(data.join("store").is_dir());
+}
