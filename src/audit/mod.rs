@@ -4,7 +4,9 @@
 //! always lands in its own tenant's log. [`StoreSink`] is the interim sink over the store's per-tenant
 //! event list; the per-tenant Merkle log implements the same trait.
 
+pub mod checkpoint;
 pub mod event;
+pub mod merkle;
 
 use std::sync::Arc;
 
