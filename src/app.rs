@@ -4,13 +4,15 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::Context as _;
 use secrecy::SecretString;
 use tokio::net::TcpListener;
 
-use crate::audit::StoreSink;
-use crate::config::Config;
+use crate::audit::keys::{self, SigningKeySource};
+use crate::audit::log::{AuditLog, AuditSettings, LogSink};
+use crate::config::{AuditOptions, Config};
 use crate::crypto::{Cipher, KeySource, MasterKey};
 use crate::http::{router, AppState};
 use crate::installation::manifest;
@@ -24,6 +26,8 @@ pub struct Services {
     pub store: Store,
     /// Tenancy.
     pub tenants: Tenants,
+    /// The per-tenant audit logs.
+    pub audit: AuditLog,
 }
 
 impl Services {
@@ -31,7 +35,11 @@ impl Services {
     ///
     /// # Errors
     /// A bad master key, an unreadable data directory, or a store held by another process.
-    pub fn open(data_dir: &Path, master_key: Option<&SecretString>) -> anyhow::Result<Self> {
+    pub fn open(
+        data_dir: &Path,
+        master_key: Option<&SecretString>,
+        audit: &AuditOptions,
+    ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(data_dir)
             .with_context(|| format!("cannot create the data directory {}", data_dir.display()))?;
         let (key, source) = MasterKey::load_or_generate(master_key, data_dir)
@@ -45,8 +53,68 @@ impl Services {
         }
         let store = Store::open_embedded(data_dir, Cipher::new(&key))
             .with_context(|| format!("cannot open the store in {}", data_dir.display()))?;
-        let tenants = Tenants::new(store.clone(), StoreSink::new(store.clone()));
-        Ok(Services { store, tenants })
+        let audit_dir = data_dir.join("audit");
+        let (signer, source) = keys::load_signing_key(
+            audit.signing_key.as_ref(),
+            audit.signing_key_file.as_deref(),
+            &audit_dir,
+        )
+        .context("cannot load the audit signing key")?;
+        if let SigningKeySource::Generated(path) = &source {
+            tracing::warn!(path = %path.display(), "no audit signing key configured: generated a development key; set AGENTGATE_AUDIT_SIGNING_KEY in production");
+        }
+        let keyring =
+            keys::update_keyring(&audit_dir, &signer).context("cannot update the audit keyring")?;
+        let log = AuditLog::new(
+            AuditSettings {
+                dir: audit_dir,
+                origin_prefix: audit.origin_prefix.clone(),
+                checkpoint_every: audit.checkpoint_every.max(1),
+                checkpoint_interval: audit.checkpoint_interval,
+                segments: Default::default(),
+            },
+            signer,
+            keyring,
+        );
+        let tenants = Tenants::new(
+            store.clone(),
+            Arc::new(LogSink::new(log.clone(), store.clone())),
+        );
+        Ok(Services {
+            store,
+            tenants,
+            audit: log,
+        })
+    }
+
+    /// Opens the audit log of every tenant, so each is recovered and checked now and takes part in
+    /// heartbeats from the start.
+    ///
+    /// # Errors
+    /// The first tenant whose log cannot be opened or does not match its checkpoint.
+    pub async fn open_audit_logs(&self) -> anyhow::Result<()> {
+        for t in self.store.admin().tenants()? {
+            let ctx = self.tenants.operator_context(&t.id)?;
+            let repo = self.store.for_tenant(&ctx)?;
+            self.audit
+                .open_tenant(&ctx, repo)
+                .await
+                .with_context(|| format!("cannot open the audit log of tenant {}", t.id))?;
+        }
+        Ok(())
+    }
+
+    /// Signs what is unsigned, closes the audit logs and flushes the store.
+    ///
+    /// # Errors
+    /// The first failure.
+    pub async fn close(&self) -> anyhow::Result<()> {
+        self.audit
+            .close()
+            .await
+            .context("cannot close the audit logs")?;
+        self.store.flush().context("cannot flush the store")?;
+        Ok(())
     }
 
     /// Upserts every declarative file in `dir`. A missing directory is not an error: there is nothing
@@ -94,7 +162,8 @@ impl Application {
     /// # Errors
     /// Any startup step; the message says which.
     pub async fn build(config: Config) -> anyhow::Result<Self> {
-        let services = Services::open(&config.data_dir, config.master_key.as_ref())?;
+        let services = Services::open(&config.data_dir, config.master_key.as_ref(), &config.audit)?;
+        services.open_audit_logs().await?;
         services
             .import_installations(&config.installations_dir)
             .await?;

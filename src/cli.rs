@@ -12,7 +12,7 @@ use secrecy::SecretString;
 use serde_json::json;
 
 use crate::app::{Application, Services};
-use crate::config::{Config, LogFormat};
+use crate::config::{AuditOptions, Config, LogFormat};
 use crate::installation::{manifest, Installation, InstallationId, InstallationStatus};
 
 /// agentgate: one gateway for many Slack workspaces and Discord servers, each an isolated tenant with a
@@ -57,6 +57,42 @@ pub struct GlobalArgs {
         global = true
     )]
     pub log_format: LogFormat,
+    /// Audit checkpoint signing key, as a signed-note signer key text (`PRIVATE+KEY+name+id+key`).
+    /// Unset: the key file below, or in development a generated `audit/signing.key` (with a warning).
+    #[arg(
+        long,
+        env = "AGENTGATE_AUDIT_SIGNING_KEY",
+        hide_env_values = true,
+        global = true
+    )]
+    pub audit_signing_key: Option<String>,
+    /// File holding the audit signing key text.
+    #[arg(long, env = "AGENTGATE_AUDIT_SIGNING_KEY_FILE", global = true)]
+    pub audit_signing_key_file: Option<PathBuf>,
+    /// Prefix of every tenant log's origin line (`<prefix>/<tenant id>`), naming this deployment.
+    #[arg(
+        long,
+        env = "AGENTGATE_AUDIT_ORIGIN",
+        default_value = "agentgate",
+        global = true
+    )]
+    pub audit_origin: String,
+    /// Sign a checkpoint once this many events arrived since the last one.
+    #[arg(
+        long,
+        env = "AGENTGATE_CHECKPOINT_EVERY",
+        default_value_t = 1000,
+        global = true
+    )]
+    pub checkpoint_every: u64,
+    /// Sign a checkpoint at least this often (seconds): over new events, or as a signed heartbeat.
+    #[arg(
+        long,
+        env = "AGENTGATE_CHECKPOINT_INTERVAL_SECS",
+        default_value_t = 60,
+        global = true
+    )]
+    pub checkpoint_interval_secs: u64,
     /// Log filter, in tracing's EnvFilter syntax (for example `info,agentgate=debug`).
     #[arg(long, env = "AGENTGATE_LOG", default_value = "info", global = true)]
     pub log: String,
@@ -131,13 +167,26 @@ pub enum TenantsCommand {
     },
 }
 
+impl GlobalArgs {
+    fn audit_options(&self) -> AuditOptions {
+        AuditOptions {
+            signing_key: self.audit_signing_key.clone().map(SecretString::from),
+            signing_key_file: self.audit_signing_key_file.clone(),
+            origin_prefix: self.audit_origin.clone(),
+            checkpoint_every: self.checkpoint_every,
+            checkpoint_interval: Duration::from_secs(self.checkpoint_interval_secs.max(1)),
+        }
+    }
+}
+
 impl Cli {
     /// Runs the command.
     ///
     /// # Errors
     /// Whatever the command failed on, with context.
     pub async fn run(self) -> anyhow::Result<()> {
-        let master_key = self.global.master_key.map(SecretString::from);
+        let audit = self.global.audit_options();
+        let master_key = self.global.master_key.clone().map(SecretString::from);
         match self.command {
             Command::Serve(args) => {
                 let config = Config {
@@ -147,18 +196,19 @@ impl Cli {
                     port: args.port,
                     master_key,
                     request_timeout: Duration::from_secs(args.request_timeout_secs),
+                    audit,
                 };
                 let app = Application::build(config).await?;
                 app.run_until_stopped(crate::shutdown::signal()).await
             }
             Command::Installations(cmd) => {
-                let services = Services::open(&self.global.data_dir, master_key.as_ref())?;
+                let services = Services::open(&self.global.data_dir, master_key.as_ref(), &audit)?;
                 let result = installations(&services, cmd).await;
-                services.store.flush().context("cannot flush the store")?;
+                services.close().await?;
                 result
             }
             Command::Tenants(TenantsCommand::List { json }) => {
-                let services = Services::open(&self.global.data_dir, master_key.as_ref())?;
+                let services = Services::open(&self.global.data_dir, master_key.as_ref(), &audit)?;
                 tenants_list(&services, json)
             }
         }

@@ -30,4 +30,33 @@ pub struct Config {
     pub master_key: Option<SecretString>,
     /// How long a request may take before it is answered 408.
     pub request_timeout: Duration,
+    /// The audit log's signing and checkpoint settings.
+    pub audit: AuditOptions,
+}
+
+/// How the audit log signs checkpoints.
+#[derive(Clone, Debug)]
+pub struct AuditOptions {
+    /// The signing key as a note signer key text (`PRIVATE+KEY+name+id+key`); wins over the file.
+    pub signing_key: Option<SecretString>,
+    /// A file holding the signing key text; unset uses (and in development generates) `audit/signing.key`.
+    pub signing_key_file: Option<PathBuf>,
+    /// The prefix of each tenant log's origin line.
+    pub origin_prefix: String,
+    /// Sign once this many events arrived since the last checkpoint.
+    pub checkpoint_every: u64,
+    /// Sign at least this often: over new events, or as a heartbeat.
+    pub checkpoint_interval: Duration,
+}
+
+impl Default for AuditOptions {
+    fn default() -> Self {
+        AuditOptions {
+            signing_key: None,
+            signing_key_file: None,
+            origin_prefix: "agentgate".to_owned(),
+            checkpoint_every: 1000,
+            checkpoint_interval: Duration::from_secs(60),
+        }
+    }
 }

@@ -386,3 +386,37 @@ fn out_of_range_requests_are_errors() {
     assert!(TreeSize::new(u64::MAX).is_none());
     assert!(LeafIndex::new(agentgate::audit::merkle::MAX_TREE_SIZE).is_none());
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// A range proof plus the range's leaves rebuilds the root, for every range shape; a changed
+    /// leaf, a dropped or extra proof entry, or a shifted range does not.
+    #[test]
+    fn range_proofs_rebuild_the_root(size in 1u64..700, a in 0u64..700, b in 0u64..700) {
+        use agentgate::audit::merkle::{root_from_range, Tree, MemNodeStore, TreeSize, leaf_hash};
+        let mut tree = Tree::new(MemNodeStore::new());
+        let leaves: Vec<_> = (0..size).map(|i| leaf_hash(&i.to_be_bytes())).collect();
+        for l in &leaves { tree.append_hash(*l).unwrap(); }
+        let (from, to) = { let (x, y) = (a % size, b % size); (x.min(y), x.max(y) + 1) };
+        let ts = TreeSize::new(size).unwrap();
+        let proof = tree.range_proof(from, to, ts).unwrap();
+        let root = tree.root();
+        let range = &leaves[from as usize..to as usize];
+        prop_assert_eq!(root_from_range(from, range, size, &proof).unwrap(), root);
+        if from == 0 && to == size { prop_assert!(proof.is_empty()); }
+        let mut bad = range.to_vec();
+        bad[0][0] ^= 1;
+        prop_assert_ne!(root_from_range(from, &bad, size, &proof).unwrap(), root);
+        if !proof.is_empty() {
+            prop_assert!(root_from_range(from, range, size, &proof[1..]).is_err());
+        }
+        let mut longer = proof.clone();
+        longer.push([0u8; 32]);
+        prop_assert!(root_from_range(from, range, size, &longer).is_err());
+        if to < size {
+            let shifted = root_from_range(from + 1, range, size, &proof);
+            prop_assert!(shifted.is_err() || shifted.unwrap() != root);
+        }
+    }
+}

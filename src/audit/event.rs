@@ -6,7 +6,7 @@
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde_json::{json, Value};
 
-use crate::tenant::TenantContext;
+use crate::tenant::{Initiator, PrincipalKind, RunId, TenantContext, TenantId};
 
 /// The version of the event encoding written into every event as `v`.
 pub const EVENT_VERSION: u64 = 1;
@@ -289,24 +289,79 @@ pub fn format_time(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Micros, true)
 }
 
+/// Who and on whose behalf, as written into every event. Taken from a [`TenantContext`], or built for
+/// the log's own system events (checkpoints), which belong to the tenant but to no principal of it.
+#[derive(Clone, Debug)]
+pub struct Envelope {
+    tenant: String,
+    principal: String,
+    principal_kind: &'static str,
+    run_id: String,
+    correlation_id: Option<String>,
+    initiator: &'static str,
+}
+
+impl Envelope {
+    /// The envelope of work done under `ctx`.
+    pub fn from_ctx(ctx: &TenantContext) -> Self {
+        let audit = ctx.audit();
+        Envelope {
+            tenant: ctx.tenant_id().to_string(),
+            principal: ctx.principal().to_string(),
+            principal_kind: ctx.principal_kind().as_str(),
+            run_id: audit.run_id.to_string(),
+            correlation_id: audit.correlation_id.as_ref().map(|c| c.to_string()),
+            initiator: audit.initiator.as_str(),
+        }
+    }
+
+    /// The envelope of the log's own events in `tenant`'s log, such as `checkpoint.signed`.
+    pub(crate) fn system(tenant: &TenantId) -> Self {
+        Envelope {
+            tenant: tenant.to_string(),
+            principal: "system:audit-log".to_owned(),
+            principal_kind: PrincipalKind::Service.as_str(),
+            run_id: RunId::generate().to_string(),
+            correlation_id: None,
+            initiator: Initiator::Cron.as_str(),
+        }
+    }
+
+    /// The tenant the event belongs to.
+    pub fn tenant(&self) -> &str {
+        &self.tenant
+    }
+}
+
 /// Encodes one event as its canonical leaf bytes.
 ///
 /// `serde_json`'s map is ordered by key (the `preserve_order` feature is off), and `to_vec` writes no
 /// whitespace, which together make the encoding canonical.
-pub fn encode(ctx: &TenantContext, seq: u64, time: DateTime<Utc>, body: &EventBody) -> Vec<u8> {
-    let audit = ctx.audit();
+pub fn encode(env: &Envelope, seq: u64, time: DateTime<Utc>, body: &EventBody) -> Vec<u8> {
     let value = json!({
         "v": EVENT_VERSION,
-        "tenant": ctx.tenant_id().as_str(),
+        "tenant": env.tenant,
         "seq": seq,
         "time": format_time(time),
-        "principal": ctx.principal().as_str(),
-        "principal_kind": ctx.principal_kind().as_str(),
-        "run_id": audit.run_id.to_string(),
-        "correlation_id": audit.correlation_id.as_ref().map(|c| c.as_str()),
-        "initiator": audit.initiator.as_str(),
+        "principal": env.principal,
+        "principal_kind": env.principal_kind,
+        "run_id": env.run_id,
+        "correlation_id": env.correlation_id,
+        "initiator": env.initiator,
         "type": body.type_name(),
         "data": body.data(),
     });
     serde_json::to_vec(&value).expect("a JSON value always serialises")
+}
+
+/// Checks that `bytes` are in canonical form: parsing and re-encoding them gives the same bytes.
+/// A verifier uses this so that two encodings of one event can never both verify.
+pub fn is_canonical(bytes: &[u8]) -> bool {
+    serde_json::from_slice::<Value>(bytes)
+        .map(|v| {
+            serde_json::to_vec(&v)
+                .map(|again| again == bytes)
+                .unwrap_or(false)
+        })
+        .unwrap_or(false)
 }

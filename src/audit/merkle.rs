@@ -695,6 +695,47 @@ impl<S: NodeStore> Tree<S> {
         Ok(acc.unwrap_or_else(empty_root))
     }
 
+    /// Returns the range proof for leaves `[from, to)` in the tree of `size` leaves: the hashes of
+    /// the subtrees of the RFC 9162 recursion that lie wholly outside the range, in the order the
+    /// recursion meets them (left to right). With the range's leaf hashes, they rebuild the root;
+    /// see [`root_from_range`]. A full range (`from == 0`, `to == size`) needs no hashes.
+    ///
+    /// # Errors
+    /// [`TreeError::SizeOutOfRange`] when `size` exceeds the tree, [`TreeError::LeafOutOfRange`]
+    /// when the range is empty or ends beyond `size`, and store failures.
+    pub fn range_proof(&self, from: u64, to: u64, size: TreeSize) -> Result<Vec<Hash>, TreeError> {
+        self.check_size(size)?;
+        let size = size.get();
+        if from >= to || to > size {
+            return Err(TreeError::LeafOutOfRange { leaf: to, size });
+        }
+        let mut out = Vec::new();
+        self.range_proof_rec(0, size, from, to, &mut out)?;
+        Ok(out)
+    }
+
+    fn range_proof_rec(
+        &self,
+        begin: u64,
+        end: u64,
+        from: u64,
+        to: u64,
+        out: &mut Vec<Hash>,
+    ) -> Result<(), TreeError> {
+        if end <= from || begin >= to {
+            // Every subtree of the recursion is either perfect and aligned, or runs to the end of
+            // the tree, which `range_hash` folds from the perfect subtrees that tile it.
+            out.push(self.range_hash(begin, end)?);
+            return Ok(());
+        }
+        if end - begin == 1 {
+            return Ok(());
+        }
+        let k = split_point(end - begin);
+        self.range_proof_rec(begin, begin + k, from, to, out)?;
+        self.range_proof_rec(begin + k, end, from, to, out)
+    }
+
     /// Appends to `out` the inclusion path of the perfect node (`level`, `index`) in the tree of
     /// `size` leaves, lowest level first, in the split that `verify.go` expects.
     fn path(
@@ -791,6 +832,66 @@ pub enum VerifyError {
     /// The proof does not reproduce the (new) root; for equal sizes, the two roots differ.
     #[error("the proof does not reproduce the root")]
     RootMismatch,
+}
+
+/// Rebuilds the root of a tree of `size` leaves from the leaf hashes of `[from, from + leaves.len())`
+/// and the range proof that [`Tree::range_proof`] produced for that range.
+///
+/// # Errors
+/// [`VerifyError::IndexOutOfRange`] when the range is empty or ends beyond `size`;
+/// [`VerifyError::WrongProofSize`] when the proof has more or fewer hashes than the range needs;
+/// [`VerifyError::MalformedHash`] when a proof entry is not 32 bytes.
+pub fn root_from_range<P: AsRef<[u8]>>(
+    from: u64,
+    leaves: &[Hash],
+    size: u64,
+    proof: &[P],
+) -> Result<Hash, VerifyError> {
+    let to = from + leaves.len() as u64;
+    if leaves.is_empty() || to > size {
+        return Err(VerifyError::IndexOutOfRange { index: to, size });
+    }
+    let mut next = 0usize;
+    let root = range_root_rec(0, size, from, to, leaves, proof, &mut next)?;
+    if next != proof.len() {
+        return Err(VerifyError::WrongProofSize {
+            got: proof.len(),
+            want: next,
+        });
+    }
+    Ok(root)
+}
+
+fn range_root_rec<P: AsRef<[u8]>>(
+    begin: u64,
+    end: u64,
+    from: u64,
+    to: u64,
+    leaves: &[Hash],
+    proof: &[P],
+    next: &mut usize,
+) -> Result<Hash, VerifyError> {
+    if end <= from || begin >= to {
+        let entry = proof.get(*next).ok_or(VerifyError::WrongProofSize {
+            got: proof.len(),
+            want: *next + 1,
+        })?;
+        *next += 1;
+        return entry
+            .as_ref()
+            .try_into()
+            .map_err(|_| VerifyError::MalformedHash {
+                len: entry.as_ref().len(),
+            });
+    }
+    if end - begin == 1 {
+        // The index is inside [from, to) here, so the subtraction and the lookup are in range.
+        return Ok(leaves[(begin - from) as usize]);
+    }
+    let k = split_point(end - begin);
+    let left = range_root_rec(begin, begin + k, from, to, leaves, proof, next)?;
+    let right = range_root_rec(begin + k, end, from, to, leaves, proof, next)?;
+    Ok(node_hash(&left, &right))
 }
 
 /// Returns the root that an inclusion proof implies for the leaf with hash `leaf_hash` at `index`
@@ -981,4 +1082,10 @@ fn decompose_inclusion(index: u64, size: u64) -> (usize, usize) {
     // Go's shift yields 0 for a count of 64; Rust's would overflow, hence checked_shr.
     let border = index.checked_shr(inner).unwrap_or(0).count_ones();
     (inner as usize, border as usize)
+}
+
+/// The RFC 9162 split point of `n > 1` leaves: the largest power of two strictly below `n`.
+fn split_point(n: u64) -> u64 {
+    debug_assert!(n > 1);
+    1 << (u64::BITS - 1 - (n - 1).leading_zeros())
 }

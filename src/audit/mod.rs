@@ -1,61 +1,57 @@
 //! The audit trail: the closed set of events and the sink every event goes through.
 //!
 //! Every caller appends through [`AuditSink`], which takes the [`TenantContext`] first so that an event
-//! always lands in its own tenant's log. [`StoreSink`] is the interim sink over the store's per-tenant
-//! event list; the per-tenant Merkle log implements the same trait.
+//! always lands in its own tenant's log: [`log::LogSink`] over [`log::AuditLog`], one durable,
+//! Merkle-verified log per tenant with signed checkpoints. [`bundle`] exports a range for regulators
+//! and verifies such an export offline.
 
 pub mod checkpoint;
 pub mod event;
+pub mod keys;
+pub mod log;
 pub mod merkle;
-
-use std::sync::Arc;
-
-use chrono::Utc;
+pub mod segment_log;
 
 pub use event::{EventBody, RunTotals};
 
-use crate::store::{Store, StoreError};
+use crate::store::StoreError;
 use crate::tenant::TenantContext;
 
-/// Why an event could not be made durable. The effect it records must then not happen.
+/// Why an event could not be made durable, or a log could not be read. When an append fails the
+/// effect it records must not happen.
 #[derive(Debug, thiserror::Error)]
 pub enum AuditError {
-    /// The underlying storage failed.
+    /// The store (tree index, tenant records) failed.
     #[error("audit storage: {0}")]
     Store(#[from] StoreError),
+    /// The durable segment log failed.
+    #[error("audit segment log: {0}")]
+    Segment(#[from] segment_log::Error),
+    /// The Merkle tree could not be read or extended.
+    #[error("audit tree: {0}")]
+    Tree(#[from] merkle::TreeError),
+    /// A checkpoint could not be signed or read.
+    #[error("audit checkpoint: {0}")]
+    Checkpoint(String),
+    /// The signing key or the keyring could not be had.
+    #[error(transparent)]
+    Keys(#[from] keys::KeysError),
+    /// A log does not agree with itself after a restart (its tree, its checkpoint or its records).
+    #[error("audit log of tenant {tenant} cannot be recovered: {why}")]
+    Recovery {
+        /// The tenant.
+        tenant: String,
+        /// What disagrees.
+        why: String,
+    },
 }
 
-/// Where events go. An append returns only once the event is stored; its sequence number is returned.
+/// Where events go. An append returns only once the event is durable; its sequence number is returned.
 #[async_trait::async_trait]
 pub trait AuditSink: Send + Sync {
     /// Appends one event to the context's tenant log.
     ///
     /// # Errors
-    /// [`AuditError`] when the event could not be stored; the caller must not perform the effect.
+    /// [`AuditError`] when the event could not be made durable; the caller must not perform the effect.
     async fn append(&self, ctx: &TenantContext, body: EventBody) -> Result<u64, AuditError>;
-}
-
-/// The interim sink: events in the store's per-tenant event list, in their canonical encoding.
-#[derive(Clone, Debug)]
-pub struct StoreSink {
-    store: Store,
-}
-
-impl StoreSink {
-    /// A sink over `store`.
-    pub fn new(store: Store) -> Arc<Self> {
-        Arc::new(StoreSink { store })
-    }
-}
-
-#[async_trait::async_trait]
-impl AuditSink for StoreSink {
-    async fn append(&self, ctx: &TenantContext, body: EventBody) -> Result<u64, AuditError> {
-        let now = Utc::now();
-        let repos = self.store.for_tenant(ctx)?;
-        let seq = repos
-            .events()
-            .append(&|seq| event::encode(ctx, seq, now, &body))?;
-        Ok(seq)
-    }
 }

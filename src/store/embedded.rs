@@ -11,8 +11,8 @@ use super::records::{
     decode, encode, DirectoryRecord, InstallationRecord, MemberRecord, TenantRecord,
 };
 use super::{
-    Backend, DirectoryEntry, EventRepo, InstallationRepo, MembershipRepo, Result, SettingsRepo,
-    StoreError, TenantRepos, TenantSummary, ToolGrantRepo,
+    AuditIndexRepo, Backend, DirectoryEntry, InstallationRepo, MembershipRepo, Result,
+    SettingsRepo, StoreError, TenantRepos, TenantSummary, ToolGrantRepo,
 };
 use crate::crypto::Cipher;
 use crate::installation::{Installation, InstallationId};
@@ -287,36 +287,55 @@ impl ToolGrantRepo for SledTenant {
     }
 }
 
-impl EventRepo for SledTenant {
-    fn append(&self, encode_at: &dyn Fn(u64) -> Vec<u8>) -> Result<u64> {
-        let head_key = self.key("event-head", "next");
-        // The head and the event go in one transaction so that two appends never share a number.
-        let res = self.tree.transaction(|tx| {
-            let next = match tx.get(head_key.as_bytes())? {
-                Some(b) if b.len() == 8 => {
-                    u64::from_be_bytes(b.as_ref().try_into().expect("length checked"))
-                }
-                Some(_) => return Err(ConflictableTransactionError::Abort(())),
-                None => 0,
-            };
-            let bytes = encode_at(next);
-            let event_key = format!("{}{:020}", self.key("event", ""), next);
-            tx.insert(event_key.as_bytes(), bytes)?;
-            tx.insert(head_key.as_bytes(), &(next + 1).to_be_bytes())?;
-            Ok(next)
-        });
-        match res {
-            Ok(seq) => Ok(seq),
-            Err(TransactionError::Abort(())) => Err(StoreError::Corrupt {
-                key: head_key,
-                why: "the event head is not 8 bytes".into(),
-            }),
-            Err(TransactionError::Storage(e)) => Err(engine(e)),
+impl SledTenant {
+    fn node_key(&self, level: u8, index: u64) -> Vec<u8> {
+        // Binary suffix, so a node costs 9 bytes of key beyond the prefix and scans stay ordered.
+        let mut key = self.key("merkle", "").into_bytes();
+        key.push(level);
+        key.extend_from_slice(&index.to_be_bytes());
+        key
+    }
+}
+
+impl AuditIndexRepo for SledTenant {
+    fn node(&self, level: u8, index: u64) -> Result<Option<[u8; 32]>> {
+        let key = self.node_key(level, index);
+        match self.tree.get(&key).map_err(engine)? {
+            None => Ok(None),
+            Some(v) => v
+                .as_ref()
+                .try_into()
+                .map(Some)
+                .map_err(|_| StoreError::Corrupt {
+                    key: format!("{}merkle/{level}/{index}", self.prefix),
+                    why: format!("a node hash has {} bytes", v.len()),
+                }),
         }
     }
 
-    fn list(&self) -> Result<Vec<Vec<u8>>> {
-        self.scan("event").map(|kv| Ok(kv?.1.to_vec())).collect()
+    fn put_nodes(&self, nodes: &[(u8, u64, [u8; 32])], size: u64) -> Result<()> {
+        let mut batch = sled::Batch::default();
+        for (level, index, hash) in nodes {
+            batch.insert(self.node_key(*level, *index), &hash[..]);
+        }
+        batch.insert(self.key("merkle-size", "").as_bytes(), &size.to_be_bytes());
+        self.tree.apply_batch(batch).map_err(engine)
+    }
+
+    fn indexed_size(&self) -> Result<u64> {
+        let key = self.key("merkle-size", "");
+        match self.tree.get(&key).map_err(engine)? {
+            None => Ok(0),
+            Some(v) => {
+                v.as_ref()
+                    .try_into()
+                    .map(u64::from_be_bytes)
+                    .map_err(|_| StoreError::Corrupt {
+                        key,
+                        why: "the indexed size is not 8 bytes".into(),
+                    })
+            }
+        }
     }
 }
 

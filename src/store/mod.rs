@@ -128,23 +128,29 @@ pub trait ToolGrantRepo {
     fn remove(&self, capability: &str) -> Result<bool>;
 }
 
-/// A tenant's interim event list, which the audit sink appends to until the Merkle log replaces it.
-pub trait EventRepo {
-    /// Appends the bytes `encode(seq)` under the next sequence number, and returns that number.
+/// The Merkle tree's stored node hashes for a tenant's audit log: an index derived from the durable
+/// event log, so it may lag behind it after a crash and is then caught up from the log.
+pub trait AuditIndexRepo {
+    /// The hash stored for node (`level`, `index`).
     ///
     /// # Errors
-    /// [`StoreError`] on an engine failure.
-    fn append(&self, encode: &dyn Fn(u64) -> Vec<u8>) -> Result<u64>;
-    /// Every event, in order.
+    /// [`StoreError`] on an engine failure or a corrupt record.
+    fn node(&self, level: u8, index: u64) -> Result<Option<[u8; 32]>>;
+    /// Stores node hashes and the tree size they bring the index to, in one atomic batch.
     ///
     /// # Errors
-    /// [`StoreError`] on an engine failure.
-    fn list(&self) -> Result<Vec<Vec<u8>>>;
+    /// [`StoreError`] on an engine failure; then nothing of the batch is stored.
+    fn put_nodes(&self, nodes: &[(u8, u64, [u8; 32])], size: u64) -> Result<()>;
+    /// The tree size the index was last brought to (0 when empty).
+    ///
+    /// # Errors
+    /// [`StoreError`] on an engine failure or a corrupt record.
+    fn indexed_size(&self) -> Result<u64>;
 }
 
 /// Everything one tenant's storage offers; a backend hands these out per tenant.
 pub trait TenantRepos:
-    SettingsRepo + MembershipRepo + InstallationRepo + ToolGrantRepo + EventRepo + Send + Sync
+    SettingsRepo + MembershipRepo + InstallationRepo + ToolGrantRepo + AuditIndexRepo + Send + Sync
 {
 }
 
@@ -254,6 +260,7 @@ impl Store {
 }
 
 /// The repositories of one tenant, obtained from a [`TenantContext`] with [`Store::for_tenant`].
+#[derive(Clone)]
 pub struct TenantStore {
     tenant: TenantId,
     repos: Arc<dyn TenantRepos>,
@@ -285,8 +292,8 @@ impl TenantStore {
         &*self.repos
     }
 
-    /// The interim event list.
-    pub fn events(&self) -> &dyn EventRepo {
+    /// The audit log's Merkle node index.
+    pub fn audit_index(&self) -> &dyn AuditIndexRepo {
         &*self.repos
     }
 }

@@ -33,6 +33,7 @@ pub fn test_config(data_dir: &Path, installations_dir: &Path) -> Config {
         port: 0,
         master_key: Some("42".repeat(32).into()),
         request_timeout: Duration::from_secs(10),
+        audit: agentgate::config::AuditOptions::default(),
     }
 }
 
@@ -116,4 +117,21 @@ pub fn slack_request(team: &str, user: &str) -> agentgate::tenant::WorkspaceRequ
         correlation_id: Some("13345224609.738474920.8088930838d88f008e0".parse().unwrap()),
         initiator: agentgate::tenant::Initiator::User,
     }
+}
+
+/// Every event of the context's tenant, parsed, in order, read from its audit log.
+pub async fn events(
+    services: &Services,
+    ctx: &agentgate::tenant::TenantContext,
+) -> Vec<serde_json::Value> {
+    let repo = services.store.for_tenant(ctx).unwrap();
+    let head = services.audit.head(ctx, repo.clone()).await.unwrap();
+    services
+        .audit
+        .read_range(ctx, repo, 0, head.size)
+        .await
+        .unwrap()
+        .iter()
+        .map(|b| serde_json::from_slice(b).unwrap())
+        .collect()
 }

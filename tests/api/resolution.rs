@@ -7,7 +7,7 @@ use agentgate::tenant::{
 use secrecy::ExposeSecret;
 use serde_json::Value;
 
-use crate::helpers::{slack_install, slack_request, spawn_app_in};
+use crate::helpers::{events, slack_install, slack_request, spawn_app_in};
 
 #[tokio::test]
 async fn a_workspace_request_resolves_to_its_tenant_with_the_members_role() {
@@ -73,13 +73,7 @@ async fn provisioning_writes_the_first_audit_event_and_defaults() {
         .unwrap();
     let ctx = t.resolve(&slack_request("T0NEW", "U0FIRST")).unwrap().ctx;
     let repos = app.services.store.for_tenant(&ctx).unwrap();
-    let events: Vec<Value> = repos
-        .events()
-        .list()
-        .unwrap()
-        .iter()
-        .map(|b| serde_json::from_slice(b).unwrap())
-        .collect();
+    let events: Vec<Value> = events(&app.services, &ctx).await;
     let types: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
     assert_eq!(
         types,

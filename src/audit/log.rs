@@ -1,0 +1,647 @@
+//! The per-tenant audit log: a durable segment file per tenant (the source of truth), an RFC 9162
+//! Merkle tree over its records (node hashes indexed in the store), and signed checkpoints.
+//!
+//! An append assigns the next sequence number, encodes the event, queues it to the tenant's segment
+//! log and extends the tree, all under the tenant's lock so that queue order is sequence order; it
+//! then waits, outside the lock, until the record is `fdatasync`ed together with its group. Only then
+//! does the caller go on to the effect the event records.
+//!
+//! On open, the tree index (which lives in sled and is not itself synced to disk) is reconciled with
+//! the segment log: an index behind the log is caught up from the log's records, an index ahead of it
+//! is cut back; then the tree must reproduce the root of the last signed checkpoint.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex as StdMutex, RwLock};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use tokio::sync::Mutex;
+
+use super::checkpoint::{
+    open_checkpoint, sign_checkpoint, Checkpoint, CheckpointError, Keyring, SigningKey,
+};
+use super::event::{self, Envelope, EventBody};
+use super::merkle::{Hash, LeafIndex, NodeId, NodeStore, Tree, TreeError, TreeSize};
+use super::segment_log::{self, SegmentLog};
+use super::{AuditError, AuditSink};
+use crate::store::{StoreError, TenantStore};
+use crate::tenant::{TenantContext, TenantId};
+
+/// How the audit log is laid out and when it signs.
+#[derive(Clone, Debug)]
+pub struct AuditSettings {
+    /// The directory holding one sub-directory per tenant, the keyring and the dev signing key.
+    pub dir: PathBuf,
+    /// The prefix of every log's origin line; a tenant's origin is `<prefix>/<tenant id>`.
+    pub origin_prefix: String,
+    /// Sign a checkpoint once this many events arrived since the last one.
+    pub checkpoint_every: u64,
+    /// Sign a checkpoint when this much time passed since the last one: covering new events if
+    /// there are any, otherwise as a heartbeat that proves nothing was appended meanwhile.
+    pub checkpoint_interval: Duration,
+    /// Segment file options.
+    pub segments: segment_log::Options,
+}
+
+/// A tenant log's current head.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Head {
+    /// Durable events.
+    pub size: u64,
+    /// The Merkle root over them.
+    pub root: Hash,
+    /// The latest signed checkpoint, as its signed-note text.
+    pub checkpoint: Option<String>,
+}
+
+/// The Merkle node index of one tenant, in the store.
+struct Nodes {
+    repo: TenantStore,
+}
+
+impl NodeStore for Nodes {
+    type Error = StoreError;
+
+    fn get(&self, id: NodeId) -> Result<Option<Hash>, StoreError> {
+        self.repo.audit_index().node(id.level(), id.index())
+    }
+
+    fn put(&mut self, id: NodeId, hash: Hash) -> Result<(), StoreError> {
+        self.put_batch(&[(id, hash)])
+    }
+
+    fn put_batch(&mut self, nodes: &[(NodeId, Hash)]) -> Result<(), StoreError> {
+        // Each append writes exactly one leaf (level 0); the index's size is one past it.
+        let size = nodes
+            .iter()
+            .filter(|(id, _)| id.level() == 0)
+            .map(|(id, _)| id.index() + 1)
+            .max();
+        let rows: Vec<(u8, u64, Hash)> = nodes
+            .iter()
+            .map(|(id, h)| (id.level(), id.index(), *h))
+            .collect();
+        match size {
+            Some(size) => self.repo.audit_index().put_nodes(&rows, size),
+            None => {
+                let size = self.repo.audit_index().indexed_size()?;
+                self.repo.audit_index().put_nodes(&rows, size)
+            }
+        }
+    }
+}
+
+struct TreeState {
+    tree: Tree<Nodes>,
+    next_seq: u64,
+    /// Events other than `checkpoint.signed` since the last checkpoint.
+    since_checkpoint: u64,
+    last_signed: Instant,
+    /// Set when the tree could not follow the segment log; the log then refuses appends until reopened.
+    broken: bool,
+}
+
+struct TenantLog {
+    tenant: TenantId,
+    origin: String,
+    events: SegmentLog,
+    checkpoints: SegmentLog,
+    state: Mutex<TreeState>,
+    latest: StdMutex<Option<String>>,
+}
+
+struct Inner {
+    settings: AuditSettings,
+    signer: SigningKey,
+    keyring: Keyring,
+    logs: RwLock<HashMap<TenantId, Arc<TenantLog>>>,
+    opening: Mutex<()>,
+}
+
+/// The audit log of every tenant. Cheap to clone.
+#[derive(Clone)]
+pub struct AuditLog {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for AuditLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditLog")
+            .field("dir", &self.inner.settings.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+fn recovery(tenant: &TenantId, why: impl Into<String>) -> AuditError {
+    AuditError::Recovery {
+        tenant: tenant.to_string(),
+        why: why.into(),
+    }
+}
+
+impl AuditLog {
+    /// An audit log over `settings.dir`, signing with `signer` and trusting `keyring` (which must
+    /// contain the signer's key) for the checkpoints it reads back.
+    pub fn new(settings: AuditSettings, signer: SigningKey, keyring: Keyring) -> Self {
+        AuditLog {
+            inner: Arc::new(Inner {
+                settings,
+                signer,
+                keyring,
+                logs: RwLock::new(HashMap::new()),
+                opening: Mutex::new(()),
+            }),
+        }
+    }
+
+    /// The origin line of a tenant's log.
+    pub fn origin(&self, tenant: &TenantId) -> String {
+        format!("{}/{}", self.inner.settings.origin_prefix, tenant)
+    }
+
+    /// The keyring every checkpoint of this deployment verifies against.
+    pub fn keyring(&self) -> &Keyring {
+        &self.inner.keyring
+    }
+
+    /// The directory of the logs, for operators.
+    pub fn dir(&self) -> &std::path::Path {
+        &self.inner.settings.dir
+    }
+
+    fn cached(&self, tenant: &TenantId) -> Option<Arc<TenantLog>> {
+        self.inner
+            .logs
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(tenant)
+            .cloned()
+    }
+
+    /// Opens (recovering if needed) the context's tenant log, so that it is checked and takes part
+    /// in heartbeats before its first append.
+    ///
+    /// # Errors
+    /// [`AuditError`] when the log cannot be opened or does not match its last signed checkpoint.
+    pub async fn open_tenant(
+        &self,
+        ctx: &TenantContext,
+        repo: TenantStore,
+    ) -> Result<(), AuditError> {
+        self.log_for(ctx.tenant_id(), repo).await.map(|_| ())
+    }
+
+    async fn log_for(
+        &self,
+        tenant: &TenantId,
+        repo: TenantStore,
+    ) -> Result<Arc<TenantLog>, AuditError> {
+        if let Some(log) = self.cached(tenant) {
+            return Ok(log);
+        }
+        let _guard = self.inner.opening.lock().await;
+        if let Some(log) = self.cached(tenant) {
+            return Ok(log);
+        }
+        let log = Arc::new(self.open_log(tenant, repo).await?);
+        self.inner
+            .logs
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(tenant.clone(), Arc::clone(&log));
+        Ok(log)
+    }
+
+    async fn open_log(
+        &self,
+        tenant: &TenantId,
+        repo: TenantStore,
+    ) -> Result<TenantLog, AuditError> {
+        let dir = self.inner.settings.dir.join(tenant.as_str());
+        let opts = self.inner.settings.segments.clone();
+        let (events, report) = SegmentLog::open(dir.join("events"), opts.clone())?;
+        if let Some(torn) = &report.torn_tail {
+            tracing::warn!(tenant = %tenant, bytes = torn.bytes_cut, "audit log had a torn tail from a crash; it was cut");
+        }
+        let (checkpoints, _) = SegmentLog::open(dir.join("checkpoints"), opts)?;
+        let origin = self.origin(tenant);
+        let durable = events.len();
+
+        // Catch the tree index up with the durable log, or cut it back to it.
+        let indexed = repo.audit_index().indexed_size()?;
+        let start = indexed.min(durable);
+        let size =
+            TreeSize::new(start).ok_or_else(|| recovery(tenant, "tree size out of range"))?;
+        let mut tree = Tree::open(Nodes { repo }, size)?;
+        if start < durable {
+            tracing::info!(tenant = %tenant, from = start, to = durable, "catching the audit tree index up from the log");
+            for rec in events.iter_from(start)? {
+                tree.append(&rec?.1)?;
+            }
+        }
+        if let Some(last) = durable.checked_sub(1) {
+            let bytes = events.read(last)?;
+            let v: serde_json::Value = serde_json::from_slice(&bytes)
+                .map_err(|e| recovery(tenant, format!("the last event does not parse: {e}")))?;
+            if v["seq"] != last || v["tenant"] != tenant.as_str() {
+                return Err(recovery(
+                    tenant,
+                    format!("event {last} names another position or tenant"),
+                ));
+            }
+        }
+
+        // The tree must reproduce the last signed checkpoint, which can only cover durable events.
+        let mut latest = None;
+        let mut since_checkpoint = durable;
+        if let Some(last) = checkpoints.len().checked_sub(1) {
+            let note = String::from_utf8(checkpoints.read(last)?)
+                .map_err(|_| recovery(tenant, "the last checkpoint is not text"))?;
+            let (cp, _) = open_checkpoint(&note, &self.inner.keyring, &origin).map_err(|e| {
+                recovery(tenant, format!("the last checkpoint does not verify: {e}"))
+            })?;
+            if cp.size > durable {
+                return Err(recovery(
+                    tenant,
+                    format!(
+                        "the last checkpoint covers {} events but the log holds {durable}",
+                        cp.size
+                    ),
+                ));
+            }
+            let size = TreeSize::new(cp.size)
+                .ok_or_else(|| recovery(tenant, "checkpoint size out of range"))?;
+            if tree.root_at(size)? != cp.root {
+                return Err(recovery(
+                    tenant,
+                    format!("the log does not match its checkpoint at size {}", cp.size),
+                ));
+            }
+            // The checkpoint's own `checkpoint.signed` event follows it and does not count.
+            since_checkpoint = durable.saturating_sub(cp.size + 1);
+            latest = Some(note);
+        }
+        Ok(TenantLog {
+            tenant: tenant.clone(),
+            origin,
+            events,
+            checkpoints,
+            state: Mutex::new(TreeState {
+                tree,
+                next_seq: durable,
+                since_checkpoint,
+                last_signed: Instant::now(),
+                broken: false,
+            }),
+            latest: StdMutex::new(latest),
+        })
+    }
+
+    async fn append_env(
+        &self,
+        log: &TenantLog,
+        env: &Envelope,
+        body: &EventBody,
+    ) -> Result<u64, AuditError> {
+        let (seq, due) = self.append_raw(log, env, body).await?;
+        if due {
+            self.sign(log, false).await?;
+        }
+        Ok(seq)
+    }
+
+    /// Appends without signing; returns the sequence number and whether a checkpoint is due.
+    async fn append_raw(
+        &self,
+        log: &TenantLog,
+        env: &Envelope,
+        body: &EventBody,
+    ) -> Result<(u64, bool), AuditError> {
+        let (seq, pending, due) = {
+            let mut st = log.state.lock().await;
+            if st.broken {
+                return Err(recovery(
+                    &log.tenant,
+                    "the log is out of step with its tree; restart to recover",
+                ));
+            }
+            let seq = st.next_seq;
+            let bytes = event::encode(env, seq, Utc::now(), body);
+            let pending = log.events.enqueue(bytes.clone()).await?;
+            if let Err(e) = st.tree.append(&bytes) {
+                st.broken = true;
+                return Err(e.into());
+            }
+            st.next_seq += 1;
+            if !matches!(body, EventBody::CheckpointSigned { .. }) {
+                st.since_checkpoint += 1;
+            }
+            (
+                seq,
+                pending,
+                st.since_checkpoint >= self.inner.settings.checkpoint_every,
+            )
+        };
+        let durable = pending.durable().await?;
+        if durable != seq {
+            return Err(recovery(
+                &log.tenant,
+                format!("event {seq} was stored as {durable}"),
+            ));
+        }
+        Ok((seq, due))
+    }
+
+    /// Signs a checkpoint over the durable events, stores it durably and records it in the log.
+    /// Without new events it signs only when `heartbeat` is set (the same size, a new time).
+    async fn sign(&self, log: &TenantLog, heartbeat: bool) -> Result<Option<String>, AuditError> {
+        let (note, cp) = {
+            let mut st = log.state.lock().await;
+            if st.since_checkpoint == 0 && !heartbeat {
+                return Ok(None);
+            }
+            let size = log.events.len();
+            let root = st.tree.root_at(
+                TreeSize::new(size).ok_or_else(|| recovery(&log.tenant, "size out of range"))?,
+            )?;
+            let mut cp = Checkpoint::new(log.origin.clone(), size, root);
+            cp.extensions
+                .push(format!("time {}", event::format_time(Utc::now())));
+            let note = sign_checkpoint(&cp, &[&self.inner.signer])?;
+            log.checkpoints.append(note.clone().into_bytes()).await?;
+            let new_events = st.since_checkpoint > 0;
+            st.since_checkpoint = 0;
+            st.last_signed = Instant::now();
+            *log.latest.lock().unwrap_or_else(|e| e.into_inner()) = Some(note.clone());
+            (note, new_events.then_some(cp))
+        };
+        if let Some(cp) = cp {
+            self.append_raw(
+                log,
+                &Envelope::system(&log.tenant),
+                &EventBody::CheckpointSigned {
+                    size: cp.size,
+                    root: hex::encode(cp.root),
+                },
+            )
+            .await?;
+        }
+        Ok(Some(note))
+    }
+
+    /// Signs a checkpoint for the context's tenant now, even if nothing changed, and returns it.
+    ///
+    /// # Errors
+    /// [`AuditError`] when the log cannot be opened or the checkpoint cannot be stored.
+    pub async fn checkpoint_now(
+        &self,
+        ctx: &TenantContext,
+        repo: TenantStore,
+    ) -> Result<String, AuditError> {
+        let log = self.log_for(ctx.tenant_id(), repo).await?;
+        Ok(self
+            .sign(&log, true)
+            .await?
+            .expect("a heartbeat always signs"))
+    }
+
+    /// One pass of the checkpointer: every open log that has new events, or has been silent for the
+    /// interval, gets a checkpoint. Returns how many were signed.
+    ///
+    /// # Errors
+    /// The first log that failed; the others are still tried.
+    pub async fn tick(&self) -> Result<usize, AuditError> {
+        let logs: Vec<Arc<TenantLog>> = self
+            .inner
+            .logs
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        let interval = self.inner.settings.checkpoint_interval;
+        let mut signed = 0;
+        let mut first_err = None;
+        for log in logs {
+            let elapsed = log.state.lock().await.last_signed.elapsed();
+            if elapsed < interval {
+                continue;
+            }
+            match self.sign(&log, true).await {
+                Ok(Some(_)) => signed += 1,
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::error!(tenant = %log.tenant, error = %e, "checkpoint failed");
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(signed),
+        }
+    }
+
+    /// Runs [`AuditLog::tick`] until `shutdown` completes, then signs a final checkpoint for every
+    /// log with unsigned events and closes the logs.
+    pub async fn run_checkpointer(self, shutdown: impl std::future::Future<Output = ()>) {
+        let period = (self.inner.settings.checkpoint_interval / 4)
+            .clamp(Duration::from_millis(50), Duration::from_secs(5));
+        let mut ticker = tokio::time::interval(period);
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {
+                    if let Err(e) = self.tick().await {
+                        tracing::error!(error = %e, "checkpointer pass failed");
+                    }
+                }
+                () = &mut shutdown => break,
+            }
+        }
+        if let Err(e) = self.close().await {
+            tracing::error!(error = %e, "closing the audit logs failed");
+        }
+    }
+
+    /// Signs a final checkpoint for every log with unsigned events and closes every log.
+    ///
+    /// # Errors
+    /// The first failure; every log is still closed.
+    pub async fn close(&self) -> Result<(), AuditError> {
+        let logs: Vec<Arc<TenantLog>> = self
+            .inner
+            .logs
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain()
+            .map(|(_, l)| l)
+            .collect();
+        let mut first_err = None;
+        for log in logs {
+            if let Err(e) = self.sign(&log, false).await {
+                first_err.get_or_insert(e);
+            }
+            for l in [&log.events, &log.checkpoints] {
+                if let Err(e) = l.close().await {
+                    first_err.get_or_insert(e.into());
+                }
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// The head of the context's tenant log.
+    ///
+    /// # Errors
+    /// [`AuditError`] when the log cannot be opened or read.
+    pub async fn head(&self, ctx: &TenantContext, repo: TenantStore) -> Result<Head, AuditError> {
+        let log = self.log_for(ctx.tenant_id(), repo).await?;
+        let st = log.state.lock().await;
+        let size = log.events.len();
+        let root = st
+            .tree
+            .root_at(TreeSize::new(size).expect("a stored size is in range"))?;
+        let checkpoint = log.latest.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        Ok(Head {
+            size,
+            root,
+            checkpoint,
+        })
+    }
+
+    /// The events `[from, to)` of the context's tenant, as their exact leaf bytes.
+    ///
+    /// # Errors
+    /// [`AuditError`] when the range is not within the durable log, or on a read failure.
+    pub async fn read_range(
+        &self,
+        ctx: &TenantContext,
+        repo: TenantStore,
+        from: u64,
+        to: u64,
+    ) -> Result<Vec<Vec<u8>>, AuditError> {
+        let log = self.log_for(ctx.tenant_id(), repo).await?;
+        Ok(log.events.read_range(from, to)?)
+    }
+
+    /// The inclusion proof of event `seq` in the tree of `size` events.
+    ///
+    /// # Errors
+    /// [`AuditError::Tree`] when `seq` or `size` is out of range.
+    pub async fn inclusion_proof(
+        &self,
+        ctx: &TenantContext,
+        repo: TenantStore,
+        seq: u64,
+        size: u64,
+    ) -> Result<Vec<Hash>, AuditError> {
+        let log = self.log_for(ctx.tenant_id(), repo).await?;
+        let st = log.state.lock().await;
+        let (leaf, size) = leaf_and_size(seq, size.min(log.events.len()))?;
+        Ok(st.tree.inclusion_proof(leaf, size)?)
+    }
+
+    /// The consistency proof between two sizes of the context's tenant log.
+    ///
+    /// # Errors
+    /// [`AuditError::Tree`] when the sizes are out of range or decreasing.
+    pub async fn consistency_proof(
+        &self,
+        ctx: &TenantContext,
+        repo: TenantStore,
+        size1: u64,
+        size2: u64,
+    ) -> Result<Vec<Hash>, AuditError> {
+        let log = self.log_for(ctx.tenant_id(), repo).await?;
+        let st = log.state.lock().await;
+        let s1 = TreeSize::new(size1).ok_or(TreeError::SizeOutOfRange {
+            requested: size1,
+            current: log.events.len(),
+        })?;
+        let s2 = checked_size(size2, log.events.len())?;
+        Ok(st.tree.consistency_proof(s1, s2)?)
+    }
+
+    /// The range proof of events `[from, to)` in the tree of `size` events.
+    ///
+    /// # Errors
+    /// [`AuditError::Tree`] when the range or size is out of range.
+    pub async fn range_proof(
+        &self,
+        ctx: &TenantContext,
+        repo: TenantStore,
+        from: u64,
+        to: u64,
+        size: u64,
+    ) -> Result<Vec<Hash>, AuditError> {
+        let log = self.log_for(ctx.tenant_id(), repo).await?;
+        let st = log.state.lock().await;
+        let size = checked_size(size, log.events.len())?;
+        Ok(st.tree.range_proof(from, to, size)?)
+    }
+
+    /// Appends an event for the context's tenant through an already-scoped repository.
+    ///
+    /// # Errors
+    /// As [`AuditSink::append`].
+    pub async fn append_with(
+        &self,
+        ctx: &TenantContext,
+        repo: TenantStore,
+        body: EventBody,
+    ) -> Result<u64, AuditError> {
+        let log = self.log_for(ctx.tenant_id(), repo).await?;
+        self.append_env(&log, &Envelope::from_ctx(ctx), &body).await
+    }
+}
+
+fn checked_size(size: u64, durable: u64) -> Result<TreeSize, TreeError> {
+    if size > durable {
+        return Err(TreeError::SizeOutOfRange {
+            requested: size,
+            current: durable,
+        });
+    }
+    TreeSize::new(size).ok_or(TreeError::SizeOutOfRange {
+        requested: size,
+        current: durable,
+    })
+}
+
+fn leaf_and_size(seq: u64, size: u64) -> Result<(LeafIndex, TreeSize), TreeError> {
+    let ts = checked_size(size, size)?;
+    let leaf = LeafIndex::new(seq)
+        .filter(|_| seq < size)
+        .ok_or(TreeError::LeafOutOfRange { leaf: seq, size })?;
+    Ok((leaf, ts))
+}
+
+/// The sink that writes to the per-tenant logs; it needs the store to reach each tenant's tree index.
+#[derive(Clone, Debug)]
+pub struct LogSink {
+    log: AuditLog,
+    store: crate::store::Store,
+}
+
+impl LogSink {
+    /// A sink over `log`, reaching tree indexes through `store`.
+    pub fn new(log: AuditLog, store: crate::store::Store) -> Self {
+        LogSink { log, store }
+    }
+}
+
+#[async_trait::async_trait]
+impl AuditSink for LogSink {
+    async fn append(&self, ctx: &TenantContext, body: EventBody) -> Result<u64, AuditError> {
+        let repo = self.store.for_tenant(ctx)?;
+        self.log.append_with(ctx, repo, body).await
+    }
+}
+
+impl From<CheckpointError> for AuditError {
+    fn from(e: CheckpointError) -> Self {
+        AuditError::Checkpoint(e.to_string())
+    }
+}
