@@ -12,8 +12,13 @@ use secrecy::SecretString;
 use serde_json::json;
 
 use crate::app::{Application, Services};
+use std::process::ExitCode;
+
+use crate::audit::bundle;
+use crate::audit::checkpoint::{SigningKey, VerifierKey};
 use crate::config::{AuditOptions, Config, LogFormat};
 use crate::installation::{manifest, Installation, InstallationId, InstallationStatus};
+use crate::tenant::{TenantContext, TenantId};
 
 /// agentgate: one gateway for many Slack workspaces and Discord servers, each an isolated tenant with a
 /// policy-gated agent and its own Merkle-verified audit log.
@@ -109,6 +114,70 @@ pub enum Command {
     /// Inspect tenants.
     #[command(subcommand)]
     Tenants(TenantsCommand),
+    /// The per-tenant audit logs: export, verify offline, prove inclusion, sign, make keys.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+/// `audit …`
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Write a self-contained bundle of a tenant's events for a regulator (see docs/AUDIT-FORMAT.md).
+    Export {
+        /// The tenant id (`t_…`, from `tenants list`).
+        #[arg(long)]
+        tenant: String,
+        /// First sequence number to export.
+        #[arg(long, default_value_t = 0)]
+        from: u64,
+        /// One past the last sequence number to export; default: the whole log.
+        #[arg(long)]
+        to: Option<u64>,
+        /// The checkpoint kept from the previous export; the bundle then proves the log only grew since.
+        #[arg(long)]
+        since_checkpoint: Option<PathBuf>,
+        /// The bundle directory to create; it must not exist or be empty.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Verify a bundle offline. Exit codes: 0 verified, 1 verification failed, 2 could not run
+    /// (unreadable --trusted-key or --since-checkpoint).
+    Verify {
+        /// The bundle directory.
+        path: PathBuf,
+        /// The deployment's verifier key (`name+id+key`), or a file holding it. Without it the
+        /// checkpoint is checked against the bundle's own keyring, which proves integrity but not origin.
+        #[arg(long)]
+        trusted_key: Option<String>,
+        /// A checkpoint kept from an earlier export: the bundle must prove the log only grew since.
+        #[arg(long)]
+        since_checkpoint: Option<PathBuf>,
+    },
+    /// Print the inclusion proof of one event in the C2SP tlog-proof format.
+    Proof {
+        /// The tenant id.
+        #[arg(long)]
+        tenant: String,
+        /// The event's sequence number.
+        #[arg(long)]
+        seq: u64,
+    },
+    /// Sign a checkpoint of a tenant's log now and print it.
+    Checkpoint {
+        /// The tenant id.
+        #[arg(long)]
+        tenant: String,
+    },
+    /// Generate a checkpoint signing key: writes the signer key to FILE (mode 0600) and prints the
+    /// verifier key to give to auditors.
+    Keygen {
+        /// The key's name, shown in signatures (for example your deployment's host name).
+        #[arg(long)]
+        name: String,
+        /// Where to write the signer key; it must not exist.
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 /// Options of `serve`.
@@ -184,7 +253,7 @@ impl Cli {
     ///
     /// # Errors
     /// Whatever the command failed on, with context.
-    pub async fn run(self) -> anyhow::Result<()> {
+    pub async fn run(self) -> anyhow::Result<ExitCode> {
         let audit = self.global.audit_options();
         let master_key = self.global.master_key.clone().map(SecretString::from);
         match self.command {
@@ -211,8 +280,157 @@ impl Cli {
                 let services = Services::open(&self.global.data_dir, master_key.as_ref(), &audit)?;
                 tenants_list(&services, json)
             }
+            Command::Audit(AuditCommand::Verify {
+                path,
+                trusted_key,
+                since_checkpoint,
+            }) => {
+                return Ok(audit_verify(
+                    &path,
+                    trusted_key.as_deref(),
+                    since_checkpoint.as_deref(),
+                ))
+            }
+            Command::Audit(AuditCommand::Keygen { name, out }) => audit_keygen(&name, &out),
+            Command::Audit(cmd) => {
+                let services = Services::open(&self.global.data_dir, master_key.as_ref(), &audit)?;
+                let result = audit_command(&services, cmd).await;
+                services.close().await?;
+                result
+            }
+        }
+        .map(|()| ExitCode::SUCCESS)
+    }
+}
+
+fn tenant_context(
+    services: &Services,
+    tenant: &str,
+) -> anyhow::Result<(TenantContext, crate::store::TenantStore)> {
+    let id: TenantId = tenant.parse().context("not a tenant id")?;
+    let ctx = services.tenants.operator_context(&id)?;
+    let repo = services.store.for_tenant(&ctx)?;
+    Ok((ctx, repo))
+}
+
+async fn audit_command(services: &Services, cmd: AuditCommand) -> anyhow::Result<()> {
+    match cmd {
+        AuditCommand::Export {
+            tenant,
+            from,
+            to,
+            since_checkpoint,
+            out,
+        } => {
+            let (ctx, repo) = tenant_context(services, &tenant)?;
+            let since = since_checkpoint
+                .map(|p| {
+                    std::fs::read_to_string(&p)
+                        .with_context(|| format!("cannot read {}", p.display()))
+                })
+                .transpose()?;
+            eprintln!("exporting tenant {tenant} to {}", out.display());
+            let m = services
+                .audit
+                .export(&ctx, repo, from, to, since.as_deref(), &out)
+                .await?;
+            println!(
+                "exported events {}..{} of tenant {} (checkpoint size {}) to {}",
+                m.from,
+                m.to,
+                m.tenant,
+                m.tree_size,
+                out.display()
+            );
+            println!(
+                "keep {} for the next export's --since-checkpoint",
+                out.join("checkpoint.txt").display()
+            );
+            Ok(())
+        }
+        AuditCommand::Proof { tenant, seq } => {
+            let (ctx, repo) = tenant_context(services, &tenant)?;
+            print!("{}", services.audit.tlog_proof(&ctx, repo, seq).await?);
+            Ok(())
+        }
+        AuditCommand::Checkpoint { tenant } => {
+            let (ctx, repo) = tenant_context(services, &tenant)?;
+            print!("{}", services.audit.checkpoint_now(&ctx, repo).await?);
+            Ok(())
+        }
+        AuditCommand::Verify { .. } | AuditCommand::Keygen { .. } => {
+            unreachable!("handled without a data directory")
         }
     }
+}
+
+/// Reads a verifier key given inline or as a file.
+fn read_verifier_key(arg: &str) -> anyhow::Result<VerifierKey> {
+    let text = match std::fs::read_to_string(arg) {
+        Ok(t) => t,
+        Err(_) => arg.to_owned(),
+    };
+    VerifierKey::from_vkey_text(text.trim())
+        .map_err(|e| anyhow::anyhow!("--trusted-key is not a verifier key: {e}"))
+}
+
+fn audit_verify(
+    path: &std::path::Path,
+    trusted: Option<&str>,
+    since: Option<&std::path::Path>,
+) -> ExitCode {
+    let trusted = match trusted.map(read_verifier_key).transpose() {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let since = match since.map(std::fs::read_to_string).transpose() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: cannot read --since-checkpoint: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match bundle::verify(path, trusted.as_ref(), since.as_deref()) {
+        Ok(v) => {
+            println!("{v}");
+            if !v.trusted_key {
+                eprintln!("note: checked against the bundle's own keyring; pass --trusted-key to check who signed it");
+            }
+            if let Some(s) = v.consistent_since {
+                println!("consistent with the earlier checkpoint at size {s}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(f) => {
+            println!("FAILED: {f}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn audit_keygen(name: &str, out: &std::path::Path) -> anyhow::Result<()> {
+    let key = SigningKey::generate(name).map_err(|e| anyhow::anyhow!("bad key name: {e}"))?;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts
+        .open(out)
+        .with_context(|| format!("cannot create {}", out.display()))?;
+    std::io::Write::write_all(&mut f, key.to_skey_text().as_bytes())?;
+    f.sync_all()?;
+    println!("{}", key.verifier().to_vkey_text());
+    eprintln!(
+        "signer key written to {}; set AGENTGATE_AUDIT_SIGNING_KEY_FILE to it",
+        out.display()
+    );
+    Ok(())
 }
 
 fn status_name(i: &Installation) -> &'static str {

@@ -22,7 +22,7 @@ async fn main() -> std::process::ExitCode {
         LogFormat::Json => builder.json().init(),
     }
     match cli.run().await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
             std::process::ExitCode::FAILURE

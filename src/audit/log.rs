@@ -24,7 +24,7 @@ use super::checkpoint::{
 use super::event::{self, Envelope, EventBody};
 use super::merkle::{Hash, LeafIndex, NodeId, NodeStore, Tree, TreeError, TreeSize};
 use super::segment_log::{self, SegmentLog};
-use super::{AuditError, AuditSink};
+use super::{bundle, AuditError, AuditSink};
 use crate::store::{StoreError, TenantStore};
 use crate::tenant::{TenantContext, TenantId};
 
@@ -594,6 +594,141 @@ impl AuditLog {
     ) -> Result<u64, AuditError> {
         let log = self.log_for(ctx.tenant_id(), repo).await?;
         self.append_env(&log, &Envelope::from_ctx(ctx), &body).await
+    }
+}
+
+impl AuditLog {
+    /// Exports events `[from, to)` (to the end when `to` is `None`) of the context's tenant into a
+    /// bundle directory `out`. The export is recorded first (`export.created`), then a checkpoint is
+    /// signed that covers the whole log including that record, and the bundle proves the exported
+    /// events against it. With `since` (a checkpoint from an earlier export), the bundle also proves
+    /// that the log only grew since then.
+    ///
+    /// # Errors
+    /// [`AuditError::Export`] for a range outside the log or a `since` checkpoint that is not this
+    /// log's; write and log failures.
+    pub async fn export(
+        &self,
+        ctx: &TenantContext,
+        repo: TenantStore,
+        from: u64,
+        to: Option<u64>,
+        since: Option<&str>,
+        out: &std::path::Path,
+    ) -> Result<bundle::Manifest, AuditError> {
+        let log = self.log_for(ctx.tenant_id(), repo).await?;
+        let size = log.events.len();
+        let to = to.unwrap_or(size);
+        if from >= to || to > size {
+            return Err(AuditError::Export(format!(
+                "range {from}..{to} is not within the log's {size} events"
+            )));
+        }
+        let since = match since {
+            None => None,
+            Some(note) => {
+                let (cp, _) =
+                    open_checkpoint(note, &self.inner.keyring, &log.origin).map_err(|e| {
+                        AuditError::Export(format!("the earlier checkpoint is not this log's: {e}"))
+                    })?;
+                Some((note, cp))
+            }
+        };
+        self.append_env(
+            &log,
+            &Envelope::from_ctx(ctx),
+            &EventBody::ExportCreated { from, to },
+        )
+        .await?;
+        let note = self
+            .sign(&log, true)
+            .await?
+            .expect("a heartbeat always signs");
+        let (cp, _) = open_checkpoint(&note, &self.inner.keyring, &log.origin)?;
+        let (range, consistency) = {
+            let st = log.state.lock().await;
+            let tree_size = checked_size(cp.size, log.events.len())?;
+            let range = st.tree.range_proof(from, to, tree_size)?;
+            let consistency = match &since {
+                None => None,
+                Some((_, old)) if old.size > cp.size => {
+                    return Err(AuditError::Export(format!(
+                        "the earlier checkpoint's size {} is beyond the log",
+                        old.size
+                    )))
+                }
+                Some((_, old)) => Some(
+                    st.tree
+                        .consistency_proof(checked_size(old.size, cp.size)?, tree_size)?,
+                ),
+            };
+            (range, consistency)
+        };
+        let events = log.events.read_range(from, to)?;
+        let contents = bundle::Contents {
+            tenant: log.tenant.as_str(),
+            origin: &log.origin,
+            from,
+            events: &events,
+            checkpoint: &note,
+            tree_size: cp.size,
+            keyring: &self.inner.keyring,
+            range_proof: &range,
+            since: since
+                .as_ref()
+                .zip(consistency.as_deref())
+                .map(|((n, old), p)| (*n, old.size, p)),
+        };
+        Ok(bundle::write(out, &contents)?)
+    }
+
+    /// The C2SP tlog-proof of event `seq`: its inclusion proof in the latest checkpoint (signed now
+    /// when the latest one does not cover it yet).
+    ///
+    /// # Errors
+    /// [`AuditError::Tree`] when `seq` is not in the log.
+    pub async fn tlog_proof(
+        &self,
+        ctx: &TenantContext,
+        repo: TenantStore,
+        seq: u64,
+    ) -> Result<String, AuditError> {
+        let log = self.log_for(ctx.tenant_id(), repo).await?;
+        if seq >= log.events.len() {
+            return Err(TreeError::LeafOutOfRange {
+                leaf: seq,
+                size: log.events.len(),
+            }
+            .into());
+        }
+        let latest = log.latest.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let covering = match latest {
+            Some(note)
+                if open_checkpoint(&note, &self.inner.keyring, &log.origin)?
+                    .0
+                    .size
+                    > seq =>
+            {
+                note
+            }
+            _ => self
+                .sign(&log, true)
+                .await?
+                .expect("a heartbeat always signs"),
+        };
+        let (cp, _) = open_checkpoint(&covering, &self.inner.keyring, &log.origin)?;
+        let hashes = {
+            let st = log.state.lock().await;
+            let (leaf, size) = leaf_and_size(seq, cp.size)?;
+            st.tree.inclusion_proof(leaf, size)?
+        };
+        Ok(super::checkpoint::TlogProof {
+            extra: None,
+            index: seq,
+            hashes,
+            checkpoint_note: covering,
+        }
+        .to_text())
     }
 }
 

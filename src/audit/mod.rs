@@ -5,6 +5,7 @@
 //! Merkle-verified log per tenant with signed checkpoints. [`bundle`] exports a range for regulators
 //! and verifies such an export offline.
 
+pub mod bundle;
 pub mod checkpoint;
 pub mod event;
 pub mod keys;
@@ -36,6 +37,13 @@ pub enum AuditError {
     /// The signing key or the keyring could not be had.
     #[error(transparent)]
     Keys(#[from] keys::KeysError),
+    /// An export was asked for something the log cannot give (a range beyond it, a foreign
+    /// earlier checkpoint).
+    #[error("export: {0}")]
+    Export(String),
+    /// The export bundle could not be written.
+    #[error(transparent)]
+    Bundle(#[from] bundle::WriteError),
     /// A log does not agree with itself after a restart (its tree, its checkpoint or its records).
     #[error("audit log of tenant {tenant} cannot be recovered: {why}")]
     Recovery {

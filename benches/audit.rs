@@ -1,0 +1,3 @@
+//! Audit log benchmarks (placeholder until written; see docs/PERFORMANCE.md).
+
+fn main() {}
