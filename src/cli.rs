@@ -162,6 +162,13 @@ pub enum AuditCommand {
         #[arg(long)]
         seq: u64,
     },
+    /// Rebuild a tenant's projections (memberships, installation states, usage, run states) from its
+    /// log and report every difference from the live ones. Exits 1 when there is a difference.
+    Replay {
+        /// The tenant id.
+        #[arg(long)]
+        tenant: String,
+    },
     /// Sign a checkpoint of a tenant's log now and print it.
     Checkpoint {
         /// The tenant id.
@@ -292,6 +299,12 @@ impl Cli {
                 ))
             }
             Command::Audit(AuditCommand::Keygen { name, out }) => audit_keygen(&name, &out),
+            Command::Audit(AuditCommand::Replay { tenant }) => {
+                let services = Services::open(&self.global.data_dir, master_key.as_ref(), &audit)?;
+                let result = audit_replay(&services, &tenant).await;
+                services.close().await?;
+                return result;
+            }
             Command::Audit(cmd) => {
                 let services = Services::open(&self.global.data_dir, master_key.as_ref(), &audit)?;
                 let result = audit_command(&services, cmd).await;
@@ -358,9 +371,29 @@ async fn audit_command(services: &Services, cmd: AuditCommand) -> anyhow::Result
             print!("{}", services.audit.checkpoint_now(&ctx, repo).await?);
             Ok(())
         }
-        AuditCommand::Verify { .. } | AuditCommand::Keygen { .. } => {
-            unreachable!("handled without a data directory")
+        AuditCommand::Verify { .. } | AuditCommand::Keygen { .. } | AuditCommand::Replay { .. } => {
+            unreachable!("handled by the caller")
         }
+    }
+}
+
+async fn audit_replay(services: &Services, tenant: &str) -> anyhow::Result<ExitCode> {
+    let (ctx, repo) = tenant_context(services, tenant)?;
+    let head = services.audit.head(&ctx, repo.clone()).await?;
+    eprintln!("replaying {} events of tenant {tenant}", head.size);
+    let diff = services.audit.replay(&ctx, repo).await?;
+    if diff.is_empty() {
+        println!(
+            "no difference: the live projections match {} replayed events",
+            head.size
+        );
+        Ok(ExitCode::SUCCESS)
+    } else {
+        for d in &diff {
+            println!("{d}");
+        }
+        println!("{} differences", diff.len());
+        Ok(ExitCode::from(1))
     }
 }
 

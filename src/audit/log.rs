@@ -23,10 +23,11 @@ use super::checkpoint::{
 };
 use super::event::{self, Envelope, EventBody};
 use super::merkle::{Hash, LeafIndex, NodeId, NodeStore, Tree, TreeError, TreeSize};
+use super::projection::{month_of, run_transition, usage_delta, Projections, Usage};
 use super::segment_log::{self, SegmentLog};
 use super::{bundle, AuditError, AuditSink};
 use crate::store::{StoreError, TenantStore};
-use crate::tenant::{TenantContext, TenantId};
+use crate::tenant::{PrincipalId, Role, TenantContext, TenantId};
 
 /// How the audit log is laid out and when it signs.
 #[derive(Clone, Debug)]
@@ -104,6 +105,10 @@ struct TreeState {
 
 struct TenantLog {
     tenant: TenantId,
+    /// The tenant's repositories, for the live projections.
+    repo: TenantStore,
+    /// Serialises folding events into the live projections, so they are folded in log order.
+    projector: Mutex<()>,
     origin: String,
     events: SegmentLog,
     checkpoints: SegmentLog,
@@ -233,7 +238,7 @@ impl AuditLog {
         let start = indexed.min(durable);
         let size =
             TreeSize::new(start).ok_or_else(|| recovery(tenant, "tree size out of range"))?;
-        let mut tree = Tree::open(Nodes { repo }, size)?;
+        let mut tree = Tree::open(Nodes { repo: repo.clone() }, size)?;
         if start < durable {
             tracing::info!(tenant = %tenant, from = start, to = durable, "catching the audit tree index up from the log");
             for rec in events.iter_from(start)? {
@@ -282,8 +287,10 @@ impl AuditLog {
             since_checkpoint = durable.saturating_sub(cp.size + 1);
             latest = Some(note);
         }
-        Ok(TenantLog {
+        let log = TenantLog {
             tenant: tenant.clone(),
+            repo,
+            projector: Mutex::new(()),
             origin,
             events,
             checkpoints,
@@ -295,7 +302,97 @@ impl AuditLog {
                 broken: false,
             }),
             latest: StdMutex::new(latest),
-        })
+        };
+        // Projections may lag the log after a crash; fold in what they missed.
+        self.project(&log).await?;
+        Ok(log)
+    }
+
+    /// Folds the durable events that the live projections have not seen yet into them, in order.
+    async fn project(&self, log: &TenantLog) -> Result<(), AuditError> {
+        let _order = log.projector.lock().await;
+        let projections = log.repo.projections();
+        let head = projections.projection_head()?;
+        let end = log.events.len();
+        if head >= end {
+            return Ok(());
+        }
+        let mut usage: std::collections::BTreeMap<String, Usage> = Default::default();
+        let mut runs = Vec::new();
+        let members = log.repo.members();
+        for rec in log.events.iter_from(head)? {
+            let (seq, bytes) = rec?;
+            if seq >= end {
+                break;
+            }
+            let v: serde_json::Value = serde_json::from_slice(&bytes)
+                .map_err(|e| recovery(&log.tenant, format!("event {seq} does not parse: {e}")))?;
+            if let Some(delta) = usage_delta(&v) {
+                let month = month_of(v["time"].as_str().unwrap_or_default()).to_owned();
+                usage.entry(month).or_default().add(&delta);
+            }
+            if let Some(state) = run_transition(&v) {
+                runs.push((v["run_id"].as_str().unwrap_or_default().to_owned(), state));
+            }
+            // Memberships are a projection of role events. Setting a role is idempotent, so a crash
+            // before the head moves only makes the next fold write the same roles again.
+            match v["type"].as_str() {
+                Some("role.granted") => {
+                    let (p, r) = role_event(&log.tenant, seq, &v)?;
+                    members.set_role(&p, r)?;
+                }
+                Some("role.revoked") => {
+                    let (p, _) = role_event(&log.tenant, seq, &v)?;
+                    members.remove(&p)?;
+                }
+                _ => {}
+            }
+        }
+        projections.apply_projection(&usage, &runs, end)?;
+        Ok(())
+    }
+
+    /// Rebuilds every projection of the context's tenant from its log and returns each difference
+    /// from the live ones (empty when they agree).
+    ///
+    /// # Errors
+    /// [`AuditError`] when the log or the live tables cannot be read.
+    pub async fn replay(
+        &self,
+        ctx: &TenantContext,
+        repo: TenantStore,
+    ) -> Result<Vec<String>, AuditError> {
+        let log = self.log_for(ctx.tenant_id(), repo).await?;
+        self.project(&log).await?;
+        let mut rebuilt = Projections::default();
+        for rec in log.events.iter_from(0)? {
+            let (seq, bytes) = rec?;
+            let v: serde_json::Value = serde_json::from_slice(&bytes)
+                .map_err(|e| recovery(&log.tenant, format!("event {seq} does not parse: {e}")))?;
+            rebuilt.apply(&v);
+        }
+        let live = Projections {
+            members: log
+                .repo
+                .members()
+                .list()?
+                .into_iter()
+                .map(|(p, r)| (p.to_string(), r.to_string()))
+                .collect(),
+            installations: log
+                .repo
+                .installations()
+                .list()?
+                .into_iter()
+                .map(|i| {
+                    let state = if i.is_active() { "active" } else { "revoked" };
+                    (i.id.to_string(), state.to_owned())
+                })
+                .collect(),
+            usage: log.repo.projections().usage()?,
+            runs: log.repo.projections().runs()?,
+        };
+        Ok(rebuilt.diff(&live))
     }
 
     async fn append_env(
@@ -305,6 +402,9 @@ impl AuditLog {
         body: &EventBody,
     ) -> Result<u64, AuditError> {
         let (seq, due) = self.append_raw(log, env, body).await?;
+        if affects_projections(body) {
+            self.project(log).await?;
+        }
         if due {
             self.sign(log, false).await?;
         }
@@ -481,6 +581,9 @@ impl AuditLog {
         let mut first_err = None;
         for log in logs {
             if let Err(e) = self.sign(&log, false).await {
+                first_err.get_or_insert(e);
+            }
+            if let Err(e) = self.project(&log).await {
                 first_err.get_or_insert(e);
             }
             for l in [&log.events, &log.checkpoints] {
@@ -730,6 +833,41 @@ impl AuditLog {
         }
         .to_text())
     }
+}
+
+/// The principal and role of a role event.
+fn role_event(
+    tenant: &TenantId,
+    seq: u64,
+    v: &serde_json::Value,
+) -> Result<(PrincipalId, Role), AuditError> {
+    let bad = |why: String| recovery(tenant, format!("event {seq}: {why}"));
+    let p = v["data"]["principal"]
+        .as_str()
+        .unwrap_or_default()
+        .parse::<PrincipalId>()
+        .map_err(|e| bad(e.to_string()))?;
+    let r = v["data"]["role"]
+        .as_str()
+        .unwrap_or_default()
+        .parse::<Role>()
+        .map_err(|e| bad(e.to_string()))?;
+    Ok((p, r))
+}
+
+/// True for the events that change a projection (usage, runs, memberships); others only move the
+/// projection head, which the next projecting append or the next open catches up.
+fn affects_projections(body: &EventBody) -> bool {
+    matches!(
+        body,
+        EventBody::RoleGranted { .. }
+            | EventBody::RoleRevoked { .. }
+            | EventBody::RunStarted { .. }
+            | EventBody::ModelCalled { .. }
+            | EventBody::ToolInvoked { .. }
+            | EventBody::RunCompleted { .. }
+            | EventBody::RunFailed { .. }
+    )
 }
 
 fn checked_size(size: u64, durable: u64) -> Result<TreeSize, TreeError> {

@@ -11,6 +11,7 @@ pub mod event;
 pub mod keys;
 pub mod log;
 pub mod merkle;
+pub mod projection;
 pub mod segment_log;
 
 pub use event::{EventBody, RunTotals};

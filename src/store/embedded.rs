@@ -11,9 +11,10 @@ use super::records::{
     decode, encode, DirectoryRecord, InstallationRecord, MemberRecord, TenantRecord,
 };
 use super::{
-    AuditIndexRepo, Backend, DirectoryEntry, InstallationRepo, MembershipRepo, Result,
-    SettingsRepo, StoreError, TenantRepos, TenantSummary, ToolGrantRepo,
+    AuditIndexRepo, Backend, DirectoryEntry, InstallationRepo, MembershipRepo, ProjectionRepo,
+    Result, SettingsRepo, StoreError, TenantRepos, TenantSummary, ToolGrantRepo,
 };
+use crate::audit::projection::{RunState, Usage};
 use crate::crypto::Cipher;
 use crate::installation::{Installation, InstallationId};
 use crate::tenant::{PrincipalId, Role, TenantId, TenantSettings, ToolGrant};
@@ -336,6 +337,74 @@ impl AuditIndexRepo for SledTenant {
                     })
             }
         }
+    }
+}
+
+impl ProjectionRepo for SledTenant {
+    fn projection_head(&self) -> Result<u64> {
+        let key = self.key("projection-head", "");
+        match self.tree.get(&key).map_err(engine)? {
+            None => Ok(0),
+            Some(v) => {
+                v.as_ref()
+                    .try_into()
+                    .map(u64::from_be_bytes)
+                    .map_err(|_| StoreError::Corrupt {
+                        key,
+                        why: "the projection head is not 8 bytes".into(),
+                    })
+            }
+        }
+    }
+
+    fn apply_projection(
+        &self,
+        usage: &std::collections::BTreeMap<String, Usage>,
+        runs: &[(String, RunState)],
+        head: u64,
+    ) -> Result<()> {
+        // The audit log folds events in under its own lock, so read-modify-write here is not racing.
+        let mut batch = sled::Batch::default();
+        for (month, delta) in usage {
+            let key = self.key("usage", month);
+            let mut total: Usage = self
+                .get_json::<Versioned<Usage>>(&key)?
+                .map(|r| r.value)
+                .unwrap_or_default();
+            total.add(delta);
+            batch.insert(key.as_bytes(), encode(&Versioned { v: 1, value: total }));
+        }
+        for (run, state) in runs {
+            batch.insert(
+                self.key("run", run).as_bytes(),
+                encode(&Versioned { v: 1, value: state }),
+            );
+        }
+        batch.insert(
+            self.key("projection-head", "").as_bytes(),
+            &head.to_be_bytes(),
+        );
+        self.tree.apply_batch(batch).map_err(engine)
+    }
+
+    fn usage(&self) -> Result<std::collections::BTreeMap<String, Usage>> {
+        self.scan("usage")
+            .map(|kv| {
+                let (month, v) = kv?;
+                let rec: Versioned<Usage> = decode(self.key("usage", &month).as_bytes(), &v)?;
+                Ok((month, rec.value))
+            })
+            .collect()
+    }
+
+    fn runs(&self) -> Result<std::collections::BTreeMap<String, RunState>> {
+        self.scan("run")
+            .map(|kv| {
+                let (run, v) = kv?;
+                let rec: Versioned<RunState> = decode(self.key("run", &run).as_bytes(), &v)?;
+                Ok((run, rec.value))
+            })
+            .collect()
     }
 }
 

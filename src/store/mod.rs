@@ -10,9 +10,11 @@
 mod embedded;
 mod records;
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
+use crate::audit::projection::{RunState, Usage};
 use crate::crypto::{Cipher, CryptoError};
 use crate::installation::{Installation, InstallationId};
 use crate::tenant::{PrincipalId, Role, TenantContext, TenantId, TenantSettings, ToolGrant};
@@ -148,9 +150,46 @@ pub trait AuditIndexRepo {
     fn indexed_size(&self) -> Result<u64>;
 }
 
+/// Live projections kept from the audit log: monthly usage and run states, with the sequence number
+/// up to which the log has been folded in.
+pub trait ProjectionRepo {
+    /// One past the last event folded in.
+    ///
+    /// # Errors
+    /// [`StoreError`] on an engine failure or a corrupt record.
+    fn projection_head(&self) -> Result<u64>;
+    /// Adds usage deltas by month, sets run states, and moves the head, in one atomic batch.
+    ///
+    /// # Errors
+    /// [`StoreError`] on an engine failure; then nothing of the batch is stored.
+    fn apply_projection(
+        &self,
+        usage: &BTreeMap<String, Usage>,
+        runs: &[(String, RunState)],
+        head: u64,
+    ) -> Result<()>;
+    /// Usage by month.
+    ///
+    /// # Errors
+    /// [`StoreError`] on an engine failure or a corrupt record.
+    fn usage(&self) -> Result<BTreeMap<String, Usage>>;
+    /// Run states by run id.
+    ///
+    /// # Errors
+    /// [`StoreError`] on an engine failure or a corrupt record.
+    fn runs(&self) -> Result<BTreeMap<String, RunState>>;
+}
+
 /// Everything one tenant's storage offers; a backend hands these out per tenant.
 pub trait TenantRepos:
-    SettingsRepo + MembershipRepo + InstallationRepo + ToolGrantRepo + AuditIndexRepo + Send + Sync
+    SettingsRepo
+    + MembershipRepo
+    + InstallationRepo
+    + ToolGrantRepo
+    + AuditIndexRepo
+    + ProjectionRepo
+    + Send
+    + Sync
 {
 }
 
@@ -294,6 +333,11 @@ impl TenantStore {
 
     /// The audit log's Merkle node index.
     pub fn audit_index(&self) -> &dyn AuditIndexRepo {
+        &*self.repos
+    }
+
+    /// Live projections of the audit log.
+    pub fn projections(&self) -> &dyn ProjectionRepo {
         &*self.repos
     }
 }

@@ -354,7 +354,6 @@ impl Tenants {
                     },
                 )
                 .await?;
-            repos.members().set_role(&new.installer, Role::Owner)?;
         }
         let now = Utc::now();
         let installation = Installation {
@@ -520,7 +519,8 @@ impl Tenants {
                 },
             )
             .await?;
-        repos.members().set_role(principal, role)?;
+        // The audit log folds the event into the membership table before the append returns.
+        debug_assert_eq!(repos.members().role_of(principal)?, Some(role));
         Ok(true)
     }
 

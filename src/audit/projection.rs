@@ -1,0 +1,230 @@
+//! Projections derived from a tenant's events: memberships, installation states, monthly usage and
+//! run states. Folding the log from the start rebuilds them; `audit replay` compares the result with
+//! the live ones.
+
+use std::collections::BTreeMap;
+
+use serde_json::Value;
+
+/// Usage in one calendar month (UTC).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Usage {
+    /// Runs started.
+    pub runs: u64,
+    /// Prompt tokens.
+    pub tokens_in: u64,
+    /// Completion tokens.
+    pub tokens_out: u64,
+    /// Tool calls made.
+    pub tool_calls: u64,
+    /// Cost in microcents.
+    pub cost_microcents: u64,
+}
+
+impl Usage {
+    /// Adds `other` into `self`, saturating rather than wrapping.
+    pub fn add(&mut self, other: &Usage) {
+        self.runs = self.runs.saturating_add(other.runs);
+        self.tokens_in = self.tokens_in.saturating_add(other.tokens_in);
+        self.tokens_out = self.tokens_out.saturating_add(other.tokens_out);
+        self.tool_calls = self.tool_calls.saturating_add(other.tool_calls);
+        self.cost_microcents = self.cost_microcents.saturating_add(other.cost_microcents);
+    }
+}
+
+/// Where a run stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunState {
+    /// Started, not finished.
+    Running,
+    /// Finished with an answer.
+    Completed,
+    /// Stopped without an answer (a budget stop among the reasons).
+    Failed,
+}
+
+/// The month key (`YYYY-MM`) of an event's time.
+pub fn month_of(time: &str) -> &str {
+    time.get(..7).unwrap_or("")
+}
+
+/// What one event adds to a month's usage, if anything.
+pub fn usage_delta(event: &Value) -> Option<Usage> {
+    let d = &event["data"];
+    let n = |v: &Value| v.as_u64().unwrap_or(0);
+    match event["type"].as_str()? {
+        "run.started" => Some(Usage {
+            runs: 1,
+            ..Usage::default()
+        }),
+        "model.called" => Some(Usage {
+            tokens_in: n(&d["tokens_in"]),
+            tokens_out: n(&d["tokens_out"]),
+            cost_microcents: n(&d["cost_microcents"]),
+            ..Usage::default()
+        }),
+        "tool.invoked" => Some(Usage {
+            tool_calls: 1,
+            cost_microcents: n(&d["cost_microcents"]),
+            ..Usage::default()
+        }),
+        _ => None,
+    }
+}
+
+/// The run state an event moves its run to, if any.
+pub fn run_transition(event: &Value) -> Option<RunState> {
+    match event["type"].as_str()? {
+        "run.started" => Some(RunState::Running),
+        "run.completed" => Some(RunState::Completed),
+        "run.failed" => Some(RunState::Failed),
+        _ => None,
+    }
+}
+
+/// Every projection of one tenant.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Projections {
+    /// Principal to role.
+    pub members: BTreeMap<String, String>,
+    /// Installation id to `active` or `revoked`.
+    pub installations: BTreeMap<String, String>,
+    /// Month (`YYYY-MM`) to usage.
+    pub usage: BTreeMap<String, Usage>,
+    /// Run id to state.
+    pub runs: BTreeMap<String, RunState>,
+}
+
+impl Projections {
+    /// Folds one event in.
+    pub fn apply(&mut self, event: &Value) {
+        let d = &event["data"];
+        let s = |v: &Value| v.as_str().unwrap_or_default().to_owned();
+        match event["type"].as_str().unwrap_or_default() {
+            "role.granted" => {
+                self.members.insert(s(&d["principal"]), s(&d["role"]));
+            }
+            "role.revoked" => {
+                self.members
+                    .remove(d["principal"].as_str().unwrap_or_default());
+            }
+            "installation.created" => {
+                self.installations
+                    .insert(s(&d["installation_id"]), "active".into());
+            }
+            "installation.updated" => {
+                let reactivated = d["changed"]
+                    .as_array()
+                    .is_some_and(|c| c.iter().any(|f| f == "status"));
+                if reactivated {
+                    self.installations
+                        .insert(s(&d["installation_id"]), "active".into());
+                }
+            }
+            "installation.revoked" => {
+                self.installations
+                    .insert(s(&d["installation_id"]), "revoked".into());
+            }
+            _ => {}
+        }
+        if let Some(delta) = usage_delta(event) {
+            let month = month_of(event["time"].as_str().unwrap_or_default()).to_owned();
+            self.usage.entry(month).or_default().add(&delta);
+        }
+        if let Some(state) = run_transition(event) {
+            self.runs.insert(s(&event["run_id"]), state);
+        }
+    }
+
+    /// Every difference between `self` (rebuilt from the log) and `live`, one line each.
+    pub fn diff(&self, live: &Projections) -> Vec<String> {
+        let mut out = Vec::new();
+        diff_map("membership", &self.members, &live.members, &mut out);
+        diff_map(
+            "installation",
+            &self.installations,
+            &live.installations,
+            &mut out,
+        );
+        diff_map("usage", &self.usage, &live.usage, &mut out);
+        diff_map("run", &self.runs, &live.runs, &mut out);
+        out
+    }
+}
+
+fn diff_map<V: PartialEq + std::fmt::Debug>(
+    what: &str,
+    replayed: &BTreeMap<String, V>,
+    live: &BTreeMap<String, V>,
+    out: &mut Vec<String>,
+) {
+    for (k, v) in replayed {
+        match live.get(k) {
+            None => out.push(format!("{what} {k}: the log says {v:?}, live has nothing")),
+            Some(l) if l != v => {
+                out.push(format!("{what} {k}: the log says {v:?}, live has {l:?}"))
+            }
+            Some(_) => {}
+        }
+    }
+    for (k, l) in live {
+        if !replayed.contains_key(k) {
+            out.push(format!("{what} {k}: live has {l:?}, the log says nothing"));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn folds_events_and_reports_differences() {
+        let mut p = Projections::default();
+        let ev = |ty: &str, data: Value| json!({"type": ty, "data": data, "time": "2026-11-22T10:00:00.000000Z", "run_id": "R1"});
+        p.apply(&ev(
+            "role.granted",
+            json!({"principal": "slack:U1", "role": "owner"}),
+        ));
+        p.apply(&ev(
+            "installation.created",
+            json!({"installation_id": "i_1"}),
+        ));
+        p.apply(&ev("run.started", json!({})));
+        p.apply(&ev(
+            "model.called",
+            json!({"tokens_in": 10, "tokens_out": 5, "cost_microcents": 7}),
+        ));
+        p.apply(&ev("tool.invoked", json!({"cost_microcents": 3})));
+        p.apply(&ev("run.completed", json!({})));
+        p.apply(&ev(
+            "installation.revoked",
+            json!({"installation_id": "i_1"}),
+        ));
+        assert_eq!(p.members["slack:U1"], "owner");
+        assert_eq!(p.installations["i_1"], "revoked");
+        assert_eq!(
+            p.usage["2026-11"],
+            Usage {
+                runs: 1,
+                tokens_in: 10,
+                tokens_out: 5,
+                tool_calls: 1,
+                cost_microcents: 10
+            }
+        );
+        assert_eq!(p.runs["R1"], RunState::Completed);
+        assert!(p.diff(&p.clone()).is_empty());
+        let mut live = p.clone();
+        live.members.insert("slack:U2".into(), "admin".into());
+        live.usage.get_mut("2026-11").unwrap().tool_calls = 2;
+        let d = p.diff(&live);
+        assert_eq!(d.len(), 2, "{d:?}");
+        assert!(
+            d[0].contains("slack:U2") && d[1].contains("usage 2026-11"),
+            "{d:?}"
+        );
+    }
+}
