@@ -10,6 +10,7 @@ use anyhow::Context as _;
 use secrecy::SecretString;
 use tokio::net::TcpListener;
 
+use crate::agent::{Agent, AgentConfig};
 use crate::audit::keys::{self, SigningKeySource};
 use crate::audit::log::{AuditLog, AuditSettings, LogSink};
 use crate::config::{AuditOptions, Config};
@@ -28,6 +29,8 @@ pub struct Services {
     pub tenants: Tenants,
     /// The per-tenant audit logs.
     pub audit: AuditLog,
+    /// The gated agent loop.
+    pub agent: Agent,
 }
 
 impl Services {
@@ -39,6 +42,19 @@ impl Services {
         data_dir: &Path,
         master_key: Option<&SecretString>,
         audit: &AuditOptions,
+    ) -> anyhow::Result<Self> {
+        Self::open_with(data_dir, master_key, audit, AgentConfig::default())
+    }
+
+    /// As [`Services::open`], with the agent loop's settings.
+    ///
+    /// # Errors
+    /// As [`Services::open`].
+    pub fn open_with(
+        data_dir: &Path,
+        master_key: Option<&SecretString>,
+        audit: &AuditOptions,
+        agent: AgentConfig,
     ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(data_dir)
             .with_context(|| format!("cannot create the data directory {}", data_dir.display()))?;
@@ -76,14 +92,14 @@ impl Services {
             signer,
             keyring,
         );
-        let tenants = Tenants::new(
-            store.clone(),
-            Arc::new(LogSink::new(log.clone(), store.clone())),
-        );
+        let sink = Arc::new(LogSink::new(log.clone(), store.clone()));
+        let tenants = Tenants::new(store.clone(), sink.clone());
+        let agent = Agent::new(tenants.clone(), log.clone(), sink, agent);
         Ok(Services {
             store,
             tenants,
             audit: log,
+            agent,
         })
     }
 
@@ -162,7 +178,12 @@ impl Application {
     /// # Errors
     /// Any startup step; the message says which.
     pub async fn build(config: Config) -> anyhow::Result<Self> {
-        let services = Services::open(&config.data_dir, config.master_key.as_ref(), &config.audit)?;
+        let services = Services::open_with(
+            &config.data_dir,
+            config.master_key.as_ref(),
+            &config.audit,
+            config.agent.clone(),
+        )?;
         services.open_audit_logs().await?;
         services
             .import_installations(&config.installations_dir)
@@ -206,6 +227,15 @@ impl Application {
             .listener
             .local_addr()
             .context("listener has no address")?;
+        // Runs that a crash interrupted continue from their own checkpoints.
+        let agent = self.services.agent.clone();
+        tokio::spawn(async move {
+            match agent.resume_unfinished().await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(runs = n, "resumed unfinished runs"),
+                Err(e) => tracing::error!(error = %e, "resuming unfinished runs failed"),
+            }
+        });
         tracing::info!(%addr, "agentgate listening");
         axum::serve(self.listener, app)
             .with_graceful_shutdown(shutdown)

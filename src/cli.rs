@@ -12,7 +12,10 @@ use secrecy::SecretString;
 use serde_json::json;
 
 use crate::app::{Application, Services};
+use std::num::NonZeroU32;
 use std::process::ExitCode;
+
+use crate::agent::{AgentConfig, LlmEndpoints};
 
 use crate::audit::bundle;
 use crate::audit::checkpoint::{SigningKey, VerifierKey};
@@ -206,6 +209,63 @@ pub struct ServeArgs {
     /// Seconds a request may take before it is answered 408.
     #[arg(long, env = "AGENTGATE_REQUEST_TIMEOUT_SECS", default_value_t = 30)]
     pub request_timeout_secs: u64,
+    /// The agent loop's settings.
+    #[command(flatten)]
+    pub agent: AgentArgs,
+}
+
+/// The agent loop's settings.
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// Planning steps a run may take before it stops.
+    #[arg(long, env = "AGENTGATE_MAX_STEPS", default_value_t = 8)]
+    pub max_steps: u32,
+    /// Conversation turns kept per (principal, conversation) and fed back to the planner.
+    #[arg(long, env = "AGENTGATE_HISTORY_TURNS", default_value_t = 20)]
+    pub history_turns: usize,
+    /// Runs a tenant may start per minute.
+    #[arg(long, env = "AGENTGATE_RUNS_PER_MINUTE", default_value_t = 120)]
+    pub runs_per_minute: u32,
+    /// OpenAI-compatible base URL (OpenAI, Azure OpenAI, Ollama, vLLM, llama.cpp's server).
+    #[arg(
+        long,
+        env = "AGENTGATE_OPENAI_BASE_URL",
+        default_value = "https://api.openai.com/v1"
+    )]
+    pub openai_base_url: String,
+    /// The deployment's OpenAI-compatible API key, for tenants that name no key of their own.
+    #[arg(long, env = "AGENTGATE_OPENAI_API_KEY", hide_env_values = true)]
+    pub openai_api_key: Option<String>,
+    /// Anthropic base URL.
+    #[arg(
+        long,
+        env = "AGENTGATE_ANTHROPIC_BASE_URL",
+        default_value = "https://api.anthropic.com"
+    )]
+    pub anthropic_base_url: String,
+    /// The deployment's Anthropic API key, for tenants that name no key of their own.
+    #[arg(long, env = "AGENTGATE_ANTHROPIC_API_KEY", hide_env_values = true)]
+    pub anthropic_api_key: Option<String>,
+    /// Seconds one model call may take.
+    #[arg(long, env = "AGENTGATE_LLM_TIMEOUT_SECS", default_value_t = 60)]
+    pub llm_timeout_secs: u64,
+}
+
+impl AgentArgs {
+    fn config(&self) -> AgentConfig {
+        AgentConfig {
+            max_steps: self.max_steps.max(1),
+            history_turns: self.history_turns,
+            runs_per_minute: NonZeroU32::new(self.runs_per_minute).unwrap_or(NonZeroU32::MIN),
+            llm: LlmEndpoints {
+                openai_base_url: self.openai_base_url.clone(),
+                openai_api_key: self.openai_api_key.clone().map(SecretString::from),
+                anthropic_base_url: self.anthropic_base_url.clone(),
+                anthropic_api_key: self.anthropic_api_key.clone().map(SecretString::from),
+                timeout: Duration::from_secs(self.llm_timeout_secs.max(1)),
+            },
+        }
+    }
 }
 
 /// `installations …`
@@ -273,6 +333,7 @@ impl Cli {
                     master_key,
                     request_timeout: Duration::from_secs(args.request_timeout_secs),
                     audit,
+                    agent: args.agent.config(),
                 };
                 let app = Application::build(config).await?;
                 app.run_until_stopped(crate::shutdown::signal()).await

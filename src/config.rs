@@ -32,6 +32,8 @@ pub struct Config {
     pub request_timeout: Duration,
     /// The audit log's signing and checkpoint settings.
     pub audit: AuditOptions,
+    /// The agent loop's settings.
+    pub agent: crate::agent::AgentConfig,
 }
 
 /// How the audit log signs checkpoints.

@@ -8,10 +8,12 @@
 //!   operator's CLI), and provisions tenants.
 //! - [`store`] is the only module that touches the storage engine; every repository comes from a context.
 //! - [`audit`] holds the closed set of audit events and the sink every event goes through.
+//! - [`agent`] runs commands: planners, tools, the Cedar gate, budgets, crash-safe run checkpoints.
 //! - [`crypto`] seals tokens at rest under the master key.
 #![warn(missing_docs)]
 #![warn(clippy::self_named_module_files)]
 
+pub mod agent;
 pub mod app;
 pub mod audit;
 pub mod cli;

@@ -33,6 +33,7 @@ pub const EVENT_TYPES: &[&str] = &[
     "command.received",
     "run.started",
     "model.called",
+    "tool.authorized",
     "tool.invoked",
     "tool.refused",
     "budget.exceeded",

@@ -94,6 +94,17 @@ pub enum EventBody {
         /// Cost in microcents.
         cost_microcents: u64,
     },
+    /// The gate allowed a tool call; appended before the call is made.
+    ToolAuthorized {
+        /// The capability.
+        capability: String,
+        /// SHA-256 of the arguments, in hex.
+        arguments_sha256: String,
+        /// The call's idempotency key (`<run id>:<step>:<index>`), sent to the tool.
+        idempotency_key: String,
+        /// The ids of the permitting policies.
+        policy_ids: Vec<String>,
+    },
     /// A tool was invoked.
     ToolInvoked {
         /// The capability.
@@ -194,6 +205,7 @@ impl EventBody {
             EventBody::CommandReceived { .. } => "command.received",
             EventBody::RunStarted { .. } => "run.started",
             EventBody::ModelCalled { .. } => "model.called",
+            EventBody::ToolAuthorized { .. } => "tool.authorized",
             EventBody::ToolInvoked { .. } => "tool.invoked",
             EventBody::ToolRefused { .. } => "tool.refused",
             EventBody::BudgetExceeded { .. } => "budget.exceeded",
@@ -250,6 +262,17 @@ impl EventBody {
                 "tokens_in": tokens_in,
                 "tokens_out": tokens_out,
                 "cost_microcents": cost_microcents,
+            }),
+            EventBody::ToolAuthorized {
+                capability,
+                arguments_sha256,
+                idempotency_key,
+                policy_ids,
+            } => json!({
+                "capability": capability,
+                "arguments_sha256": arguments_sha256,
+                "idempotency_key": idempotency_key,
+                "policy_ids": policy_ids,
             }),
             EventBody::ToolInvoked {
                 capability,

@@ -11,8 +11,9 @@ use super::records::{
     decode, encode, DirectoryRecord, InstallationRecord, MemberRecord, TenantRecord,
 };
 use super::{
-    AuditIndexRepo, Backend, DirectoryEntry, InstallationRepo, MembershipRepo, ProjectionRepo,
-    Result, SettingsRepo, StoreError, TenantRepos, TenantSummary, ToolGrantRepo,
+    AuditIndexRepo, Backend, ConversationRepo, DirectoryEntry, Fact, InstallationRepo,
+    MembershipRepo, MemoryRepo, PolicyRepo, ProjectionRepo, Result, RunRepo, SettingsRepo,
+    StoreError, TenantRepos, TenantSummary, ToolGrantRepo, Turn, WebhookTool, WebhookToolRepo,
 };
 use crate::audit::projection::{RunState, Usage};
 use crate::crypto::Cipher;
@@ -405,6 +406,213 @@ impl ProjectionRepo for SledTenant {
                 Ok((run, rec.value))
             })
             .collect()
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct FactRecord {
+    v: u32,
+    subject: String,
+    fact: String,
+    saved_by: String,
+    saved_at: chrono::DateTime<chrono::Utc>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct WebhookRecord {
+    v: u32,
+    name: String,
+    description: String,
+    schema: serde_json::Value,
+    url: String,
+    /// Sealed under the master key, bound to tenant, tool and field.
+    secret_sealed: String,
+    timeout_ms: u64,
+}
+
+impl SledTenant {
+    /// Key segments made of user text are hex-encoded, so that no text can reach into another
+    /// segment's prefix (a subject `a/b` must not be found by a scan for `a`).
+    fn text_key(kind: &str, text: &str) -> String {
+        format!("{kind}/{}", hex::encode(text.as_bytes()))
+    }
+
+    fn webhook_seal_context(&self, name: &str) -> String {
+        format!("{}/webhook/{name}/secret", self.tenant)
+    }
+}
+
+impl MemoryRepo for SledTenant {
+    fn save_fact(&self, fact: &Fact) -> Result<()> {
+        let key = self.key(
+            &Self::text_key("memory", &fact.subject),
+            &ulid::Ulid::new().to_string(),
+        );
+        let rec = FactRecord {
+            v: 1,
+            subject: fact.subject.clone(),
+            fact: fact.fact.clone(),
+            saved_by: fact.saved_by.clone(),
+            saved_at: fact.saved_at,
+        };
+        self.put_bytes(&key, encode(&rec))?;
+        Ok(())
+    }
+
+    fn recall(&self, subject: &str) -> Result<Vec<Fact>> {
+        self.scan(&Self::text_key("memory", subject))
+            .map(|kv| {
+                let (rest, v) = kv?;
+                let rec: FactRecord = decode(rest.as_bytes(), &v)?;
+                Ok(Fact {
+                    subject: rec.subject,
+                    fact: rec.fact,
+                    saved_by: rec.saved_by,
+                    saved_at: rec.saved_at,
+                })
+            })
+            .collect()
+    }
+
+    fn forget(&self, subject: &str) -> Result<usize> {
+        let prefix = self.key(&Self::text_key("memory", subject), "");
+        let keys: Vec<sled::IVec> = self
+            .tree
+            .scan_prefix(prefix.as_bytes())
+            .keys()
+            .collect::<std::result::Result<_, _>>()
+            .map_err(engine)?;
+        let mut batch = sled::Batch::default();
+        for k in &keys {
+            batch.remove(k.clone());
+        }
+        self.tree.apply_batch(batch).map_err(engine)?;
+        Ok(keys.len())
+    }
+}
+
+impl ConversationRepo for SledTenant {
+    fn history(&self, principal: &str, conversation: &str) -> Result<Vec<Turn>> {
+        let key = self.key(
+            &Self::text_key("conversation", principal),
+            &hex::encode(conversation),
+        );
+        Ok(self
+            .get_json::<Versioned<Vec<Turn>>>(&key)?
+            .map(|r| r.value)
+            .unwrap_or_default())
+    }
+
+    fn push_turns(
+        &self,
+        principal: &str,
+        conversation: &str,
+        turns: &[Turn],
+        limit: usize,
+    ) -> Result<()> {
+        let key = self.key(
+            &Self::text_key("conversation", principal),
+            &hex::encode(conversation),
+        );
+        let mut all = self.history(principal, conversation)?;
+        all.extend_from_slice(turns);
+        let drop = all.len().saturating_sub(limit);
+        all.drain(..drop);
+        self.put_bytes(&key, encode(&Versioned { v: 1, value: all }))?;
+        Ok(())
+    }
+}
+
+impl WebhookToolRepo for SledTenant {
+    fn put_webhook(&self, tool: &WebhookTool) -> Result<()> {
+        let rec = WebhookRecord {
+            v: 1,
+            name: tool.name.clone(),
+            description: tool.description.clone(),
+            schema: tool.schema.clone(),
+            url: tool.url.clone(),
+            secret_sealed: self
+                .cipher
+                .seal(&self.webhook_seal_context(&tool.name), &tool.secret),
+            timeout_ms: tool.timeout_ms,
+        };
+        self.put_bytes(&self.key("webhook", &tool.name), encode(&rec))?;
+        Ok(())
+    }
+
+    fn webhooks(&self) -> Result<Vec<WebhookTool>> {
+        self.scan("webhook")
+            .map(|kv| {
+                let (name, v) = kv?;
+                let key = self.key("webhook", &name);
+                let rec: WebhookRecord = decode(key.as_bytes(), &v)?;
+                let secret = self
+                    .cipher
+                    .open(&self.webhook_seal_context(&rec.name), &rec.secret_sealed)
+                    .map_err(|source| StoreError::Sealed {
+                        key: key.clone(),
+                        source,
+                    })?;
+                Ok(WebhookTool {
+                    name: rec.name,
+                    description: rec.description,
+                    schema: rec.schema,
+                    url: rec.url,
+                    secret,
+                    timeout_ms: rec.timeout_ms,
+                })
+            })
+            .collect()
+    }
+
+    fn remove_webhook(&self, name: &str) -> Result<bool> {
+        Ok(self
+            .tree
+            .remove(self.key("webhook", name))
+            .map_err(engine)?
+            .is_some())
+    }
+}
+
+impl PolicyRepo for SledTenant {
+    fn tenant_policies(&self) -> Result<Option<String>> {
+        Ok(self
+            .get_json::<Versioned<String>>(&self.key("policies", "current"))?
+            .map(|r| r.value))
+    }
+
+    fn put_tenant_policies(&self, text: &str) -> Result<()> {
+        self.put_bytes(
+            &self.key("policies", "current"),
+            encode(&Versioned { v: 1, value: text }),
+        )?;
+        Ok(())
+    }
+}
+
+impl RunRepo for SledTenant {
+    fn put_run(&self, run_id: &str, state: &[u8], finished: bool) -> Result<()> {
+        let mut batch = sled::Batch::default();
+        batch.insert(self.key("run-state", run_id).as_bytes(), state);
+        let open_key = self.key("run-open", run_id);
+        if finished {
+            batch.remove(open_key.as_bytes());
+        } else {
+            batch.insert(open_key.as_bytes(), &[][..]);
+        }
+        self.tree.apply_batch(batch).map_err(engine)
+    }
+
+    fn get_run(&self, run_id: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self
+            .tree
+            .get(self.key("run-state", run_id))
+            .map_err(engine)?
+            .map(|v| v.to_vec()))
+    }
+
+    fn unfinished_runs(&self) -> Result<Vec<String>> {
+        self.scan("run-open").map(|kv| Ok(kv?.0)).collect()
     }
 }
 

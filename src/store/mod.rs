@@ -180,6 +180,136 @@ pub trait ProjectionRepo {
     fn runs(&self) -> Result<BTreeMap<String, RunState>>;
 }
 
+/// One remembered fact.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Fact {
+    /// The subject it was saved under (normalised: trimmed, lower case).
+    pub subject: String,
+    /// The fact.
+    pub fact: String,
+    /// Who saved it.
+    pub saved_by: String,
+    /// When.
+    pub saved_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// A tenant's remembered facts, keyed by subject.
+pub trait MemoryRepo {
+    /// Saves a fact under a subject.
+    ///
+    /// # Errors
+    /// [`StoreError`] on an engine failure.
+    fn save_fact(&self, fact: &Fact) -> Result<()>;
+    /// The facts saved under a subject, oldest first.
+    ///
+    /// # Errors
+    /// [`StoreError`] on an engine failure or a corrupt record.
+    fn recall(&self, subject: &str) -> Result<Vec<Fact>>;
+    /// Forgets every fact under a subject; returns how many.
+    ///
+    /// # Errors
+    /// [`StoreError`] on an engine failure.
+    fn forget(&self, subject: &str) -> Result<usize>;
+}
+
+/// One turn of a conversation, as fed back to the planner.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Turn {
+    /// `user` or `assistant`.
+    pub role: String,
+    /// What was said.
+    pub text: String,
+}
+
+/// Conversation history per (principal, conversation), bounded.
+pub trait ConversationRepo {
+    /// The turns of a conversation, oldest first.
+    ///
+    /// # Errors
+    /// [`StoreError`] on an engine failure or a corrupt record.
+    fn history(&self, principal: &str, conversation: &str) -> Result<Vec<Turn>>;
+    /// Appends turns, keeping only the last `limit`.
+    ///
+    /// # Errors
+    /// [`StoreError`] on an engine failure.
+    fn push_turns(
+        &self,
+        principal: &str,
+        conversation: &str,
+        turns: &[Turn],
+        limit: usize,
+    ) -> Result<()>;
+}
+
+/// A tool a tenant admin declared: the gateway POSTs its arguments to `url`, signed with `secret`.
+#[derive(Clone, Debug)]
+pub struct WebhookTool {
+    /// The tool's name; its capability is `webhook.<name>`.
+    pub name: String,
+    /// What it does, shown to the model.
+    pub description: String,
+    /// The JSON Schema its arguments must satisfy.
+    pub schema: serde_json::Value,
+    /// Where to POST.
+    pub url: String,
+    /// The tenant's signing credential for this tool; sealed at rest.
+    pub secret: secrecy::SecretString,
+    /// How long a call may take.
+    pub timeout_ms: u64,
+}
+
+/// A tenant's webhook tools.
+pub trait WebhookToolRepo {
+    /// Inserts or replaces a tool.
+    ///
+    /// # Errors
+    /// [`StoreError`] on an engine failure.
+    fn put_webhook(&self, tool: &WebhookTool) -> Result<()>;
+    /// Every tool, by name.
+    ///
+    /// # Errors
+    /// [`StoreError`] on an engine failure, a corrupt record or a secret that does not open.
+    fn webhooks(&self) -> Result<Vec<WebhookTool>>;
+    /// Removes a tool; true if there was one.
+    ///
+    /// # Errors
+    /// [`StoreError`] on an engine failure.
+    fn remove_webhook(&self, name: &str) -> Result<bool>;
+}
+
+/// A tenant's own Cedar policies (text, validated before it is stored).
+pub trait PolicyRepo {
+    /// The tenant's policy text, if any.
+    ///
+    /// # Errors
+    /// [`StoreError`] on an engine failure or a corrupt record.
+    fn tenant_policies(&self) -> Result<Option<String>>;
+    /// Replaces the tenant's policy text.
+    ///
+    /// # Errors
+    /// [`StoreError`] on an engine failure.
+    fn put_tenant_policies(&self, text: &str) -> Result<()>;
+}
+
+/// Checkpoints of agent runs, so that a restart resumes each unfinished run from its own last step.
+pub trait RunRepo {
+    /// Stores a run's checkpoint (opaque bytes of the agent's run state) and whether it is finished.
+    ///
+    /// # Errors
+    /// [`StoreError`] on an engine failure.
+    fn put_run(&self, run_id: &str, state: &[u8], finished: bool) -> Result<()>;
+    /// A run's last checkpoint.
+    ///
+    /// # Errors
+    /// [`StoreError`] on an engine failure.
+    fn get_run(&self, run_id: &str) -> Result<Option<Vec<u8>>>;
+    /// The ids of runs that are not finished.
+    ///
+    /// # Errors
+    /// [`StoreError`] on an engine failure.
+    fn unfinished_runs(&self) -> Result<Vec<String>>;
+}
+
 /// Everything one tenant's storage offers; a backend hands these out per tenant.
 pub trait TenantRepos:
     SettingsRepo
@@ -188,6 +318,11 @@ pub trait TenantRepos:
     + ToolGrantRepo
     + AuditIndexRepo
     + ProjectionRepo
+    + MemoryRepo
+    + ConversationRepo
+    + WebhookToolRepo
+    + PolicyRepo
+    + RunRepo
     + Send
     + Sync
 {
@@ -338,6 +473,31 @@ impl TenantStore {
 
     /// Live projections of the audit log.
     pub fn projections(&self) -> &dyn ProjectionRepo {
+        &*self.repos
+    }
+
+    /// Remembered facts.
+    pub fn memory(&self) -> &dyn MemoryRepo {
+        &*self.repos
+    }
+
+    /// Conversation histories.
+    pub fn conversations(&self) -> &dyn ConversationRepo {
+        &*self.repos
+    }
+
+    /// Webhook tools.
+    pub fn webhooks(&self) -> &dyn WebhookToolRepo {
+        &*self.repos
+    }
+
+    /// The tenant's own policies.
+    pub fn policies(&self) -> &dyn PolicyRepo {
+        &*self.repos
+    }
+
+    /// Agent run checkpoints.
+    pub fn runs(&self) -> &dyn RunRepo {
         &*self.repos
     }
 }

@@ -281,6 +281,67 @@ impl Tenants {
         ))
     }
 
+    /// The context of a run being resumed after a restart: the run's own id, principal, correlation
+    /// id and start time, with the principal's role looked up afresh (permissions may have changed).
+    /// The run was started from a verified context and its checkpoint is the tenant's own record.
+    ///
+    /// # Errors
+    /// [`ResolveError`] when the tenant or its settings are gone, or an id in the checkpoint is malformed.
+    pub fn resume_context(
+        &self,
+        tenant: &TenantId,
+        principal: &str,
+        run_id: &str,
+        correlation_id: Option<&str>,
+        started_at: chrono::DateTime<Utc>,
+    ) -> Result<TenantContext, ResolveError> {
+        let malformed = |e: super::ids::IdError| {
+            ResolveError::Store(StoreError::Corrupt {
+                key: format!("{tenant}/run-state/{run_id}"),
+                why: e.to_string(),
+            })
+        };
+        let principal: PrincipalId = principal.parse().map_err(malformed)?;
+        let run_id: RunId = run_id.parse().map_err(malformed)?;
+        let correlation_id = correlation_id
+            .map(str::parse)
+            .transpose()
+            .map_err(malformed)?;
+        let repos = self
+            .store
+            .for_tenant(&Self::lookup_context(tenant, &principal))?;
+        let settings = repos
+            .settings()
+            .get()?
+            .ok_or_else(|| ResolveError::NotProvisioned(tenant.clone()))?;
+        let role = repos
+            .members()
+            .role_of(&principal)?
+            .unwrap_or(settings.default_role);
+        let kind = if principal.as_str().starts_with("slack:")
+            || principal.as_str().starts_with("discord:")
+        {
+            PrincipalKind::User
+        } else {
+            PrincipalKind::Service
+        };
+        Ok(TenantContext::from_parts(ContextParts {
+            tenant: tenant.clone(),
+            principal,
+            principal_kind: kind,
+            scopes: role.default_scopes(),
+            role,
+            budget: settings.run_ceilings,
+            audit: AuditMeta {
+                run_id,
+                correlation_id,
+                initiated_at: started_at,
+                initiator: Initiator::User,
+            },
+            features: settings.features,
+        }))
+    }
+
     /// Stores an installation, provisioning its tenant when this is the tenant's first installation.
     ///
     /// `into` puts a new workspace into an existing tenant (a declared file with several workspaces);

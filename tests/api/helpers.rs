@@ -34,6 +34,7 @@ pub fn test_config(data_dir: &Path, installations_dir: &Path) -> Config {
         master_key: Some("42".repeat(32).into()),
         request_timeout: Duration::from_secs(10),
         audit: agentgate::config::AuditOptions::default(),
+        agent: agentgate::agent::AgentConfig::default(),
     }
 }
 

@@ -1,0 +1,180 @@
+//! The `Planner` trait: given the conversation and the tools this run may use, the model (or the
+//! rules) answers or asks for tool calls. Also the neutral message types every provider maps from.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::tenant::LlmSettings;
+
+/// A tool as the planner sees it: only bindings resolved for this tenant and role are ever shown.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ToolSpec {
+    /// The capability name, such as `memory.save`.
+    pub name: String,
+    /// What it does.
+    pub description: String,
+    /// The JSON Schema of its arguments.
+    pub parameters: Value,
+}
+
+/// A tool call the planner asked for.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ToolCall {
+    /// The provider's id for the call, echoed back with the result.
+    pub id: String,
+    /// The capability name.
+    pub name: String,
+    /// The arguments, as JSON.
+    pub arguments: Value,
+}
+
+/// One message of a run's transcript.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "role", rename_all = "snake_case")]
+pub enum Message {
+    /// What the user said (this turn, or an earlier turn from the conversation history).
+    User {
+        /// The text.
+        text: String,
+    },
+    /// What the planner said: text, tool calls, or both.
+    Assistant {
+        /// The text, if any.
+        text: Option<String>,
+        /// The tool calls, if any.
+        tool_calls: Vec<ToolCall>,
+    },
+    /// A tool's result (or a refusal, or an error), for the call with `call_id`.
+    Tool {
+        /// The call this answers.
+        call_id: String,
+        /// The capability.
+        name: String,
+        /// The result as text.
+        content: String,
+    },
+}
+
+/// Who is asking, so the planner can answer `whoami` without seeing the context itself.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Caller {
+    /// The principal.
+    pub principal: String,
+    /// Its role.
+    pub role: String,
+    /// The tenant's name.
+    pub tenant_name: String,
+}
+
+/// What a planner is given for one step.
+#[derive(Clone, Debug)]
+pub struct PlanRequest<'a> {
+    /// The system prompt.
+    pub system: &'a str,
+    /// The transcript so far.
+    pub messages: &'a [Message],
+    /// The tools this run may use.
+    pub tools: &'a [ToolSpec],
+    /// The tenant's model settings.
+    pub llm: &'a LlmSettings,
+    /// Who is asking.
+    pub caller: &'a Caller,
+}
+
+/// The planner's answer for one step.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Reply {
+    /// The run is done; this is the answer.
+    Final(String),
+    /// Call these tools, then plan again.
+    Tools {
+        /// Text the model said alongside, if any.
+        text: Option<String>,
+        /// The calls, in order.
+        calls: Vec<ToolCall>,
+    },
+}
+
+/// A planned step with its accounting.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Plan {
+    /// What to do.
+    pub reply: Reply,
+    /// Prompt tokens, from the provider's usage.
+    pub tokens_in: u64,
+    /// Completion tokens, from the provider's usage.
+    pub tokens_out: u64,
+    /// The provider's name.
+    pub provider: String,
+    /// The model that answered.
+    pub model: String,
+}
+
+/// Why a planner could not plan.
+#[derive(Debug, thiserror::Error)]
+pub enum PlannerError {
+    /// The provider could not be reached or timed out.
+    #[error("the model provider could not be reached: {0}")]
+    Transport(String),
+    /// The provider answered with an error status.
+    #[error("the model provider answered {status}: {message}")]
+    Status {
+        /// The HTTP status.
+        status: u16,
+        /// The provider's message, truncated.
+        message: String,
+    },
+    /// The provider's answer did not have the expected shape.
+    #[error("the model provider's answer was malformed: {0}")]
+    Malformed(String),
+    /// The tenant's settings name a provider or key that is not configured.
+    #[error("the model is not configured: {0}")]
+    NotConfigured(String),
+}
+
+/// A model provider, or the rules.
+#[async_trait::async_trait]
+pub trait Planner: Send + Sync {
+    /// The provider's name, as audited.
+    fn provider(&self) -> &str;
+    /// A conservative estimate of the tokens the next call may use, for the budget check before it.
+    fn estimate_tokens(&self, req: &PlanRequest<'_>) -> u64;
+    /// Plans one step.
+    ///
+    /// # Errors
+    /// [`PlannerError`] when the provider fails.
+    async fn plan(&self, req: &PlanRequest<'_>) -> Result<Plan, PlannerError>;
+}
+
+/// A rough token estimate of a transcript (4 bytes a token, the usual rule of thumb), used only for
+/// budget checks before a call; the accounting afterwards uses the provider's own usage fields.
+pub fn estimate_prompt_tokens(req: &PlanRequest<'_>) -> u64 {
+    let mut bytes = req.system.len();
+    for m in req.messages {
+        bytes += match m {
+            Message::User { text } => text.len(),
+            Message::Assistant { text, tool_calls } => {
+                text.as_deref().map_or(0, str::len)
+                    + tool_calls
+                        .iter()
+                        .map(|c| c.arguments.to_string().len() + c.name.len())
+                        .sum::<usize>()
+            }
+            Message::Tool { content, .. } => content.len(),
+        };
+    }
+    for t in req.tools {
+        bytes += t.name.len() + t.description.len() + t.parameters.to_string().len();
+    }
+    (bytes as u64).div_ceil(4) + 16
+}
+
+/// Provider tool names allow only `[A-Za-z0-9_-]`, so capabilities travel with `.` written as `__`.
+pub fn wire_tool_name(capability: &str) -> String {
+    capability.replace('.', "__")
+}
+
+/// The inverse of [`wire_tool_name`].
+pub fn capability_from_wire(name: &str) -> String {
+    name.replace("__", ".")
+}

@@ -1,0 +1,235 @@
+//! The policy gate: every tool call is authorised by Cedar (`cedar-policy`) against the default
+//! policies shipped in `default.cedar` and the tenant's own policies. A decision is made afresh for
+//! every call; nothing is cached across runs.
+
+use std::collections::{HashMap, HashSet};
+
+use cedar_policy::{
+    Authorizer, Context, Decision as CedarDecision, Entities, Entity, EntityUid, PolicyId,
+    PolicySet, Request, RestrictedExpression,
+};
+use serde_json::Value;
+
+use crate::tenant::{Role, TenantContext};
+
+/// The default policies, shipped in the repository.
+pub const DEFAULT_POLICIES: &str = include_str!("default.cedar");
+
+/// Why a policy text was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    /// The text does not parse; the message is Cedar's.
+    #[error("{0}")]
+    Parse(String),
+    /// A policy lacks an `@id("…")` annotation, or reuses an id.
+    #[error("{0}")]
+    Ids(String),
+}
+
+/// A gate decision, with the ids of the policies that decided it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// The call may go ahead.
+    Allow {
+        /// The permitting policies.
+        policy_ids: Vec<String>,
+    },
+    /// The call is refused.
+    Deny {
+        /// Why, in words that reveal nothing of the tool.
+        reason: String,
+        /// The forbidding policies (empty when nothing permitted it).
+        policy_ids: Vec<String>,
+    },
+}
+
+/// Parses policy text whose policies carry `@id("…")` annotations, and names each policy by it (with
+/// `prefix`), so audited decisions name policies the way their authors do.
+///
+/// # Errors
+/// [`PolicyError`] with Cedar's message, or a missing or repeated id.
+pub fn parse_policies(text: &str, prefix: &str) -> Result<PolicySet, PolicyError> {
+    let parsed: PolicySet = text
+        .parse()
+        .map_err(|e: cedar_policy::ParseErrors| PolicyError::Parse(e.to_string()))?;
+    let mut out = PolicySet::new();
+    for p in parsed.policies() {
+        let id = p.annotation("id").ok_or_else(|| {
+            PolicyError::Ids(format!("a policy has no @id(\"…\") annotation: {}", p.id()))
+        })?;
+        let named = p.new_id(PolicyId::new(format!("{prefix}{id}")));
+        out.add(named)
+            .map_err(|_| PolicyError::Ids(format!("the policy id {id:?} is used twice")))?;
+    }
+    Ok(out)
+}
+
+/// Validates a tenant's policy text: it must parse and name every policy.
+///
+/// # Errors
+/// As [`parse_policies`].
+pub fn validate_tenant_policies(text: &str) -> Result<(), PolicyError> {
+    parse_policies(text, "tenant.").map(|_| ())
+}
+
+/// What the gate is asked about one call.
+pub struct Ask<'a> {
+    /// The run's context.
+    pub ctx: &'a TenantContext,
+    /// The capability.
+    pub capability: &'a str,
+    /// The least role the tenant's grant requires.
+    pub min_role: Role,
+    /// Whether the tool only reads.
+    pub read_only: bool,
+    /// The tenant's plan.
+    pub plan: &'a str,
+    /// The arguments (summarised into the context; never stored).
+    pub args: &'a Value,
+}
+
+fn rank(role: Role) -> i64 {
+    match role {
+        Role::Owner => 0,
+        Role::Admin => 1,
+        Role::Member => 2,
+        Role::Viewer => 3,
+    }
+}
+
+fn uid(ty: &str, id: &str) -> EntityUid {
+    let escaped = id.replace('\\', "\\\\").replace('"', "\\\"");
+    format!("Agentgate::{ty}::\"{escaped}\"")
+        .parse()
+        .expect("an escaped entity uid parses")
+}
+
+fn s(v: &str) -> RestrictedExpression {
+    RestrictedExpression::new_string(v.to_owned())
+}
+
+/// The gate.
+pub struct Gate {
+    defaults: PolicySet,
+    authorizer: Authorizer,
+}
+
+impl Default for Gate {
+    fn default() -> Self {
+        Gate {
+            defaults: parse_policies(DEFAULT_POLICIES, "")
+                .expect("the shipped default policies parse"),
+            authorizer: Authorizer::new(),
+        }
+    }
+}
+
+impl Gate {
+    /// Decides one call under the default policies and the tenant's own (already validated) text.
+    pub fn decide(&self, ask: &Ask<'_>, tenant_policies: Option<&str>) -> Decision {
+        let deny = |reason: &str, ids: Vec<String>| Decision::Deny {
+            reason: reason.to_owned(),
+            policy_ids: ids,
+        };
+        let mut set = self.defaults.clone();
+        if let Some(text) = tenant_policies {
+            match parse_policies(text, "tenant.") {
+                Ok(tenant) => {
+                    for p in tenant.policies() {
+                        if set.add(p.clone()).is_err() {
+                            return deny("the tenant's policies are invalid", vec![]);
+                        }
+                    }
+                }
+                // Stored policies were validated; if they no longer parse, fail closed.
+                Err(_) => return deny("the tenant's policies are invalid", vec![]),
+            }
+        }
+        let ctx = ask.ctx;
+        let tenant = ctx.tenant_id().as_str();
+        let principal = uid("User", ctx.principal().as_str());
+        let resource = uid("Tool", ask.capability);
+        let action = uid("Action", "invoke");
+        let entities = [
+            Entity::new(
+                principal.clone(),
+                HashMap::from([
+                    ("tenant".to_owned(), s(tenant)),
+                    ("role".to_owned(), s(ctx.role().as_str())),
+                    (
+                        "role_rank".to_owned(),
+                        RestrictedExpression::new_long(rank(ctx.role())),
+                    ),
+                ]),
+                HashSet::new(),
+            ),
+            Entity::new(
+                resource.clone(),
+                HashMap::from([
+                    ("tenant".to_owned(), s(tenant)),
+                    ("capability".to_owned(), s(ask.capability)),
+                    (
+                        "min_role_rank".to_owned(),
+                        RestrictedExpression::new_long(rank(ask.min_role)),
+                    ),
+                    (
+                        "read_only".to_owned(),
+                        RestrictedExpression::new_bool(ask.read_only),
+                    ),
+                ]),
+                HashSet::new(),
+            ),
+        ];
+        let entities = match entities
+            .into_iter()
+            .collect::<Result<Vec<_>, _>>()
+            .ok()
+            .and_then(|e| Entities::from_entities(e, None).ok())
+        {
+            Some(e) => e,
+            None => return deny("the request could not be evaluated", vec![]),
+        };
+        let features: Vec<RestrictedExpression> = ctx
+            .features()
+            .iter()
+            .filter(|(_, on)| **on)
+            .map(|(k, _)| s(k))
+            .collect();
+        let keys: Vec<RestrictedExpression> = ask
+            .args
+            .as_object()
+            .map(|o| o.keys().map(|k| s(k)).collect())
+            .unwrap_or_default();
+        let arg_bytes = i64::try_from(ask.args.to_string().len()).unwrap_or(i64::MAX);
+        let context = Context::from_pairs([
+            ("plan".to_owned(), s(ask.plan)),
+            (
+                "features".to_owned(),
+                RestrictedExpression::new_set(features),
+            ),
+            ("arg_keys".to_owned(), RestrictedExpression::new_set(keys)),
+            (
+                "arg_bytes".to_owned(),
+                RestrictedExpression::new_long(arg_bytes),
+            ),
+        ]);
+        let request = match context
+            .ok()
+            .and_then(|c| Request::new(principal, action, resource, c, None).ok())
+        {
+            Some(r) => r,
+            None => return deny("the request could not be evaluated", vec![]),
+        };
+        let response = self.authorizer.is_authorized(&request, &set, &entities);
+        let ids: Vec<String> = response
+            .diagnostics()
+            .reason()
+            .map(|id| id.to_string())
+            .collect();
+        match response.decision() {
+            CedarDecision::Allow => Decision::Allow { policy_ids: ids },
+            CedarDecision::Deny if ids.is_empty() => deny("no policy permits this call", ids),
+            CedarDecision::Deny => deny("a policy forbids this call", ids),
+        }
+    }
+}

@@ -1,0 +1,311 @@
+//! Tool capabilities and their per-tenant bindings: `resolve` gives the bindings a context may use,
+//! and only those are ever shown to the planner. Built in: memory, budget and audit status; per
+//! tenant: webhook tools (see `webhook`).
+
+use std::sync::Arc;
+
+use chrono::Utc;
+use serde_json::{json, Value};
+
+use super::planner::ToolSpec;
+use super::webhook::WebhookBinding;
+use crate::audit::log::AuditLog;
+use crate::store::{Fact, StoreError, TenantStore};
+use crate::tenant::{Budget, Role, TenantContext};
+
+/// What a tool sees of the run that calls it.
+pub struct ToolCall<'a> {
+    /// The run's context.
+    pub ctx: &'a TenantContext,
+    /// The tenant's repositories.
+    pub repo: &'a TenantStore,
+    /// `<run id>:<step>:<call index>`: the same for a retried call, different for every other.
+    pub idempotency_key: &'a str,
+    /// The audit log, for `audit.status`.
+    pub audit: &'a AuditLog,
+    /// What the run has used and may still use, for `budget.status`.
+    pub budget: &'a BudgetView,
+}
+
+/// The run's budget as `budget.status` reports it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BudgetView {
+    /// The run's ceilings.
+    pub ceilings: Option<Budget>,
+    /// What the run used so far: tokens, tool calls, wall time, cost.
+    pub used: (u64, u64, u64, u64),
+    /// What remains of the tenant's monthly quota: tokens, tool calls, cost.
+    pub quota_left: (u64, u64, u64),
+}
+
+/// A tool's result, shown to the planner.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ToolOutput {
+    /// The result as text.
+    pub content: String,
+    /// What the call cost, in microcents.
+    pub cost_microcents: u64,
+}
+
+/// Why a tool call failed; the message is shown to the planner, so it says nothing internal.
+#[derive(Debug, thiserror::Error)]
+pub enum ToolError {
+    /// The tool itself reported a failure.
+    #[error("the tool failed: {0}")]
+    Failed(String),
+    /// The tool did not answer in time.
+    #[error("the tool did not answer in time")]
+    Timeout,
+    /// The store failed.
+    #[error("the tool could not reach its storage")]
+    Store(#[from] StoreError),
+}
+
+/// A concrete function that performs a capability for one tenant.
+#[async_trait::async_trait]
+pub trait ToolBinding: Send + Sync {
+    /// The capability's name, description and argument schema.
+    fn spec(&self) -> ToolSpec;
+    /// True when the tool changes nothing (viewers may use only these).
+    fn read_only(&self) -> bool;
+    /// Runs the tool with arguments already validated against its schema and allowed by the gate.
+    ///
+    /// # Errors
+    /// [`ToolError`], shown to the planner as a recoverable message.
+    async fn invoke(&self, call: &ToolCall<'_>, args: &Value) -> Result<ToolOutput, ToolError>;
+}
+
+/// A binding resolved for a context, with the grant that allows it.
+#[derive(Clone)]
+pub struct Resolved {
+    /// The binding.
+    pub binding: Arc<dyn ToolBinding>,
+    /// The least role the grant requires.
+    pub min_role: Role,
+}
+
+/// Normalises a memory subject so `Dog` and ` dog ` are one subject.
+fn subject(args: &Value) -> String {
+    args["subject"]
+        .as_str()
+        .unwrap_or_default()
+        .trim()
+        .to_lowercase()
+}
+
+struct MemorySave;
+struct MemoryRecall;
+struct MemoryForget;
+struct BudgetStatus;
+struct AuditStatus;
+
+fn subject_schema(with_fact: bool) -> Value {
+    let mut props = json!({"subject": {"type": "string", "minLength": 1, "maxLength": 200}});
+    let mut required = vec!["subject"];
+    if with_fact {
+        props["fact"] = json!({"type": "string", "minLength": 1, "maxLength": 4000});
+        required.push("fact");
+    }
+    json!({"type": "object", "properties": props, "required": required, "additionalProperties": false})
+}
+
+fn no_args() -> Value {
+    json!({"type": "object", "properties": {}, "additionalProperties": false})
+}
+
+#[async_trait::async_trait]
+impl ToolBinding for MemorySave {
+    fn spec(&self) -> ToolSpec {
+        ToolSpec {
+            name: "memory.save".into(),
+            description: "Remember a fact about a subject for this workspace.".into(),
+            parameters: subject_schema(true),
+        }
+    }
+    fn read_only(&self) -> bool {
+        false
+    }
+    async fn invoke(&self, call: &ToolCall<'_>, args: &Value) -> Result<ToolOutput, ToolError> {
+        let subject = subject(args);
+        call.repo.memory().save_fact(&Fact {
+            subject: subject.clone(),
+            fact: args["fact"].as_str().unwrap_or_default().trim().to_owned(),
+            saved_by: call.ctx.principal().to_string(),
+            saved_at: Utc::now(),
+        })?;
+        Ok(ToolOutput {
+            content: format!("Remembered that about {subject}."),
+            cost_microcents: 0,
+        })
+    }
+}
+
+#[async_trait::async_trait]
+impl ToolBinding for MemoryRecall {
+    fn spec(&self) -> ToolSpec {
+        ToolSpec {
+            name: "memory.recall".into(),
+            description: "Recall the facts remembered about a subject in this workspace.".into(),
+            parameters: subject_schema(false),
+        }
+    }
+    fn read_only(&self) -> bool {
+        true
+    }
+    async fn invoke(&self, call: &ToolCall<'_>, args: &Value) -> Result<ToolOutput, ToolError> {
+        let subject = subject(args);
+        let facts = call.repo.memory().recall(&subject)?;
+        let content = if facts.is_empty() {
+            format!("I know nothing about {subject}.")
+        } else {
+            let list: Vec<String> = facts.iter().map(|f| format!("- {}", f.fact)).collect();
+            format!("About {subject}:\n{}", list.join("\n"))
+        };
+        Ok(ToolOutput {
+            content,
+            cost_microcents: 0,
+        })
+    }
+}
+
+#[async_trait::async_trait]
+impl ToolBinding for MemoryForget {
+    fn spec(&self) -> ToolSpec {
+        ToolSpec {
+            name: "memory.forget".into(),
+            description: "Forget every fact about a subject in this workspace.".into(),
+            parameters: subject_schema(false),
+        }
+    }
+    fn read_only(&self) -> bool {
+        false
+    }
+    async fn invoke(&self, call: &ToolCall<'_>, args: &Value) -> Result<ToolOutput, ToolError> {
+        let subject = subject(args);
+        let n = call.repo.memory().forget(&subject)?;
+        Ok(ToolOutput {
+            content: format!("Forgot {n} facts about {subject}."),
+            cost_microcents: 0,
+        })
+    }
+}
+
+#[async_trait::async_trait]
+impl ToolBinding for BudgetStatus {
+    fn spec(&self) -> ToolSpec {
+        ToolSpec {
+            name: "budget.status".into(),
+            description: "Show this run's budget and the workspace's remaining monthly quota."
+                .into(),
+            parameters: no_args(),
+        }
+    }
+    fn read_only(&self) -> bool {
+        true
+    }
+    async fn invoke(&self, call: &ToolCall<'_>, _args: &Value) -> Result<ToolOutput, ToolError> {
+        let b = call.budget;
+        let c = b
+            .ceilings
+            .clone()
+            .unwrap_or_else(|| call.ctx.budget().clone());
+        Ok(ToolOutput {
+            content: format!(
+                "This run: {} of {} tokens, {} of {} tool calls, {} of {} ms, {} of {} microcents. This month's quota left: {} tokens, {} tool calls, {} microcents.",
+                b.used.0, c.tokens, b.used.1, c.tool_calls, b.used.2, c.walltime_ms, b.used.3, c.cost_microcents,
+                b.quota_left.0, b.quota_left.1, b.quota_left.2
+            ),
+            cost_microcents: 0,
+        })
+    }
+}
+
+#[async_trait::async_trait]
+impl ToolBinding for AuditStatus {
+    fn spec(&self) -> ToolSpec {
+        ToolSpec {
+            name: "audit.status".into(),
+            description: "Show the audit log's size, Merkle root and last signed checkpoint."
+                .into(),
+            parameters: no_args(),
+        }
+    }
+    fn read_only(&self) -> bool {
+        true
+    }
+    async fn invoke(&self, call: &ToolCall<'_>, _args: &Value) -> Result<ToolOutput, ToolError> {
+        let head = call
+            .audit
+            .head(call.ctx, call.repo.clone())
+            .await
+            .map_err(|_| ToolError::Failed("the audit log could not be read".into()))?;
+        let last = head
+            .checkpoint
+            .as_deref()
+            .and_then(|n| n.lines().nth(1))
+            .map_or("none yet".to_owned(), |size| format!("at size {size}"));
+        Ok(ToolOutput {
+            content: format!(
+                "Audit log: {} events, root {}, last signed checkpoint {last}.",
+                head.size,
+                hex::encode(head.root)
+            ),
+            cost_microcents: 0,
+        })
+    }
+}
+
+/// The built-in capability named `name`, if there is one.
+fn builtin(name: &str) -> Option<Arc<dyn ToolBinding>> {
+    Some(match name {
+        "memory.save" => Arc::new(MemorySave),
+        "memory.recall" => Arc::new(MemoryRecall),
+        "memory.forget" => Arc::new(MemoryForget),
+        "budget.status" => Arc::new(BudgetStatus),
+        "audit.status" => Arc::new(AuditStatus),
+        _ => return None,
+    })
+}
+
+/// The prefix of webhook tool capabilities.
+pub const WEBHOOK_PREFIX: &str = "webhook.";
+
+/// Resolves the bindings the context may use: every capability granted to the tenant at a role the
+/// principal holds, that exists (a built-in, or one of the tenant's own webhook tools).
+///
+/// # Errors
+/// [`StoreError`] when the grants or the webhook tools cannot be read.
+pub fn resolve(
+    ctx: &TenantContext,
+    repo: &TenantStore,
+    http: &reqwest::Client,
+) -> Result<Vec<Resolved>, StoreError> {
+    let grants = repo.grants().list()?;
+    let webhooks = if grants
+        .iter()
+        .any(|g| g.capability.starts_with(WEBHOOK_PREFIX))
+    {
+        repo.webhooks().webhooks()?
+    } else {
+        Vec::new()
+    };
+    let mut out = Vec::new();
+    for g in grants {
+        if !ctx.role().at_least(g.min_role) {
+            continue;
+        }
+        let binding = match g.capability.strip_prefix(WEBHOOK_PREFIX) {
+            Some(name) => webhooks.iter().find(|w| w.name == name).map(|w| {
+                Arc::new(WebhookBinding::new(w.clone(), http.clone())) as Arc<dyn ToolBinding>
+            }),
+            None => builtin(&g.capability),
+        };
+        if let Some(binding) = binding {
+            out.push(Resolved {
+                binding,
+                min_role: g.min_role,
+            });
+        }
+    }
+    Ok(out)
+}
