@@ -600,7 +600,11 @@ impl RunRepo for SledTenant {
         } else {
             batch.insert(open_key.as_bytes(), &[][..]);
         }
-        self.tree.apply_batch(batch).map_err(engine)
+        self.tree.apply_batch(batch).map_err(engine)?;
+        // A checkpoint must outlive the process before the step it precedes has effects: sled
+        // buffers writes in memory, so hand them to the operating system now. (This survives a
+        // process crash; sled does not fsync here, see docs/ARCHITECTURE.md.)
+        self.tree.flush().map(|_| ()).map_err(engine)
     }
 
     fn get_run(&self, run_id: &str) -> Result<Option<Vec<u8>>> {

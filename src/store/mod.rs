@@ -293,7 +293,8 @@ pub trait PolicyRepo {
 
 /// Checkpoints of agent runs, so that a restart resumes each unfinished run from its own last step.
 pub trait RunRepo {
-    /// Stores a run's checkpoint (opaque bytes of the agent's run state) and whether it is finished.
+    /// Stores a run's checkpoint (opaque bytes of the agent's run state) and whether it is finished,
+    /// and returns once it would survive a crash of the process.
     ///
     /// # Errors
     /// [`StoreError`] on an engine failure.

@@ -1,0 +1,163 @@
+//! A child process is killed with SIGKILL while a run's tool call is in flight; the restart resumes
+//! the run from its checkpoint, repeats no completed step, and never sends a call twice.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use agentgate::agent::RunRequest;
+use agentgate::tenant::{Role, TenantId};
+use serde_json::json;
+
+use crate::stand_in::{hook_server, openai_server, Scripted};
+use crate::{config, events, install, open, settings, user, webhook};
+
+const CHILD_ENV: &str = "AGENTGATE_TEST_AGENT_CRASH_CHILD";
+const TEST_NAME: &str = "crash::a_run_killed_mid_call_resumes_without_repeating_a_step";
+
+async fn child(dir: &Path) {
+    let model = std::env::var("AGENTGATE_TEST_MODEL_URL").unwrap();
+    let s = open(dir, config(Some(&model), None));
+    let ctx = user(&s, "T0CRASH", "U0M");
+    println!("RUN {}", ctx.audit().run_id);
+    let out = s
+        .agent
+        .run(
+            &ctx,
+            RunRequest {
+                text: "file two tickets".into(),
+                conversation: "slack:C0CRASH".into(),
+            },
+        )
+        .await;
+    // The parent kills this process before the run can end.
+    println!("UNEXPECTED END {out:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_killed_mid_call_resumes_without_repeating_a_step() {
+    if let Ok(dir) = std::env::var(CHILD_ENV) {
+        child(Path::new(&dir)).await;
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // The second webhook call is held open until the child is dead: it is in flight at the kill.
+    let hooks = hook_server("whsec-crash", |n| match n {
+        2 => (Duration::from_secs(30), "too late".into()),
+        _ => (Duration::ZERO, format!("ticket {n} created")),
+    })
+    .await;
+    let call =
+        |title: &str| Scripted::Tools(vec![("webhook__create_ticket", json!({"title": title}))]);
+    let model = openai_server(
+        vec![call("one"), call("two"), Scripted::Final("Both handled.")],
+        (10, 5),
+        Duration::ZERO,
+    )
+    .await;
+
+    let tenant: TenantId = {
+        let s = open(dir.path(), config(Some(&model.url), None));
+        let t = install(&s, "T0CRASH").await;
+        settings(&s, &t, |st| st.llm.provider = "openai".into());
+        let owner = user(&s, "T0CRASH", "U0OWNER");
+        s.agent
+            .declare_webhook(&owner, webhook(&hooks.url, "whsec-crash"))
+            .await
+            .unwrap();
+        s.agent
+            .grant_tool(&owner, "webhook.create_ticket", Role::Member)
+            .await
+            .unwrap();
+        s.close().await.unwrap();
+        t
+    };
+
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args([TEST_NAME, "--exact", "--nocapture", "--test-threads=1"])
+        .env(CHILD_ENV, dir.path())
+        .env("AGENTGATE_TEST_MODEL_URL", &model.url)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while hooks.hooks().len() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the child never reached the second call"
+        );
+        assert!(child.try_wait().unwrap().is_none(), "the child ended early");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    child.kill().unwrap(); // SIGKILL on Unix
+    child.wait().unwrap();
+
+    // Restart: the unfinished run resumes from its own checkpoint.
+    let s = open(dir.path(), config(Some(&model.url), None));
+    assert_eq!(s.agent.resume_unfinished().await.unwrap(), 1);
+    assert_eq!(
+        s.agent.resume_unfinished().await.unwrap(),
+        0,
+        "a finished run is not resumed again"
+    );
+
+    let got = hooks.hooks();
+    assert_eq!(
+        got.len(),
+        2,
+        "the in-flight call was not sent again: {got:?}"
+    );
+    assert_ne!(got[0].idempotency_key, got[1].idempotency_key);
+    let run_id = got[0].run_id.clone();
+    assert!(got[0].idempotency_key.starts_with(&run_id));
+
+    let op = s.tenants.operator_context(&tenant).unwrap();
+    let ev = events(&s, &op).await;
+    let of_run: Vec<&serde_json::Value> = ev
+        .iter()
+        .filter(|e| e["run_id"] == run_id.as_str())
+        .collect();
+    let count = |t: &str| of_run.iter().filter(|e| e["type"] == t).count();
+    assert_eq!(count("run.started"), 1);
+    assert_eq!(
+        count("model.called"),
+        3,
+        "every plan ran once: two before the kill, one after"
+    );
+    assert_eq!(count("tool.authorized"), 2);
+    assert_eq!(
+        count("tool.invoked"),
+        1,
+        "the interrupted call has no result"
+    );
+    assert_eq!(count("run.completed"), 1);
+    let usage = s
+        .store
+        .for_tenant(&op)
+        .unwrap()
+        .projections()
+        .usage()
+        .unwrap();
+    assert_eq!(
+        usage.values().map(|u| u.tokens_in).sum::<u64>(),
+        30,
+        "three model calls charged, none twice"
+    );
+
+    // The model heard that the second call's outcome is unknown.
+    let last = &model.seen().bodies[2]["messages"];
+    let told = last
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["role"] == "tool")
+        .map(|m| m["content"].as_str().unwrap())
+        .collect::<Vec<_>>();
+    assert_eq!(told[0], "ticket 1 created");
+    assert!(
+        told[1].contains("interrupted") && told[1].contains(&got[1].idempotency_key),
+        "{told:?}"
+    );
+    s.close().await.unwrap();
+}

@@ -1,0 +1,837 @@
+//! The gated agent loop end to end: planners against local stand-ins, the gate, budgets and quotas,
+//! webhook tools, cross-tenant isolation and a SIGKILL in the middle of a run.
+
+mod crash;
+mod stand_in;
+
+use std::path::Path;
+use std::time::Duration;
+
+use agentgate::agent::{AgentConfig, LlmEndpoints, RunOutcome, RunRequest};
+use agentgate::app::Services;
+use agentgate::config::AuditOptions;
+use agentgate::installation::{InstallSource, NewInstallation, PlatformIdentity, Workspace};
+use agentgate::store::WebhookTool;
+use agentgate::tenant::{
+    Budget, Initiator, PrincipalId, Role, TenantContext, TenantId, WorkspaceRequest,
+};
+use secrecy::SecretString;
+use serde_json::{json, Value};
+
+use stand_in::{anthropic_server, hook_server, openai_server, Scripted};
+
+pub fn config(openai: Option<&str>, anthropic: Option<&str>) -> AgentConfig {
+    AgentConfig {
+        llm: LlmEndpoints {
+            openai_base_url: openai.unwrap_or("http://127.0.0.1:9/v1").to_owned(),
+            openai_api_key: Some(SecretString::from("sk-test-openai")),
+            anthropic_base_url: anthropic.unwrap_or("http://127.0.0.1:9").to_owned(),
+            anthropic_api_key: Some(SecretString::from("sk-ant-test")),
+            timeout: Duration::from_secs(10),
+        },
+        ..AgentConfig::default()
+    }
+}
+
+pub fn open(dir: &Path, agent: AgentConfig) -> Services {
+    Services::open_with(
+        dir,
+        Some(&SecretString::from("42".repeat(32))),
+        &AuditOptions::default(),
+        agent,
+    )
+    .unwrap()
+}
+
+pub async fn install(s: &Services, team: &str) -> TenantId {
+    s.tenants
+        .install(
+            NewInstallation {
+                workspace: Workspace::slack_team(None, team).unwrap(),
+                app_id: "A0TEST".into(),
+                bot_user_id: None,
+                bot_token: None,
+                refresh_token: None,
+                token_expires_at: None,
+                scopes: vec![],
+                installer: PrincipalId::qualified("slack", "U0OWNER").unwrap(),
+                source: InstallSource::OAuth,
+            },
+            team,
+            None,
+        )
+        .await
+        .unwrap()
+        .tenant
+}
+
+/// A context for `user` of `team`, resolved as a platform request would be.
+pub fn user(s: &Services, team: &str, user: &str) -> TenantContext {
+    s.tenants
+        .resolve(&WorkspaceRequest {
+            identity: PlatformIdentity::Slack {
+                enterprise_id: None,
+                team_id: Some(team.into()),
+            },
+            user: PrincipalId::qualified("slack", user).unwrap(),
+            correlation_id: None,
+            initiator: Initiator::User,
+        })
+        .unwrap()
+        .ctx
+}
+
+/// Changes a tenant's settings through the operator's context.
+pub fn settings(
+    s: &Services,
+    t: &TenantId,
+    f: impl FnOnce(&mut agentgate::tenant::TenantSettings),
+) {
+    let op = s.tenants.operator_context(t).unwrap();
+    let repo = s.store.for_tenant(&op).unwrap();
+    let mut st = repo.settings().get().unwrap().unwrap();
+    f(&mut st);
+    repo.settings().put(&st).unwrap();
+}
+
+pub async fn events(s: &Services, ctx: &TenantContext) -> Vec<Value> {
+    let repo = s.store.for_tenant(ctx).unwrap();
+    let head = s.audit.head(ctx, repo.clone()).await.unwrap();
+    s.audit
+        .read_range(ctx, repo, 0, head.size)
+        .await
+        .unwrap()
+        .iter()
+        .map(|b| serde_json::from_slice(b).unwrap())
+        .collect()
+}
+
+fn of_run<'a>(events: &'a [Value], ctx: &TenantContext) -> Vec<&'a Value> {
+    let run = ctx.audit().run_id.to_string();
+    events
+        .iter()
+        .filter(|e| e["run_id"] == run.as_str())
+        .collect()
+}
+
+fn types(events: &[&Value]) -> Vec<String> {
+    events
+        .iter()
+        .map(|e| e["type"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+async fn run(s: &Services, ctx: &TenantContext, text: &str) -> RunOutcome {
+    s.agent
+        .run(
+            ctx,
+            RunRequest {
+                text: text.into(),
+                conversation: "slack:C0TEST".into(),
+            },
+        )
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn the_rules_planner_runs_commands_through_the_gate_and_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path(), AgentConfig::default());
+    install(&s, "T0RULES").await;
+    let ctx = user(&s, "T0RULES", "U0MEMBER");
+    assert_eq!(
+        run(&s, &ctx, "remember Dog: is called Rex").await,
+        RunOutcome::Answered("Remembered that about dog.".into())
+    );
+    let ev = events(&s, &ctx).await;
+    let t = types(&of_run(&ev, &ctx));
+    assert_eq!(
+        t,
+        [
+            "run.started",
+            "model.called",
+            "tool.authorized",
+            "tool.invoked",
+            "model.called",
+            "run.completed"
+        ],
+        "{t:?}"
+    );
+    let started = of_run(&ev, &ctx)[0];
+    assert_eq!(
+        started["data"]["prompt_sha256"],
+        hex::encode(<sha2::Sha256 as sha2::Digest>::digest(
+            b"remember Dog: is called Rex"
+        ))
+    );
+    assert!(
+        !serde_json::to_string(&ev)
+            .unwrap()
+            .contains("is called Rex"),
+        "prompts are logged as hashes only"
+    );
+    let authorized = of_run(&ev, &ctx)[2];
+    assert_eq!(
+        authorized["data"]["policy_ids"],
+        json!(["default.granted-role"])
+    );
+
+    let ctx2 = user(&s, "T0RULES", "U0MEMBER");
+    assert_eq!(
+        run(&s, &ctx2, "recall dog").await,
+        RunOutcome::Answered("About dog:\n- is called Rex".into())
+    );
+    let ctx3 = user(&s, "T0RULES", "U0MEMBER");
+    assert_eq!(
+        run(&s, &ctx3, "forget dog").await,
+        RunOutcome::Answered("Forgot 1 facts about dog.".into())
+    );
+    let ctx4 = user(&s, "T0RULES", "U0MEMBER");
+    assert_eq!(
+        run(&s, &ctx4, "recall dog").await,
+        RunOutcome::Answered("I know nothing about dog.".into())
+    );
+    let who = run(&s, &user(&s, "T0RULES", "U0MEMBER"), "whoami").await;
+    assert_eq!(
+        who,
+        RunOutcome::Answered("You are slack:U0MEMBER with role member in T0RULES.".into())
+    );
+    let budget = run(&s, &user(&s, "T0RULES", "U0MEMBER"), "budget").await;
+    assert!(
+        budget
+            .text()
+            .starts_with("This run: 0 of 50000 tokens, 0 of 20 tool calls"),
+        "{budget:?}"
+    );
+    // audit.status is granted to admins only: a member is not even shown it.
+    let audit = run(&s, &user(&s, "T0RULES", "U0MEMBER"), "audit status").await;
+    assert_eq!(
+        audit,
+        RunOutcome::Answered("You do not have access to audit.status.".into())
+    );
+    let audit = run(&s, &user(&s, "T0RULES", "U0OWNER"), "audit status").await;
+    assert!(audit.text().starts_with("Audit log: "), "{audit:?}");
+    s.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn conversation_history_is_fed_back_and_kept_per_principal_and_conversation() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = openai_server(
+        vec![
+            Scripted::Final("first"),
+            Scripted::Final("second"),
+            Scripted::Final("other"),
+        ],
+        (5, 5),
+        Duration::ZERO,
+    )
+    .await;
+    let s = open(dir.path(), config(Some(&model.url), None));
+    let t = install(&s, "T0HIST").await;
+    settings(&s, &t, |st| st.llm.provider = "openai".into());
+    run(&s, &user(&s, "T0HIST", "U0A"), "hello").await;
+    run(&s, &user(&s, "T0HIST", "U0A"), "again").await;
+    run(&s, &user(&s, "T0HIST", "U0B"), "me too").await;
+    let bodies = model.seen().bodies;
+    let texts = |b: &Value| -> Vec<String> {
+        b["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .skip(1)
+            .map(|m| m["content"].as_str().unwrap_or_default().to_owned())
+            .collect()
+    };
+    assert_eq!(texts(&bodies[0]), ["hello"]);
+    assert_eq!(texts(&bodies[1]), ["hello", "first", "again"]);
+    assert_eq!(
+        texts(&bodies[2]),
+        ["me too"],
+        "another principal's history is not shown"
+    );
+    s.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_openai_model_asking_for_an_ungranted_tool_is_refused_and_the_run_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = openai_server(
+        vec![
+            Scripted::Tools(vec![
+                (
+                    "memory__save",
+                    json!({"subject": "plan", "fact": "ship friday"}),
+                ),
+                // A prompt injection: a tool this member was never shown.
+                ("audit__status", json!({})),
+            ]),
+            Scripted::Final("Saved; I could not read the audit log."),
+        ],
+        (120, 30),
+        Duration::ZERO,
+    )
+    .await;
+    let s = open(dir.path(), config(Some(&model.url), None));
+    let t = install(&s, "T0OAI").await;
+    settings(&s, &t, |st| {
+        st.llm.provider = "openai".into();
+        st.llm.default_model = "gpt-4o-mini".into();
+    });
+    let ctx = user(&s, "T0OAI", "U0MEMBER");
+    let out = run(&s, &ctx, "save the plan and show me the audit log").await;
+    assert_eq!(
+        out,
+        RunOutcome::Answered("Saved; I could not read the audit log.".into())
+    );
+
+    let seen = model.seen();
+    let shown: Vec<&str> = seen.bodies[0]["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["function"]["name"].as_str().unwrap())
+        .collect();
+    assert!(shown.contains(&"memory__save"), "{shown:?}");
+    assert!(
+        !shown.contains(&"audit__status"),
+        "an ungranted tool is never shown: {shown:?}"
+    );
+    assert_eq!(seen.headers[0]["authorization"], "Bearer sk-test-openai");
+    assert_eq!(seen.bodies[0]["model"], "gpt-4o-mini");
+    // The second request carries both tool results, the refusal as a recoverable message.
+    let msgs = seen.bodies[1]["messages"].as_array().unwrap();
+    let tool_msgs: Vec<&Value> = msgs.iter().filter(|m| m["role"] == "tool").collect();
+    assert_eq!(tool_msgs.len(), 2);
+    assert_eq!(
+        tool_msgs[1]["content"],
+        "Refused: this tool is not available to you."
+    );
+    assert_eq!(tool_msgs[1]["tool_call_id"], "call_1");
+
+    let ev = events(&s, &ctx).await;
+    let run_ev = of_run(&ev, &ctx);
+    let refused: Vec<&&Value> = run_ev
+        .iter()
+        .filter(|e| e["type"] == "tool.refused")
+        .collect();
+    assert_eq!(refused.len(), 1);
+    assert_eq!(refused[0]["data"]["capability"], "audit.status");
+    let called: Vec<&&Value> = run_ev
+        .iter()
+        .filter(|e| e["type"] == "model.called")
+        .collect();
+    assert_eq!(called[0]["data"]["tokens_in"], 120);
+    assert_eq!(called[0]["data"]["cost_microcents"], 120 * 15 + 30 * 60);
+    let repo = s.store.for_tenant(&ctx).unwrap();
+    assert_eq!(repo.memory().recall("plan").unwrap()[0].fact, "ship friday");
+    s.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_anthropic_model_uses_tools_through_the_same_gate() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = anthropic_server(
+        vec![
+            Scripted::Tools(vec![("memory__recall", json!({"subject": "dog"}))]),
+            Scripted::Final("Nothing known."),
+        ],
+        (40, 8),
+    )
+    .await;
+    let s = open(dir.path(), config(None, Some(&model.url)));
+    let t = install(&s, "T0ANT").await;
+    settings(&s, &t, |st| {
+        st.llm.provider = "anthropic".into();
+        st.llm.default_model = "claude-3-5-haiku-latest".into();
+    });
+    let ctx = user(&s, "T0ANT", "U0V");
+    assert_eq!(
+        run(&s, &ctx, "what about the dog").await,
+        RunOutcome::Answered("Nothing known.".into())
+    );
+    let seen = model.seen();
+    assert_eq!(seen.headers[0]["x-api-key"], "sk-ant-test");
+    assert_eq!(seen.headers[0]["anthropic-version"], "2023-06-01");
+    let second = &seen.bodies[1]["messages"];
+    assert_eq!(second[2]["content"][0]["type"], "tool_result");
+    assert_eq!(
+        second[2]["content"][0]["content"],
+        "I know nothing about dog."
+    );
+    let ev = events(&s, &ctx).await;
+    let t = types(&of_run(&ev, &ctx));
+    assert_eq!(
+        t,
+        [
+            "run.started",
+            "model.called",
+            "tool.authorized",
+            "tool.invoked",
+            "model.called",
+            "run.completed"
+        ]
+    );
+    s.close().await.unwrap();
+}
+
+/// Runs one scripted OpenAI run under `ceilings` and returns the outcome and the budget event.
+async fn budget_case(
+    ceilings: Budget,
+    script: Vec<Scripted>,
+    usage: (u64, u64),
+    delay: Duration,
+) -> (RunOutcome, Vec<Value>) {
+    let dir = tempfile::tempdir().unwrap();
+    let model = openai_server(script, usage, delay).await;
+    let s = open(dir.path(), config(Some(&model.url), None));
+    let t = install(&s, "T0BUDGET").await;
+    settings(&s, &t, |st| {
+        st.llm.provider = "openai".into();
+        st.llm.default_model = "gpt-4o-mini".into();
+        st.llm.default_max_tokens = 100;
+        st.run_ceilings = ceilings;
+    });
+    let ctx = user(&s, "T0BUDGET", "U0M");
+    let out = run(&s, &ctx, "go").await;
+    let ev = events(&s, &ctx).await;
+    let stops: Vec<Value> = of_run(&ev, &ctx)
+        .into_iter()
+        .filter(|e| e["type"] == "budget.exceeded" || e["type"] == "run.failed")
+        .cloned()
+        .collect();
+    s.close().await.unwrap();
+    (out, stops)
+}
+
+#[tokio::test]
+async fn every_ceiling_stops_the_run_before_the_call_that_would_breach_it() {
+    let roomy = Budget {
+        tokens: 1_000_000,
+        tool_calls: 100,
+        walltime_ms: 60_000,
+        cost_microcents: 1_000_000_000,
+    };
+    let save = || Scripted::Tools(vec![("memory__save", json!({"subject": "a", "fact": "b"}))]);
+    let check = |out: &RunOutcome, stops: &[Value], ceiling: &str| {
+        assert!(matches!(out, RunOutcome::Stopped(_)), "{ceiling}: {out:?}");
+        assert_eq!(stops[0]["data"]["ceiling"], ceiling, "{stops:?}");
+        assert!(
+            stops[0]["data"]["attempted"].as_u64().unwrap()
+                > stops[0]["data"]["limit"].as_u64().unwrap()
+        );
+        assert_eq!(stops[1]["type"], "run.failed");
+    };
+    // Tokens: the first call fits, its usage (900) leaves too little for the second's estimate.
+    let (out, stops) = budget_case(
+        Budget {
+            tokens: 1_000,
+            ..roomy.clone()
+        },
+        vec![save(), Scripted::Final("x")],
+        (800, 100),
+        Duration::ZERO,
+    )
+    .await;
+    check(&out, &stops, "tokens");
+    // Tool calls: one allowed, the model asks for two.
+    let two = Scripted::Tools(vec![
+        ("memory__save", json!({"subject": "a", "fact": "b"})),
+        ("memory__save", json!({"subject": "c", "fact": "d"})),
+    ]);
+    let (out, stops) = budget_case(
+        Budget {
+            tool_calls: 1,
+            ..roomy.clone()
+        },
+        vec![two, Scripted::Final("x")],
+        (10, 10),
+        Duration::ZERO,
+    )
+    .await;
+    check(&out, &stops, "tool_calls");
+    // Cost: the estimate of the very first call is already too dear.
+    let (out, stops) = budget_case(
+        Budget {
+            cost_microcents: 100,
+            ..roomy.clone()
+        },
+        vec![Scripted::Final("x")],
+        (10, 10),
+        Duration::ZERO,
+    )
+    .await;
+    check(&out, &stops, "cost_microcents");
+    // Wall time: the model takes longer than the run may.
+    let (out, stops) = budget_case(
+        Budget {
+            walltime_ms: 300,
+            ..roomy.clone()
+        },
+        vec![Scripted::Final("x")],
+        (10, 10),
+        Duration::from_millis(1500),
+    )
+    .await;
+    check(&out, &stops, "walltime_ms");
+}
+
+#[tokio::test]
+async fn fifty_concurrent_runs_cannot_together_exceed_the_quota() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path(), AgentConfig::default());
+    let t = install(&s, "T0QUOTA").await;
+    settings(&s, &t, |st| st.quota.tool_calls = 20);
+    let mut tasks = Vec::new();
+    for i in 0..50 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            let ctx = user(&s, "T0QUOTA", &format!("U{i}"));
+            run(&s, &ctx, &format!("remember item{i}: value {i}")).await
+        }));
+    }
+    let mut answered = 0;
+    let mut stopped = 0;
+    for task in tasks {
+        match task.await.unwrap() {
+            RunOutcome::Answered(_) => answered += 1,
+            RunOutcome::Stopped(msg) => {
+                assert!(msg.contains("monthly tool-call quota"), "{msg}");
+                stopped += 1;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(answered, 20, "exactly the quota's worth of tool calls ran");
+    assert_eq!(stopped, 30);
+    let op = s.tenants.operator_context(&t).unwrap();
+    let repo = s.store.for_tenant(&op).unwrap();
+    let usage = repo.projections().usage().unwrap();
+    assert_eq!(usage.values().map(|u| u.tool_calls).sum::<u64>(), 20);
+    assert_eq!(usage.values().map(|u| u.runs).sum::<u64>(), 50);
+    let ev = events(&s, &op).await;
+    assert_eq!(
+        ev.iter().filter(|e| e["type"] == "tool.invoked").count(),
+        20
+    );
+    s.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_noisy_tenant_is_rate_limited_without_touching_another() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(
+        dir.path(),
+        AgentConfig {
+            runs_per_minute: std::num::NonZeroU32::new(2).unwrap(),
+            ..AgentConfig::default()
+        },
+    );
+    install(&s, "T0NOISY").await;
+    install(&s, "T0QUIET").await;
+    for _ in 0..2 {
+        assert!(matches!(
+            run(&s, &user(&s, "T0NOISY", "U1"), "help").await,
+            RunOutcome::Answered(_)
+        ));
+    }
+    assert_eq!(
+        run(&s, &user(&s, "T0NOISY", "U1"), "help").await,
+        RunOutcome::RateLimited
+    );
+    assert!(matches!(
+        run(&s, &user(&s, "T0QUIET", "U1"), "help").await,
+        RunOutcome::Answered(_)
+    ));
+    s.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn tenant_cedar_policies_are_validated_audited_and_enforced() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path(), AgentConfig::default());
+    install(&s, "T0CEDAR").await;
+    let owner = user(&s, "T0CEDAR", "U0OWNER");
+    let member = user(&s, "T0CEDAR", "U0MEMBER");
+
+    let err = s
+        .agent
+        .set_tenant_policies(&owner, "permit(principal, action, resource) when {")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, agentgate::agent::AgentError::InvalidPolicy(_)),
+        "{err:?}"
+    );
+    assert!(
+        err.to_string().contains("unexpected end of input") || err.to_string().contains("parse"),
+        "{err}"
+    );
+    let err = s
+        .agent
+        .set_tenant_policies(&owner, "forbid(principal, action, resource);")
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("@id"), "{err}");
+    let policy = r#"@id("no-forget") forbid (principal, action, resource) when { resource.capability == "memory.forget" };"#;
+    assert!(matches!(
+        s.agent.set_tenant_policies(&member, policy).await,
+        Err(agentgate::agent::AgentError::Forbidden)
+    ));
+    s.agent.set_tenant_policies(&owner, policy).await.unwrap();
+
+    let ctx = user(&s, "T0CEDAR", "U0MEMBER");
+    let out = run(&s, &ctx, "forget dog").await;
+    assert_eq!(
+        out,
+        RunOutcome::Answered("Refused: this tool is not available to you.".into())
+    );
+    let ev = events(&s, &ctx).await;
+    let refused = of_run(&ev, &ctx)
+        .into_iter()
+        .find(|e| e["type"] == "tool.refused")
+        .unwrap()
+        .clone();
+    assert_eq!(refused["data"]["policy_ids"], json!(["tenant.no-forget"]));
+    assert_eq!(refused["data"]["reason"], "a policy forbids this call");
+    assert!(ev
+        .iter()
+        .any(|e| e["type"] == "settings.changed" && e["data"]["fields"] == json!(["policies"])));
+    // Another tenant is untouched by this tenant's policy.
+    install(&s, "T0OTHER").await;
+    let other = user(&s, "T0OTHER", "U0MEMBER");
+    assert_eq!(
+        run(&s, &other, "forget dog").await,
+        RunOutcome::Answered("Forgot 0 facts about dog.".into())
+    );
+    s.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_viewer_is_shown_read_only_tools_and_the_gate_rechecks() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path(), AgentConfig::default());
+    let t = install(&s, "T0VIEW").await;
+    let owner = user(&s, "T0VIEW", "U0OWNER");
+    s.tenants
+        .grant_role(
+            &owner,
+            &PrincipalId::qualified("slack", "U0V").unwrap(),
+            Role::Viewer,
+        )
+        .await
+        .unwrap();
+    let viewer = user(&s, "T0VIEW", "U0V");
+    assert_eq!(
+        s.agent.visible_tools(&viewer).unwrap(),
+        ["budget.status", "memory.recall"]
+    );
+    // Even a grant that names viewers does not let them write: the default forbid re-checks.
+    s.agent
+        .grant_tool(&owner, "memory.save", Role::Viewer)
+        .await
+        .unwrap();
+    let viewer = user(&s, "T0VIEW", "U0V");
+    assert!(s
+        .agent
+        .visible_tools(&viewer)
+        .unwrap()
+        .contains(&"memory.save".to_owned()));
+    let out = run(&s, &viewer, "remember a: b").await;
+    assert_eq!(
+        out,
+        RunOutcome::Answered("Refused: this tool is not available to you.".into())
+    );
+    let ev = events(&s, &viewer).await;
+    let refused = of_run(&ev, &viewer)
+        .into_iter()
+        .find(|e| e["type"] == "tool.refused")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        refused["data"]["policy_ids"],
+        json!(["default.viewer-read-only"])
+    );
+    assert_eq!(
+        s.tenants.operator_context(&t).unwrap().tenant_id(),
+        viewer.tenant_id()
+    );
+    s.close().await.unwrap();
+}
+
+pub fn webhook(url: &str, secret: &str) -> WebhookTool {
+    WebhookTool {
+        name: "create_ticket".into(),
+        description: "Create a ticket in the tracker.".into(),
+        schema: json!({"type": "object", "properties": {"title": {"type": "string", "maxLength": 80}}, "required": ["title"], "additionalProperties": false}),
+        url: url.into(),
+        secret: SecretString::from(secret.to_owned()),
+        timeout_ms: 1_000,
+    }
+}
+
+#[tokio::test]
+async fn webhook_tools_are_signed_validated_bounded_and_tenant_scoped() {
+    let dir = tempfile::tempdir().unwrap();
+    let hooks = hook_server("whsec-tenant-a", |n| match n {
+        2 => (Duration::ZERO, "x".repeat(70 * 1024)),
+        3 => (Duration::from_millis(2_000), "late".into()),
+        _ => (Duration::ZERO, "ticket T-1 created".into()),
+    })
+    .await;
+    let call = |args: Value| Scripted::Tools(vec![("webhook__create_ticket", args)]);
+    let model = openai_server(
+        vec![
+            call(json!({"title": "printer"})),
+            call(json!({"title": 7})),
+            call(json!({"title": "big"})),
+            call(json!({"title": "slow"})),
+            Scripted::Final("done"),
+        ],
+        (10, 10),
+        Duration::ZERO,
+    )
+    .await;
+    let s = open(dir.path(), config(Some(&model.url), None));
+    let a = install(&s, "T0HOOKA").await;
+    install(&s, "T0HOOKB").await;
+    settings(&s, &a, |st| st.llm.provider = "openai".into());
+    let owner = user(&s, "T0HOOKA", "U0OWNER");
+    let bad = WebhookTool {
+        url: "ftp://x".into(),
+        ..webhook(&hooks.url, "s")
+    };
+    assert!(s.agent.declare_webhook(&owner, bad).await.is_err());
+    let bad = WebhookTool {
+        schema: json!({"type": "object", "properties": {"a": {"type": "nonsense"}}}),
+        ..webhook(&hooks.url, "s")
+    };
+    assert!(s.agent.declare_webhook(&owner, bad).await.is_err());
+    s.agent
+        .declare_webhook(&owner, webhook(&hooks.url, "whsec-tenant-a"))
+        .await
+        .unwrap();
+    s.agent
+        .grant_tool(&owner, "webhook.create_ticket", Role::Member)
+        .await
+        .unwrap();
+
+    let ctx = user(&s, "T0HOOKA", "U0M");
+    assert_eq!(
+        run(&s, &ctx, "file tickets").await,
+        RunOutcome::Answered("done".into())
+    );
+    let got = hooks.hooks();
+    assert_eq!(
+        got.len(),
+        3,
+        "the call with invalid arguments never left the gateway: {got:?}"
+    );
+    assert!(
+        got.iter().all(|h| h.signature_ok),
+        "every request verifies on the receiving side"
+    );
+    let run_id = ctx.audit().run_id.to_string();
+    assert!(got.iter().all(|h| h.run_id == run_id));
+    assert_eq!(got[0].idempotency_key, format!("{run_id}:1:0"));
+    assert_eq!(got[0].body["arguments"], json!({"title": "printer"}));
+    let keys: std::collections::BTreeSet<&str> =
+        got.iter().map(|h| h.idempotency_key.as_str()).collect();
+    assert_eq!(keys.len(), 3, "every call has its own idempotency key");
+    let tool_results: Vec<String> = model.seen().bodies[4]["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["role"] == "tool")
+        .map(|m| m["content"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(tool_results[0], "ticket T-1 created");
+    assert!(
+        tool_results[1].starts_with("Invalid arguments for webhook.create_ticket"),
+        "{tool_results:?}"
+    );
+    assert!(
+        tool_results[2].contains("larger than 65536 bytes"),
+        "{tool_results:?}"
+    );
+    assert_eq!(tool_results[3], "Error: the tool did not answer in time");
+
+    // Tenant B sees neither A's webhook tool nor its credential.
+    let b = user(&s, "T0HOOKB", "U0OWNER");
+    assert!(!s
+        .agent
+        .visible_tools(&b)
+        .unwrap()
+        .iter()
+        .any(|t| t.starts_with("webhook.")));
+    assert!(s
+        .store
+        .for_tenant(&b)
+        .unwrap()
+        .webhooks()
+        .webhooks()
+        .unwrap()
+        .is_empty());
+    // The credential is sealed at rest.
+    s.close().await.unwrap();
+    drop(s);
+    let mut found = false;
+    for entry in walk(dir.path()) {
+        let bytes = std::fs::read(&entry).unwrap();
+        assert!(
+            !bytes.windows(14).any(|w| w == b"whsec-tenant-a"),
+            "{} holds the webhook secret",
+            entry.display()
+        );
+        found |= bytes.windows(13).any(|w| w == b"secret_sealed");
+    }
+    assert!(found, "the webhook record was scanned");
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn memory_history_webhooks_and_policies_do_not_cross_tenants() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path(), AgentConfig::default());
+    install(&s, "T0XA").await;
+    install(&s, "T0XB").await;
+    let a = user(&s, "T0XA", "U0SAME");
+    run(&s, &a, "remember vault: code 1234").await;
+    let a_owner = user(&s, "T0XA", "U0OWNER");
+    s.agent
+        .set_tenant_policies(&a_owner, r#"@id("no-recall") forbid (principal, action, resource) when { resource.capability == "memory.recall" };"#)
+        .await
+        .unwrap();
+    // The same principal id, the same conversation, the same subject, in tenant B.
+    let b = user(&s, "T0XB", "U0SAME");
+    assert_eq!(
+        run(&s, &b, "recall vault").await,
+        RunOutcome::Answered("I know nothing about vault.".into())
+    );
+    let rb = s.store.for_tenant(&b).unwrap();
+    assert!(rb.memory().recall("vault").unwrap().is_empty());
+    let hist = rb
+        .conversations()
+        .history("slack:U0SAME", "slack:C0TEST")
+        .unwrap();
+    assert_eq!(hist.len(), 2, "only B's own turn: {hist:?}");
+    assert!(!hist
+        .iter()
+        .any(|t| t.text.contains("1234") || t.text.contains("vault: code")));
+    assert!(rb.policies().tenant_policies().unwrap().is_none());
+    assert!(rb.webhooks().webhooks().unwrap().is_empty());
+    s.close().await.unwrap();
+}
