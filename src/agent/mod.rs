@@ -22,7 +22,6 @@ use std::time::Duration;
 
 use chrono::Utc;
 use secrecy::SecretString;
-use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use self::budget::{Amounts, Breach, Ledger, QuotaError, RunLimiter, RunUsage};
@@ -428,7 +427,7 @@ impl Agent {
         mut st: RunState,
     ) -> Result<RunOutcome, AgentError> {
         let resolved = tools::resolve(ctx, repo, &self.inner.http)?;
-        let specs: Vec<ToolSpec> = resolved.iter().map(|r| r.binding.spec()).collect();
+        let specs: Vec<ToolSpec> = resolved.iter().map(|r| r.spec.clone()).collect();
         let planner = self.planner_for(&settings.llm);
         let caller = Caller {
             principal: ctx.principal().to_string(),
@@ -669,13 +668,12 @@ impl Agent {
         };
         // A tool that was not resolved for this context was never shown; asking for it anyway (a
         // prompt injection, a confused model) is refused the same way as a denied one.
-        let Some(tool) = resolved.iter().find(|r| r.binding.spec().name == call.name) else {
+        let Some(tool) = resolved.iter().find(|r| r.spec.name == call.name) else {
             self.append(ctx, refuse("not granted to this principal", vec![]))
                 .await?;
             return Ok(Ok(REFUSED.into()));
         };
-        let spec = tool.binding.spec();
-        if let Err(why) = validate_args(&spec.parameters, &call.arguments) {
+        if let Err(why) = tool.validate(&call.arguments) {
             return Ok(Ok(format!("Invalid arguments for {}: {why}", call.name)));
         }
         let decision = self.inner.gate.decide(
@@ -952,7 +950,7 @@ impl Agent {
         let repo = self.repo(ctx)?;
         Ok(tools::resolve(ctx, &repo, &self.inner.http)?
             .iter()
-            .map(|r| r.binding.spec().name)
+            .map(|r| r.spec.name.clone())
             .collect())
     }
 }
@@ -971,12 +969,4 @@ fn save(repo: &TenantStore, st: &RunState) -> Result<(), StoreError> {
         &serde_json::to_vec(st).expect("run state serialises"),
         false,
     )
-}
-
-/// Validates tool arguments against the tool's JSON Schema, before the gate.
-fn validate_args(schema: &Value, args: &Value) -> Result<(), String> {
-    let validator =
-        jsonschema::validator_for(schema).map_err(|_| "the tool's schema is invalid".to_owned())?;
-    let first = validator.iter_errors(args).next().map(|e| e.to_string());
-    first.map_or(Ok(()), Err)
 }

@@ -3,6 +3,9 @@
 //! every call; nothing is cached across runs.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use sha2::{Digest, Sha256};
 
 use cedar_policy::{
     Authorizer, Context, Decision as CedarDecision, Entities, Entity, EntityUid, PolicyId,
@@ -110,41 +113,68 @@ fn s(v: &str) -> RestrictedExpression {
 
 /// The gate.
 pub struct Gate {
-    defaults: PolicySet,
+    defaults: Arc<PolicySet>,
     authorizer: Authorizer,
+    /// Parsed policy sets (defaults plus a tenant's text), keyed by the SHA-256 of the tenant's text.
+    /// This caches parsing, not decisions: every call is still decided afresh, and a changed text
+    /// has another key.
+    parsed: Mutex<HashMap<[u8; 32], Arc<PolicySet>>>,
 }
+
+/// Parsed policy sets kept at most; the cache is simply emptied when it grows past this.
+const PARSED_CACHE: usize = 1024;
 
 impl Default for Gate {
     fn default() -> Self {
         Gate {
-            defaults: parse_policies(DEFAULT_POLICIES, "")
-                .expect("the shipped default policies parse"),
+            defaults: Arc::new(
+                parse_policies(DEFAULT_POLICIES, "").expect("the shipped default policies parse"),
+            ),
             authorizer: Authorizer::new(),
+            parsed: Mutex::new(HashMap::new()),
         }
     }
 }
 
 impl Gate {
+    /// The default policies plus a tenant's text, parsed once per distinct text.
+    fn with_tenant(&self, text: &str) -> Option<Arc<PolicySet>> {
+        let key: [u8; 32] = Sha256::digest(text.as_bytes()).into();
+        if let Some(set) = self
+            .parsed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+        {
+            return Some(Arc::clone(set));
+        }
+        let mut set = (*self.defaults).clone();
+        for p in parse_policies(text, "tenant.").ok()?.policies() {
+            set.add(p.clone()).ok()?;
+        }
+        let set = Arc::new(set);
+        let mut cache = self.parsed.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.len() >= PARSED_CACHE {
+            cache.clear();
+        }
+        cache.insert(key, Arc::clone(&set));
+        Some(set)
+    }
+
     /// Decides one call under the default policies and the tenant's own (already validated) text.
     pub fn decide(&self, ask: &Ask<'_>, tenant_policies: Option<&str>) -> Decision {
         let deny = |reason: &str, ids: Vec<String>| Decision::Deny {
             reason: reason.to_owned(),
             policy_ids: ids,
         };
-        let mut set = self.defaults.clone();
-        if let Some(text) = tenant_policies {
-            match parse_policies(text, "tenant.") {
-                Ok(tenant) => {
-                    for p in tenant.policies() {
-                        if set.add(p.clone()).is_err() {
-                            return deny("the tenant's policies are invalid", vec![]);
-                        }
-                    }
-                }
+        let set = match tenant_policies {
+            None => Arc::clone(&self.defaults),
+            Some(text) => match self.with_tenant(text) {
+                Some(set) => set,
                 // Stored policies were validated; if they no longer parse, fail closed.
-                Err(_) => return deny("the tenant's policies are invalid", vec![]),
-            }
-        }
+                None => return deny("the tenant's policies are invalid", vec![]),
+            },
+        };
         let ctx = ask.ctx;
         let tenant = ctx.tenant_id().as_str();
         let principal = uid("User", ctx.principal().as_str());

@@ -82,6 +82,26 @@ pub struct Resolved {
     pub binding: Arc<dyn ToolBinding>,
     /// The least role the grant requires.
     pub min_role: Role,
+    /// The binding's spec, computed once.
+    pub spec: ToolSpec,
+    /// Its argument schema, compiled once per run; `None` if the schema does not compile (every
+    /// call is then refused as having invalid arguments).
+    pub validator: Option<Arc<jsonschema::Validator>>,
+}
+
+impl Resolved {
+    /// Checks arguments against the tool's schema.
+    ///
+    /// # Errors
+    /// The first violation, in words for the planner.
+    pub fn validate(&self, args: &Value) -> Result<(), String> {
+        let v = self
+            .validator
+            .as_ref()
+            .ok_or("the tool's schema is invalid")?;
+        let first = v.iter_errors(args).next().map(|e| e.to_string());
+        first.map_or(Ok(()), Err)
+    }
 }
 
 /// Normalises a memory subject so `Dog` and ` dog ` are one subject.
@@ -301,9 +321,15 @@ pub fn resolve(
             None => builtin(&g.capability),
         };
         if let Some(binding) = binding {
+            let spec = binding.spec();
+            let validator = jsonschema::validator_for(&spec.parameters)
+                .ok()
+                .map(Arc::new);
             out.push(Resolved {
                 binding,
                 min_role: g.min_role,
+                spec,
+                validator,
             });
         }
     }

@@ -425,11 +425,17 @@ pub fn verify(
             "the last line is not terminated (truncated?)",
         ));
     }
-    let mut leaves = Vec::with_capacity((manifest.to - manifest.from) as usize);
-    for (i, line) in events.split(|b| *b == b'\n').enumerate() {
-        if i as u64 == manifest.to - manifest.from && line.is_empty() {
-            break;
-        }
+    // Every line ends in a newline; the file is exactly the lines, nothing before or after. The
+    // vector grows with the file, never with a number a (possibly hostile) manifest claims.
+    let body = events.strip_suffix(b"\n").unwrap_or(&events);
+    let lines: Vec<&[u8]> = if events.is_empty() {
+        Vec::new()
+    } else {
+        body.split(|b| *b == b'\n').collect()
+    };
+    let want = manifest.to - manifest.from;
+    let mut leaves = Vec::with_capacity(lines.len());
+    for (i, line) in lines.iter().enumerate() {
         let want_seq = manifest.from + i as u64;
         let place = format!("{} line {} (seq {want_seq})", files::EVENTS, i + 1);
         if want_seq >= manifest.to {
@@ -460,15 +466,21 @@ pub fn verify(
         }
         leaves.push(leaf_hash(line));
     }
-    if (leaves.len() as u64) < manifest.to - manifest.from {
+    if (lines.len() as u64) < want {
         return Err(fail(
             files::EVENTS,
             format!(
-                "holds {} events but the manifest's range has {}",
-                leaves.len(),
-                manifest.to - manifest.from
+                "holds {} events but the manifest's range has {want}",
+                lines.len()
             ),
         ));
+    }
+    // The CSV is a convenience copy, but a reader may trust it: it must say what the events say.
+    if manifest.files.contains_key(files::CSV) {
+        let owned: Vec<Vec<u8>> = lines.iter().map(|l| l.to_vec()).collect();
+        if text(dir, files::CSV)? != csv(&owned) {
+            return Err(fail(files::CSV, "does not match events.jsonl"));
+        }
     }
 
     // The events must rebuild the signed root.

@@ -357,9 +357,6 @@ impl Envelope {
 }
 
 /// Encodes one event as its canonical leaf bytes.
-///
-/// `serde_json`'s map is ordered by key (the `preserve_order` feature is off), and `to_vec` writes no
-/// whitespace, which together make the encoding canonical.
 pub fn encode(env: &Envelope, seq: u64, time: DateTime<Utc>, body: &EventBody) -> Vec<u8> {
     let value = json!({
         "v": EVENT_VERSION,
@@ -374,17 +371,117 @@ pub fn encode(env: &Envelope, seq: u64, time: DateTime<Utc>, body: &EventBody) -
         "type": body.type_name(),
         "data": body.data(),
     });
-    serde_json::to_vec(&value).expect("a JSON value always serialises")
+    canonical_json(&value).expect("events hold integers only")
+}
+
+/// Writes `value` in the canonical form of docs/AUDIT-FORMAT.md: object members sorted by key in
+/// byte order at every depth, no whitespace, integers only, strings escaped as serde_json does.
+/// Returns `None` for a value holding a non-integer number, which has no canonical form here.
+///
+/// The key order is imposed here, not left to serde_json's map type: another crate in the build
+/// (cedar-policy) turns on serde_json's `preserve_order` feature, which keeps insertion order.
+pub fn canonical_json(value: &Value) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(256);
+    write_canonical(value, &mut out)?;
+    Some(out)
+}
+
+fn write_canonical(value: &Value, out: &mut Vec<u8>) -> Option<()> {
+    match value {
+        Value::Null | Value::Bool(_) | Value::String(_) => {
+            out.extend_from_slice(&serde_json::to_vec(value).expect("scalars serialise"));
+        }
+        Value::Number(n) => {
+            if !(n.is_u64() || n.is_i64()) {
+                return None;
+            }
+            out.extend_from_slice(n.to_string().as_bytes());
+        }
+        Value::Array(items) => {
+            out.push(b'[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                write_canonical(item, out)?;
+            }
+            out.push(b']');
+        }
+        Value::Object(map) => {
+            let mut entries: Vec<(&String, &Value)> = map.iter().collect();
+            entries.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+            out.push(b'{');
+            for (i, (k, v)) in entries.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                out.extend_from_slice(&serde_json::to_vec(k).expect("strings serialise"));
+                out.push(b':');
+                write_canonical(v, out)?;
+            }
+            out.push(b'}');
+        }
+    }
+    Some(())
 }
 
 /// Checks that `bytes` are in canonical form: parsing and re-encoding them gives the same bytes.
 /// A verifier uses this so that two encodings of one event can never both verify.
 pub fn is_canonical(bytes: &[u8]) -> bool {
     serde_json::from_slice::<Value>(bytes)
-        .map(|v| {
-            serde_json::to_vec(&v)
-                .map(|again| again == bytes)
-                .unwrap_or(false)
-        })
-        .unwrap_or(false)
+        .ok()
+        .and_then(|v| canonical_json(&v))
+        .is_some_and(|again| again == bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn canonical_form_sorts_keys_at_every_depth_and_refuses_fractions() {
+        let v = json!({"b": 1, "a": {"z": [true, null, "x\n\u{e9}"], "y": -2}, "A": "é"});
+        let text = String::from_utf8(canonical_json(&v).unwrap()).unwrap();
+        assert_eq!(
+            text,
+            r#"{"A":"é","a":{"y":-2,"z":[true,null,"x\né"]},"b":1}"#
+        );
+        assert!(is_canonical(text.as_bytes()));
+        assert!(!is_canonical(br#"{"b":1,"a":2}"#), "unsorted keys");
+        assert!(!is_canonical(br#"{"a": 2}"#), "whitespace");
+        assert!(!is_canonical(br#"{"a":1.0}"#), "a fraction");
+        assert!(!is_canonical(br#"{"a":"\u0041"}"#), "a needless escape");
+        assert!(canonical_json(&json!({"a": 0.5})).is_none());
+    }
+
+    #[test]
+    fn an_encoded_event_is_canonical_with_its_keys_in_order() {
+        let tenant = TenantId::generate();
+        let env = Envelope::system(&tenant);
+        let bytes = encode(
+            &env,
+            7,
+            Utc::now(),
+            &EventBody::ExportCreated { from: 1, to: 2 },
+        );
+        assert!(is_canonical(&bytes));
+        let text = String::from_utf8(bytes).unwrap();
+        let keys: Vec<usize> = [
+            "correlation_id",
+            "data",
+            "initiator",
+            "principal",
+            "principal_kind",
+            "run_id",
+            "seq",
+            "tenant",
+            "time",
+            "type",
+            "v",
+        ]
+        .iter()
+        .map(|k| text.find(&format!("\"{k}\":")).unwrap())
+        .collect();
+        assert!(keys.windows(2).all(|w| w[0] < w[1]), "{text}");
+    }
 }
