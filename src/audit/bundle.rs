@@ -200,7 +200,7 @@ Without agentgate, follow docs/AUDIT-FORMAT.md of the agentgate repository:
    leaf hashes and compare it with the checkpoint's root.
 5. If since-checkpoint.txt is present, verify proofs.json's consistency_proof from it to
    checkpoint.txt (RFC 9162 section 2.1.4).
-events.csv holds the same events for spreadsheets; it is not used for verification.
+events.csv holds the same events for spreadsheets; agentgate checks that it says exactly what events.jsonl says.
 ";
 
 /// Writes a bundle into `dir` (created; it must not exist or be empty).
