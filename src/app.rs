@@ -19,6 +19,8 @@ use crate::http::{router, AppState};
 use crate::installation::manifest;
 use crate::store::Store;
 use crate::tenant::{InstallOutcome, Tenants};
+use crate::transport::slack::SlackState;
+use crate::transport::SystemClock;
 
 /// The store and the services over it, shared by `serve` and the operator's commands.
 #[derive(Clone)]
@@ -31,6 +33,10 @@ pub struct Services {
     pub audit: AuditLog,
     /// The gated agent loop.
     pub agent: Agent,
+    /// The audit sink every transport records commands through.
+    pub sink: Arc<dyn crate::audit::AuditSink>,
+    /// The key that signs OAuth install states, derived from the master key.
+    pub state_key: SecretString,
 }
 
 impl Services {
@@ -94,12 +100,14 @@ impl Services {
         );
         let sink = Arc::new(LogSink::new(log.clone(), store.clone()));
         let tenants = Tenants::new(store.clone(), sink.clone());
-        let agent = Agent::new(tenants.clone(), log.clone(), sink, agent);
+        let agent = Agent::new(tenants.clone(), log.clone(), sink.clone(), agent);
         Ok(Services {
             store,
             tenants,
             audit: log,
             agent,
+            sink,
+            state_key: key.derive("agentgate oauth state v1"),
         })
     }
 
@@ -222,7 +230,20 @@ impl Application {
             store: self.services.store.clone(),
             tenants: self.services.tenants.clone(),
         };
-        let app = router(state, self.config.request_timeout);
+        let mut app = router(state, self.config.request_timeout);
+        if let Some(slack) = self.config.slack.clone() {
+            let slack_state = SlackState::new(
+                slack,
+                Arc::new(SystemClock),
+                self.services.tenants.clone(),
+                self.services.agent.clone(),
+                self.services.sink.clone(),
+                self.services.state_key.clone(),
+            )
+            .context("cannot build the Slack client")?;
+            app = app.merge(crate::transport::slack::router(slack_state));
+            tracing::info!("Slack routes enabled");
+        }
         let addr = self
             .listener
             .local_addr()

@@ -16,6 +16,8 @@ use std::num::NonZeroU32;
 use std::process::ExitCode;
 
 use crate::agent::{AgentConfig, LlmEndpoints};
+use crate::transport::slack::oauth::OAuthConfig;
+use crate::transport::slack::SlackConfig;
 
 use crate::audit::bundle;
 use crate::audit::checkpoint::{SigningKey, VerifierKey};
@@ -110,7 +112,7 @@ pub struct GlobalArgs {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the gateway: upsert the declared installations, then serve HTTP until SIGTERM or Ctrl-C.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Manage installation records.
     #[command(subcommand)]
     Installations(InstallationsCommand),
@@ -212,6 +214,84 @@ pub struct ServeArgs {
     /// The agent loop's settings.
     #[command(flatten)]
     pub agent: AgentArgs,
+    /// Slack.
+    #[command(flatten)]
+    pub slack: SlackArgs,
+}
+
+/// Slack settings; Slack's routes are on when a signing secret is set.
+#[derive(Debug, Args)]
+pub struct SlackArgs {
+    /// The Slack app's signing secret (Basic Information → App Credentials).
+    #[arg(long, env = "AGENTGATE_SLACK_SIGNING_SECRET", hide_env_values = true)]
+    pub slack_signing_secret: Option<String>,
+    /// The Slack app's client id, for the OAuth install at /slack/install.
+    #[arg(long, env = "AGENTGATE_SLACK_CLIENT_ID")]
+    pub slack_client_id: Option<String>,
+    /// The Slack app's client secret.
+    #[arg(long, env = "AGENTGATE_SLACK_CLIENT_SECRET", hide_env_values = true)]
+    pub slack_client_secret: Option<String>,
+    /// Bot scopes requested at install, comma-separated.
+    #[arg(
+        long,
+        env = "AGENTGATE_SLACK_SCOPES",
+        default_value = "app_mentions:read,chat:write,commands"
+    )]
+    pub slack_scopes: String,
+    /// The Slack Web API base URL.
+    #[arg(
+        long,
+        env = "AGENTGATE_SLACK_API_URL",
+        default_value = "https://slack.com/api/"
+    )]
+    pub slack_api_url: String,
+    /// Slack's OAuth authorize URL.
+    #[arg(
+        long,
+        env = "AGENTGATE_SLACK_AUTHORIZE_URL",
+        default_value = "https://slack.com/oauth/v2/authorize"
+    )]
+    pub slack_authorize_url: String,
+    /// This gateway's public base URL, e.g. https://agentgate.example.com (for OAuth redirects).
+    #[arg(
+        long,
+        env = "AGENTGATE_PUBLIC_URL",
+        default_value = "http://localhost:3000"
+    )]
+    pub public_url: String,
+}
+
+impl SlackArgs {
+    fn config(&self) -> anyhow::Result<Option<SlackConfig>> {
+        let Some(secret) = self.slack_signing_secret.clone() else {
+            return Ok(None);
+        };
+        url::Url::parse(&self.slack_api_url).context("AGENTGATE_SLACK_API_URL is not a URL")?;
+        url::Url::parse(&self.slack_authorize_url)
+            .context("AGENTGATE_SLACK_AUTHORIZE_URL is not a URL")?;
+        url::Url::parse(&self.public_url).context("AGENTGATE_PUBLIC_URL is not a URL")?;
+        let oauth = match (&self.slack_client_id, &self.slack_client_secret) {
+            (Some(id), Some(secret)) => Some(OAuthConfig {
+                client_id: id.clone(),
+                client_secret: SecretString::from(secret.clone()),
+                scopes: self.slack_scopes.clone(),
+                authorize_url: self.slack_authorize_url.clone(),
+                redirect_url: format!(
+                    "{}/slack/oauth_redirect",
+                    self.public_url.trim_end_matches('/')
+                ),
+            }),
+            (None, None) => None,
+            _ => anyhow::bail!(
+                "set both AGENTGATE_SLACK_CLIENT_ID and AGENTGATE_SLACK_CLIENT_SECRET, or neither"
+            ),
+        };
+        Ok(Some(SlackConfig {
+            signing_secret: SecretString::from(secret),
+            api_url: self.slack_api_url.clone(),
+            oauth,
+        }))
+    }
 }
 
 /// The agent loop's settings.
@@ -325,6 +405,7 @@ impl Cli {
         let master_key = self.global.master_key.clone().map(SecretString::from);
         match self.command {
             Command::Serve(args) => {
+                let args = *args;
                 let config = Config {
                     data_dir: self.global.data_dir,
                     installations_dir: args.installations_dir,
@@ -334,6 +415,7 @@ impl Cli {
                     request_timeout: Duration::from_secs(args.request_timeout_secs),
                     audit,
                     agent: args.agent.config(),
+                    slack: args.slack.config()?,
                 };
                 let app = Application::build(config).await?;
                 app.run_until_stopped(crate::shutdown::signal()).await

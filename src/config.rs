@@ -34,6 +34,8 @@ pub struct Config {
     pub audit: AuditOptions,
     /// The agent loop's settings.
     pub agent: crate::agent::AgentConfig,
+    /// Slack, when a signing secret is configured.
+    pub slack: Option<crate::transport::slack::SlackConfig>,
 }
 
 /// How the audit log signs checkpoints.

@@ -121,6 +121,16 @@ impl MasterKey {
         }
     }
 
+    /// A key for another purpose (e.g. signing OAuth states), derived as HMAC-SHA256(master, label),
+    /// so the master key itself is used for one thing only.
+    pub fn derive(&self, label: &str) -> SecretString {
+        use hmac::{Hmac, Mac};
+        let mut mac = <Hmac<sha2::Sha256> as Mac>::new_from_slice(self.0.expose_secret())
+            .expect("HMAC takes keys of any length");
+        mac.update(label.as_bytes());
+        SecretString::from(hex::encode(mac.finalize().into_bytes()))
+    }
+
     fn cipher(&self) -> ChaCha20Poly1305 {
         ChaCha20Poly1305::new(Key::from_slice(self.0.expose_secret()))
     }

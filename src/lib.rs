@@ -24,3 +24,4 @@ pub mod installation;
 pub mod shutdown;
 pub mod store;
 pub mod tenant;
+pub mod transport;

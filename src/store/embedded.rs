@@ -11,7 +11,7 @@ use super::records::{
     decode, encode, DirectoryRecord, InstallationRecord, MemberRecord, TenantRecord,
 };
 use super::{
-    AuditIndexRepo, Backend, ConversationRepo, DirectoryEntry, Fact, InstallationRepo,
+    AuditIndexRepo, Backend, ConversationRepo, DedupeRepo, DirectoryEntry, Fact, InstallationRepo,
     MembershipRepo, MemoryRepo, PolicyRepo, ProjectionRepo, Result, RunRepo, SettingsRepo,
     StoreError, TenantRepos, TenantSummary, ToolGrantRepo, Turn, WebhookTool, WebhookToolRepo,
 };
@@ -125,6 +125,32 @@ impl Backend for Embedded {
 
     fn flush(&self) -> Result<()> {
         self.db.flush().map(|_| ()).map_err(engine)
+    }
+
+    fn consume_nonce(&self, nonce: &str) -> Result<bool> {
+        let tree = self.db.open_tree(NONCES_TREE).map_err(engine)?;
+        let stamp = chrono::Utc::now().timestamp().to_be_bytes();
+        let first = tree
+            .compare_and_swap(nonce.as_bytes(), None as Option<&[u8]>, Some(&stamp[..]))
+            .map_err(engine)?
+            .is_ok();
+        tree.flush().map_err(engine)?;
+        Ok(first)
+    }
+}
+
+const NONCES_TREE: &str = "nonces";
+
+impl DedupeRepo for SledTenant {
+    fn first_time(&self, key: &str) -> Result<bool> {
+        let k = self.key(&Self::text_key("seen", key), "");
+        let first = self
+            .tree
+            .compare_and_swap(k.as_bytes(), None as Option<&[u8]>, Some(&[1u8][..]))
+            .map_err(engine)?
+            .is_ok();
+        self.tree.flush().map_err(engine)?;
+        Ok(first)
     }
 }
 

@@ -311,6 +311,16 @@ pub trait RunRepo {
     fn unfinished_runs(&self) -> Result<Vec<String>>;
 }
 
+/// Keys seen before, per tenant, such as platform event ids, so that a retried delivery never runs
+/// anything twice.
+pub trait DedupeRepo {
+    /// Records `key`; true the first time, false every later time. Durable before it returns.
+    ///
+    /// # Errors
+    /// [`StoreError`] on an engine failure.
+    fn first_time(&self, key: &str) -> Result<bool>;
+}
+
 /// Everything one tenant's storage offers; a backend hands these out per tenant.
 pub trait TenantRepos:
     SettingsRepo
@@ -324,6 +334,7 @@ pub trait TenantRepos:
     + WebhookToolRepo
     + PolicyRepo
     + RunRepo
+    + DedupeRepo
     + Send
     + Sync
 {
@@ -366,6 +377,8 @@ pub(crate) trait Backend: Send + Sync {
     fn tenants(&self) -> Result<Vec<TenantSummary>>;
     /// Makes everything written so far durable.
     fn flush(&self) -> Result<()>;
+    /// Records a one-time nonce (an OAuth state); true the first time it is used.
+    fn consume_nonce(&self, nonce: &str) -> Result<bool>;
 }
 
 /// The storage handle. Cheap to clone; every clone shares one backend.
@@ -423,6 +436,15 @@ impl Store {
     /// [`StoreError::Engine`] on an I/O failure.
     pub fn flush(&self) -> Result<()> {
         self.backend.flush()
+    }
+
+    /// Uses up a one-time nonce, such as an OAuth install state; true only the first time.
+    /// Reviewed admin path: nonces belong to no tenant yet (an install has not happened).
+    ///
+    /// # Errors
+    /// [`StoreError`] on an engine failure.
+    pub fn consume_nonce(&self, nonce: &str) -> Result<bool> {
+        self.backend.consume_nonce(nonce)
     }
 
     /// Answers when the engine can serve a read, for readiness probes.
@@ -499,6 +521,11 @@ impl TenantStore {
 
     /// Agent run checkpoints.
     pub fn runs(&self) -> &dyn RunRepo {
+        &*self.repos
+    }
+
+    /// Keys seen before.
+    pub fn dedupe(&self) -> &dyn DedupeRepo {
         &*self.repos
     }
 }

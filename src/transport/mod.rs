@@ -1,0 +1,109 @@
+//! Transports: the only code that knows Slack or Discord wire formats. Each adapter verifies a
+//! request's signature on its raw bytes, resolves the workspace to a `TenantContext`, records the
+//! command, hands its text to the agent loop and delivers the reply back to its platform.
+
+pub mod slack;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use sha2::{Digest, Sha256};
+
+use crate::agent::{Agent, RunOutcome, RunRequest};
+use crate::audit::{AuditError, AuditSink, EventBody};
+use crate::tenant::TenantContext;
+
+/// The time, injectable so that signature freshness can be tested with published examples.
+pub trait Clock: Send + Sync {
+    /// Seconds since the Unix epoch.
+    fn now(&self) -> i64;
+}
+
+/// The system clock.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> i64 {
+        chrono::Utc::now().timestamp()
+    }
+}
+
+/// A clock stopped at one instant, for tests.
+#[derive(Clone, Copy, Debug)]
+pub struct FixedClock(pub i64);
+
+impl Clock for FixedClock {
+    fn now(&self) -> i64 {
+        self.0
+    }
+}
+
+/// A command a transport received, in neutral form.
+#[derive(Clone, Debug)]
+pub struct Command {
+    /// The platform, as audited (`slack`, `discord`).
+    pub platform: &'static str,
+    /// The kind of request (`slash_command`, `app_mention`, `mention`, `interaction`).
+    pub kind: &'static str,
+    /// The user's text.
+    pub text: String,
+    /// The conversation it belongs to, e.g. `slack:C024BE91L` or `slack:C024BE91L:1700000000.000100`.
+    pub conversation: String,
+}
+
+/// Records the command in the tenant's log (durable before the caller acknowledges it), then runs
+/// it in the background and hands the outcome to `deliver`.
+///
+/// # Errors
+/// [`AuditError`] when the command could not be recorded; then nothing runs and the caller must not
+/// acknowledge it as accepted.
+pub async fn accept<F, Fut>(
+    sink: &Arc<dyn AuditSink>,
+    agent: &Agent,
+    ctx: TenantContext,
+    cmd: Command,
+    deliver: F,
+) -> Result<(), AuditError>
+where
+    F: FnOnce(RunOutcome) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send,
+{
+    sink.append(
+        &ctx,
+        EventBody::CommandReceived {
+            platform: cmd.platform.into(),
+            kind: cmd.kind.into(),
+            text_sha256: hex::encode(Sha256::digest(cmd.text.as_bytes())),
+        },
+    )
+    .await?;
+    let agent = agent.clone();
+    tokio::spawn(async move {
+        let text = if cmd.text.trim().is_empty() {
+            "help".to_owned()
+        } else {
+            cmd.text
+        };
+        let outcome = match agent
+            .run(
+                &ctx,
+                RunRequest {
+                    text,
+                    conversation: cmd.conversation,
+                },
+            )
+            .await
+        {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::error!(tenant = %ctx.tenant_id(), run = %ctx.audit().run_id, error = %e, "run failed");
+                RunOutcome::Failed(
+                    "Something went wrong on our side; the command was not completed.".into(),
+                )
+            }
+        };
+        deliver(outcome).await;
+    });
+    Ok(())
+}

@@ -1,0 +1,271 @@
+//! Calls to Slack: chat.postMessage and auth.test through slack-morphism; oauth.v2.access (install
+//! and token rotation) and response_url replies through reqwest with our own DTOs, because
+//! slack-morphism's OAuth model has no enterprise, `is_enterprise_install`, `refresh_token` or
+//! `expires_in` fields. Every call honours 429 with Retry-After.
+
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+use serde_json::json;
+use slack_morphism::prelude::*;
+
+/// Why a call to Slack failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SlackApiError {
+    /// Slack could not be reached.
+    #[error("Slack could not be reached: {0}")]
+    Transport(String),
+    /// Slack answered `ok: false`; the code (e.g. `invalid_code`) is safe to show.
+    #[error("Slack refused: {0}")]
+    Refused(String),
+    /// Slack's answer did not parse.
+    #[error("Slack's answer was malformed: {0}")]
+    Malformed(String),
+}
+
+/// What oauth.v2.access answers, for an install or a token refresh.
+#[derive(Clone, Debug, Deserialize)]
+pub struct OAuthAccess {
+    /// True when the call worked.
+    pub ok: bool,
+    /// The error code when it did not.
+    pub error: Option<String>,
+    /// The bot token.
+    pub access_token: Option<String>,
+    /// The refresh token, with token rotation on.
+    pub refresh_token: Option<String>,
+    /// Seconds until the bot token expires, with token rotation on.
+    pub expires_in: Option<i64>,
+    /// The granted scopes, comma-separated.
+    pub scope: Option<String>,
+    /// The bot's user id.
+    pub bot_user_id: Option<String>,
+    /// The app's id.
+    pub app_id: Option<String>,
+    /// The workspace.
+    pub team: Option<IdName>,
+    /// The Grid org, if any.
+    pub enterprise: Option<IdName>,
+    /// True for an org-wide install.
+    #[serde(default)]
+    pub is_enterprise_install: bool,
+    /// The installing user.
+    pub authed_user: Option<IdName>,
+}
+
+/// An id and maybe a name.
+#[derive(Clone, Debug, Deserialize)]
+pub struct IdName {
+    /// The id.
+    pub id: String,
+    /// The name.
+    pub name: Option<String>,
+}
+
+type Connector = hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>;
+
+/// The Slack Web API client.
+#[derive(Clone)]
+pub struct SlackApi {
+    api_url: String,
+    client: std::sync::Arc<SlackClient<SlackClientHyperConnector<Connector>>>,
+    http: reqwest::Client,
+}
+
+impl std::fmt::Debug for SlackApi {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SlackApi")
+            .field("api_url", &self.api_url)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The longest Retry-After we wait for before giving up.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(30);
+
+impl SlackApi {
+    /// A client for the Web API at `api_url` (normally `https://slack.com/api/`; tests give a local
+    /// `http://` stand-in).
+    ///
+    /// # Errors
+    /// When the system's root certificates cannot be loaded.
+    pub fn new(api_url: &str) -> std::io::Result<Self> {
+        // slack-morphism joins the base and the method with a slash of its own.
+        let api_url = api_url.trim_end_matches('/').to_owned();
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_native_roots()?
+            .https_or_http()
+            .enable_http1()
+            .build();
+        let connector = SlackClientHyperConnector::with_connector(https)
+            .with_slack_api_url(&api_url)
+            .with_rate_control(SlackApiRateControlConfig {
+                max_retries: Some(3),
+                max_delay_timeout: Some(MAX_RETRY_AFTER),
+                ..SlackApiRateControlConfig::new()
+            });
+        Ok(SlackApi {
+            api_url,
+            client: std::sync::Arc::new(SlackClient::new(connector)),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(15))
+                .build()
+                .expect("a TLS backend is compiled in"),
+        })
+    }
+
+    /// Sends a request, waiting out 429 answers as Retry-After says (up to three times).
+    async fn send(&self, req: reqwest::RequestBuilder) -> Result<reqwest::Response, SlackApiError> {
+        let mut attempt = 0;
+        loop {
+            let r = req
+                .try_clone()
+                .expect("bodies here are not streams")
+                .send()
+                .await
+                .map_err(|e| SlackApiError::Transport(e.without_url().to_string()))?;
+            if r.status() != reqwest::StatusCode::TOO_MANY_REQUESTS || attempt == 3 {
+                return Ok(r);
+            }
+            let wait = r
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok())
+                .map_or(Duration::from_secs(1), Duration::from_secs)
+                .min(MAX_RETRY_AFTER);
+            tracing::warn!(
+                wait_secs = wait.as_secs(),
+                "Slack rate-limited a call; waiting"
+            );
+            tokio::time::sleep(wait).await;
+            attempt += 1;
+        }
+    }
+
+    async fn oauth(
+        &self,
+        client_id: &str,
+        client_secret: &SecretString,
+        form: &[(&str, &str)],
+    ) -> Result<OAuthAccess, SlackApiError> {
+        let req = self
+            .http
+            .post(format!("{}/oauth.v2.access", self.api_url))
+            .basic_auth(client_id, Some(client_secret.expose_secret()))
+            .form(form);
+        let resp = self.send(req).await?;
+        let access: OAuthAccess = resp
+            .json()
+            .await
+            .map_err(|e| SlackApiError::Malformed(e.without_url().to_string()))?;
+        if !access.ok {
+            return Err(SlackApiError::Refused(
+                access.error.unwrap_or_else(|| "unknown_error".into()),
+            ));
+        }
+        Ok(access)
+    }
+
+    /// Exchanges an install's code for tokens.
+    ///
+    /// # Errors
+    /// [`SlackApiError`]; `Refused` carries Slack's error code.
+    pub async fn exchange_code(
+        &self,
+        client_id: &str,
+        client_secret: &SecretString,
+        code: &str,
+        redirect_uri: &str,
+    ) -> Result<OAuthAccess, SlackApiError> {
+        self.oauth(
+            client_id,
+            client_secret,
+            &[("code", code), ("redirect_uri", redirect_uri)],
+        )
+        .await
+    }
+
+    /// Trades a refresh token for a new bot token (token rotation).
+    ///
+    /// # Errors
+    /// [`SlackApiError`].
+    pub async fn refresh(
+        &self,
+        client_id: &str,
+        client_secret: &SecretString,
+        refresh_token: &SecretString,
+    ) -> Result<OAuthAccess, SlackApiError> {
+        self.oauth(
+            client_id,
+            client_secret,
+            &[
+                ("grant_type", "refresh_token"),
+                ("refresh_token", refresh_token.expose_secret()),
+            ],
+        )
+        .await
+    }
+
+    /// The bot user id behind a token (auth.test).
+    ///
+    /// # Errors
+    /// [`SlackApiError`].
+    pub async fn bot_user_id(&self, token: &SecretString) -> Result<String, SlackApiError> {
+        let token = SlackApiToken::new(SlackApiTokenValue(token.expose_secret().to_owned()));
+        let session = self.client.open_session(&token);
+        let r = session
+            .auth_test()
+            .await
+            .map_err(|e| SlackApiError::Refused(e.to_string()))?;
+        Ok(r.user_id.0)
+    }
+
+    /// Posts a message (in a thread when `thread_ts` is given) with the bot token.
+    ///
+    /// # Errors
+    /// [`SlackApiError`].
+    pub async fn post_message(
+        &self,
+        token: &SecretString,
+        channel: &str,
+        thread_ts: Option<&str>,
+        text: &str,
+    ) -> Result<(), SlackApiError> {
+        let token = SlackApiToken::new(SlackApiTokenValue(token.expose_secret().to_owned()));
+        let session = self.client.open_session(&token);
+        let mut req = SlackApiChatPostMessageRequest::new(
+            SlackChannelId(channel.to_owned()),
+            SlackMessageContent::new().with_text(text.to_owned()),
+        );
+        if let Some(ts) = thread_ts {
+            req = req.with_thread_ts(SlackTs(ts.to_owned()));
+        }
+        session
+            .chat_post_message(&req)
+            .await
+            .map(|_| ())
+            .map_err(|e| SlackApiError::Refused(e.to_string()))
+    }
+
+    /// Answers a slash command through its response_url.
+    ///
+    /// # Errors
+    /// [`SlackApiError`] when the URL refuses.
+    pub async fn respond(&self, response_url: &str, text: &str) -> Result<(), SlackApiError> {
+        let req = self
+            .http
+            .post(response_url)
+            .json(&json!({"response_type": "in_channel", "replace_original": false, "text": text}));
+        let r = self.send(req).await?;
+        if r.status().is_success() {
+            Ok(())
+        } else {
+            Err(SlackApiError::Refused(format!(
+                "response_url answered {}",
+                r.status().as_u16()
+            )))
+        }
+    }
+}

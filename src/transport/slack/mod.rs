@@ -1,0 +1,408 @@
+//! Slack: signed slash commands, Events API callbacks (app mentions, uninstalls, revoked tokens),
+//! interactions, and the OAuth v2 multi-workspace install with token rotation.
+//!
+//! Routes sit at Slack Bolt's conventional paths. Every request body is limited to 64 KiB and its
+//! signature is checked on the raw bytes before anything is parsed.
+
+pub mod api;
+pub mod oauth;
+pub mod signature;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use self::api::SlackApi;
+use super::{accept, Clock, Command};
+use crate::agent::Agent;
+use crate::audit::AuditSink;
+use crate::installation::{Installation, NewInstallation, PlatformIdentity, Workspace};
+use crate::tenant::{Initiator, PrincipalId, ResolveError, Resolved, Tenants, WorkspaceRequest};
+
+/// The most a Slack request body may be.
+pub const BODY_LIMIT: usize = 64 * 1024;
+
+/// Slack settings.
+#[derive(Clone, Debug)]
+pub struct SlackConfig {
+    /// The app's signing secret.
+    pub signing_secret: SecretString,
+    /// The Web API base URL.
+    pub api_url: String,
+    /// OAuth install settings; `None` turns `/slack/install` off.
+    pub oauth: Option<oauth::OAuthConfig>,
+}
+
+/// What Slack handlers reach.
+#[derive(Clone)]
+pub struct SlackState {
+    config: Arc<SlackConfig>,
+    clock: Arc<dyn Clock>,
+    tenants: Tenants,
+    agent: Agent,
+    sink: Arc<dyn AuditSink>,
+    api: SlackApi,
+    /// Requests refused for a bad signature, for `/metrics`.
+    pub signature_failures: Arc<AtomicU64>,
+    state_key: Arc<SecretString>,
+}
+
+impl SlackState {
+    /// Builds the state.
+    ///
+    /// # Errors
+    /// When the HTTPS client cannot load the system's root certificates.
+    pub fn new(
+        config: SlackConfig,
+        clock: Arc<dyn Clock>,
+        tenants: Tenants,
+        agent: Agent,
+        sink: Arc<dyn AuditSink>,
+        state_key: SecretString,
+    ) -> std::io::Result<Self> {
+        let api = SlackApi::new(&config.api_url)?;
+        Ok(SlackState {
+            config: Arc::new(config),
+            clock,
+            tenants,
+            agent,
+            sink,
+            api,
+            signature_failures: Arc::new(AtomicU64::new(0)),
+            state_key: Arc::new(state_key),
+        })
+    }
+}
+
+/// The Slack routes.
+pub fn router(state: SlackState) -> Router {
+    Router::new()
+        .route("/slack/commands", post(commands))
+        .route("/slack/events", post(events))
+        .route("/slack/interactions", post(interactions))
+        .route("/slack/install", get(oauth::install))
+        .route("/slack/oauth_redirect", get(oauth::redirect))
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .with_state(state)
+}
+
+fn unauthorized(state: &SlackState, why: signature::SignatureError) -> Response {
+    state.signature_failures.fetch_add(1, Ordering::Relaxed);
+    tracing::warn!(reason = %why, "refused a Slack request with a bad signature");
+    (StatusCode::UNAUTHORIZED, "invalid request signature").into_response()
+}
+
+fn check(state: &SlackState, headers: &HeaderMap, body: &[u8]) -> Result<(), Box<Response>> {
+    let h = |k: &str| headers.get(k).and_then(|v| v.to_str().ok());
+    signature::verify(
+        state.config.signing_secret.expose_secret().as_bytes(),
+        h("x-slack-request-timestamp"),
+        h("x-slack-signature"),
+        body,
+        state.clock.now(),
+    )
+    .map_err(|e| Box::new(unauthorized(state, e)))
+}
+
+fn ephemeral(text: &str) -> Response {
+    Json(json!({"response_type": "ephemeral", "text": text})).into_response()
+}
+
+/// What a user is told when their workspace cannot be served.
+fn resolve_failure(e: &ResolveError) -> &'static str {
+    match e {
+        ResolveError::UnknownWorkspace | ResolveError::Malformed(_) => {
+            "agentgate is not installed in this workspace yet. Ask a workspace admin to install it."
+        }
+        ResolveError::Revoked => {
+            "agentgate was uninstalled from this workspace. Reinstall it to use it again."
+        }
+        ResolveError::NotProvisioned(_) | ResolveError::Store(_) => {
+            "agentgate could not look up this workspace right now. Please try again in a moment."
+        }
+    }
+}
+
+/// The slash command form Slack posts.
+#[derive(Deserialize)]
+struct CommandForm {
+    team_id: Option<String>,
+    enterprise_id: Option<String>,
+    channel_id: String,
+    user_id: String,
+    #[serde(default)]
+    text: String,
+    response_url: String,
+    trigger_id: Option<String>,
+}
+
+fn identity(enterprise_id: Option<String>, team_id: Option<String>) -> PlatformIdentity {
+    PlatformIdentity::Slack {
+        enterprise_id: enterprise_id.filter(|s| !s.is_empty()),
+        team_id: team_id.filter(|s| !s.is_empty()),
+    }
+}
+
+fn request(
+    identity: PlatformIdentity,
+    user: &str,
+    correlation: Option<&str>,
+) -> Option<WorkspaceRequest> {
+    Some(WorkspaceRequest {
+        identity,
+        user: PrincipalId::qualified("slack", user).ok()?,
+        correlation_id: correlation.and_then(|c| c.parse().ok()),
+        initiator: Initiator::User,
+    })
+}
+
+async fn commands(State(state): State<SlackState>, headers: HeaderMap, body: Bytes) -> Response {
+    if let Err(r) = check(&state, &headers, &body) {
+        return *r;
+    }
+    let Ok(form) = serde_urlencoded::from_bytes::<CommandForm>(&body) else {
+        return (StatusCode::BAD_REQUEST, "malformed slash command").into_response();
+    };
+    let Some(req) = request(
+        identity(form.enterprise_id, form.team_id),
+        &form.user_id,
+        form.trigger_id.as_deref(),
+    ) else {
+        return (StatusCode::BAD_REQUEST, "malformed user id").into_response();
+    };
+    let resolved = match state.tenants.resolve(&req) {
+        Ok(r) => r,
+        Err(e) => return ephemeral(resolve_failure(&e)),
+    };
+    let api = state.api.clone();
+    let response_url = form.response_url;
+    let cmd = Command {
+        platform: "slack",
+        kind: "slash_command",
+        text: form.text,
+        conversation: format!("slack:{}", form.channel_id),
+    };
+    let accepted = accept(&state.sink, &state.agent, resolved.ctx, cmd, move |outcome| async move {
+        if let Err(e) = api.respond(&response_url, outcome.text()).await {
+            tracing::warn!(error = %e, "could not answer a slash command through its response_url");
+        }
+    })
+    .await;
+    match accepted {
+        Ok(()) => ephemeral("Working on it…"),
+        Err(e) => {
+            tracing::error!(error = %e, "could not record a slash command");
+            ephemeral("agentgate could not accept this command right now. Please try again.")
+        }
+    }
+}
+
+/// Strips a leading bot mention (`<@U123> do this` → `do this`).
+fn strip_mention(text: &str) -> &str {
+    let t = text.trim_start();
+    match t.strip_prefix("<@").and_then(|r| r.split_once('>')) {
+        Some((_, rest)) => rest.trim(),
+        None => t.trim(),
+    }
+}
+
+async fn events(State(state): State<SlackState>, headers: HeaderMap, body: Bytes) -> Response {
+    if let Err(r) = check(&state, &headers, &body) {
+        return *r;
+    }
+    let Ok(v) = serde_json::from_slice::<Value>(&body) else {
+        return (StatusCode::BAD_REQUEST, "malformed event").into_response();
+    };
+    match v["type"].as_str() {
+        Some("url_verification") => {
+            return Json(json!({"challenge": v["challenge"]})).into_response();
+        }
+        Some("event_callback") => {}
+        _ => return StatusCode::OK.into_response(),
+    }
+    let s = |x: &Value| x.as_str().map(str::to_owned);
+    let ident = identity(s(&v["enterprise_id"]), s(&v["team_id"]));
+    let event = &v["event"];
+    match event["type"].as_str() {
+        Some("app_uninstalled") => revoke(&state, &ident, "uninstalled").await,
+        Some("tokens_revoked") => {
+            let bot_revoked = event["tokens"]["bot"]
+                .as_array()
+                .is_some_and(|b| !b.is_empty());
+            if bot_revoked {
+                revoke(&state, &ident, "tokens_revoked").await;
+            }
+        }
+        Some("app_mention") => {
+            let user = event["user"].as_str().unwrap_or_default();
+            let Some(req) = request(ident, user, v["event_id"].as_str()) else {
+                return StatusCode::OK.into_response();
+            };
+            let resolved = match state.tenants.resolve(&req) {
+                Ok(r) => r,
+                // Nothing can be answered in a workspace we do not serve.
+                Err(_) => return StatusCode::OK.into_response(),
+            };
+            // Slack retries a delivery it thinks failed: run each event at most once.
+            let event_id = v["event_id"].as_str().unwrap_or_default();
+            match state
+                .tenants
+                .store()
+                .for_tenant(&resolved.ctx)
+                .map(|r| r.dedupe().first_time(&format!("slack-event:{event_id}")))
+            {
+                Ok(Ok(true)) => {}
+                Ok(Ok(false)) => return StatusCode::OK.into_response(),
+                _ => return StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+            }
+            let channel = event["channel"].as_str().unwrap_or_default().to_owned();
+            let ts = s(&event["thread_ts"]).or_else(|| s(&event["ts"]));
+            let cmd = Command {
+                platform: "slack",
+                kind: "app_mention",
+                text: strip_mention(event["text"].as_str().unwrap_or_default()).to_owned(),
+                conversation: match &ts {
+                    Some(ts) => format!("slack:{channel}:{ts}"),
+                    None => format!("slack:{channel}"),
+                },
+            };
+            let state2 = state.clone();
+            let ctx = resolved.ctx.clone();
+            let installation = resolved.installation;
+            let accepted = accept(
+                &state.sink,
+                &state.agent,
+                ctx,
+                cmd,
+                move |outcome| async move {
+                    let Some(token) = fresh_token(&state2, installation).await else {
+                        tracing::warn!("no usable bot token; the mention's answer was not posted");
+                        return;
+                    };
+                    if let Err(e) = state2
+                        .api
+                        .post_message(&token, &channel, ts.as_deref(), outcome.text())
+                        .await
+                    {
+                        tracing::warn!(error = %e, "could not post an answer to Slack");
+                    }
+                },
+            )
+            .await;
+            if accepted.is_err() {
+                return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+            }
+        }
+        _ => {}
+    }
+    StatusCode::OK.into_response()
+}
+
+async fn revoke(state: &SlackState, identity: &PlatformIdentity, reason: &str) {
+    let Ok(candidates) = identity.candidates() else {
+        return;
+    };
+    for ws in candidates {
+        match state.tenants.revoke_workspace(&ws, reason).await {
+            Ok(_) => {
+                tracing::info!(workspace = %ws, reason, "Slack installation revoked");
+                return;
+            }
+            Err(crate::tenant::ProvisionError::UnknownWorkspace(_)) => continue,
+            Err(e) => {
+                tracing::error!(workspace = %ws, error = %e, "could not revoke a Slack installation");
+                return;
+            }
+        }
+    }
+}
+
+async fn interactions(
+    State(state): State<SlackState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Err(r) = check(&state, &headers, &body) {
+        return *r;
+    }
+    // Interactive components are not handled yet: an empty 200 tells Slack not to retry.
+    StatusCode::OK.into_response()
+}
+
+/// How close to expiry a rotating token is refreshed before use.
+const REFRESH_MARGIN_SECS: i64 = 300;
+
+/// The installation's bot token, refreshed first when token rotation is on and it is about to
+/// expire. `None` when there is no usable token (none stored, revoked, or the refresh failed).
+async fn fresh_token(state: &SlackState, inst: Installation) -> Option<SecretString> {
+    if !inst.is_active() {
+        return None;
+    }
+    let soon = inst
+        .token_expires_at
+        .is_some_and(|at| (at - chrono::Utc::now()).num_seconds() < REFRESH_MARGIN_SECS);
+    if !soon {
+        return inst.bot_token;
+    }
+    let (Some(refresh), Some(oauth)) = (inst.refresh_token.clone(), state.config.oauth.as_ref())
+    else {
+        return inst.bot_token;
+    };
+    match state
+        .api
+        .refresh(&oauth.client_id, &oauth.client_secret, &refresh)
+        .await
+    {
+        Ok(access) => {
+            let token = access.access_token.clone().map(SecretString::from);
+            let renewed = NewInstallation {
+                workspace: inst.workspace.clone(),
+                app_id: inst.app_id.clone(),
+                bot_user_id: inst.bot_user_id.clone(),
+                bot_token: token.clone(),
+                refresh_token: access
+                    .refresh_token
+                    .map(SecretString::from)
+                    .or(Some(refresh)),
+                token_expires_at: access
+                    .expires_in
+                    .map(|s| chrono::Utc::now() + chrono::Duration::seconds(s)),
+                scopes: inst.scopes.clone(),
+                installer: inst.installer.clone(),
+                source: crate::installation::InstallSource::OAuth,
+            };
+            if let Err(e) = state.tenants.install(renewed, "", None).await {
+                tracing::error!(error = %e, "could not store a rotated Slack token");
+            }
+            token
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "could not refresh a rotating Slack token");
+            None
+        }
+    }
+}
+
+/// The workspace an OAuth answer installs into.
+fn workspace_of(access: &api::OAuthAccess) -> Option<Workspace> {
+    let enterprise = access.enterprise.as_ref().map(|e| e.id.as_str());
+    if access.is_enterprise_install {
+        Workspace::slack_org(enterprise?).ok()
+    } else {
+        Workspace::slack_team(enterprise, &access.team.as_ref()?.id).ok()
+    }
+}
+
+/// A resolved workspace and its bot token, for callers outside the handlers (tests, tools).
+pub async fn bot_token(state: &SlackState, resolved: Resolved) -> Option<SecretString> {
+    fresh_token(state, resolved.installation).await
+}

@@ -1,0 +1,676 @@
+//! Slack end to end: the real application on port 0 with a local stand-in for Slack's Web API
+//! (chat.postMessage, auth.test, oauth.v2.access) and for response_url, so the real client code runs.
+
+use std::collections::VecDeque;
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use agentgate::app::{Application, Services};
+use agentgate::config::{AuditOptions, Config};
+use agentgate::installation::{InstallSource, NewInstallation, PlatformIdentity, Workspace};
+use agentgate::tenant::{Initiator, PrincipalId, ResolveError, WorkspaceRequest};
+use agentgate::transport::slack::oauth::OAuthConfig;
+use agentgate::transport::slack::signature::sign;
+use agentgate::transport::slack::SlackConfig;
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use secrecy::SecretString;
+use serde_json::{json, Value};
+
+const SECRET: &str = "test-signing-secret-0123456789";
+
+/// What the Slack stand-in saw and how it answers.
+#[derive(Clone, Default)]
+struct Slack {
+    posts: Arc<Mutex<Vec<(String, Value)>>>,
+    responses: Arc<Mutex<Vec<Value>>>,
+    oauth_forms: Arc<Mutex<Vec<(String, String)>>>,
+    response_status: Arc<Mutex<VecDeque<u16>>>,
+}
+
+async fn post_message(
+    State(s): State<Slack>,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> Json<Value> {
+    let auth = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    s.posts.lock().unwrap().push((auth, body.clone()));
+    Json(
+        json!({"ok": true, "channel": body["channel"], "ts": "1700000001.000200", "message": {"text": body["text"], "ts": "1700000001.000200"}}),
+    )
+}
+
+async fn auth_test() -> Json<Value> {
+    Json(
+        json!({"ok": true, "url": "https://acme.slack.com/", "team": "Acme", "user": "agentgate", "team_id": "T0OAUTH01", "user_id": "U0BOTUSER", "bot_id": "B0BOT"}),
+    )
+}
+
+async fn oauth_access(State(s): State<Slack>, headers: HeaderMap, body: String) -> Json<Value> {
+    let auth = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    s.oauth_forms.lock().unwrap().push((auth, body.clone()));
+    let form: std::collections::HashMap<String, String> =
+        serde_urlencoded::from_str(&body).unwrap();
+    if form.get("grant_type").map(String::as_str) == Some("refresh_token") {
+        return Json(
+            json!({"ok": true, "access_token": "xoxe.xoxb-rotated", "refresh_token": "xoxe-1-refresh-2", "expires_in": 43200, "token_type": "bot", "scope": "commands"}),
+        );
+    }
+    match form.get("code").map(String::as_str) {
+        Some("good-code") => Json(json!({
+            "ok": true, "access_token": "xoxb-from-oauth", "token_type": "bot", "scope": "commands,chat:write,app_mentions:read",
+            "bot_user_id": "U0BOTUSER", "app_id": "A0OAUTH", "team": {"id": "T0OAUTH01", "name": "Acme"}, "enterprise": null,
+            "authed_user": {"id": "U0INSTALLER"}, "is_enterprise_install": false,
+            "refresh_token": "xoxe-1-refresh-1", "expires_in": 60
+        })),
+        _ => Json(json!({"ok": false, "error": "invalid_code"})),
+    }
+}
+
+async fn respond(State(s): State<Slack>, Json(body): Json<Value>) -> impl IntoResponse {
+    if let Some(code) = s.response_status.lock().unwrap().pop_front() {
+        return (
+            StatusCode::from_u16(code).unwrap(),
+            [("retry-after", "1")],
+            "slow down",
+        )
+            .into_response();
+    }
+    s.responses.lock().unwrap().push(body);
+    (StatusCode::OK, "ok").into_response()
+}
+
+async fn serve(router: Router) -> String {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let a = l.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(l, router).await.unwrap() });
+    format!("http://{a}")
+}
+
+struct App {
+    url: String,
+    slack_url: String,
+    slack: Slack,
+    services: Services,
+    http: reqwest::Client,
+    _dir: tempfile::TempDir,
+}
+
+async fn spawn() -> App {
+    let slack = Slack::default();
+    let slack_url = serve(
+        Router::new()
+            .route("/api/chat.postMessage", post(post_message))
+            .route("/api/auth.test", get(auth_test).post(auth_test))
+            .route("/api/oauth.v2.access", post(oauth_access))
+            .route("/respond", post(respond))
+            .route(
+                "/authorize",
+                get(|Query(q): Query<Value>| async move { Json(q) }),
+            )
+            .with_state(slack.clone()),
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = Config {
+        data_dir: dir.path().to_owned(),
+        installations_dir: dir.path().join("none"),
+        bind: IpAddr::V4(Ipv4Addr::LOCALHOST),
+        port: 0,
+        master_key: Some("42".repeat(32).into()),
+        request_timeout: Duration::from_secs(10),
+        audit: AuditOptions::default(),
+        agent: Default::default(),
+        slack: Some(SlackConfig {
+            signing_secret: SecretString::from(SECRET),
+            api_url: format!("{slack_url}/api/"),
+            oauth: Some(OAuthConfig {
+                client_id: "1111.2222".into(),
+                client_secret: SecretString::from("client-secret-x"),
+                scopes: "app_mentions:read,chat:write,commands".into(),
+                authorize_url: format!("{slack_url}/authorize"),
+                redirect_url: "http://localhost/slack/oauth_redirect".into(),
+            }),
+        }),
+    };
+    let app = Application::build(config).await.unwrap();
+    let url = format!("http://127.0.0.1:{}", app.port());
+    let services = app.services().clone();
+    tokio::spawn(app.run_until_stopped(std::future::pending()));
+    App {
+        url,
+        slack_url,
+        slack,
+        services,
+        http: reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap(),
+        _dir: dir,
+    }
+}
+
+impl App {
+    async fn install(&self, team: &str, token: &str) {
+        self.services
+            .tenants
+            .install(
+                NewInstallation {
+                    workspace: Workspace::slack_team(None, team).unwrap(),
+                    app_id: "A0TEST".into(),
+                    bot_user_id: Some("U0BOTUSER".into()),
+                    bot_token: Some(token.to_owned().into()),
+                    refresh_token: None,
+                    token_expires_at: None,
+                    scopes: vec![],
+                    installer: PrincipalId::qualified("slack", "U0OWNER").unwrap(),
+                    source: InstallSource::OAuth,
+                },
+                team,
+                None,
+            )
+            .await
+            .unwrap();
+    }
+
+    /// POSTs a signed body.
+    async fn signed(
+        &self,
+        path: &str,
+        content_type: &str,
+        body: String,
+        ts: i64,
+    ) -> reqwest::Response {
+        self.http
+            .post(format!("{}{path}", self.url))
+            .header("content-type", content_type)
+            .header("x-slack-request-timestamp", ts.to_string())
+            .header(
+                "x-slack-signature",
+                sign(SECRET.as_bytes(), ts, body.as_bytes()),
+            )
+            .body(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    async fn command(&self, team: &str, user: &str, text: &str) -> reqwest::Response {
+        let body = serde_urlencoded::to_string([
+            ("token", "ignored"),
+            ("team_id", team),
+            ("team_domain", "acme"),
+            ("channel_id", "C0CHAN"),
+            ("user_id", user),
+            ("command", "/agentgate"),
+            ("text", text),
+            ("response_url", &format!("{}/respond", self.slack_url)),
+            ("trigger_id", "13345224609.738474920.8088930838d88f008e0"),
+        ])
+        .unwrap();
+        self.signed(
+            "/slack/commands",
+            "application/x-www-form-urlencoded",
+            body,
+            now(),
+        )
+        .await
+    }
+
+    async fn event(&self, team: &str, event_id: &str, event: Value) -> reqwest::Response {
+        let body = json!({"type": "event_callback", "team_id": team, "api_app_id": "A0TEST", "event_id": event_id, "event_time": now(), "event": event});
+        self.signed("/slack/events", "application/json", body.to_string(), now())
+            .await
+    }
+
+    async fn events_of(&self, team: &str) -> Vec<Value> {
+        let r = self.services.tenants.resolve(&WorkspaceRequest {
+            identity: PlatformIdentity::Slack {
+                enterprise_id: None,
+                team_id: Some(team.into()),
+            },
+            user: PrincipalId::qualified("slack", "U0OWNER").unwrap(),
+            correlation_id: None,
+            initiator: Initiator::User,
+        });
+        let ctx = match r {
+            Ok(r) => r.ctx,
+            Err(ResolveError::Revoked) => {
+                let t = &self
+                    .services
+                    .store
+                    .admin()
+                    .tenants()
+                    .unwrap()
+                    .into_iter()
+                    .find(|t| t.name == team)
+                    .unwrap()
+                    .id;
+                self.services.tenants.operator_context(t).unwrap()
+            }
+            Err(e) => panic!("{e}"),
+        };
+        let repo = self.services.store.for_tenant(&ctx).unwrap();
+        let head = self.services.audit.head(&ctx, repo.clone()).await.unwrap();
+        self.services
+            .audit
+            .read_range(&ctx, repo, 0, head.size)
+            .await
+            .unwrap()
+            .iter()
+            .map(|b| serde_json::from_slice(b).unwrap())
+            .collect()
+    }
+}
+
+fn now() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+async fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_slash_command_is_acknowledged_run_and_answered_through_response_url() {
+    let app = spawn().await;
+    app.install("T0ACME01", "xoxb-acme").await;
+    let r = app
+        .command("T0ACME01", "U0MEMBER", "remember dog: Rex")
+        .await;
+    assert_eq!(r.status(), 200);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(
+        body,
+        json!({"response_type": "ephemeral", "text": "Working on it…"})
+    );
+    let answer = wait_for("the response_url answer", || {
+        app.slack.responses.lock().unwrap().first().cloned()
+    })
+    .await;
+    assert_eq!(answer["text"], "Remembered that about dog.");
+    assert_eq!(answer["response_type"], "in_channel");
+    let ev = app.events_of("T0ACME01").await;
+    let cmd = ev.iter().find(|e| e["type"] == "command.received").unwrap();
+    assert_eq!(cmd["data"]["kind"], "slash_command");
+    assert_eq!(cmd["principal"], "slack:U0MEMBER");
+    assert_eq!(
+        cmd["correlation_id"],
+        "13345224609.738474920.8088930838d88f008e0"
+    );
+    assert!(
+        !serde_json::to_string(&ev).unwrap().contains("Rex"),
+        "the command text is logged as a hash"
+    );
+}
+
+#[tokio::test]
+async fn unknown_and_uninstalled_workspaces_get_a_helpful_message() {
+    let app = spawn().await;
+    let r: Value = app
+        .command("T0NOBODY", "U1", "help")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert!(r["text"].as_str().unwrap().contains("not installed"), "{r}");
+    app.install("T0GONE01", "xoxb-gone").await;
+    assert_eq!(
+        app.event("T0GONE01", "Ev0UNINST", json!({"type": "app_uninstalled"}))
+            .await
+            .status(),
+        200
+    );
+    let r: Value = app
+        .command("T0GONE01", "U1", "help")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert!(r["text"].as_str().unwrap().contains("uninstalled"), "{r}");
+    let ev = app.events_of("T0GONE01").await;
+    let revoked = ev
+        .iter()
+        .find(|e| e["type"] == "installation.revoked")
+        .unwrap();
+    assert_eq!(revoked["data"]["reason"], "uninstalled");
+    // A mention after the uninstall uses no token.
+    app.event("T0GONE01", "Ev0AFTER", json!({"type": "app_mention", "user": "U1", "text": "<@U0BOTUSER> help", "channel": "C1", "ts": "1.2"})).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(app.slack.posts.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn bad_signatures_stale_timestamps_and_oversized_bodies_are_refused() {
+    let app = spawn().await;
+    app.install("T0SIG01", "xoxb-sig").await;
+    let body = "team_id=T0SIG01&user_id=U1&channel_id=C1&text=help&response_url=http%3A%2F%2F127.0.0.1%3A9%2Fx".to_owned();
+    let bad = app
+        .http
+        .post(format!("{}/slack/commands", app.url))
+        .header("x-slack-request-timestamp", now().to_string())
+        .header("x-slack-signature", "v0=00")
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 401);
+    assert_eq!(bad.text().await.unwrap(), "invalid request signature");
+    let missing = app
+        .http
+        .post(format!("{}/slack/events", app.url))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 401);
+    let stale = app
+        .signed(
+            "/slack/commands",
+            "application/x-www-form-urlencoded",
+            body.clone(),
+            now() - 301,
+        )
+        .await;
+    assert_eq!(stale.status(), 401);
+    let huge = app
+        .signed(
+            "/slack/events",
+            "application/json",
+            format!("{{\"type\":\"x\",\"pad\":\"{}\"}}", "a".repeat(70 * 1024)),
+            now(),
+        )
+        .await;
+    assert_eq!(huge.status(), 413);
+    let malformed = app
+        .signed(
+            "/slack/events",
+            "application/json",
+            "{not json".into(),
+            now(),
+        )
+        .await;
+    assert_eq!(malformed.status(), 400);
+    let ev = app.events_of("T0SIG01").await;
+    assert!(
+        !ev.iter().any(|e| e["type"] == "command.received"),
+        "nothing ran"
+    );
+}
+
+#[tokio::test]
+async fn events_verify_the_url_answer_mentions_in_thread_and_never_run_a_retry_twice() {
+    let app = spawn().await;
+    app.install("T0EVT01", "xoxb-events").await;
+    let r = app.signed("/slack/events", "application/json", json!({"type": "url_verification", "challenge": "3eZbrw1aBm2rZgRNFdxV2595E9CY3gmdALWMmHkvFXO7tYXAYM8P"}).to_string(), now()).await;
+    assert_eq!(
+        r.json::<Value>().await.unwrap(),
+        json!({"challenge": "3eZbrw1aBm2rZgRNFdxV2595E9CY3gmdALWMmHkvFXO7tYXAYM8P"})
+    );
+
+    let mention = json!({"type": "app_mention", "user": "U0M", "text": "<@U0BOTUSER> remember cat: Tom", "channel": "C0GEN", "ts": "1700000000.000100"});
+    assert_eq!(
+        app.event("T0EVT01", "Ev0MENTION1", mention.clone())
+            .await
+            .status(),
+        200
+    );
+    let (auth, post) = wait_for("chat.postMessage", || {
+        app.slack.posts.lock().unwrap().first().cloned()
+    })
+    .await;
+    assert_eq!(auth, "Bearer xoxb-events");
+    assert_eq!(post["channel"], "C0GEN");
+    assert_eq!(post["thread_ts"], "1700000000.000100");
+    assert_eq!(post["text"], "Remembered that about cat.");
+    // Slack retries the same delivery: nothing runs again.
+    let retry = app
+        .http
+        .post(format!("{}/slack/events", app.url))
+        .header("content-type", "application/json")
+        .header("x-slack-retry-num", "1")
+        .header("x-slack-retry-reason", "http_timeout");
+    let body = json!({"type": "event_callback", "team_id": "T0EVT01", "event_id": "Ev0MENTION1", "event": mention}).to_string();
+    let ts = now();
+    let r = retry
+        .header("x-slack-request-timestamp", ts.to_string())
+        .header(
+            "x-slack-signature",
+            sign(SECRET.as_bytes(), ts, body.as_bytes()),
+        )
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(app.slack.posts.lock().unwrap().len(), 1);
+    let ev = app.events_of("T0EVT01").await;
+    assert_eq!(
+        ev.iter()
+            .filter(|e| e["type"] == "command.received")
+            .count(),
+        1
+    );
+    let r = app
+        .signed(
+            "/slack/interactions",
+            "application/x-www-form-urlencoded",
+            "payload=%7B%7D".into(),
+            now(),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    assert!(r.text().await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_response_url_that_rate_limits_is_retried_after_its_retry_after() {
+    let app = spawn().await;
+    app.install("T0RATE01", "xoxb-rate").await;
+    app.slack.response_status.lock().unwrap().push_back(429);
+    let started = Instant::now();
+    app.command("T0RATE01", "U1", "whoami").await;
+    let answer = wait_for("the answer after a 429", || {
+        app.slack.responses.lock().unwrap().first().cloned()
+    })
+    .await;
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "Retry-After: 1 was honoured"
+    );
+    assert_eq!(
+        answer["text"],
+        "You are slack:U1 with role member in T0RATE01."
+    );
+}
+
+#[tokio::test]
+async fn the_oauth_install_checks_state_and_cookie_and_stores_an_encrypted_installation() {
+    let app = spawn().await;
+    let r = app
+        .http
+        .get(format!("{}/slack/install", app.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 302);
+    let cookie = r.headers()["set-cookie"].to_str().unwrap().to_owned();
+    assert!(
+        cookie.contains("HttpOnly") && cookie.contains("Secure") && cookie.contains("SameSite=Lax"),
+        "{cookie}"
+    );
+    let nonce = cookie
+        .split(';')
+        .next()
+        .unwrap()
+        .split_once('=')
+        .unwrap()
+        .1
+        .to_owned();
+    let location = url::Url::parse(r.headers()["location"].to_str().unwrap()).unwrap();
+    let q: std::collections::HashMap<_, _> = location.query_pairs().into_owned().collect();
+    assert_eq!(q["client_id"], "1111.2222");
+    assert_eq!(q["scope"], "app_mentions:read,chat:write,commands");
+    assert_eq!(q["redirect_uri"], "http://localhost/slack/oauth_redirect");
+    let state = q["state"].clone();
+
+    let back = |code: &str, state: &str, cookie: Option<String>| {
+        let mut req = app
+            .http
+            .get(format!("{}/slack/oauth_redirect", app.url))
+            .query(&[("code", code), ("state", state)]);
+        if let Some(c) = cookie {
+            req = req.header("cookie", format!("agentgate_slack_oauth={c}"));
+        }
+        req.send()
+    };
+    // Another browser (no or a different cookie) cannot finish this install.
+    let r = back("good-code", &state, Some("0".repeat(32)))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert!(r.text().await.unwrap().contains("another browser"));
+    let r = back("good-code", &state, None).await.unwrap();
+    assert_eq!(r.status(), 400);
+    // A forged state.
+    let r = back(
+        "good-code",
+        &format!("{nonce}.9999999999.00"),
+        Some(nonce.clone()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 400);
+    assert!(
+        app.services.store.admin().tenants().unwrap().is_empty(),
+        "nothing was stored"
+    );
+
+    let r = back("good-code", &state, Some(nonce.clone()))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.text().await.unwrap().contains("installed in Acme"));
+    let forms = app.slack.oauth_forms.lock().unwrap().clone();
+    assert!(
+        forms[0].0.starts_with("Basic "),
+        "client credentials as HTTP basic auth"
+    );
+    assert!(forms[0].1.contains("code=good-code"));
+    // The same state cannot be used twice.
+    let r = back("good-code", &state, Some(nonce.clone()))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert!(r.text().await.unwrap().contains("already used"));
+
+    let tenants = app.services.store.admin().tenants().unwrap();
+    assert_eq!(tenants.len(), 1);
+    assert_eq!(tenants[0].name, "Acme");
+    let resolved = app
+        .services
+        .tenants
+        .resolve(&WorkspaceRequest {
+            identity: PlatformIdentity::Slack {
+                enterprise_id: None,
+                team_id: Some("T0OAUTH01".into()),
+            },
+            user: PrincipalId::qualified("slack", "U0INSTALLER").unwrap(),
+            correlation_id: None,
+            initiator: Initiator::User,
+        })
+        .unwrap();
+    assert_eq!(
+        resolved.ctx.role(),
+        agentgate::tenant::Role::Owner,
+        "the installer owns the tenant"
+    );
+    assert_eq!(
+        resolved.installation.bot_user_id.as_deref(),
+        Some("U0BOTUSER")
+    );
+    assert!(resolved.installation.refresh_token.is_some());
+
+    // Denied installs and failed exchanges change nothing.
+    let r = app
+        .http
+        .get(format!(
+            "{}/slack/oauth_redirect?error=access_denied&state=x",
+            app.url
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert!(r.text().await.unwrap().contains("cancelled"));
+    let r2 = app
+        .http
+        .get(format!("{}/slack/install", app.url))
+        .send()
+        .await
+        .unwrap();
+    let cookie2 = r2.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .split_once('=')
+        .unwrap()
+        .1
+        .to_owned();
+    let loc2 = url::Url::parse(r2.headers()["location"].to_str().unwrap()).unwrap();
+    let state2 = loc2
+        .query_pairs()
+        .find(|(k, _)| k == "state")
+        .unwrap()
+        .1
+        .into_owned();
+    let r = back("bad-code", &state2, Some(cookie2)).await.unwrap();
+    assert_eq!(r.status(), 502);
+    assert!(r.text().await.unwrap().contains("invalid_code"));
+    assert_eq!(app.services.store.admin().tenants().unwrap().len(), 1);
+
+    // Token rotation: the token expires within the margin, so it is refreshed before a reply.
+    app.event("T0OAUTH01", "Ev0ROT", json!({"type": "app_mention", "user": "U0INSTALLER", "text": "<@U0BOTUSER> whoami", "channel": "C9", "ts": "5.6"})).await;
+    let (auth, _) = wait_for("a reply with the rotated token", || {
+        app.slack.posts.lock().unwrap().first().cloned()
+    })
+    .await;
+    assert_eq!(auth, "Bearer xoxe.xoxb-rotated");
+    let forms = app.slack.oauth_forms.lock().unwrap().clone();
+    assert!(forms
+        .iter()
+        .any(|(_, f)| f.contains("grant_type=refresh_token")
+            && f.contains("refresh_token=xoxe-1-refresh-1")));
+    let ev = app.events_of("T0OAUTH01").await;
+    assert!(ev.iter().any(|e| e["type"] == "installation.updated"
+        && e["data"]["changed"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("bot_token"))));
+    assert!(
+        !serde_json::to_string(&ev).unwrap().contains("xoxb"),
+        "no token reaches the audit log"
+    );
+}
