@@ -244,6 +244,18 @@ impl Application {
             app = app.merge(crate::transport::slack::router(slack_state));
             tracing::info!("Slack routes enabled");
         }
+        if let Some(discord) = self.config.discord.clone() {
+            let discord_state = crate::transport::discord::DiscordState::new(
+                discord,
+                Arc::new(SystemClock),
+                self.services.tenants.clone(),
+                self.services.agent.clone(),
+                self.services.sink.clone(),
+                self.services.state_key.clone(),
+            );
+            app = app.merge(crate::transport::discord::router(discord_state));
+            tracing::info!("Discord routes enabled");
+        }
         let addr = self
             .listener
             .local_addr()

@@ -16,6 +16,8 @@ use std::num::NonZeroU32;
 use std::process::ExitCode;
 
 use crate::agent::{AgentConfig, LlmEndpoints};
+use crate::transport::discord::signature as discord_signature;
+use crate::transport::discord::DiscordConfig;
 use crate::transport::slack::oauth::OAuthConfig;
 use crate::transport::slack::SlackConfig;
 
@@ -122,6 +124,23 @@ pub enum Command {
     /// The per-tenant audit logs: export, verify offline, prove inclusion, sign, make keys.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Discord application setup.
+    #[command(subcommand)]
+    Discord(DiscordCommand),
+}
+
+/// `discord …`
+#[derive(Debug, Subcommand)]
+pub enum DiscordCommand {
+    /// Register the /agentgate slash command, globally or in one guild (immediate, for testing).
+    RegisterCommands {
+        /// Register in this guild only.
+        #[arg(long)]
+        guild: Option<String>,
+        /// The application and bot settings.
+        #[command(flatten)]
+        discord: DiscordArgs,
+    },
 }
 
 /// `audit …`
@@ -217,6 +236,77 @@ pub struct ServeArgs {
     /// Slack.
     #[command(flatten)]
     pub slack: SlackArgs,
+    /// Discord.
+    #[command(flatten)]
+    pub discord: DiscordArgs,
+}
+
+/// Discord settings; the interactions endpoint is on when the public key and application id are set.
+#[derive(Debug, Args)]
+pub struct DiscordArgs {
+    /// The application's public key (General Information), 64 hex digits, for interaction signatures.
+    #[arg(long, env = "AGENTGATE_DISCORD_PUBLIC_KEY")]
+    pub discord_public_key: Option<String>,
+    /// The application id (also the OAuth2 client id).
+    #[arg(long, env = "AGENTGATE_DISCORD_APPLICATION_ID")]
+    pub discord_application_id: Option<String>,
+    /// The OAuth2 client secret, for the install at /discord/install.
+    #[arg(long, env = "AGENTGATE_DISCORD_CLIENT_SECRET", hide_env_values = true)]
+    pub discord_client_secret: Option<String>,
+    /// The bot token, for registering slash commands (and the Gateway).
+    #[arg(long, env = "AGENTGATE_DISCORD_BOT_TOKEN", hide_env_values = true)]
+    pub discord_bot_token: Option<String>,
+    /// Discord's REST base URL.
+    #[arg(
+        long,
+        env = "AGENTGATE_DISCORD_API_URL",
+        default_value = "https://discord.com/api/v10"
+    )]
+    pub discord_api_url: String,
+    /// Discord's OAuth2 authorize URL.
+    #[arg(
+        long,
+        env = "AGENTGATE_DISCORD_AUTHORIZE_URL",
+        default_value = "https://discord.com/oauth2/authorize"
+    )]
+    pub discord_authorize_url: String,
+    /// Bot permissions requested at install (decimal bitfield; default: View Channels and Send Messages).
+    #[arg(long, env = "AGENTGATE_DISCORD_PERMISSIONS", default_value = "3072")]
+    pub discord_permissions: String,
+}
+
+impl DiscordArgs {
+    fn config(&self, public_url: &str) -> anyhow::Result<Option<DiscordConfig>> {
+        let (Some(key), Some(app)) = (&self.discord_public_key, &self.discord_application_id)
+        else {
+            if self.discord_public_key.is_some() != self.discord_application_id.is_some() {
+                anyhow::bail!("set both AGENTGATE_DISCORD_PUBLIC_KEY and AGENTGATE_DISCORD_APPLICATION_ID, or neither");
+            }
+            return Ok(None);
+        };
+        crate::installation::snowflake("application id", app)
+            .map_err(|e| anyhow::anyhow!("AGENTGATE_DISCORD_APPLICATION_ID: {e}"))?;
+        url::Url::parse(&self.discord_api_url).context("AGENTGATE_DISCORD_API_URL is not a URL")?;
+        url::Url::parse(&self.discord_authorize_url)
+            .context("AGENTGATE_DISCORD_AUTHORIZE_URL is not a URL")?;
+        self.discord_permissions
+            .parse::<u64>()
+            .context("AGENTGATE_DISCORD_PERMISSIONS is not a decimal bitfield")?;
+        Ok(Some(DiscordConfig {
+            public_key: discord_signature::parse_public_key(key)
+                .map_err(|e| anyhow::anyhow!("AGENTGATE_DISCORD_PUBLIC_KEY: {e}"))?,
+            application_id: app.clone(),
+            client_secret: self.discord_client_secret.clone().map(SecretString::from),
+            bot_token: self.discord_bot_token.clone().map(SecretString::from),
+            api_url: self.discord_api_url.clone(),
+            authorize_url: self.discord_authorize_url.clone(),
+            permissions: self.discord_permissions.clone(),
+            redirect_url: format!(
+                "{}/discord/oauth_redirect",
+                public_url.trim_end_matches('/')
+            ),
+        }))
+    }
 }
 
 /// Slack settings; Slack's routes are on when a signing secret is set.
@@ -416,6 +506,7 @@ impl Cli {
                     audit,
                     agent: args.agent.config(),
                     slack: args.slack.config()?,
+                    discord: args.discord.config(&args.slack.public_url)?,
                 };
                 let app = Application::build(config).await?;
                 app.run_until_stopped(crate::shutdown::signal()).await
@@ -429,6 +520,24 @@ impl Cli {
             Command::Tenants(TenantsCommand::List { json }) => {
                 let services = Services::open(&self.global.data_dir, master_key.as_ref(), &audit)?;
                 tenants_list(&services, json)
+            }
+            Command::Discord(DiscordCommand::RegisterCommands { guild, discord }) => {
+                let (Some(app), Some(token)) = (discord.discord_application_id, discord.discord_bot_token) else {
+                    anyhow::bail!("set AGENTGATE_DISCORD_APPLICATION_ID and AGENTGATE_DISCORD_BOT_TOKEN");
+                };
+                if let Some(g) = &guild {
+                    crate::installation::snowflake("guild id", g).map_err(|e| anyhow::anyhow!("--guild: {e}"))?;
+                }
+                let api = crate::transport::discord::api::DiscordApi::new(&discord.discord_api_url);
+                let n = api
+                    .register_commands(&app, &SecretString::from(token), guild.as_deref())
+                    .await
+                    .context("Discord refused the commands")?;
+                match guild {
+                    Some(g) => println!("registered {n} command(s) in guild {g}"),
+                    None => println!("registered {n} global command(s); Discord may take up to an hour to show them"),
+                }
+                Ok(())
             }
             Command::Audit(AuditCommand::Verify {
                 path,

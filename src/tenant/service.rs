@@ -212,6 +212,20 @@ impl Tenants {
     /// [`ResolveError`]: a malformed identity, an unknown workspace, a revoked installation, a tenant
     /// whose records are missing, or a store failure (a corrupt record among them).
     pub fn resolve(&self, req: &WorkspaceRequest) -> Result<Resolved, ResolveError> {
+        self.resolve_with(req, false)
+    }
+
+    /// As [`Tenants::resolve`], for a user the platform itself vouches is an administrator of the
+    /// workspace (a Discord guild's owner, or a member holding Administrator): such a user holds at
+    /// least the admin role, whatever the membership table says.
+    ///
+    /// # Errors
+    /// As [`Tenants::resolve`].
+    pub fn resolve_with(
+        &self,
+        req: &WorkspaceRequest,
+        platform_admin: bool,
+    ) -> Result<Resolved, ResolveError> {
         let mut found = None;
         for ws in req.identity.candidates()? {
             if let Some(entry) = self.store.directory().lookup(&ws.directory_key())? {
@@ -233,10 +247,13 @@ impl Tenants {
             .settings()
             .get()?
             .ok_or_else(|| ResolveError::NotProvisioned(entry.tenant.clone()))?;
-        let role = repos
+        let mut role = repos
             .members()
             .role_of(&req.user)?
             .unwrap_or(settings.default_role);
+        if platform_admin && !role.at_least(Role::Admin) {
+            role = Role::Admin;
+        }
         let ctx = Self::context(
             entry.tenant,
             Actor::new(req.user.clone(), PrincipalKind::User, role),

@@ -2,6 +2,7 @@
 //! request's signature on its raw bytes, resolves the workspace to a `TenantContext`, records the
 //! command, hands its text to the agent loop and delivers the reply back to its platform.
 
+pub mod discord;
 pub mod install_state;
 pub mod slack;
 

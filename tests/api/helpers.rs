@@ -36,6 +36,7 @@ pub fn test_config(data_dir: &Path, installations_dir: &Path) -> Config {
         audit: agentgate::config::AuditOptions::default(),
         agent: agentgate::agent::AgentConfig::default(),
         slack: None,
+        discord: None,
     }
 }
 

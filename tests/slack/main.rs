@@ -144,6 +144,7 @@ async fn spawn() -> App {
                 redirect_url: "http://localhost/slack/oauth_redirect".into(),
             }),
         }),
+        discord: None,
     };
     let app = Application::build(config).await.unwrap();
     let url = format!("http://127.0.0.1:{}", app.port());
