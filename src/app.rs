@@ -244,6 +244,38 @@ impl Application {
             app = app.merge(crate::transport::slack::router(slack_state));
             tracing::info!("Slack routes enabled");
         }
+        // The Discord Gateway runs in this process when a bot token is configured (the embedded
+        // store serves one process).
+        let mut gateway = None;
+        if let Some(token) = self
+            .config
+            .discord
+            .as_ref()
+            .and_then(|d| d.bot_token.clone())
+        {
+            let api_url = self
+                .config
+                .discord
+                .as_ref()
+                .map(|d| d.api_url.clone())
+                .unwrap_or_default();
+            let handler = crate::transport::discord::gateway::Handler::new(
+                self.services.tenants.clone(),
+                self.services.agent.clone(),
+                self.services.sink.clone(),
+            );
+            let mut client = crate::transport::discord::gateway::client(&token, &api_url, handler)
+                .await
+                .context("cannot build the Discord gateway client")?;
+            let shards = client.shard_manager.clone();
+            let task = tokio::spawn(async move {
+                if let Err(e) = client.start().await {
+                    tracing::error!(error = %e, "the Discord gateway stopped");
+                }
+            });
+            gateway = Some((shards, task));
+            tracing::info!("Discord gateway started");
+        }
         if let Some(discord) = self.config.discord.clone() {
             let discord_state = crate::transport::discord::DiscordState::new(
                 discord,
@@ -269,15 +301,34 @@ impl Application {
                 Err(e) => tracing::error!(error = %e, "resuming unfinished runs failed"),
             }
         });
+        // One shutdown signal, fanned out to the server and the checkpointer.
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+        });
+        let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        };
+        let checkpointer = tokio::spawn(
+            self.services
+                .audit
+                .clone()
+                .run_checkpointer(wait(stop_rx.clone())),
+        );
         tracing::info!(%addr, "agentgate listening");
-        axum::serve(self.listener, app)
-            .with_graceful_shutdown(shutdown)
+        let served = axum::serve(self.listener, app)
+            .with_graceful_shutdown(wait(stop_rx))
             .await
-            .context("server failed")?;
-        self.services
-            .store
-            .flush()
-            .context("cannot flush the store at shutdown")?;
+            .context("server failed");
+        if let Some((shards, task)) = gateway {
+            shards.shutdown_all().await;
+            let _ = task.await;
+        }
+        // The checkpointer signs what is unsigned and closes the logs once it sees the signal.
+        checkpointer.await.context("the checkpointer panicked")?;
+        served?;
+        self.services.close().await?;
         tracing::info!("agentgate stopped");
         Ok(())
     }

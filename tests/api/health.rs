@@ -77,6 +77,16 @@ async fn a_second_start_duplicates_nothing() {
         .map(|i| i.id.to_string())
         .collect();
     let events_before = domain_events(&first.services, &ctx).await;
+    let head = first
+        .services
+        .audit
+        .head(&ctx, first.services.store.for_tenant(&ctx).unwrap())
+        .await
+        .unwrap();
+    assert!(
+        head.checkpoint.is_none(),
+        "nothing signed yet: the interval is a minute"
+    );
     let members_before = repos.members().list().unwrap();
     drop(repos);
     first.stop().await;
@@ -98,6 +108,19 @@ async fn a_second_start_duplicates_nothing() {
         .map(|i| i.id.to_string())
         .collect();
     assert_eq!(installs_after, installs_before);
+    let head = second
+        .services
+        .audit
+        .head(&ctx, second.services.store.for_tenant(&ctx).unwrap())
+        .await
+        .unwrap();
+    let note = head
+        .checkpoint
+        .expect("a graceful stop signs what was unsigned");
+    assert!(
+        note.contains(&format!("\n{}\n", head.size - 1)),
+        "the stop's checkpoint covers every event before its own record: {note}"
+    );
     assert_eq!(
         domain_events(&second.services, &ctx).await,
         events_before,

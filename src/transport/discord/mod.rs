@@ -2,6 +2,7 @@
 //! a follow-up), the OAuth2 bot install, and slash-command registration.
 
 pub mod api;
+pub mod gateway;
 pub mod signature;
 
 use std::sync::atomic::{AtomicU64, Ordering};
