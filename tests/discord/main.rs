@@ -1,5 +1,5 @@
-//! Discord end to end over HTTP: Ed25519-signed interactions against the real application on port
-//! 0, with a local stand-in for Discord's REST API (follow-ups, OAuth2, users, commands).
+//! Discord end to end: Ed25519-signed interactions and the Gateway, against the real application on
+//! port 0 with local stand-ins for Discord's REST API and Gateway.
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::{Arc, Mutex};
@@ -18,7 +18,9 @@ use ed25519_dalek::{Signer, SigningKey};
 use secrecy::SecretString;
 use serde_json::{json, Value};
 
-const APP_ID: &str = "200000000000000001";
+mod gateway;
+
+pub const APP_ID: &str = "200000000000000001";
 
 #[derive(Clone, Default)]
 struct Discord {
@@ -201,7 +203,7 @@ fn command(guild: &str, user: &str, permissions: &str, text: &str) -> Value {
     })
 }
 
-async fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+pub async fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         if let Some(v) = f() {
