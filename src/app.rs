@@ -231,17 +231,22 @@ impl Application {
             tenants: self.services.tenants.clone(),
         };
         let mut app = router(state, self.config.request_timeout);
-        if let Some(slack) = self.config.slack.clone() {
-            let slack_state = SlackState::new(
-                slack,
-                Arc::new(SystemClock),
-                self.services.tenants.clone(),
-                self.services.agent.clone(),
-                self.services.sink.clone(),
-                self.services.state_key.clone(),
-            )
-            .context("cannot build the Slack client")?;
-            app = app.merge(crate::transport::slack::router(slack_state));
+        let slack_state = match self.config.slack.clone() {
+            Some(slack) => Some(
+                SlackState::new(
+                    slack,
+                    Arc::new(SystemClock),
+                    self.services.tenants.clone(),
+                    self.services.agent.clone(),
+                    self.services.sink.clone(),
+                    self.services.state_key.clone(),
+                )
+                .context("cannot build the Slack client")?,
+            ),
+            None => None,
+        };
+        if let Some(s) = &slack_state {
+            app = app.merge(crate::transport::slack::router(s.clone()));
             tracing::info!("Slack routes enabled");
         }
         // The Discord Gateway runs in this process when a bot token is configured (the embedded
@@ -276,18 +281,27 @@ impl Application {
             gateway = Some((shards, task));
             tracing::info!("Discord gateway started");
         }
-        if let Some(discord) = self.config.discord.clone() {
-            let discord_state = crate::transport::discord::DiscordState::new(
+        let discord_state = self.config.discord.clone().map(|discord| {
+            crate::transport::discord::DiscordState::new(
                 discord,
                 Arc::new(SystemClock),
                 self.services.tenants.clone(),
                 self.services.agent.clone(),
                 self.services.sink.clone(),
                 self.services.state_key.clone(),
-            );
-            app = app.merge(crate::transport::discord::router(discord_state));
+            )
+        });
+        if let Some(d) = &discord_state {
+            app = app.merge(crate::transport::discord::router(d.clone()));
             tracing::info!("Discord routes enabled");
         }
+        // Answers go back to where their commands came from, also for runs resumed below.
+        self.services
+            .agent
+            .set_reply_sink(Arc::new(crate::transport::Replies {
+                slack: slack_state,
+                discord: discord_state,
+            }));
         let addr = self
             .listener
             .local_addr()

@@ -62,4 +62,7 @@ pub struct RunState {
     pub usage: RunUsage,
     /// Where it stands.
     pub status: Status,
+    /// Where its answer goes, written by the transport that accepted the command.
+    #[serde(default)]
+    pub reply_to: Option<serde_json::Value>,
 }

@@ -6,12 +6,13 @@ pub mod discord;
 pub mod install_state;
 pub mod slack;
 
-use std::future::Future;
 use std::sync::Arc;
+
+use serde_json::Value;
 
 use sha2::{Digest, Sha256};
 
-use crate::agent::{Agent, RunOutcome, RunRequest};
+use crate::agent::{Agent, ReplySink, RunOutcome, RunRequest};
 use crate::audit::{AuditError, AuditSink, EventBody};
 use crate::tenant::TenantContext;
 
@@ -55,22 +56,19 @@ pub struct Command {
 }
 
 /// Records the command in the tenant's log (durable before the caller acknowledges it), then runs
-/// it in the background and hands the outcome to `deliver`.
+/// it in the background; the answer goes to `reply_to` through the agent's reply sink, also if the
+/// run only finishes after a restart.
 ///
 /// # Errors
 /// [`AuditError`] when the command could not be recorded; then nothing runs and the caller must not
 /// acknowledge it as accepted.
-pub async fn accept<F, Fut>(
+pub async fn accept(
     sink: &Arc<dyn AuditSink>,
     agent: &Agent,
     ctx: TenantContext,
     cmd: Command,
-    deliver: F,
-) -> Result<(), AuditError>
-where
-    F: FnOnce(RunOutcome) -> Fut + Send + 'static,
-    Fut: Future<Output = ()> + Send,
-{
+    reply_to: Value,
+) -> Result<(), AuditError> {
     sink.append(
         &ctx,
         EventBody::CommandReceived {
@@ -87,25 +85,48 @@ where
         } else {
             cmd.text
         };
-        let outcome = match agent
-            .run(
-                &ctx,
-                RunRequest {
-                    text,
-                    conversation: cmd.conversation,
-                },
-            )
+        let req = RunRequest {
+            text,
+            conversation: cmd.conversation,
+        };
+        if let Err(e) = agent
+            .run_with_reply(&ctx, req, Some(reply_to.clone()))
             .await
         {
-            Ok(o) => o,
-            Err(e) => {
-                tracing::error!(tenant = %ctx.tenant_id(), run = %ctx.audit().run_id, error = %e, "run failed");
-                RunOutcome::Failed(
-                    "Something went wrong on our side; the command was not completed.".into(),
-                )
-            }
-        };
-        deliver(outcome).await;
+            tracing::error!(tenant = %ctx.tenant_id(), run = %ctx.audit().run_id, error = %e, "run failed");
+            let failed = RunOutcome::Failed(
+                "Something went wrong on our side; the command was not completed.".into(),
+            );
+            agent.deliver(&ctx, &reply_to, &failed).await;
+        }
     });
     Ok(())
+}
+
+/// Delivers answers for every configured platform; set as the agent's reply sink at start.
+pub struct Replies {
+    /// Slack, when configured.
+    pub slack: Option<slack::SlackState>,
+    /// Discord, when configured.
+    pub discord: Option<discord::DiscordState>,
+}
+
+#[async_trait::async_trait]
+impl ReplySink for Replies {
+    async fn deliver(&self, ctx: &TenantContext, target: &Value, outcome: &RunOutcome) {
+        let delivered = match target["platform"].as_str() {
+            Some("slack") => match &self.slack {
+                Some(s) => slack::deliver(s, ctx, target, outcome.text()).await,
+                None => Err("Slack is not configured".to_owned()),
+            },
+            Some("discord") => match &self.discord {
+                Some(d) => discord::deliver(d, target, outcome.text()).await,
+                None => Err("Discord is not configured".to_owned()),
+            },
+            _ => Err("the reply target names no platform".to_owned()),
+        };
+        if let Err(e) = delivered {
+            tracing::warn!(tenant = %ctx.tenant_id(), run = %ctx.audit().run_id, error = %e, "an answer could not be delivered");
+        }
+    }
 }

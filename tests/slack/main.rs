@@ -109,6 +109,11 @@ struct App {
 }
 
 async fn spawn() -> App {
+    spawn_in(tempfile::tempdir().unwrap()).await
+}
+
+/// Starts the Slack stand-in, then the application over `dir`.
+async fn spawn_in(dir: tempfile::TempDir) -> App {
     let slack = Slack::default();
     let slack_url = serve(
         Router::new()
@@ -123,7 +128,6 @@ async fn spawn() -> App {
             .with_state(slack.clone()),
     )
     .await;
-    let dir = tempfile::tempdir().unwrap();
     let config = Config {
         data_dir: dir.path().to_owned(),
         installations_dir: dir.path().join("none"),
@@ -673,5 +677,86 @@ async fn the_oauth_install_checks_state_and_cookie_and_stores_an_encrypted_insta
     assert!(
         !serde_json::to_string(&ev).unwrap().contains("xoxb"),
         "no token reaches the audit log"
+    );
+}
+
+#[tokio::test]
+async fn a_run_interrupted_by_a_crash_is_resumed_at_start_and_still_answers() {
+    use agentgate::agent::state::{RunState, Status};
+    // Before the restart: an accepted command whose run had not finished when the process died.
+    let dir = tempfile::tempdir().unwrap();
+    let slack = Slack::default();
+    let stand_in = serve(
+        Router::new()
+            .route("/respond", post(respond))
+            .with_state(slack.clone()),
+    )
+    .await;
+    {
+        let s = Services::open(
+            dir.path(),
+            Some(&SecretString::from("42".repeat(32))),
+            &AuditOptions::default(),
+        )
+        .unwrap();
+        let t = s
+            .tenants
+            .install(
+                NewInstallation {
+                    workspace: Workspace::slack_team(None, "T0CRASH1").unwrap(),
+                    app_id: "A0TEST".into(),
+                    bot_user_id: None,
+                    bot_token: None,
+                    refresh_token: None,
+                    token_expires_at: None,
+                    scopes: vec![],
+                    installer: PrincipalId::qualified("slack", "U0OWNER").unwrap(),
+                    source: InstallSource::OAuth,
+                },
+                "crashco",
+                None,
+            )
+            .await
+            .unwrap()
+            .tenant;
+        let op = s.tenants.operator_context(&t).unwrap();
+        let st = RunState {
+            v: 1,
+            run_id: ulid::Ulid::new().to_string(),
+            principal: "slack:U0WAITING".into(),
+            conversation: "slack:C0CRASH".into(),
+            correlation_id: None,
+            started_at: chrono::Utc::now(),
+            text: "whoami".into(),
+            messages: vec![agentgate::agent::planner::Message::User {
+                text: "whoami".into(),
+            }],
+            step: 0,
+            pending: vec![],
+            next_call: 0,
+            in_flight: None,
+            usage: Default::default(),
+            status: Status::Running,
+            reply_to: Some(
+                json!({"platform": "slack", "kind": "response_url", "url": format!("{stand_in}/respond")}),
+            ),
+        };
+        s.store
+            .for_tenant(&op)
+            .unwrap()
+            .runs()
+            .put_run(&st.run_id, &serde_json::to_vec(&st).unwrap(), false)
+            .unwrap();
+        s.close().await.unwrap();
+    }
+    // The restart resumes the run and delivers its answer where the command came from.
+    let _app = spawn_in(dir).await;
+    let answer = wait_for("the resumed run's answer", || {
+        slack.responses.lock().unwrap().first().cloned()
+    })
+    .await;
+    assert_eq!(
+        answer["text"],
+        "You are slack:U0WAITING with role member in crashco."
     );
 }

@@ -140,6 +140,32 @@ impl DiscordApi {
         .map(|_| ())
     }
 
+    /// Replies to a message in its channel with the bot token.
+    ///
+    /// # Errors
+    /// [`DiscordApiError`].
+    pub async fn reply(
+        &self,
+        bot_token: &SecretString,
+        channel: &str,
+        message: &str,
+        text: &str,
+    ) -> Result<(), DiscordApiError> {
+        let req = self
+            .http
+            .post(format!("{}/channels/{channel}/messages", self.api_url))
+            .header(
+                "authorization",
+                format!("Bot {}", bot_token.expose_secret()),
+            )
+            .json(&json!({
+                "content": truncate(text),
+                "message_reference": {"message_id": message, "fail_if_not_exists": false},
+                "allowed_mentions": {"parse": []},
+            }));
+        self.send(req).await.map(|_| ())
+    }
+
     /// Exchanges an install's code.
     ///
     /// # Errors

@@ -10,7 +10,6 @@ use serenity::all::{
     UnavailableGuild, UserId,
 };
 
-use super::api::truncate;
 use crate::agent::Agent;
 use crate::audit::AuditSink;
 use crate::installation::{PlatformIdentity, Workspace};
@@ -143,20 +142,13 @@ impl EventHandler for Handler {
             text: strip_mention(&msg.content, bot),
             conversation: format!("discord:{}", msg.channel_id),
         };
-        let http = ctx.http.clone();
-        let reply_to = msg.clone();
-        let accepted = accept(
-            &self.sink,
-            &self.agent,
-            resolved.ctx,
-            cmd,
-            move |outcome| async move {
-                if let Err(e) = reply_to.reply(&http, truncate(outcome.text())).await {
-                    tracing::warn!(error = %e, "could not reply on Discord");
-                }
-            },
-        )
-        .await;
+        let target = serde_json::json!({
+            "platform": "discord",
+            "kind": "reply",
+            "channel": msg.channel_id.to_string(),
+            "message": msg.id.to_string(),
+        });
+        let accepted = accept(&self.sink, &self.agent, resolved.ctx, cmd, target).await;
         if let Err(e) = accepted {
             tracing::error!(error = %e, "could not record a Discord mention");
         }

@@ -198,19 +198,8 @@ async fn interactions(
         text: command_text(&v["data"]),
         conversation: format!("discord:{channel}"),
     };
-    let api = state.api.clone();
-    let accepted = accept(
-        &state.sink,
-        &state.agent,
-        resolved.ctx,
-        cmd,
-        move |outcome| async move {
-            if let Err(e) = api.follow_up(&app_id, &token, outcome.text()).await {
-                tracing::warn!(error = %e, "could not post a Discord follow-up");
-            }
-        },
-    )
-    .await;
+    let target = json!({"platform": "discord", "kind": "follow_up", "application_id": app_id, "token": token});
+    let accepted = accept(&state.sink, &state.agent, resolved.ctx, cmd, target).await;
     match accepted {
         // Deferred: Discord shows "thinking…" until the follow-up arrives.
         Ok(()) => Json(json!({"type": 5})).into_response(),
@@ -218,6 +207,35 @@ async fn interactions(
             tracing::error!(error = %e, "could not record a Discord command");
             ephemeral("agentgate could not accept this command right now. Please try again.")
         }
+    }
+}
+
+/// Delivers an answer to a Discord reply target written by this module or its gateway.
+///
+/// # Errors
+/// A message for the log.
+pub async fn deliver(state: &DiscordState, target: &Value, text: &str) -> Result<(), String> {
+    let s = |k: &str| {
+        target[k]
+            .as_str()
+            .map(str::to_owned)
+            .ok_or(format!("no {k}"))
+    };
+    match target["kind"].as_str() {
+        Some("follow_up") => state
+            .api
+            .follow_up(&s("application_id")?, &s("token")?, text)
+            .await
+            .map_err(|e| e.to_string()),
+        Some("reply") => {
+            let token = state.config.bot_token.as_ref().ok_or("no bot token")?;
+            state
+                .api
+                .reply(token, &s("channel")?, &s("message")?, text)
+                .await
+                .map_err(|e| e.to_string())
+        }
+        _ => Err("unknown Discord reply target".into()),
     }
 }
 

@@ -183,20 +183,14 @@ async fn commands(State(state): State<SlackState>, headers: HeaderMap, body: Byt
         Ok(r) => r,
         Err(e) => return ephemeral(resolve_failure(&e)),
     };
-    let api = state.api.clone();
-    let response_url = form.response_url;
     let cmd = Command {
         platform: "slack",
         kind: "slash_command",
         text: form.text,
         conversation: format!("slack:{}", form.channel_id),
     };
-    let accepted = accept(&state.sink, &state.agent, resolved.ctx, cmd, move |outcome| async move {
-        if let Err(e) = api.respond(&response_url, outcome.text()).await {
-            tracing::warn!(error = %e, "could not answer a slash command through its response_url");
-        }
-    })
-    .await;
+    let target = json!({"platform": "slack", "kind": "response_url", "url": form.response_url});
+    let accepted = accept(&state.sink, &state.agent, resolved.ctx, cmd, target).await;
     match accepted {
         Ok(()) => ephemeral("Working on it…"),
         Err(e) => {
@@ -275,29 +269,14 @@ async fn events(State(state): State<SlackState>, headers: HeaderMap, body: Bytes
                     None => format!("slack:{channel}"),
                 },
             };
-            let state2 = state.clone();
-            let ctx = resolved.ctx.clone();
-            let installation = resolved.installation;
-            let accepted = accept(
-                &state.sink,
-                &state.agent,
-                ctx,
-                cmd,
-                move |outcome| async move {
-                    let Some(token) = fresh_token(&state2, installation).await else {
-                        tracing::warn!("no usable bot token; the mention's answer was not posted");
-                        return;
-                    };
-                    if let Err(e) = state2
-                        .api
-                        .post_message(&token, &channel, ts.as_deref(), outcome.text())
-                        .await
-                    {
-                        tracing::warn!(error = %e, "could not post an answer to Slack");
-                    }
-                },
-            )
-            .await;
+            let target = json!({
+                "platform": "slack",
+                "kind": "thread",
+                "installation": resolved.installation.id.to_string(),
+                "channel": channel,
+                "thread_ts": ts,
+            });
+            let accepted = accept(&state.sink, &state.agent, resolved.ctx, cmd, target).await;
             if accepted.is_err() {
                 return StatusCode::INTERNAL_SERVER_ERROR.into_response();
             }
@@ -389,6 +368,55 @@ async fn fresh_token(state: &SlackState, inst: Installation) -> Option<SecretStr
             tracing::warn!(error = %e, "could not refresh a rotating Slack token");
             None
         }
+    }
+}
+
+/// Delivers an answer to a Slack reply target written by this module.
+///
+/// # Errors
+/// A message for the log.
+pub async fn deliver(
+    state: &SlackState,
+    ctx: &crate::tenant::TenantContext,
+    target: &Value,
+    text: &str,
+) -> Result<(), String> {
+    let s = |k: &str| target[k].as_str().map(str::to_owned);
+    match target["kind"].as_str() {
+        Some("response_url") => {
+            let url = s("url").ok_or("no response_url")?;
+            state
+                .api
+                .respond(&url, text)
+                .await
+                .map_err(|e| e.to_string())
+        }
+        Some("thread") => {
+            let id: crate::installation::InstallationId = s("installation")
+                .ok_or("no installation")?
+                .parse()
+                .map_err(|_| "bad installation id")?;
+            let repo = state
+                .tenants
+                .store()
+                .for_tenant(ctx)
+                .map_err(|e| e.to_string())?;
+            let inst = repo
+                .installations()
+                .get(&id)
+                .map_err(|e| e.to_string())?
+                .ok_or("the installation is gone")?;
+            let token = fresh_token(state, inst)
+                .await
+                .ok_or("no usable bot token")?;
+            let channel = s("channel").ok_or("no channel")?;
+            state
+                .api
+                .post_message(&token, &channel, s("thread_ts").as_deref(), text)
+                .await
+                .map_err(|e| e.to_string())
+        }
+        _ => Err("unknown Slack reply target".into()),
     }
 }
 
