@@ -99,7 +99,8 @@ impl Services {
             keyring,
         );
         let sink = Arc::new(LogSink::new(log.clone(), store.clone()));
-        let tenants = Tenants::new(store.clone(), sink.clone());
+        let tenants = Tenants::new(store.clone(), sink.clone())
+            .with_key_pepper(key.derive("agentgate api key hash v1"));
         let agent = Agent::new(tenants.clone(), log.clone(), sink.clone(), agent);
         Ok(Services {
             store,
@@ -229,6 +230,12 @@ impl Application {
         let state = AppState {
             store: self.services.store.clone(),
             tenants: self.services.tenants.clone(),
+            agent: self.services.agent.clone(),
+            audit: self.services.audit.clone(),
+            sink: self.services.sink.clone(),
+            api_limiter: Arc::new(crate::agent::budget::RunLimiter::new(
+                self.config.api_requests_per_minute,
+            )),
         };
         let mut app = router(state, self.config.request_timeout);
         let slack_state = match self.config.slack.clone() {

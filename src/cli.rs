@@ -230,6 +230,9 @@ pub struct ServeArgs {
     /// Seconds a request may take before it is answered 408.
     #[arg(long, env = "AGENTGATE_REQUEST_TIMEOUT_SECS", default_value_t = 30)]
     pub request_timeout_secs: u64,
+    /// Admin API requests one tenant may make per minute.
+    #[arg(long, env = "AGENTGATE_API_REQUESTS_PER_MINUTE", default_value_t = 600)]
+    pub api_requests_per_minute: u32,
     /// The agent loop's settings.
     #[command(flatten)]
     pub agent: AgentArgs,
@@ -505,6 +508,7 @@ impl Cli {
                     request_timeout: Duration::from_secs(args.request_timeout_secs),
                     audit,
                     agent: args.agent.config(),
+                    api_requests_per_minute: NonZeroU32::new(args.api_requests_per_minute).unwrap_or(NonZeroU32::MIN),
                     slack: args.slack.config()?,
                     discord: args.discord.config(&args.slack.public_url)?,
                 };

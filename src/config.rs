@@ -36,6 +36,8 @@ pub struct Config {
     pub agent: crate::agent::AgentConfig,
     /// Slack, when a signing secret is configured.
     pub slack: Option<crate::transport::slack::SlackConfig>,
+    /// API requests one tenant may make per minute.
+    pub api_requests_per_minute: std::num::NonZeroU32,
     /// Discord, when a public key and application id are configured.
     pub discord: Option<crate::transport::discord::DiscordConfig>,
 }

@@ -21,6 +21,7 @@ pub mod config;
 pub mod crypto;
 pub mod http;
 pub mod installation;
+pub mod metrics;
 pub mod shutdown;
 pub mod store;
 pub mod tenant;

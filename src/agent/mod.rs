@@ -383,6 +383,7 @@ impl Agent {
             }
             Err(QuotaError::Store(e)) => return Err(e.into()),
         };
+        crate::metrics::inc(&crate::metrics::RUNS);
         self.append(
             ctx,
             EventBody::RunStarted {
@@ -530,6 +531,7 @@ impl Agent {
         st: &mut RunState,
         b: Breach,
     ) -> Result<(), AgentError> {
+        crate::metrics::inc(&crate::metrics::BUDGET_STOPS);
         self.append(
             ctx,
             EventBody::BudgetExceeded {
@@ -721,10 +723,13 @@ impl Agent {
     ) -> Result<Result<String, Breach>, AgentError> {
         const REFUSED: &str = "Refused: this tool is not available to you.";
         let args_hash = sha256_hex(call.arguments.to_string().as_bytes());
-        let refuse = |reason: &str, policy_ids: Vec<String>| EventBody::ToolRefused {
-            capability: call.name.clone(),
-            reason: reason.to_owned(),
-            policy_ids,
+        let refuse = |reason: &str, policy_ids: Vec<String>| {
+            crate::metrics::inc(&crate::metrics::REFUSALS);
+            EventBody::ToolRefused {
+                capability: call.name.clone(),
+                reason: reason.to_owned(),
+                policy_ids,
+            }
         };
         // A tool that was not resolved for this context was never shown; asking for it anyway (a
         // prompt injection, a confused model) is refused the same way as a denied one.

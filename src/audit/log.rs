@@ -444,6 +444,7 @@ impl AuditLog {
             )
         };
         let durable = pending.durable().await?;
+        crate::metrics::inc(&crate::metrics::APPENDS);
         if durable != seq {
             return Err(recovery(
                 &log.tenant,
@@ -563,6 +564,26 @@ impl AuditLog {
         if let Err(e) = self.close().await {
             tracing::error!(error = %e, "closing the audit logs failed");
         }
+    }
+
+    /// Seconds since the stalest open log last signed, for `/metrics`.
+    pub fn checkpoint_age_secs(&self) -> Option<u64> {
+        let logs: Vec<Arc<TenantLog>> = self
+            .inner
+            .logs
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        logs.iter()
+            .filter_map(|l| {
+                l.state
+                    .try_lock()
+                    .ok()
+                    .map(|st| st.last_signed.elapsed().as_secs())
+            })
+            .max()
     }
 
     /// Signs a final checkpoint for every log with unsigned events and closes every log.

@@ -7,9 +7,21 @@ use axum::response::{IntoResponse, Response};
 /// An error answered to an HTTP client.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
+    /// 400: the request is malformed; the message says how (never internal detail).
+    #[error("{0}")]
+    BadRequest(String),
+    /// 401: no valid credential.
+    #[error("a valid API key is required")]
+    Unauthorized,
+    /// 403: the credential may not do this.
+    #[error("{0}")]
+    Forbidden(String),
     /// 404: the thing does not exist, or belongs to another tenant (the two are not told apart).
     #[error("not found")]
     NotFound,
+    /// 429: the tenant's request rate is exceeded.
+    #[error("too many requests; slow down")]
+    TooManyRequests,
     /// 503: a dependency such as the store is not ready.
     #[error("not ready")]
     Unavailable(#[source] anyhow::Error),
@@ -31,15 +43,23 @@ pub struct ErrorCause(pub String);
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = match &self {
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::TooManyRequests => StatusCode::TOO_MANY_REQUESTS,
             ApiError::NotFound => StatusCode::NOT_FOUND,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         let cause = match &self {
             ApiError::Unavailable(e) | ApiError::Internal(e) => Some(format!("{e:#}")),
-            ApiError::NotFound => None,
+            _ => None,
         };
-        let mut resp = (status, self.to_string()).into_response();
+        let mut resp = (
+            status,
+            axum::Json(serde_json::json!({"error": self.to_string()})),
+        )
+            .into_response();
         if let Some(cause) = cause {
             resp.extensions_mut().insert(ErrorCause(cause));
         }

@@ -1,5 +1,7 @@
 //! The HTTP surface: `AppState`, the router that merges each area's routes, and the health routes.
 
+pub mod api;
+pub mod auth;
 pub mod error;
 
 use std::time::Duration;
@@ -23,8 +25,16 @@ use crate::tenant::Tenants;
 pub struct AppState {
     /// The store, reached by handlers only through a context.
     pub store: Store,
-    /// Tenant resolution and provisioning.
+    /// Tenant resolution, provisioning and API keys.
     pub tenants: Tenants,
+    /// The agent loop, for admin changes to its policies and tools.
+    pub agent: crate::agent::Agent,
+    /// The audit logs.
+    pub audit: crate::audit::log::AuditLog,
+    /// The audit sink admin changes are recorded through.
+    pub sink: std::sync::Arc<dyn crate::audit::AuditSink>,
+    /// The per-tenant API rate limit.
+    pub api_limiter: std::sync::Arc<crate::agent::budget::RunLimiter>,
 }
 
 /// The whole router.
@@ -32,6 +42,8 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .merge(api::router())
         .layer(middleware::from_fn(log_error_cause))
         .layer(TraceLayer::new_for_http())
         .layer(TimeoutLayer::with_status_code(
@@ -55,8 +67,20 @@ async fn readyz(State(state): State<AppState>) -> Result<&'static str, ApiError>
     Ok("ready")
 }
 
+/// Prometheus text metrics.
+async fn metrics(State(state): State<AppState>) -> impl axum::response::IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        crate::metrics::render(state.audit.checkpoint_age_secs()),
+    )
+}
+
 /// Logs the internal cause that an [`ApiError`] kept out of the response body.
 async fn log_error_cause(req: Request, next: Next) -> Response {
+    crate::metrics::inc(&crate::metrics::REQUESTS);
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
     let resp = next.run(req).await;

@@ -11,9 +11,10 @@ use super::records::{
     decode, encode, DirectoryRecord, InstallationRecord, MemberRecord, TenantRecord,
 };
 use super::{
-    AuditIndexRepo, Backend, ConversationRepo, DedupeRepo, DirectoryEntry, Fact, InstallationRepo,
-    MembershipRepo, MemoryRepo, PolicyRepo, ProjectionRepo, Result, RunRepo, SettingsRepo,
-    StoreError, TenantRepos, TenantSummary, ToolGrantRepo, Turn, WebhookTool, WebhookToolRepo,
+    ApiKey, ApiKeyRepo, AuditIndexRepo, Backend, ConversationRepo, DedupeRepo, DirectoryEntry,
+    Fact, InstallationRepo, MembershipRepo, MemoryRepo, PolicyRepo, ProjectionRepo, Result,
+    RunRepo, SettingsRepo, StoreError, TenantRepos, TenantSummary, ToolGrantRepo, Turn,
+    WebhookTool, WebhookToolRepo,
 };
 use crate::audit::projection::{RunState, Usage};
 use crate::crypto::Cipher;
@@ -127,6 +128,27 @@ impl Backend for Embedded {
         self.db.flush().map(|_| ()).map_err(engine)
     }
 
+    fn bind_key(&self, key_id: &str, tenant: &TenantId) -> Result<()> {
+        let tree = self.db.open_tree(KEYS_TREE).map_err(engine)?;
+        tree.insert(key_id.as_bytes(), tenant.as_str().as_bytes())
+            .map_err(engine)?;
+        tree.flush().map_err(engine)?;
+        Ok(())
+    }
+
+    fn key_tenant(&self, key_id: &str) -> Result<Option<TenantId>> {
+        let tree = self.db.open_tree(KEYS_TREE).map_err(engine)?;
+        match tree.get(key_id.as_bytes()).map_err(engine)? {
+            None => Ok(None),
+            Some(v) => String::from_utf8_lossy(&v).parse().map(Some).map_err(
+                |e: crate::tenant::IdError| StoreError::Corrupt {
+                    key: format!("{KEYS_TREE}/{key_id}"),
+                    why: e.to_string(),
+                },
+            ),
+        }
+    }
+
     fn consume_nonce(&self, nonce: &str) -> Result<bool> {
         let tree = self.db.open_tree(NONCES_TREE).map_err(engine)?;
         let stamp = chrono::Utc::now().timestamp().to_be_bytes();
@@ -140,6 +162,34 @@ impl Backend for Embedded {
 }
 
 const NONCES_TREE: &str = "nonces";
+const KEYS_TREE: &str = "api-keys";
+
+impl ApiKeyRepo for SledTenant {
+    fn put_key(&self, key: &ApiKey) -> Result<()> {
+        self.put_bytes(
+            &self.key("api-key", &key.id),
+            encode(&Versioned { v: 1, value: key }),
+        )?;
+        self.tree.flush().map_err(engine)?;
+        Ok(())
+    }
+
+    fn get_key(&self, id: &str) -> Result<Option<ApiKey>> {
+        Ok(self
+            .get_json::<Versioned<ApiKey>>(&self.key("api-key", id))?
+            .map(|r| r.value))
+    }
+
+    fn keys(&self) -> Result<Vec<ApiKey>> {
+        self.scan("api-key")
+            .map(|kv| {
+                let (id, v) = kv?;
+                let rec: Versioned<ApiKey> = decode(self.key("api-key", &id).as_bytes(), &v)?;
+                Ok(rec.value)
+            })
+            .collect()
+    }
+}
 
 impl DedupeRepo for SledTenant {
     fn first_time(&self, key: &str) -> Result<bool> {
@@ -639,6 +689,10 @@ impl RunRepo for SledTenant {
             .get(self.key("run-state", run_id))
             .map_err(engine)?
             .map(|v| v.to_vec()))
+    }
+
+    fn all_runs(&self) -> Result<Vec<String>> {
+        self.scan("run-state").map(|kv| Ok(kv?.0)).collect()
     }
 
     fn unfinished_runs(&self) -> Result<Vec<String>> {

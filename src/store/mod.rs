@@ -304,6 +304,11 @@ pub trait RunRepo {
     /// # Errors
     /// [`StoreError`] on an engine failure.
     fn get_run(&self, run_id: &str) -> Result<Option<Vec<u8>>>;
+    /// The ids of every run with a checkpoint, oldest first.
+    ///
+    /// # Errors
+    /// [`StoreError`] on an engine failure.
+    fn all_runs(&self) -> Result<Vec<String>>;
     /// The ids of runs that are not finished.
     ///
     /// # Errors
@@ -321,6 +326,46 @@ pub trait DedupeRepo {
     fn first_time(&self, key: &str) -> Result<bool>;
 }
 
+/// An API key as stored: never the secret, only its keyed hash.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ApiKey {
+    /// The key's id, the visible part of the key that names it.
+    pub id: String,
+    /// A human label.
+    pub name: String,
+    /// Hex HMAC-SHA256 of the secret under a key derived from the master key.
+    pub hash: String,
+    /// `admin`, `compliance` or `service`.
+    pub role: String,
+    /// Extra scopes.
+    pub scopes: Vec<String>,
+    /// When it was made.
+    pub created_at: chrono::DateTime<chrono::Utc>,
+    /// When it stops working, if ever.
+    pub expires_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// When it was (or will be, during a rotation's overlap) revoked.
+    pub revoked_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// A tenant's API keys.
+pub trait ApiKeyRepo {
+    /// Inserts or replaces a key.
+    ///
+    /// # Errors
+    /// [`StoreError`] on an engine failure.
+    fn put_key(&self, key: &ApiKey) -> Result<()>;
+    /// One key.
+    ///
+    /// # Errors
+    /// [`StoreError`] on an engine failure or a corrupt record.
+    fn get_key(&self, id: &str) -> Result<Option<ApiKey>>;
+    /// Every key.
+    ///
+    /// # Errors
+    /// [`StoreError`] on an engine failure or a corrupt record.
+    fn keys(&self) -> Result<Vec<ApiKey>>;
+}
+
 /// Everything one tenant's storage offers; a backend hands these out per tenant.
 pub trait TenantRepos:
     SettingsRepo
@@ -335,6 +380,7 @@ pub trait TenantRepos:
     + PolicyRepo
     + RunRepo
     + DedupeRepo
+    + ApiKeyRepo
     + Send
     + Sync
 {
@@ -379,6 +425,10 @@ pub(crate) trait Backend: Send + Sync {
     fn flush(&self) -> Result<()>;
     /// Records a one-time nonce (an OAuth state); true the first time it is used.
     fn consume_nonce(&self, nonce: &str) -> Result<bool>;
+    /// Records which tenant an API key id belongs to.
+    fn bind_key(&self, key_id: &str, tenant: &TenantId) -> Result<()>;
+    /// The tenant an API key id belongs to.
+    fn key_tenant(&self, key_id: &str) -> Result<Option<TenantId>>;
 }
 
 /// The storage handle. Cheap to clone; every clone shares one backend.
@@ -445,6 +495,16 @@ impl Store {
     /// [`StoreError`] on an engine failure.
     pub fn consume_nonce(&self, nonce: &str) -> Result<bool> {
         self.backend.consume_nonce(nonce)
+    }
+
+    /// Records which tenant an API key belongs to. Reviewed admin path, used when a key is made.
+    pub(crate) fn bind_key(&self, key_id: &str, tenant: &TenantId) -> Result<()> {
+        self.backend.bind_key(key_id, tenant)
+    }
+
+    /// The tenant an API key belongs to. Reviewed admin path, used only to authenticate a key.
+    pub(crate) fn key_tenant(&self, key_id: &str) -> Result<Option<TenantId>> {
+        self.backend.key_tenant(key_id)
     }
 
     /// Answers when the engine can serve a read, for readiness probes.
@@ -526,6 +586,11 @@ impl TenantStore {
 
     /// Keys seen before.
     pub fn dedupe(&self) -> &dyn DedupeRepo {
+        &*self.repos
+    }
+
+    /// API keys.
+    pub fn api_keys(&self) -> &dyn ApiKeyRepo {
         &*self.repos
     }
 }

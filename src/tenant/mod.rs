@@ -6,11 +6,13 @@
 
 mod context;
 mod ids;
+mod keys;
 mod service;
 mod settings;
 
 pub use context::{AuditMeta, Initiator, PrincipalKind, Role, TenantContext, UnknownRole};
 pub use ids::{CorrelationId, IdError, PrincipalId, RunId, Scope, TenantId};
+pub use keys::{is_live, IssuedKey, KeyError, KeyRole};
 pub use service::{
     InstallOutcome, Installed, ProvisionError, ResolveError, Resolved, Tenants, WorkspaceRequest,
 };

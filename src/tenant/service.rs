@@ -119,6 +119,8 @@ pub struct Installed {
 pub struct Tenants {
     store: Store,
     audit: Arc<dyn AuditSink>,
+    /// The key API key secrets are hashed under, derived from the master key.
+    key_pepper: Arc<secrecy::SecretString>,
 }
 
 /// Who a context acts for.
@@ -144,7 +146,30 @@ const OPERATOR: &str = "operator:cli";
 impl Tenants {
     /// A service over `store`, recording events in `audit`.
     pub fn new(store: Store, audit: Arc<dyn AuditSink>) -> Self {
-        Tenants { store, audit }
+        Tenants {
+            store,
+            audit,
+            key_pepper: Arc::new(secrecy::SecretString::from(String::new())),
+        }
+    }
+
+    /// Sets the key API key secrets are hashed under (derived from the master key).
+    pub fn with_key_pepper(mut self, pepper: secrecy::SecretString) -> Self {
+        self.key_pepper = Arc::new(pepper);
+        self
+    }
+
+    pub(super) fn key_pepper(&self) -> &secrecy::SecretString {
+        &self.key_pepper
+    }
+
+    pub(super) fn audit_sink(&self) -> &Arc<dyn AuditSink> {
+        &self.audit
+    }
+
+    /// A context that may only read a tenant's records, to check a credential.
+    pub(super) fn probe_context(tenant: &TenantId) -> TenantContext {
+        Self::lookup_context(tenant, &"system:auth".parse().expect("a valid principal"))
     }
 
     /// The store, for callers that hold a context.
@@ -599,6 +624,32 @@ impl Tenants {
             .await?;
         // The audit log folds the event into the membership table before the append returns.
         debug_assert_eq!(repos.members().role_of(principal)?, Some(role));
+        Ok(true)
+    }
+
+    /// Takes `principal`'s role away in the context's tenant, auditing it first. Returns false when
+    /// the principal held none.
+    ///
+    /// # Errors
+    /// [`ProvisionError`] when the event or the record could not be stored.
+    pub async fn revoke_role(
+        &self,
+        ctx: &TenantContext,
+        principal: &PrincipalId,
+    ) -> Result<bool, ProvisionError> {
+        let repos = self.store.for_tenant(ctx)?;
+        let Some(role) = repos.members().role_of(principal)? else {
+            return Ok(false);
+        };
+        self.audit
+            .append(
+                ctx,
+                EventBody::RoleRevoked {
+                    principal: principal.to_string(),
+                    role: role.to_string(),
+                },
+            )
+            .await?;
         Ok(true)
     }
 

@@ -35,6 +35,7 @@ pub fn test_config(data_dir: &Path, installations_dir: &Path) -> Config {
         request_timeout: Duration::from_secs(10),
         audit: agentgate::config::AuditOptions::default(),
         agent: agentgate::agent::AgentConfig::default(),
+        api_requests_per_minute: std::num::NonZeroU32::new(600).unwrap(),
         slack: None,
         discord: None,
     }

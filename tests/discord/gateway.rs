@@ -169,6 +169,7 @@ async fn a_mention_over_the_gateway_runs_and_is_answered_and_a_removal_revokes()
         request_timeout: Duration::from_secs(10),
         audit: AuditOptions::default(),
         agent: Default::default(),
+        api_requests_per_minute: std::num::NonZeroU32::new(600).unwrap(),
         slack: None,
         discord: Some(DiscordConfig {
             public_key: key.verifying_key(),

@@ -115,6 +115,7 @@ async fn spawn() -> App {
         request_timeout: Duration::from_secs(10),
         audit: AuditOptions::default(),
         agent: Default::default(),
+        api_requests_per_minute: std::num::NonZeroU32::new(600).unwrap(),
         slack: None,
         discord: Some(DiscordConfig {
             public_key: key.verifying_key(),

@@ -137,6 +137,7 @@ async fn spawn_in(dir: tempfile::TempDir) -> App {
         request_timeout: Duration::from_secs(10),
         audit: AuditOptions::default(),
         agent: Default::default(),
+        api_requests_per_minute: std::num::NonZeroU32::new(600).unwrap(),
         slack: Some(SlackConfig {
             signing_secret: SecretString::from(SECRET),
             api_url: format!("{slack_url}/api/"),

@@ -148,6 +148,7 @@ async fn interactions(
         state.clock.now(),
     ) {
         state.signature_failures.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::inc(&crate::metrics::SIGNATURE_FAILURES);
         tracing::warn!(reason = %e, "refused a Discord interaction with a bad signature");
         return (StatusCode::UNAUTHORIZED, "invalid request signature").into_response();
     }

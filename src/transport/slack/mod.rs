@@ -97,6 +97,7 @@ pub fn router(state: SlackState) -> Router {
 
 fn unauthorized(state: &SlackState, why: signature::SignatureError) -> Response {
     state.signature_failures.fetch_add(1, Ordering::Relaxed);
+    crate::metrics::inc(&crate::metrics::SIGNATURE_FAILURES);
     tracing::warn!(reason = %why, "refused a Slack request with a bad signature");
     (StatusCode::UNAUTHORIZED, "invalid request signature").into_response()
 }

@@ -1,0 +1,750 @@
+//! The tenant admin and compliance API under `/api/v1` (documented in docs/api.md, described by
+//! `/api/v1/openapi.json`). Every route is scoped by the API key's tenant: an id of another tenant
+//! answers 404, never a 403 with details. Every admin change is audited before it is made.
+
+use std::collections::BTreeMap;
+
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use chrono::Duration;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::auth::ApiContext;
+use super::{ApiError, AppState};
+use crate::audit::EventBody;
+use crate::store::{TenantStore, WebhookTool};
+use crate::tenant::{is_live, KeyError, KeyRole, PrincipalId, Role, TenantContext};
+
+/// The API's routes.
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/api/v1/openapi.json", get(openapi))
+        .route("/api/v1/settings", get(get_settings).patch(patch_settings))
+        .route("/api/v1/settings/llm", get(get_llm).patch(patch_llm))
+        .route("/api/v1/members", get(list_members))
+        .route(
+            "/api/v1/members/{principal}",
+            put(put_member).delete(delete_member),
+        )
+        .route("/api/v1/tools", get(list_tools))
+        .route(
+            "/api/v1/tools/grants/{capability}",
+            put(put_grant).delete(delete_grant),
+        )
+        .route(
+            "/api/v1/tools/webhooks/{name}",
+            put(put_webhook).delete(delete_webhook),
+        )
+        .route("/api/v1/policies", get(get_policies).put(put_policies))
+        .route("/api/v1/usage", get(usage))
+        .route("/api/v1/runs", get(list_runs))
+        .route("/api/v1/runs/{id}", get(get_run))
+        .route("/api/v1/audit/head", get(audit_head))
+        .route("/api/v1/audit/proof/{seq}", get(audit_proof))
+        .route("/api/v1/audit/consistency", get(audit_consistency))
+        .route("/api/v1/audit/export", post(audit_export))
+        .route("/api/v1/keys", get(list_keys).post(create_key))
+        .route("/api/v1/keys/{id}", axum::routing::delete(revoke_key))
+        .route("/api/v1/keys/{id}/rotate", post(rotate_key))
+}
+
+type Res = Result<Response, ApiError>;
+
+fn repo(state: &AppState, ctx: &TenantContext) -> Result<TenantStore, ApiError> {
+    Ok(state.store.for_tenant(ctx)?)
+}
+
+fn ok(v: Value) -> Res {
+    Ok(Json(v).into_response())
+}
+
+/// A JSON body; a malformed one is a 400 that says why.
+struct Body_<T>(T);
+
+impl<T: serde::de::DeserializeOwned, S: Send + Sync> axum::extract::FromRequest<S> for Body_<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, ApiError> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(Body_(v)),
+            Err(e) => Err(ApiError::BadRequest(e.body_text())),
+        }
+    }
+}
+
+async fn changed(
+    state: &AppState,
+    ctx: &TenantContext,
+    fields: Vec<String>,
+) -> Result<(), ApiError> {
+    state
+        .sink
+        .append(ctx, EventBody::SettingsChanged { fields })
+        .await
+        .map_err(|e| ApiError::Internal(e.into()))?;
+    Ok(())
+}
+
+async fn openapi() -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        include_str!("openapi.json"),
+    )
+        .into_response()
+}
+
+async fn get_settings(State(state): State<AppState>, auth: ApiContext) -> Res {
+    let ctx = auth.require("admin:read")?;
+    let s = repo(&state, ctx)?
+        .settings()
+        .get()?
+        .ok_or(ApiError::NotFound)?;
+    ok(serde_json::to_value(s).expect("settings serialise"))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SettingsPatch {
+    name: Option<String>,
+    plan: Option<crate::tenant::Plan>,
+    default_role: Option<Role>,
+    features: Option<BTreeMap<String, bool>>,
+    run_ceilings: Option<crate::tenant::Budget>,
+    quota: Option<crate::tenant::MonthlyQuota>,
+}
+
+async fn patch_settings(
+    State(state): State<AppState>,
+    auth: ApiContext,
+    Body_(p): Body_<SettingsPatch>,
+) -> Res {
+    let ctx = auth.require("admin:write")?;
+    let r = repo(&state, ctx)?;
+    let mut s = r.settings().get()?.ok_or(ApiError::NotFound)?;
+    let mut fields = Vec::new();
+    if let Some(v) = p.name {
+        if v.trim().is_empty() {
+            return Err(ApiError::BadRequest("name must not be empty".into()));
+        }
+        s.name = v;
+        fields.push("name".to_owned());
+    }
+    if let Some(v) = p.plan {
+        s.plan = v;
+        fields.push("plan".to_owned());
+    }
+    if let Some(v) = p.default_role {
+        if v == Role::Owner {
+            return Err(ApiError::BadRequest(
+                "the default role cannot be owner".into(),
+            ));
+        }
+        s.default_role = v;
+        fields.push("default_role".to_owned());
+    }
+    if let Some(v) = p.features {
+        s.features = v;
+        fields.push("features".to_owned());
+    }
+    if let Some(v) = p.run_ceilings {
+        s.run_ceilings = v;
+        fields.push("run_ceilings".to_owned());
+    }
+    if let Some(v) = p.quota {
+        s.quota = v;
+        fields.push("quota".to_owned());
+    }
+    if !fields.is_empty() {
+        changed(&state, ctx, fields).await?;
+        r.settings().put(&s)?;
+    }
+    ok(serde_json::to_value(s).expect("settings serialise"))
+}
+
+fn llm_json(l: &crate::tenant::LlmSettings) -> Value {
+    json!({
+        "provider": l.provider,
+        "default_model": l.default_model,
+        "default_temperature": f64::from(l.default_temperature_milli) / 1000.0,
+        "default_max_tokens": l.default_max_tokens,
+        "key_ref": l.key_ref,
+    })
+}
+
+async fn get_llm(State(state): State<AppState>, auth: ApiContext) -> Res {
+    let ctx = auth.require("admin:read")?;
+    let s = repo(&state, ctx)?
+        .settings()
+        .get()?
+        .ok_or(ApiError::NotFound)?;
+    ok(llm_json(&s.llm))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LlmPatch {
+    provider: Option<String>,
+    default_model: Option<String>,
+    default_temperature: Option<f64>,
+    default_max_tokens: Option<u32>,
+    key_ref: Option<Option<String>>,
+}
+
+async fn patch_llm(
+    State(state): State<AppState>,
+    auth: ApiContext,
+    Body_(p): Body_<LlmPatch>,
+) -> Res {
+    let ctx = auth.require("admin:write")?;
+    let r = repo(&state, ctx)?;
+    let mut s = r.settings().get()?.ok_or(ApiError::NotFound)?;
+    let mut fields = Vec::new();
+    if let Some(v) = p.provider {
+        if !matches!(v.as_str(), "rules" | "openai" | "anthropic") {
+            return Err(ApiError::BadRequest(
+                "provider must be rules, openai or anthropic".into(),
+            ));
+        }
+        s.llm.provider = v;
+        fields.push("llm.provider");
+    }
+    if let Some(v) = p.default_model {
+        if v.is_empty() || v.len() > 200 {
+            return Err(ApiError::BadRequest(
+                "default_model must be 1 to 200 characters".into(),
+            ));
+        }
+        s.llm.default_model = v;
+        fields.push("llm.default_model");
+    }
+    if let Some(v) = p.default_temperature {
+        if !(0.0..=2.0).contains(&v) {
+            return Err(ApiError::BadRequest(
+                "default_temperature must be between 0 and 2".into(),
+            ));
+        }
+        s.llm.default_temperature_milli = (v * 1000.0).round() as u32;
+        fields.push("llm.default_temperature");
+    }
+    if let Some(v) = p.default_max_tokens {
+        if v == 0 || v > 200_000 {
+            return Err(ApiError::BadRequest(
+                "default_max_tokens must be between 1 and 200000".into(),
+            ));
+        }
+        s.llm.default_max_tokens = v;
+        fields.push("llm.default_max_tokens");
+    }
+    if let Some(v) = p.key_ref {
+        if v.as_deref().is_some_and(|k| {
+            !k.bytes()
+                .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
+        }) {
+            return Err(ApiError::BadRequest(
+                "key_ref names an environment variable (A-Z, 0-9, _), never a key".into(),
+            ));
+        }
+        s.llm.key_ref = v;
+        fields.push("llm.key_ref");
+    }
+    if !fields.is_empty() {
+        changed(&state, ctx, fields.into_iter().map(str::to_owned).collect()).await?;
+        r.settings().put(&s)?;
+    }
+    ok(llm_json(&s.llm))
+}
+
+async fn list_members(State(state): State<AppState>, auth: ApiContext) -> Res {
+    let ctx = auth.require("admin:read")?;
+    let list: Vec<Value> = repo(&state, ctx)?
+        .members()
+        .list()?
+        .into_iter()
+        .map(|(p, r)| json!({"principal": p.as_str(), "role": r.as_str()}))
+        .collect();
+    ok(json!(list))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RoleBody {
+    role: Role,
+}
+
+fn principal(p: &str) -> Result<PrincipalId, ApiError> {
+    p.parse()
+        .map_err(|e: crate::tenant::IdError| ApiError::BadRequest(e.to_string()))
+}
+
+async fn put_member(
+    State(state): State<AppState>,
+    auth: ApiContext,
+    Path(p): Path<String>,
+    Body_(b): Body_<RoleBody>,
+) -> Res {
+    let ctx = auth.require("admin:write")?;
+    let p = principal(&p)?;
+    if b.role == Role::Owner && ctx.role() != Role::Owner {
+        return Err(ApiError::Forbidden(
+            "only an owner may make an owner".into(),
+        ));
+    }
+    state
+        .tenants
+        .grant_role(ctx, &p, b.role)
+        .await
+        .map_err(|e| ApiError::Internal(e.into()))?;
+    ok(json!({"principal": p.as_str(), "role": b.role.as_str()}))
+}
+
+async fn delete_member(
+    State(state): State<AppState>,
+    auth: ApiContext,
+    Path(p): Path<String>,
+) -> Res {
+    let ctx = auth.require("admin:write")?;
+    let p = principal(&p)?;
+    if !state
+        .tenants
+        .revoke_role(ctx, &p)
+        .await
+        .map_err(|e| ApiError::Internal(e.into()))?
+    {
+        return Err(ApiError::NotFound);
+    }
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn list_tools(State(state): State<AppState>, auth: ApiContext) -> Res {
+    let ctx = auth.require("admin:read")?;
+    let r = repo(&state, ctx)?;
+    let grants: Vec<Value> = r
+        .grants()
+        .list()?
+        .into_iter()
+        .map(|g| json!({"capability": g.capability, "min_role": g.min_role.as_str()}))
+        .collect();
+    // The webhook credential is never shown.
+    let hooks: Vec<Value> = r
+        .webhooks()
+        .webhooks()?
+        .into_iter()
+        .map(|w| json!({"name": w.name, "description": w.description, "schema": w.schema, "url": w.url, "timeout_ms": w.timeout_ms}))
+        .collect();
+    ok(json!({"grants": grants, "webhooks": hooks}))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GrantBody {
+    min_role: Role,
+}
+
+async fn put_grant(
+    State(state): State<AppState>,
+    auth: ApiContext,
+    Path(cap): Path<String>,
+    Body_(b): Body_<GrantBody>,
+) -> Res {
+    let ctx = auth.require("admin:write")?;
+    let known = matches!(
+        cap.as_str(),
+        "memory.save" | "memory.recall" | "memory.forget" | "budget.status" | "audit.status"
+    ) || cap.strip_prefix("webhook.").is_some_and(|n| !n.is_empty());
+    if !known {
+        return Err(ApiError::BadRequest(format!("unknown capability {cap:?}")));
+    }
+    state
+        .agent
+        .grant_tool(ctx, &cap, b.min_role)
+        .await
+        .map_err(agent_error)?;
+    ok(json!({"capability": cap, "min_role": b.min_role.as_str()}))
+}
+
+async fn delete_grant(
+    State(state): State<AppState>,
+    auth: ApiContext,
+    Path(cap): Path<String>,
+) -> Res {
+    let ctx = auth.require("admin:write")?;
+    let r = repo(&state, ctx)?;
+    if !r.grants().list()?.iter().any(|g| g.capability == cap) {
+        return Err(ApiError::NotFound);
+    }
+    changed(&state, ctx, vec![format!("grant:{cap}:removed")]).await?;
+    r.grants().remove(&cap)?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WebhookBody {
+    description: String,
+    schema: Value,
+    url: String,
+    secret: String,
+    #[serde(default = "default_timeout")]
+    timeout_ms: u64,
+}
+
+fn default_timeout() -> u64 {
+    5_000
+}
+
+fn agent_error(e: crate::agent::AgentError) -> ApiError {
+    use crate::agent::AgentError as E;
+    match e {
+        E::InvalidPolicy(p) => ApiError::BadRequest(p.to_string()),
+        E::InvalidWebhook(w) => ApiError::BadRequest(w),
+        E::Forbidden => ApiError::Forbidden("this needs the admin role".into()),
+        other => ApiError::Internal(other.into()),
+    }
+}
+
+async fn put_webhook(
+    State(state): State<AppState>,
+    auth: ApiContext,
+    Path(name): Path<String>,
+    Body_(b): Body_<WebhookBody>,
+) -> Res {
+    let ctx = auth.require("admin:write")?;
+    if b.secret.len() < 16 {
+        return Err(ApiError::BadRequest(
+            "the secret must be at least 16 characters".into(),
+        ));
+    }
+    let tool = WebhookTool {
+        name: name.clone(),
+        description: b.description,
+        schema: b.schema,
+        url: b.url,
+        secret: secrecy::SecretString::from(b.secret),
+        timeout_ms: b.timeout_ms,
+    };
+    state
+        .agent
+        .declare_webhook(ctx, tool)
+        .await
+        .map_err(agent_error)?;
+    ok(json!({"name": name, "capability": format!("webhook.{name}")}))
+}
+
+async fn delete_webhook(
+    State(state): State<AppState>,
+    auth: ApiContext,
+    Path(name): Path<String>,
+) -> Res {
+    let ctx = auth.require("admin:write")?;
+    let r = repo(&state, ctx)?;
+    if !r.webhooks().webhooks()?.iter().any(|w| w.name == name) {
+        return Err(ApiError::NotFound);
+    }
+    changed(&state, ctx, vec![format!("webhook:{name}:removed")]).await?;
+    r.webhooks().remove_webhook(&name)?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn get_policies(State(state): State<AppState>, auth: ApiContext) -> Res {
+    let ctx = auth.require("admin:read")?;
+    let text = repo(&state, ctx)?.policies().tenant_policies()?;
+    ok(json!({"text": text, "defaults": crate::agent::policy::DEFAULT_POLICIES}))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PolicyBody {
+    text: String,
+}
+
+async fn put_policies(
+    State(state): State<AppState>,
+    auth: ApiContext,
+    Body_(b): Body_<PolicyBody>,
+) -> Res {
+    let ctx = auth.require("admin:write")?;
+    state
+        .agent
+        .set_tenant_policies(ctx, &b.text)
+        .await
+        .map_err(agent_error)?;
+    ok(json!({"text": b.text}))
+}
+
+async fn usage(State(state): State<AppState>, auth: ApiContext) -> Res {
+    let ctx = auth.require("admin:read")?;
+    let r = repo(&state, ctx)?;
+    let s = r.settings().get()?.ok_or(ApiError::NotFound)?;
+    let usage = r.projections().usage()?;
+    ok(json!({
+        "run_ceilings": s.run_ceilings,
+        "monthly_quota": s.quota,
+        "usage_by_month": usage,
+    }))
+}
+
+fn run_summary(bytes: &[u8]) -> Option<Value> {
+    let st: crate::agent::state::RunState = serde_json::from_slice(bytes).ok()?;
+    Some(json!({
+        "run_id": st.run_id,
+        "principal": st.principal,
+        "conversation": st.conversation,
+        "started_at": st.started_at,
+        "steps": st.step,
+        "status": st.status,
+        "usage": st.usage,
+    }))
+}
+
+async fn list_runs(State(state): State<AppState>, auth: ApiContext) -> Res {
+    let ctx = auth.require("admin:read")?;
+    let r = repo(&state, ctx)?;
+    let mut out = Vec::new();
+    for id in r.runs().all_runs()? {
+        if let Some(v) = r.runs().get_run(&id)?.as_deref().and_then(run_summary) {
+            out.push(v);
+        }
+    }
+    ok(json!(out))
+}
+
+async fn get_run(State(state): State<AppState>, auth: ApiContext, Path(id): Path<String>) -> Res {
+    let ctx = auth.require("admin:read")?;
+    let bytes = repo(&state, ctx)?
+        .runs()
+        .get_run(&id)?
+        .ok_or(ApiError::NotFound)?;
+    ok(run_summary(&bytes).ok_or(ApiError::NotFound)?)
+}
+
+fn audit_err(e: crate::audit::AuditError) -> ApiError {
+    use crate::audit::AuditError as E;
+    match e {
+        E::Tree(_) | E::Export(_) => ApiError::BadRequest(e.to_string()),
+        other => ApiError::Internal(other.into()),
+    }
+}
+
+async fn audit_head(State(state): State<AppState>, auth: ApiContext) -> Res {
+    let ctx = auth.require("audit:read")?;
+    let head = state
+        .audit
+        .head(ctx, repo(&state, ctx)?)
+        .await
+        .map_err(audit_err)?;
+    ok(json!({"size": head.size, "root": hex::encode(head.root), "checkpoint": head.checkpoint}))
+}
+
+async fn audit_proof(State(state): State<AppState>, auth: ApiContext, Path(seq): Path<u64>) -> Res {
+    let ctx = auth.require("audit:read")?;
+    let text = state
+        .audit
+        .tlog_proof(ctx, repo(&state, ctx)?, seq)
+        .await
+        .map_err(audit_err)?;
+    Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response())
+}
+
+#[derive(Deserialize)]
+struct SizesQuery {
+    from: u64,
+    to: u64,
+}
+
+async fn audit_consistency(
+    State(state): State<AppState>,
+    auth: ApiContext,
+    Query(q): Query<SizesQuery>,
+) -> Res {
+    let ctx = auth.require("audit:read")?;
+    let proof = state
+        .audit
+        .consistency_proof(ctx, repo(&state, ctx)?, q.from, q.to)
+        .await
+        .map_err(audit_err)?;
+    ok(
+        json!({"from": q.from, "to": q.to, "proof": proof.iter().map(hex::encode).collect::<Vec<_>>()}),
+    )
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ExportBody {
+    #[serde(default)]
+    from: u64,
+    to: Option<u64>,
+    since_checkpoint: Option<String>,
+}
+
+/// Streams the export bundle as a tar archive of the directory the CLI writes.
+async fn audit_export(
+    State(state): State<AppState>,
+    auth: ApiContext,
+    Body_(b): Body_<ExportBody>,
+) -> Res {
+    let ctx = auth.require("audit:read")?;
+    let dir = tempfile::tempdir().map_err(|e| ApiError::Internal(e.into()))?;
+    let out = dir.path().join("bundle");
+    state
+        .audit
+        .export(
+            ctx,
+            repo(&state, ctx)?,
+            b.from,
+            b.to,
+            b.since_checkpoint.as_deref(),
+            &out,
+        )
+        .await
+        .map_err(audit_err)?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(8);
+    tokio::task::spawn_blocking(move || {
+        // Keep the temporary directory alive until the archive is written.
+        let _dir = dir;
+        let errors = tx.clone();
+        let mut tar = tar::Builder::new(ChannelWriter(tx));
+        let res = tar
+            .append_dir_all("bundle", &out)
+            .and_then(|()| tar.finish());
+        if let Err(e) = res {
+            let _ = errors.blocking_send(Err(e));
+        }
+    });
+    let stream = tokio_stream_from(rx);
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/x-tar"),
+            (
+                header::CONTENT_DISPOSITION,
+                "attachment; filename=\"audit-bundle.tar\"",
+            ),
+        ],
+        Body::from_stream(stream),
+    )
+        .into_response())
+}
+
+struct ChannelWriter(tokio::sync::mpsc::Sender<Result<Vec<u8>, std::io::Error>>);
+
+impl std::io::Write for ChannelWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.blocking_send(Ok(buf.to_vec())).map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the client went away")
+        })?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn tokio_stream_from(
+    mut rx: tokio::sync::mpsc::Receiver<Result<Vec<u8>, std::io::Error>>,
+) -> impl futures_util::Stream<Item = Result<Vec<u8>, std::io::Error>> {
+    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+fn key_json(k: &crate::store::ApiKey) -> Value {
+    json!({
+        "id": k.id, "name": k.name, "role": k.role, "scopes": k.scopes,
+        "created_at": k.created_at, "expires_at": k.expires_at, "revoked_at": k.revoked_at,
+        "live": is_live(k, chrono::Utc::now()),
+    })
+}
+
+fn key_error(e: KeyError) -> ApiError {
+    match e {
+        KeyError::BadRole(_) | KeyError::BadScope(_) => ApiError::BadRequest(e.to_string()),
+        KeyError::Forbidden => ApiError::Forbidden(e.to_string()),
+        KeyError::NotFound => ApiError::NotFound,
+        other => ApiError::Internal(other.into()),
+    }
+}
+
+async fn list_keys(State(state): State<AppState>, auth: ApiContext) -> Res {
+    let ctx = auth.require("admin:read")?;
+    ok(json!(repo(&state, ctx)?
+        .api_keys()
+        .keys()?
+        .iter()
+        .map(key_json)
+        .collect::<Vec<_>>()))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeyBody {
+    name: String,
+    role: String,
+    #[serde(default)]
+    scopes: Vec<String>,
+    expires_in_days: Option<u32>,
+}
+
+async fn create_key(
+    State(state): State<AppState>,
+    auth: ApiContext,
+    Body_(b): Body_<KeyBody>,
+) -> Res {
+    let ctx = auth.require("admin:write")?;
+    let role: KeyRole = b.role.parse().map_err(key_error)?;
+    let issued = state
+        .tenants
+        .create_key(
+            ctx,
+            &b.name,
+            role,
+            b.scopes,
+            b.expires_in_days.map(|d| Duration::days(i64::from(d))),
+        )
+        .await
+        .map_err(key_error)?;
+    let mut v = key_json(&issued.record);
+    // Shown once, here; only its hash is stored.
+    v["token"] = json!(secrecy::ExposeSecret::expose_secret(&issued.token));
+    Ok((StatusCode::CREATED, Json(v)).into_response())
+}
+
+async fn revoke_key(
+    State(state): State<AppState>,
+    auth: ApiContext,
+    Path(id): Path<String>,
+) -> Res {
+    let ctx = auth.require("admin:write")?;
+    state
+        .tenants
+        .revoke_key(ctx, &id, chrono::Utc::now())
+        .await
+        .map_err(key_error)?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RotateBody {
+    #[serde(default)]
+    overlap_secs: u32,
+}
+
+async fn rotate_key(
+    State(state): State<AppState>,
+    auth: ApiContext,
+    Path(id): Path<String>,
+    Body_(b): Body_<RotateBody>,
+) -> Res {
+    let ctx = auth.require("admin:write")?;
+    let issued = state
+        .tenants
+        .rotate_key(ctx, &id, Duration::seconds(i64::from(b.overlap_secs)))
+        .await
+        .map_err(key_error)?;
+    let mut v = key_json(&issued.record);
+    v["token"] = json!(secrecy::ExposeSecret::expose_secret(&issued.token));
+    Ok((StatusCode::CREATED, Json(v)).into_response())
+}

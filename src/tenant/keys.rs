@@ -1,0 +1,394 @@
+//! API keys: made by a tenant admin (or the operator), shown once, stored only as a keyed hash,
+//! named by a visible id, with expiry, revocation and rotation with an overlap window. A valid key
+//! is a verified credential: it yields a `TenantContext` for the key's tenant and nothing else.
+
+use chrono::{DateTime, Duration, Utc};
+use hmac::{Hmac, Mac};
+use rand::RngCore;
+use secrecy::{ExposeSecret, SecretString};
+use sha2::Sha256;
+
+use super::context::{AuditMeta, ContextParts, Initiator, PrincipalKind, Role, TenantContext};
+use super::ids::{PrincipalId, RunId, Scope, TenantId};
+use super::service::Tenants;
+use crate::audit::{AuditError, EventBody};
+use crate::store::{ApiKey, StoreError};
+
+/// What a key may do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyRole {
+    /// Everything an admin may do.
+    Admin,
+    /// Read settings, usage, runs and the audit log; export.
+    Compliance,
+    /// Run commands as a service, or for a named user.
+    Service,
+}
+
+impl KeyRole {
+    /// The name used in records and the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyRole::Admin => "admin",
+            KeyRole::Compliance => "compliance",
+            KeyRole::Service => "service",
+        }
+    }
+
+    fn role(self) -> Role {
+        match self {
+            KeyRole::Admin => Role::Admin,
+            KeyRole::Compliance => Role::Viewer,
+            KeyRole::Service => Role::Member,
+        }
+    }
+
+    fn scopes(self) -> Vec<&'static str> {
+        match self {
+            KeyRole::Admin => vec!["agent:invoke", "audit:read", "admin:read", "admin:write"],
+            KeyRole::Compliance => vec!["audit:read", "admin:read"],
+            KeyRole::Service => vec!["agent:invoke"],
+        }
+    }
+}
+
+impl std::str::FromStr for KeyRole {
+    type Err = KeyError;
+
+    fn from_str(s: &str) -> Result<Self, KeyError> {
+        match s {
+            "admin" => Ok(KeyRole::Admin),
+            "compliance" => Ok(KeyRole::Compliance),
+            "service" => Ok(KeyRole::Service),
+            other => Err(KeyError::BadRole(other.to_owned())),
+        }
+    }
+}
+
+/// Why a key could not be made or used. Every authentication failure reads the same to a client.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    /// The role is none of admin, compliance, service.
+    #[error("unknown key role {0:?}: expected admin, compliance or service")]
+    BadRole(String),
+    /// A scope did not parse.
+    #[error("invalid scope {0:?}")]
+    BadScope(String),
+    /// The key is malformed, unknown, wrong, expired or revoked.
+    #[error("invalid API key")]
+    Invalid,
+    /// The tenant header names another tenant than the key's.
+    #[error("the tenant header does not match the key")]
+    TenantMismatch,
+    /// The acting-user header is malformed, or names a user for a key that may not act for users.
+    #[error("invalid acting user")]
+    BadActingUser,
+    /// The caller may not manage keys.
+    #[error("this needs the admin role")]
+    Forbidden,
+    /// No key has that id in this tenant.
+    #[error("no such key")]
+    NotFound,
+    /// Storage failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The audit event could not be made durable.
+    #[error(transparent)]
+    Audit(#[from] AuditError),
+}
+
+/// A key just made: the whole token is shown once and never stored.
+#[derive(Debug)]
+pub struct IssuedKey {
+    /// The stored record.
+    pub record: ApiKey,
+    /// `agk_<id>_<secret>`: what the client sends as `Authorization: Bearer …`.
+    pub token: SecretString,
+}
+
+const PREFIX: &str = "agk_";
+
+fn hash(pepper: &SecretString, secret: &str) -> String {
+    let mut m = <Hmac<Sha256> as Mac>::new_from_slice(pepper.expose_secret().as_bytes())
+        .expect("HMAC takes keys of any length");
+    m.update(secret.as_bytes());
+    hex::encode(m.finalize().into_bytes())
+}
+
+fn hash_matches(pepper: &SecretString, secret: &str, stored_hex: &str) -> bool {
+    let Ok(stored) = hex::decode(stored_hex) else {
+        return false;
+    };
+    let mut m = <Hmac<Sha256> as Mac>::new_from_slice(pepper.expose_secret().as_bytes())
+        .expect("HMAC takes keys of any length");
+    m.update(secret.as_bytes());
+    m.verify_slice(&stored).is_ok()
+}
+
+/// Splits a token into id and secret.
+fn parse(token: &str) -> Option<(&str, &str)> {
+    let rest = token.strip_prefix(PREFIX)?;
+    let (id, secret) = rest.split_once('_')?;
+    let ok = id.len() == 26
+        && id.bytes().all(|b| b.is_ascii_alphanumeric())
+        && secret.len() == 64
+        && secret.bytes().all(|b| b.is_ascii_hexdigit());
+    ok.then_some((id, secret))
+}
+
+/// True when the key works at `now`.
+pub fn is_live(k: &ApiKey, now: DateTime<Utc>) -> bool {
+    k.revoked_at.is_none_or(|r| r > now) && k.expires_at.is_none_or(|e| e > now)
+}
+
+impl Tenants {
+    fn mint(
+        &self,
+        tenant: &TenantId,
+        name: &str,
+        role: KeyRole,
+        scopes: Vec<String>,
+        expires_at: Option<DateTime<Utc>>,
+    ) -> Result<IssuedKey, KeyError> {
+        for s in &scopes {
+            s.parse::<Scope>()
+                .map_err(|_| KeyError::BadScope(s.clone()))?;
+        }
+        let id = ulid::Ulid::new().to_string();
+        let mut raw = [0u8; 32];
+        rand::rngs::OsRng.fill_bytes(&mut raw);
+        let secret = hex::encode(raw);
+        let record = ApiKey {
+            id: id.clone(),
+            name: name.to_owned(),
+            hash: hash(self.key_pepper(), &secret),
+            role: role.as_str().to_owned(),
+            scopes,
+            created_at: Utc::now(),
+            expires_at,
+            revoked_at: None,
+        };
+        self.store().bind_key(&id, tenant)?;
+        Ok(IssuedKey {
+            record,
+            token: SecretString::from(format!("{PREFIX}{id}_{secret}")),
+        })
+    }
+
+    fn require_admin(ctx: &TenantContext) -> Result<(), KeyError> {
+        if ctx.role().at_least(Role::Admin) && ctx.has_scope("admin:write") {
+            Ok(())
+        } else {
+            Err(KeyError::Forbidden)
+        }
+    }
+
+    /// Makes a key for the context's tenant; audited (the id only).
+    ///
+    /// # Errors
+    /// [`KeyError`]: not an admin, a bad scope, storage or audit failures.
+    pub async fn create_key(
+        &self,
+        ctx: &TenantContext,
+        name: &str,
+        role: KeyRole,
+        scopes: Vec<String>,
+        expires_in: Option<Duration>,
+    ) -> Result<IssuedKey, KeyError> {
+        Self::require_admin(ctx)?;
+        let issued = self.mint(
+            ctx.tenant_id(),
+            name,
+            role,
+            scopes,
+            expires_in.map(|d| Utc::now() + d),
+        )?;
+        self.audit_sink()
+            .append(
+                ctx,
+                EventBody::SettingsChanged {
+                    fields: vec![format!(
+                        "api-key:{}:created:{}",
+                        issued.record.id,
+                        role.as_str()
+                    )],
+                },
+            )
+            .await?;
+        self.store()
+            .for_tenant(ctx)?
+            .api_keys()
+            .put_key(&issued.record)?;
+        Ok(issued)
+    }
+
+    /// Revokes a key at `at` (now, or later for a rotation's overlap); audited.
+    ///
+    /// # Errors
+    /// [`KeyError::NotFound`] for a key of another tenant or none; [`KeyError::Forbidden`].
+    pub async fn revoke_key(
+        &self,
+        ctx: &TenantContext,
+        id: &str,
+        at: DateTime<Utc>,
+    ) -> Result<(), KeyError> {
+        Self::require_admin(ctx)?;
+        let repo = self.store().for_tenant(ctx)?;
+        let mut key = repo.api_keys().get_key(id)?.ok_or(KeyError::NotFound)?;
+        self.audit_sink()
+            .append(
+                ctx,
+                EventBody::SettingsChanged {
+                    fields: vec![format!("api-key:{id}:revoked")],
+                },
+            )
+            .await?;
+        key.revoked_at = Some(key.revoked_at.map_or(at, |r| r.min(at)));
+        repo.api_keys().put_key(&key)?;
+        Ok(())
+    }
+
+    /// Rotates a key: a new key with the same role, scopes and lifetime, and the old one revoked
+    /// after `overlap`, so clients can switch without an outage.
+    ///
+    /// # Errors
+    /// As [`Tenants::revoke_key`].
+    pub async fn rotate_key(
+        &self,
+        ctx: &TenantContext,
+        id: &str,
+        overlap: Duration,
+    ) -> Result<IssuedKey, KeyError> {
+        Self::require_admin(ctx)?;
+        let old = self
+            .store()
+            .for_tenant(ctx)?
+            .api_keys()
+            .get_key(id)?
+            .ok_or(KeyError::NotFound)?;
+        let lifetime = old.expires_at.map(|e| e - old.created_at);
+        let role: KeyRole = old.role.parse()?;
+        let new = self
+            .create_key(ctx, &old.name, role, old.scopes.clone(), lifetime)
+            .await?;
+        self.revoke_key(ctx, id, Utc::now() + overlap).await?;
+        Ok(new)
+    }
+
+    /// Turns a bearer token into a context: the verified credential path. `acting_user` (a service
+    /// key acting for a user) must name the user; `tenant_header`, when sent, must name the key's
+    /// tenant, so a token of one tenant can never be replayed against another by changing a header.
+    ///
+    /// # Errors
+    /// [`KeyError::Invalid`] for anything wrong with the key itself (the same for every cause);
+    /// [`KeyError::TenantMismatch`]; [`KeyError::BadActingUser`].
+    pub fn authenticate(
+        &self,
+        token: &str,
+        acting_user: Option<&str>,
+        tenant_header: Option<&str>,
+        correlation_id: Option<&str>,
+    ) -> Result<TenantContext, KeyError> {
+        let (id, secret) = parse(token).ok_or(KeyError::Invalid)?;
+        let tenant = self.store().key_tenant(id)?.ok_or(KeyError::Invalid)?;
+        let probe = Self::probe_context(&tenant);
+        let repo = self.store().for_tenant(&probe)?;
+        let key = repo.api_keys().get_key(id)?.ok_or(KeyError::Invalid)?;
+        if !hash_matches(self.key_pepper(), secret, &key.hash) || !is_live(&key, Utc::now()) {
+            return Err(KeyError::Invalid);
+        }
+        if tenant_header.is_some_and(|h| h != tenant.as_str()) {
+            return Err(KeyError::TenantMismatch);
+        }
+        let key_role: KeyRole = key.role.parse().map_err(|_| KeyError::Invalid)?;
+        let settings = repo.settings().get()?.ok_or(KeyError::Invalid)?;
+        let (principal, kind, role) = match acting_user {
+            None => (
+                PrincipalId::qualified("key", id).map_err(|_| KeyError::Invalid)?,
+                PrincipalKind::Service,
+                key_role.role(),
+            ),
+            Some(user) => {
+                if key_role != KeyRole::Service {
+                    return Err(KeyError::BadActingUser);
+                }
+                let p: PrincipalId = user.parse().map_err(|_| KeyError::BadActingUser)?;
+                let user_role = repo.members().role_of(&p)?.unwrap_or(settings.default_role);
+                // Acting for a user never grants more than the user has, nor more than the key.
+                let role = if user_role.at_least(key_role.role()) {
+                    key_role.role()
+                } else {
+                    user_role
+                };
+                (p, PrincipalKind::User, role)
+            }
+        };
+        let mut scopes: Vec<Scope> = key_role
+            .scopes()
+            .into_iter()
+            .map(|s| s.parse().expect("built-in scopes"))
+            .collect();
+        scopes.extend(key.scopes.iter().filter_map(|s| s.parse().ok()));
+        Ok(TenantContext::from_parts(ContextParts {
+            tenant,
+            principal,
+            principal_kind: kind,
+            role,
+            scopes,
+            budget: settings.run_ceilings,
+            audit: AuditMeta {
+                run_id: RunId::generate(),
+                correlation_id: correlation_id.and_then(|c| c.parse().ok()),
+                initiated_at: Utc::now(),
+                initiator: Initiator::User,
+            },
+            features: settings.features,
+        }))
+    }
+
+    /// Makes a key as the operator (the CLI), for bootstrapping a tenant's first admin key.
+    ///
+    /// # Errors
+    /// As [`Tenants::create_key`].
+    pub async fn create_key_as_operator(
+        &self,
+        tenant: &TenantId,
+        name: &str,
+        role: KeyRole,
+        scopes: Vec<String>,
+        expires_in: Option<Duration>,
+    ) -> Result<IssuedKey, KeyError> {
+        let ctx = self
+            .operator_context(tenant)
+            .map_err(|_| KeyError::NotFound)?;
+        self.create_key(&ctx, name, role, scopes, expires_in).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_parse_strictly_and_hashes_compare() {
+        let id = ulid::Ulid::new().to_string();
+        let secret = "ab".repeat(32);
+        let token = format!("agk_{id}_{secret}");
+        assert_eq!(parse(&token), Some((id.as_str(), secret.as_str())));
+        for bad in [
+            "",
+            "agk_",
+            "agk_x_y",
+            &format!("agk_{id}_{}", "zz".repeat(32)),
+            &format!("xyz_{id}_{secret}"),
+            &format!("agk_{id}_{secret}0"),
+        ] {
+            assert!(parse(bad).is_none(), "{bad:?}");
+        }
+        let pepper = SecretString::from("pepper");
+        let h = hash(&pepper, &secret);
+        assert!(hash_matches(&pepper, &secret, &h));
+        assert!(!hash_matches(&pepper, &"cd".repeat(32), &h));
+        assert!(!hash_matches(&SecretString::from("other"), &secret, &h));
+    }
+}
