@@ -26,13 +26,14 @@ use agentgate::audit::event::{encode, is_canonical, Envelope};
 use agentgate::audit::log::LogSink;
 use agentgate::audit::merkle::{
     leaf_hash, root_from_range, verify_consistency, verify_inclusion, Hash, LeafIndex,
-    MemNodeStore, NodeId, NodeStore, Tree, TreeSize,
+    MemNodeStore, Tree, TreeSize,
 };
+use agentgate::audit::nodes::NodeFiles;
 use agentgate::audit::segment_log::{Options as SegmentOptions, SegmentLog};
 use agentgate::audit::{AuditSink, EventBody};
 use agentgate::config::AuditOptions;
 use agentgate::installation::{InstallSource, NewInstallation, Workspace};
-use agentgate::store::{StoreError, TenantStore};
+use agentgate::store::TenantStore;
 use agentgate::tenant::{PrincipalId, TenantContext};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -207,6 +208,15 @@ impl Product {
         }
     }
 
+    /// The tenant log's Merkle node files.
+    fn node_dir(&self) -> std::path::PathBuf {
+        self._dir
+            .path()
+            .join("audit")
+            .join(self.ctx.tenant_id().as_str())
+            .join("nodes")
+    }
+
     async fn size(&self) -> u64 {
         self.services
             .audit
@@ -218,36 +228,6 @@ impl Product {
 
     async fn close(self) {
         self.services.close().await.expect("the services close");
-    }
-}
-
-/// The product's Merkle node index (a tenant's store), as `NodeStore`: the same adapter as the
-/// private `Nodes` of `src/audit/log.rs`, so a bare `Tree` can be timed over it without the log.
-struct SledNodes(TenantStore);
-
-impl NodeStore for SledNodes {
-    type Error = StoreError;
-
-    fn get(&self, id: NodeId) -> Result<Option<Hash>, StoreError> {
-        self.0.audit_index().node(id.level(), id.index())
-    }
-
-    fn put(&mut self, id: NodeId, hash: Hash) -> Result<(), StoreError> {
-        self.put_batch(&[(id, hash)])
-    }
-
-    fn put_batch(&mut self, nodes: &[(NodeId, Hash)]) -> Result<(), StoreError> {
-        let size = nodes
-            .iter()
-            .filter(|(id, _)| id.level() == 0)
-            .map(|(id, _)| id.index() + 1)
-            .max()
-            .unwrap_or(0);
-        let rows: Vec<(u8, u64, Hash)> = nodes
-            .iter()
-            .map(|(id, h)| (id.level(), id.index(), *h))
-            .collect();
-        self.0.audit_index().put_nodes(&rows, size)
     }
 }
 
@@ -666,31 +646,21 @@ fn bench_tree_scaling(cfg: &Cfg) {
     );
 }
 
-/// `Tree::append` over the product's sled node index, single-threaded and without the segment log:
+/// `Tree::append` over the product's node files, single-threaded and without the segment log:
 /// the index's share of an append, on a scratch tenant.
 async fn bench_sled_tree_scaling(cfg: &Cfg) {
     let max_exp = if cfg.quick { 5 } else { 6 };
     let sizes = decades(max_exp);
     println!(
-        "Tree<sled node index>::append (the product's index, no segment log, no fsync), one writer, up to 10^{max_exp}, same windows"
+        "Tree<node files>::append (the product's index, no segment log, no fsync), one writer, up to 10^{max_exp}, same windows"
     );
-    let product = Product::open().await;
-    // Continue the scratch tenant's own tree, so the index stays a valid tree.
-    let start_size = product
-        .repo
-        .audit_index()
-        .indexed_size()
-        .expect("the indexed size");
-    let mut tree = Tree::open(
-        SledNodes(product.repo.clone()),
-        TreeSize::new(start_size).expect("a size"),
-    )
-    .expect("the tree opens");
+    let scratch = bench_dir();
+    let mut tree = Tree::new(NodeFiles::open(scratch.path()).expect("the node files open"));
     let mut data = [0x77u8; LEAF_BYTES];
     let mut per_size: Vec<Vec<f64>> = vec![Vec::new(); sizes.len()];
     let started = Instant::now();
     let mut n = 0u64;
-    let mut append = |tree: &mut Tree<SledNodes>, n: &mut u64| {
+    let mut append = |tree: &mut Tree<NodeFiles>, n: &mut u64| {
         data[..8].copy_from_slice(&n.to_le_bytes());
         tree.append(&data).expect("an indexed append");
         *n += 1;
@@ -718,7 +688,6 @@ async fn bench_sled_tree_scaling(cfg: &Cfg) {
         fmt_ns(ns(elapsed) / n as f64)
     );
     drop(tree);
-    product.close().await;
 }
 
 fn print_scaling(sizes: &[u64], per_size: &[Vec<f64>], latency: Option<&[Summary]>) {
@@ -1048,7 +1017,7 @@ async fn bench_proofs(cfg: &Cfg, product: &Product) {
     };
     // The same sled index read by a bare `Tree`, without the log's registry and lock.
     let sled_tree = Tree::open(
-        SledNodes(product.repo.clone()),
+        NodeFiles::open(&product.node_dir()).expect("the node files open"),
         TreeSize::new(size).expect("a size"),
     )
     .expect("the index opens");
@@ -1058,7 +1027,7 @@ async fn bench_proofs(cfg: &Cfg, product: &Product) {
         std::hint::black_box(sled_tree.inclusion_proof(leaf, size_ts).expect("a proof"));
     });
     print_latency(
-        "Tree<sled node index>::inclusion_proof",
+        "Tree<node files>::inclusion_proof",
         &all,
         &med,
         Some(PROOF_TARGET_NS),
@@ -1068,14 +1037,14 @@ async fn bench_proofs(cfg: &Cfg, product: &Product) {
         std::hint::black_box(sled_tree.consistency_proof(old, size_ts).expect("a proof"));
     });
     print_latency(
-        "Tree<sled node index>::consistency_proof",
+        "Tree<node files>::consistency_proof",
         &all,
         &med,
         Some(PROOF_TARGET_NS),
     );
     drop(sled_tree);
-    async_calls("AuditLog::inclusion_proof (sled index)", false).await;
-    async_calls("AuditLog::consistency_proof (sled index)", true).await;
+    async_calls("AuditLog::inclusion_proof (node files)", false).await;
+    async_calls("AuditLog::consistency_proof (node files)", true).await;
     let mut all = Vec::new();
     let mut medians = Vec::new();
     for _ in 0..reps {

@@ -372,14 +372,12 @@ async fn a_log_that_disagrees_with_its_checkpoint_refuses_to_open() {
     bytes[4..8].copy_from_slice(&crc.to_le_bytes());
     std::fs::write(&seg, &bytes).unwrap();
     // Drop the tree index too, so the tree is rebuilt from the altered log.
-    {
-        let db = sled::open(dir.path().join("store")).unwrap();
-        let tree = db.open_tree(format!("tenant/{t}")).unwrap();
-        for k in tree.scan_prefix(format!("{t}/merkle").as_bytes()).keys() {
-            tree.remove(k.unwrap()).unwrap();
-        }
-        db.flush().unwrap();
-    }
+    let nodes = dir.path().join("audit").join(t.as_str()).join("nodes");
+    assert!(
+        nodes.join("level-00").is_file(),
+        "the index was there to remove"
+    );
+    std::fs::remove_dir_all(&nodes).unwrap();
     let s = open(dir.path(), &AuditOptions::default());
     let ctx = s.tenants.operator_context(&t).unwrap();
     let repo = s.store.for_tenant(&ctx).unwrap();
@@ -399,17 +397,24 @@ async fn a_lost_tree_index_is_rebuilt_from_the_log() {
     let before = s.audit.head(&ctx, repo).await.unwrap();
     s.close().await.unwrap();
     drop(s);
+    // Lose the node index entirely, damage what would be left of a torn write, and lose the
+    // projections' head: all are derived from the log and must come back from it.
+    let nodes = dir.path().join("audit").join(t.as_str()).join("nodes");
+    let level0 = std::fs::read(nodes.join("level-00")).unwrap();
+    assert!(level0.len() >= 32 * 3, "the index was there to damage");
+    std::fs::write(nodes.join("level-00"), &level0[..level0.len() - 32]).unwrap();
+    std::fs::write(nodes.join("level-01"), vec![0xAB; 32]).unwrap();
     {
         let db = sled::open(dir.path().join("store")).unwrap();
         let tree = db.open_tree(format!("tenant/{t}")).unwrap();
         let mut removed = 0;
-        for prefix in ["merkle", "projection-head", "usage"] {
+        for prefix in ["projection-head", "usage"] {
             for k in tree.scan_prefix(format!("{t}/{prefix}").as_bytes()).keys() {
                 tree.remove(k.unwrap()).unwrap();
                 removed += 1;
             }
         }
-        assert!(removed > 3, "the index was there to remove");
+        assert!(removed >= 1, "the projection head was there to remove");
         db.flush().unwrap();
     }
     let s = open(dir.path(), &AuditOptions::default());

@@ -22,11 +22,12 @@ use super::checkpoint::{
     open_checkpoint, sign_checkpoint, Checkpoint, CheckpointError, Keyring, SigningKey,
 };
 use super::event::{self, Envelope, EventBody};
-use super::merkle::{Hash, LeafIndex, NodeId, NodeStore, Tree, TreeError, TreeSize};
+use super::merkle::{Hash, LeafIndex, Tree, TreeError, TreeSize};
+use super::nodes::NodeFiles;
 use super::projection::{month_of, run_transition, usage_delta, Projections, Usage};
 use super::segment_log::{self, SegmentLog};
 use super::{bundle, AuditError, AuditSink};
-use crate::store::{StoreError, TenantStore};
+use crate::store::TenantStore;
 use crate::tenant::{PrincipalId, Role, TenantContext, TenantId};
 
 /// How the audit log is laid out and when it signs.
@@ -56,45 +57,8 @@ pub struct Head {
     pub checkpoint: Option<String>,
 }
 
-/// The Merkle node index of one tenant, in the store.
-struct Nodes {
-    repo: TenantStore,
-}
-
-impl NodeStore for Nodes {
-    type Error = StoreError;
-
-    fn get(&self, id: NodeId) -> Result<Option<Hash>, StoreError> {
-        self.repo.audit_index().node(id.level(), id.index())
-    }
-
-    fn put(&mut self, id: NodeId, hash: Hash) -> Result<(), StoreError> {
-        self.put_batch(&[(id, hash)])
-    }
-
-    fn put_batch(&mut self, nodes: &[(NodeId, Hash)]) -> Result<(), StoreError> {
-        // Each append writes exactly one leaf (level 0); the index's size is one past it.
-        let size = nodes
-            .iter()
-            .filter(|(id, _)| id.level() == 0)
-            .map(|(id, _)| id.index() + 1)
-            .max();
-        let rows: Vec<(u8, u64, Hash)> = nodes
-            .iter()
-            .map(|(id, h)| (id.level(), id.index(), *h))
-            .collect();
-        match size {
-            Some(size) => self.repo.audit_index().put_nodes(&rows, size),
-            None => {
-                let size = self.repo.audit_index().indexed_size()?;
-                self.repo.audit_index().put_nodes(&rows, size)
-            }
-        }
-    }
-}
-
 struct TreeState {
-    tree: Tree<Nodes>,
+    tree: Tree<NodeFiles>,
     next_seq: u64,
     /// Events other than `checkpoint.signed` since the last checkpoint.
     since_checkpoint: u64,
@@ -233,12 +197,21 @@ impl AuditLog {
         let origin = self.origin(tenant);
         let durable = events.len();
 
-        // Catch the tree index up with the durable log, or cut it back to it.
-        let indexed = repo.audit_index().indexed_size()?;
-        let start = indexed.min(durable);
+        // Catch the tree index up with the durable log, or cut it back to it; an index a crash
+        // left inconsistent is rebuilt from the log.
+        let mut nodes = NodeFiles::open(&dir.join("nodes"))?;
+        let start = nodes.leaves()?.min(durable);
         let size =
             TreeSize::new(start).ok_or_else(|| recovery(tenant, "tree size out of range"))?;
-        let mut tree = Tree::open(Nodes { repo: repo.clone() }, size)?;
+        let (mut tree, start) = match Tree::open(nodes, size) {
+            Ok(t) => (t, start),
+            Err(e) => {
+                tracing::warn!(tenant = %tenant, error = %e, "the audit tree index is damaged; rebuilding it from the log");
+                let mut nodes = NodeFiles::open(&dir.join("nodes"))?;
+                nodes.clear()?;
+                (Tree::new(nodes), 0)
+            }
+        };
         if start < durable {
             tracing::info!(tenant = %tenant, from = start, to = durable, "catching the audit tree index up from the log");
             for rec in events.iter_from(start)? {

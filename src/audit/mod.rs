@@ -11,6 +11,7 @@ pub mod event;
 pub mod keys;
 pub mod log;
 pub mod merkle;
+pub mod nodes;
 pub mod projection;
 pub mod segment_log;
 
@@ -26,6 +27,9 @@ pub enum AuditError {
     /// The store (tree index, tenant records) failed.
     #[error("audit storage: {0}")]
     Store(#[from] StoreError),
+    /// The Merkle node index could not be read or written.
+    #[error("audit node index: {0}")]
+    Nodes(#[from] std::io::Error),
     /// The durable segment log failed.
     #[error("audit segment log: {0}")]
     Segment(#[from] segment_log::Error),

@@ -11,10 +11,10 @@ use super::records::{
     decode, encode, DirectoryRecord, InstallationRecord, MemberRecord, TenantRecord,
 };
 use super::{
-    ApiKey, ApiKeyRepo, AuditIndexRepo, Backend, ConversationRepo, DedupeRepo, DirectoryEntry,
-    Fact, InstallationRepo, MembershipRepo, MemoryRepo, PolicyRepo, ProjectionRepo, Result,
-    RunRepo, SettingsRepo, StoreError, TenantRepos, TenantSummary, ToolGrantRepo, Turn,
-    WebhookTool, WebhookToolRepo,
+    ApiKey, ApiKeyRepo, Backend, ConversationRepo, DedupeRepo, DirectoryEntry, Fact,
+    InstallationRepo, MembershipRepo, MemoryRepo, PolicyRepo, ProjectionRepo, Result, RunRepo,
+    SettingsRepo, StoreError, TenantRepos, TenantSummary, ToolGrantRepo, Turn, WebhookTool,
+    WebhookToolRepo,
 };
 use crate::audit::projection::{RunState, Usage};
 use crate::crypto::Cipher;
@@ -362,58 +362,6 @@ impl ToolGrantRepo for SledTenant {
             .remove(self.key("grant", capability))
             .map_err(engine)?
             .is_some())
-    }
-}
-
-impl SledTenant {
-    fn node_key(&self, level: u8, index: u64) -> Vec<u8> {
-        // Binary suffix, so a node costs 9 bytes of key beyond the prefix and scans stay ordered.
-        let mut key = self.key("merkle", "").into_bytes();
-        key.push(level);
-        key.extend_from_slice(&index.to_be_bytes());
-        key
-    }
-}
-
-impl AuditIndexRepo for SledTenant {
-    fn node(&self, level: u8, index: u64) -> Result<Option<[u8; 32]>> {
-        let key = self.node_key(level, index);
-        match self.tree.get(&key).map_err(engine)? {
-            None => Ok(None),
-            Some(v) => v
-                .as_ref()
-                .try_into()
-                .map(Some)
-                .map_err(|_| StoreError::Corrupt {
-                    key: format!("{}merkle/{level}/{index}", self.prefix),
-                    why: format!("a node hash has {} bytes", v.len()),
-                }),
-        }
-    }
-
-    fn put_nodes(&self, nodes: &[(u8, u64, [u8; 32])], size: u64) -> Result<()> {
-        let mut batch = sled::Batch::default();
-        for (level, index, hash) in nodes {
-            batch.insert(self.node_key(*level, *index), &hash[..]);
-        }
-        batch.insert(self.key("merkle-size", "").as_bytes(), &size.to_be_bytes());
-        self.tree.apply_batch(batch).map_err(engine)
-    }
-
-    fn indexed_size(&self) -> Result<u64> {
-        let key = self.key("merkle-size", "");
-        match self.tree.get(&key).map_err(engine)? {
-            None => Ok(0),
-            Some(v) => {
-                v.as_ref()
-                    .try_into()
-                    .map(u64::from_be_bytes)
-                    .map_err(|_| StoreError::Corrupt {
-                        key,
-                        why: "the indexed size is not 8 bytes".into(),
-                    })
-            }
-        }
     }
 }
 

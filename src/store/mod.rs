@@ -130,26 +130,6 @@ pub trait ToolGrantRepo {
     fn remove(&self, capability: &str) -> Result<bool>;
 }
 
-/// The Merkle tree's stored node hashes for a tenant's audit log: an index derived from the durable
-/// event log, so it may lag behind it after a crash and is then caught up from the log.
-pub trait AuditIndexRepo {
-    /// The hash stored for node (`level`, `index`).
-    ///
-    /// # Errors
-    /// [`StoreError`] on an engine failure or a corrupt record.
-    fn node(&self, level: u8, index: u64) -> Result<Option<[u8; 32]>>;
-    /// Stores node hashes and the tree size they bring the index to, in one atomic batch.
-    ///
-    /// # Errors
-    /// [`StoreError`] on an engine failure; then nothing of the batch is stored.
-    fn put_nodes(&self, nodes: &[(u8, u64, [u8; 32])], size: u64) -> Result<()>;
-    /// The tree size the index was last brought to (0 when empty).
-    ///
-    /// # Errors
-    /// [`StoreError`] on an engine failure or a corrupt record.
-    fn indexed_size(&self) -> Result<u64>;
-}
-
 /// Live projections kept from the audit log: monthly usage and run states, with the sequence number
 /// up to which the log has been folded in.
 pub trait ProjectionRepo {
@@ -372,7 +352,6 @@ pub trait TenantRepos:
     + MembershipRepo
     + InstallationRepo
     + ToolGrantRepo
-    + AuditIndexRepo
     + ProjectionRepo
     + MemoryRepo
     + ConversationRepo
@@ -546,11 +525,6 @@ impl TenantStore {
 
     /// Tool grants.
     pub fn grants(&self) -> &dyn ToolGrantRepo {
-        &*self.repos
-    }
-
-    /// The audit log's Merkle node index.
-    pub fn audit_index(&self) -> &dyn AuditIndexRepo {
         &*self.repos
     }
 
