@@ -127,6 +127,66 @@ pub enum Command {
     /// Discord application setup.
     #[command(subcommand)]
     Discord(DiscordCommand),
+    /// API keys for the admin and compliance API.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+}
+
+/// `keys …`
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Make a key; its token is printed once and never stored.
+    Create {
+        /// The tenant id.
+        #[arg(long)]
+        tenant: String,
+        /// admin, compliance or service.
+        #[arg(long)]
+        role: String,
+        /// How long it works: e.g. 90d, 12h, 30m, or never.
+        #[arg(long, default_value = "90d")]
+        expires: String,
+        /// Extra scopes (repeatable).
+        #[arg(long = "scope")]
+        scopes: Vec<String>,
+        /// A label.
+        #[arg(long, default_value = "cli")]
+        name: String,
+    },
+    /// List a tenant's keys (never their secrets).
+    List {
+        /// The tenant id.
+        #[arg(long)]
+        tenant: String,
+    },
+    /// Revoke a key now.
+    Revoke {
+        /// The tenant id.
+        #[arg(long)]
+        tenant: String,
+        /// The key id.
+        id: String,
+    },
+}
+
+/// Parses `90d`, `12h`, `30m` or `never`.
+fn parse_expiry(text: &str) -> anyhow::Result<Option<chrono::Duration>> {
+    if text == "never" {
+        return Ok(None);
+    }
+    let (n, unit) = text.split_at(text.len().saturating_sub(1));
+    let n: i64 = n
+        .parse()
+        .with_context(|| format!("--expires {text:?}: expected e.g. 90d, 12h, 30m or never"))?;
+    if n <= 0 {
+        anyhow::bail!("--expires must be positive");
+    }
+    Ok(Some(match unit {
+        "d" => chrono::Duration::days(n),
+        "h" => chrono::Duration::hours(n),
+        "m" => chrono::Duration::minutes(n),
+        _ => anyhow::bail!("--expires {text:?}: expected e.g. 90d, 12h, 30m or never"),
+    }))
 }
 
 /// `discord …`
@@ -543,6 +603,12 @@ impl Cli {
                 }
                 Ok(())
             }
+            Command::Keys(cmd) => {
+                let services = Services::open(&self.global.data_dir, master_key.as_ref(), &audit)?;
+                let result = keys_command(&services, cmd).await;
+                services.close().await?;
+                result
+            }
             Command::Audit(AuditCommand::Verify {
                 path,
                 trusted_key,
@@ -629,6 +695,53 @@ async fn audit_command(services: &Services, cmd: AuditCommand) -> anyhow::Result
         }
         AuditCommand::Verify { .. } | AuditCommand::Keygen { .. } | AuditCommand::Replay { .. } => {
             unreachable!("handled by the caller")
+        }
+    }
+}
+
+async fn keys_command(services: &Services, cmd: KeysCommand) -> anyhow::Result<()> {
+    match cmd {
+        KeysCommand::Create {
+            tenant,
+            role,
+            expires,
+            scopes,
+            name,
+        } => {
+            let id: TenantId = tenant.parse().context("not a tenant id")?;
+            let role: crate::tenant::KeyRole = role.parse()?;
+            let issued = services
+                .tenants
+                .create_key_as_operator(&id, &name, role, scopes, parse_expiry(&expires)?)
+                .await?;
+            eprintln!(
+                "key {} ({}) for tenant {id}; the token below is shown once",
+                issued.record.id,
+                role.as_str()
+            );
+            println!("{}", secrecy::ExposeSecret::expose_secret(&issued.token));
+            Ok(())
+        }
+        KeysCommand::List { tenant } => {
+            let (_, repo) = tenant_context(services, &tenant)?;
+            for k in repo.api_keys().keys()? {
+                let state = if crate::tenant::is_live(&k, chrono::Utc::now()) {
+                    "live"
+                } else {
+                    "revoked or expired"
+                };
+                println!("{}  {}  {}  {state}", k.id, k.role, k.name);
+            }
+            Ok(())
+        }
+        KeysCommand::Revoke { tenant, id } => {
+            let (ctx, _) = tenant_context(services, &tenant)?;
+            services
+                .tenants
+                .revoke_key(&ctx, &id, chrono::Utc::now())
+                .await?;
+            println!("revoked {id}");
+            Ok(())
         }
     }
 }

@@ -398,3 +398,91 @@ fn audit_export_verify_proof_and_replay_from_the_command_line() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a tenant id"));
 }
+
+#[test]
+fn keys_are_created_listed_and_revoked_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let manifest = write_manifest(dir.path(), "T0KEYS", "UNSET_VAR_FOR_KEYS");
+    run_ok(
+        agentgate(&data)
+            .args(["installations", "import"])
+            .arg(&manifest),
+    );
+    let tenants: serde_json::Value = serde_json::from_str(&run_ok(
+        agentgate(&data).args(["tenants", "list", "--json"]),
+    ))
+    .unwrap();
+    let tenant = tenants[0]["id"].as_str().unwrap().to_owned();
+
+    let token = run_ok(agentgate(&data).args([
+        "keys",
+        "create",
+        "--tenant",
+        &tenant,
+        "--role",
+        "compliance",
+        "--expires",
+        "30d",
+        "--name",
+        "auditor",
+    ]));
+    let token = token.trim();
+    assert!(
+        token.starts_with("agk_") && token.len() == 4 + 26 + 1 + 64,
+        "{token}"
+    );
+    let id = &token[4..30];
+    let listed = run_ok(agentgate(&data).args(["keys", "list", "--tenant", &tenant]));
+    assert!(
+        listed.contains(id) && listed.contains("compliance") && listed.contains("live"),
+        "{listed}"
+    );
+    assert!(!listed.contains(&token[31..]), "the secret is never listed");
+    run_ok(agentgate(&data).args(["keys", "revoke", "--tenant", &tenant, id]));
+    let listed = run_ok(agentgate(&data).args(["keys", "list", "--tenant", &tenant]));
+    assert!(listed.contains("revoked or expired"), "{listed}");
+    // The store holds only a keyed hash of the secret.
+    let mut found = false;
+    for entry in std::fs::read_dir(data.join("store")).unwrap() {
+        let bytes = std::fs::read(entry.unwrap().path()).unwrap_or_default();
+        assert!(
+            !bytes.windows(64).any(|w| w == token[31..].as_bytes()),
+            "the secret is on disk"
+        );
+        found |= bytes.windows(26).any(|w| w == id.as_bytes());
+    }
+    assert!(found, "the key record was scanned");
+
+    for (args, needle) in [
+        (
+            vec!["keys", "create", "--tenant", &tenant, "--role", "god"],
+            "unknown key role",
+        ),
+        (
+            vec![
+                "keys",
+                "create",
+                "--tenant",
+                &tenant,
+                "--role",
+                "admin",
+                "--expires",
+                "soon",
+            ],
+            "--expires",
+        ),
+        (
+            vec!["keys", "create", "--tenant", "t_nope", "--role", "admin"],
+            "not a tenant id",
+        ),
+    ] {
+        let out = agentgate(&data).args(&args).output().unwrap();
+        assert!(!out.status.success(), "{args:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(needle),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
