@@ -447,7 +447,7 @@ fn keys_are_created_listed_and_revoked_from_the_command_line() {
     for entry in std::fs::read_dir(data.join("store")).unwrap() {
         let bytes = std::fs::read(entry.unwrap().path()).unwrap_or_default();
         assert!(
-            !bytes.windows(64).any(|w| w == token[31..].as_bytes()),
+            !bytes.windows(64).any(|w| w == &token.as_bytes()[31..]),
             "the secret is on disk"
         );
         found |= bytes.windows(26).any(|w| w == id.as_bytes());
