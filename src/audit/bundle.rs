@@ -273,6 +273,62 @@ pub fn write(dir: &Path, c: &Contents<'_>) -> Result<Manifest, WriteError> {
     Ok(manifest)
 }
 
+/// What every event of a bundle is checked against.
+struct EventCheck<'a> {
+    from: u64,
+    tenant: &'a str,
+    csv_rows: Option<&'a [&'a str]>,
+}
+
+impl EventCheck<'_> {
+    /// Checks the events `part`, which start at index `start`; returns their leaf hashes.
+    fn check(&self, start: usize, part: &[&[u8]]) -> Result<Vec<Hash>, Failure> {
+        let mut leaves = Vec::with_capacity(part.len());
+        for (k, line) in part.iter().enumerate() {
+            let i = start + k;
+            let want_seq = self.from + i as u64;
+            let place = || format!("{} line {} (seq {want_seq})", files::EVENTS, i + 1);
+            let canonical = serde_json::from_slice::<Value>(line).ok().and_then(|v| {
+                canonical_json(&v)
+                    .filter(|c| c.as_slice() == *line)
+                    .map(|_| v)
+            });
+            let Some(v) = canonical else {
+                return Err(fail(
+                    place(),
+                    "is not canonical JSON (altered or re-encoded)",
+                ));
+            };
+            if v["v"] != 1 {
+                return Err(fail(place(), format!("unknown event version {}", v["v"])));
+            }
+            if v["seq"] != want_seq {
+                return Err(fail(
+                    place(),
+                    format!(
+                        "has seq {} (events dropped, duplicated or reordered)",
+                        v["seq"]
+                    ),
+                ));
+            }
+            if v["tenant"] != self.tenant {
+                return Err(fail(place(), format!("belongs to tenant {}", v["tenant"])));
+            }
+            let ty = v["type"].as_str().unwrap_or_default();
+            if !EVENT_TYPES.contains(&ty) {
+                return Err(fail(place(), format!("unknown event type {ty:?}")));
+            }
+            if let Some(rows) = self.csv_rows {
+                if rows.get(i).copied() != Some(csv_row(&v).as_str()) {
+                    return Err(fail(files::CSV, "does not match events.jsonl"));
+                }
+            }
+            leaves.push(leaf_hash(line));
+        }
+        Ok(leaves)
+    }
+}
+
 /// What a successful verification established.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Verified {
@@ -450,55 +506,58 @@ pub fn verify(
         true => Some(text(dir, files::CSV)?),
         false => None,
     };
-    let mut csv_rows = csv_text.as_deref().map(|t| t.split_inclusive('\n'));
-    if let Some(rows) = csv_rows.as_mut() {
-        if rows.next() != Some(csv_header().as_str()) {
-            return Err(fail(files::CSV, "does not match events.jsonl"));
-        }
-    }
-    let mut leaves = Vec::with_capacity(lines.len());
-    for (i, line) in lines.iter().enumerate() {
-        let want_seq = manifest.from + i as u64;
-        let place = || format!("{} line {} (seq {want_seq})", files::EVENTS, i + 1);
-        if want_seq >= manifest.to {
-            return Err(fail(place(), "more events than the manifest's range"));
-        }
-        let canonical = serde_json::from_slice::<Value>(line).ok().and_then(|v| {
-            canonical_json(&v)
-                .filter(|c| c.as_slice() == *line)
-                .map(|_| v)
-        });
-        let Some(v) = canonical else {
-            return Err(fail(
-                place(),
-                "is not canonical JSON (altered or re-encoded)",
-            ));
-        };
-        if v["v"] != 1 {
-            return Err(fail(place(), format!("unknown event version {}", v["v"])));
-        }
-        if v["seq"] != want_seq {
-            return Err(fail(
-                place(),
-                format!(
-                    "has seq {} (events dropped, duplicated or reordered)",
-                    v["seq"]
-                ),
-            ));
-        }
-        if v["tenant"] != manifest.tenant.as_str() {
-            return Err(fail(place(), format!("belongs to tenant {}", v["tenant"])));
-        }
-        let ty = v["type"].as_str().unwrap_or_default();
-        if !EVENT_TYPES.contains(&ty) {
-            return Err(fail(place(), format!("unknown event type {ty:?}")));
-        }
-        if let Some(rows) = csv_rows.as_mut() {
-            if rows.next() != Some(csv_row(&v).as_str()) {
+    // The CSV's rows, after its header; it must have exactly one per event.
+    let csv_rows: Option<Vec<&str>> = match csv_text.as_deref() {
+        None => None,
+        Some(t) => {
+            let mut rows = t.split_inclusive('\n');
+            if rows.next() != Some(csv_header().as_str()) {
                 return Err(fail(files::CSV, "does not match events.jsonl"));
             }
+            Some(rows.collect())
         }
-        leaves.push(leaf_hash(line));
+    };
+    // Events are checked in parallel chunks: each event is independent of the others, and the
+    // first failure in line order is the one reported.
+    let threads = std::thread::available_parallelism()
+        .map_or(1, usize::from)
+        .min(8);
+    let in_range = &lines[..lines.len().min(usize::try_from(want).unwrap_or(usize::MAX))];
+    let chunk = in_range.len().div_ceil(threads).max(1);
+    let ctx = EventCheck {
+        from: manifest.from,
+        tenant: &manifest.tenant,
+        csv_rows: csv_rows.as_deref(),
+    };
+    let results: Vec<Result<Vec<Hash>, Failure>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = in_range
+            .chunks(chunk)
+            .enumerate()
+            .map(|(c, part)| {
+                let ctx = &ctx;
+                scope.spawn(move || ctx.check(c * chunk, part))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("a verifier thread does not panic"))
+            .collect()
+    });
+    let mut leaves = Vec::with_capacity(in_range.len());
+    for r in results {
+        leaves.extend(r?);
+    }
+    if lines.len() > in_range.len() {
+        let i = in_range.len();
+        return Err(fail(
+            format!(
+                "{} line {} (seq {})",
+                files::EVENTS,
+                i + 1,
+                manifest.from + i as u64
+            ),
+            "more events than the manifest's range",
+        ));
     }
     if (lines.len() as u64) < want {
         return Err(fail(
@@ -509,7 +568,10 @@ pub fn verify(
             ),
         ));
     }
-    if csv_rows.as_mut().is_some_and(|rows| rows.next().is_some()) {
+    if csv_rows
+        .as_ref()
+        .is_some_and(|rows| rows.len() != lines.len())
+    {
         return Err(fail(files::CSV, "does not match events.jsonl"));
     }
 
