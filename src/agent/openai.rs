@@ -7,8 +7,8 @@ use secrecy::{ExposeSecret, SecretString};
 use serde_json::{json, Value};
 
 use super::planner::{
-    capability_from_wire, estimate_prompt_tokens, wire_tool_name, Message, Plan, PlanRequest,
-    Planner, PlannerError, Reply, ToolCall,
+    capability_from_wire, estimate_prompt_tokens, send_and_parse, wire_tool_name, Message, Plan,
+    PlanRequest, Planner, PlannerError, Reply, ToolCall,
 };
 
 /// A Chat Completions client.
@@ -149,28 +149,7 @@ impl Planner for OpenAi {
         if let Some(key) = &self.key {
             http = http.bearer_auth(key.expose_secret());
         }
-        let resp = http
-            .send()
-            .await
-            .map_err(|e| PlannerError::Transport(e.without_url().to_string()))?;
-        let status = resp.status();
-        let text = resp
-            .text()
-            .await
-            .map_err(|e| PlannerError::Transport(e.without_url().to_string()))?;
-        if !status.is_success() {
-            return Err(PlannerError::Status {
-                status: status.as_u16(),
-                message: text.chars().take(300).collect(),
-            });
-        }
-        let v: Value =
-            serde_json::from_str(&text).map_err(|e| PlannerError::Malformed(e.to_string()))?;
-        let mut plan = parse(&v)?;
-        if plan.model.is_empty() {
-            plan.model = req.llm.default_model.clone();
-        }
-        Ok(plan)
+        send_and_parse(http, &req.llm.default_model, parse).await
     }
 }
 

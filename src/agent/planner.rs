@@ -178,3 +178,33 @@ pub fn wire_tool_name(capability: &str) -> String {
 pub fn capability_from_wire(name: &str) -> String {
     name.replace("__", ".")
 }
+
+/// Sends a provider request and reads its JSON answer; a non-2xx status is an error carrying the
+/// provider's message (truncated). `parse` turns the answer into a plan; a plan that names no
+/// model gets the requested one.
+///
+/// # Errors
+/// [`PlannerError`].
+pub async fn send_and_parse(
+    http: reqwest::RequestBuilder,
+    default_model: &str,
+    parse: impl FnOnce(&Value) -> Result<Plan, PlannerError>,
+) -> Result<Plan, PlannerError> {
+    let transport = |e: reqwest::Error| PlannerError::Transport(e.without_url().to_string());
+    let resp = http.send().await.map_err(transport)?;
+    let status = resp.status();
+    let text = resp.text().await.map_err(transport)?;
+    if !status.is_success() {
+        return Err(PlannerError::Status {
+            status: status.as_u16(),
+            message: text.chars().take(300).collect(),
+        });
+    }
+    let v: Value =
+        serde_json::from_str(&text).map_err(|e| PlannerError::Malformed(e.to_string()))?;
+    let mut plan = parse(&v)?;
+    if plan.model.is_empty() {
+        plan.model = default_model.to_owned();
+    }
+    Ok(plan)
+}

@@ -91,6 +91,43 @@ pub fn page(status: StatusCode, title: &str, text: &str) -> Response {
         .into_response()
 }
 
+/// Checks a returning install's state against the browser's cookie and uses it up, so that it
+/// works once. On refusal, returns the status and the message for the page.
+///
+/// # Errors
+/// `(400, why)` for a bad, expired, foreign or replayed state; `(503, …)` when the store failed.
+pub fn accept_state(
+    store: &crate::store::Store,
+    key: &[u8],
+    state: &str,
+    headers: &HeaderMap,
+    cookie_name: &str,
+    now: i64,
+    restart: &str,
+) -> Result<(), (StatusCode, String)> {
+    let nonce =
+        check_state(key, state, cookie(headers, cookie_name).as_deref(), now).map_err(|e| {
+            (
+                StatusCode::BAD_REQUEST,
+                format!("{e}. Start again from {restart}."),
+            )
+        })?;
+    match store.consume_nonce(&format!("{cookie_name}:{nonce}")) {
+        Ok(true) => Ok(()),
+        Ok(false) => Err((
+            StatusCode::BAD_REQUEST,
+            format!("{}. Start again from {restart}.", StateError::Replayed),
+        )),
+        Err(e) => {
+            tracing::error!(error = %e, "could not record an OAuth state");
+            Err((
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Please try again in a moment.".into(),
+            ))
+        }
+    }
+}
+
 /// Reads a cookie.
 pub fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
     headers

@@ -4,6 +4,7 @@
 
 pub mod discord;
 pub mod install_state;
+pub mod retry;
 pub mod slack;
 
 use std::sync::Arc;

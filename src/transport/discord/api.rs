@@ -54,8 +54,6 @@ pub struct DiscordApi {
     http: reqwest::Client,
 }
 
-const MAX_RETRY_AFTER: Duration = Duration::from_secs(30);
-
 /// The slash command agentgate registers.
 pub fn command_definitions() -> Value {
     json!([{
@@ -78,43 +76,26 @@ impl DiscordApi {
         }
     }
 
+    /// Sends a request (waiting out 429s); any other non-2xx answer is an error.
     async fn send(
         &self,
         req: reqwest::RequestBuilder,
     ) -> Result<reqwest::Response, DiscordApiError> {
-        let mut attempt = 0;
-        loop {
-            let r = req
-                .try_clone()
-                .expect("bodies here are not streams")
-                .send()
-                .await
-                .map_err(|e| DiscordApiError::Transport(e.without_url().to_string()))?;
-            if r.status() != reqwest::StatusCode::TOO_MANY_REQUESTS || attempt == 3 {
-                if r.status().is_success() {
-                    return Ok(r);
-                }
-                let status = r.status().as_u16();
-                let message: String = r
-                    .text()
-                    .await
-                    .unwrap_or_default()
-                    .chars()
-                    .take(300)
-                    .collect();
-                return Err(DiscordApiError::Status { status, message });
-            }
-            // Discord sends Retry-After in seconds (possibly fractional) on 429.
-            let wait = r
-                .headers()
-                .get("retry-after")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse::<f64>().ok())
-                .map_or(Duration::from_secs(1), Duration::from_secs_f64)
-                .min(MAX_RETRY_AFTER);
-            tokio::time::sleep(wait).await;
-            attempt += 1;
+        let r = crate::transport::retry::send(req)
+            .await
+            .map_err(DiscordApiError::Transport)?;
+        if r.status().is_success() {
+            return Ok(r);
         }
+        let status = r.status().as_u16();
+        let message: String = r
+            .text()
+            .await
+            .unwrap_or_default()
+            .chars()
+            .take(300)
+            .collect();
+        Err(DiscordApiError::Status { status, message })
     }
 
     /// Posts the answer to an interaction as its follow-up message.

@@ -20,9 +20,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use self::api::DiscordApi;
-use super::install_state::{
-    check_state, clear_cookie, cookie, make_state, page, set_cookie, StateError,
-};
+use super::install_state::{accept_state, clear_cookie, make_state, page, set_cookie};
 use super::{accept, Clock, Command};
 use crate::agent::Agent;
 use crate::audit::AuditSink;
@@ -314,42 +312,16 @@ async fn redirect(
             "The link is missing its code or state.",
         );
     };
-    let nonce = match check_state(
+    if let Err((status, why)) = accept_state(
+        state.tenants.store(),
         state.state_key.expose_secret().as_bytes(),
         &st,
-        cookie(&headers, COOKIE).as_deref(),
+        &headers,
+        COOKIE,
         state.clock.now(),
+        "/discord/install",
     ) {
-        Ok(n) => n,
-        Err(e) => {
-            return fail(
-                StatusCode::BAD_REQUEST,
-                &format!("{e}. Start again from /discord/install."),
-            )
-        }
-    };
-    match state
-        .tenants
-        .store()
-        .consume_nonce(&format!("discord-oauth:{nonce}"))
-    {
-        Ok(true) => {}
-        Ok(false) => {
-            return fail(
-                StatusCode::BAD_REQUEST,
-                &format!(
-                    "{}. Start again from /discord/install.",
-                    StateError::Replayed
-                ),
-            )
-        }
-        Err(e) => {
-            tracing::error!(error = %e, "could not record an OAuth state");
-            return fail(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "Please try again in a moment.",
-            );
-        }
+        return fail(status, &why);
     }
     let answer = match state
         .api

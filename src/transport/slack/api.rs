@@ -81,9 +81,6 @@ impl std::fmt::Debug for SlackApi {
     }
 }
 
-/// The longest Retry-After we wait for before giving up.
-const MAX_RETRY_AFTER: Duration = Duration::from_secs(30);
-
 impl SlackApi {
     /// A client for the Web API at `api_url` (normally `https://slack.com/api/`; tests give a local
     /// `http://` stand-in).
@@ -102,7 +99,7 @@ impl SlackApi {
             .with_slack_api_url(&api_url)
             .with_rate_control(SlackApiRateControlConfig {
                 max_retries: Some(3),
-                max_delay_timeout: Some(MAX_RETRY_AFTER),
+                max_delay_timeout: Some(crate::transport::retry::MAX_RETRY_AFTER),
                 ..SlackApiRateControlConfig::new()
             });
         Ok(SlackApi {
@@ -115,33 +112,11 @@ impl SlackApi {
         })
     }
 
-    /// Sends a request, waiting out 429 answers as Retry-After says (up to three times).
+    /// Sends a request, waiting out 429 answers as Retry-After says.
     async fn send(&self, req: reqwest::RequestBuilder) -> Result<reqwest::Response, SlackApiError> {
-        let mut attempt = 0;
-        loop {
-            let r = req
-                .try_clone()
-                .expect("bodies here are not streams")
-                .send()
-                .await
-                .map_err(|e| SlackApiError::Transport(e.without_url().to_string()))?;
-            if r.status() != reqwest::StatusCode::TOO_MANY_REQUESTS || attempt == 3 {
-                return Ok(r);
-            }
-            let wait = r
-                .headers()
-                .get("retry-after")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse::<u64>().ok())
-                .map_or(Duration::from_secs(1), Duration::from_secs)
-                .min(MAX_RETRY_AFTER);
-            tracing::warn!(
-                wait_secs = wait.as_secs(),
-                "Slack rate-limited a call; waiting"
-            );
-            tokio::time::sleep(wait).await;
-            attempt += 1;
-        }
+        crate::transport::retry::send(req)
+            .await
+            .map_err(SlackApiError::Transport)
     }
 
     async fn oauth(

@@ -14,9 +14,7 @@ use serde::Deserialize;
 use super::{workspace_of, SlackState};
 use crate::installation::{InstallSource, NewInstallation};
 use crate::tenant::PrincipalId;
-use crate::transport::install_state::{
-    check_state, clear_cookie, cookie, make_state, page, set_cookie, StateError,
-};
+use crate::transport::install_state::{accept_state, clear_cookie, make_state, page, set_cookie};
 
 /// The cookie that binds a state to the browser that started the install.
 pub const COOKIE: &str = "agentgate_slack_oauth";
@@ -102,42 +100,16 @@ pub async fn redirect(
             "The link is missing its code or state.",
         );
     };
-    let nonce = match check_state(
+    if let Err((status, why)) = accept_state(
+        state.tenants.store(),
         state.state_key.expose_secret().as_bytes(),
         &st,
-        cookie(&headers, COOKIE).as_deref(),
+        &headers,
+        COOKIE,
         state.clock.now(),
+        "/slack/install",
     ) {
-        Ok(n) => n,
-        Err(e) => {
-            return page(
-                StatusCode::BAD_REQUEST,
-                "agentgate was not installed",
-                &format!("{e}. Start again from /slack/install."),
-            );
-        }
-    };
-    match state
-        .tenants
-        .store()
-        .consume_nonce(&format!("slack-oauth:{nonce}"))
-    {
-        Ok(true) => {}
-        Ok(false) => {
-            return page(
-                StatusCode::BAD_REQUEST,
-                "agentgate was not installed",
-                &format!("{}. Start again from /slack/install.", StateError::Replayed),
-            );
-        }
-        Err(e) => {
-            tracing::error!(error = %e, "could not record an OAuth state");
-            return page(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "agentgate was not installed",
-                "Please try again in a moment.",
-            );
-        }
+        return page(status, "agentgate was not installed", &why);
     }
     let access = match state
         .api
