@@ -192,6 +192,7 @@ struct LlmPatch {
     default_model: Option<String>,
     default_temperature: Option<f64>,
     default_max_tokens: Option<u32>,
+    #[serde(default, deserialize_with = "present")]
     key_ref: Option<Option<String>>,
 }
 
@@ -281,6 +282,22 @@ fn principal(p: &str) -> Result<PrincipalId, ApiError> {
         .map_err(|e: crate::tenant::IdError| ApiError::BadRequest(e.to_string()))
 }
 
+/// Reads a field that is present (even as `null`) as `Some`, so that `null` can clear a value.
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<String>>, D::Error> {
+    Option::<String>::deserialize(d).map(Some)
+}
+
+/// Refuses a change to the owner's membership by anyone but an owner.
+fn guard_owner(state: &AppState, ctx: &TenantContext, p: &PrincipalId) -> Result<(), ApiError> {
+    let target = repo(state, ctx)?.members().role_of(p)?;
+    if target == Some(Role::Owner) && ctx.role() != Role::Owner {
+        return Err(ApiError::Forbidden(
+            "only an owner may change an owner".into(),
+        ));
+    }
+    Ok(())
+}
+
 async fn put_member(
     State(state): State<AppState>,
     auth: ApiContext,
@@ -289,6 +306,7 @@ async fn put_member(
 ) -> Res {
     let ctx = auth.require("admin:write")?;
     let p = principal(&p)?;
+    guard_owner(&state, ctx, &p)?;
     if b.role == Role::Owner && ctx.role() != Role::Owner {
         return Err(ApiError::Forbidden(
             "only an owner may make an owner".into(),
@@ -309,6 +327,7 @@ async fn delete_member(
 ) -> Res {
     let ctx = auth.require("admin:write")?;
     let p = principal(&p)?;
+    guard_owner(&state, ctx, &p)?;
     if !state
         .tenants
         .revoke_role(ctx, &p)

@@ -21,7 +21,11 @@ impl ApiContext {
     /// # Errors
     /// [`ApiError::Forbidden`] without it.
     pub fn require(&self, scope: &str) -> Result<&TenantContext, ApiError> {
-        if self.0.has_scope(scope) {
+        // Writing administrative state needs the admin role as well as the scope, whatever the
+        // scope list says.
+        let role_ok =
+            !scope.starts_with("admin:write") || self.0.role().at_least(crate::tenant::Role::Admin);
+        if self.0.has_scope(scope) && role_ok {
             Ok(&self.0)
         } else {
             Err(ApiError::Forbidden(format!("this needs the {scope} scope")))

@@ -328,7 +328,14 @@ impl Tenants {
             .into_iter()
             .map(|s| s.parse().expect("built-in scopes"))
             .collect();
-        scopes.extend(key.scopes.iter().filter_map(|s| s.parse().ok()));
+        // Extra admin scopes never reach past the role actually held: a key acting for a viewer
+        // cannot make the viewer an admin.
+        scopes.extend(
+            key.scopes
+                .iter()
+                .filter(|s| role.at_least(Role::Admin) || s.as_str() != "admin:write")
+                .filter_map(|s| s.parse().ok()),
+        );
         Ok(TenantContext::from_parts(ContextParts {
             tenant,
             principal,

@@ -1,0 +1,303 @@
+//! Every admin change is in the tenant's audit log (and no secret is), and the export over HTTP
+//! verifies with the real `agentgate audit verify`.
+
+use std::path::Path;
+
+use serde_json::{json, Value};
+
+use crate::helpers::{spawn, TestApp};
+
+/// Finds, at or after `from`, the first event `want` matches; returns the index after it.
+fn expect_after(events: &[Value], from: usize, want: &Value, principal: &str) -> usize {
+    let found = events[from..].iter().position(|e| {
+        e["type"] == want["type"]
+            && e["data"] == want["data"]
+            && e["principal"] == principal
+            && e["principal_kind"] == "service"
+    });
+    match found {
+        Some(i) => from + i + 1,
+        None => panic!(
+            "no {want} by {principal} at or after event {from} in {:#?}",
+            &events[from..]
+        ),
+    }
+}
+
+#[tokio::test]
+async fn every_admin_change_is_audited_in_order_and_no_secret_is_logged() {
+    let app = spawn().await;
+    let a = &app.a.admin.token;
+    let start = app.events(&app.a.id).await.len();
+    let hook_secret = "hook-secret-value-7f3a9c2e1b";
+    let ok = |r: crate::helpers::Resp, what: &str| {
+        assert!(
+            (200..300).contains(&r.status),
+            "{what}: {} {}",
+            r.status,
+            r.text()
+        );
+        r
+    };
+
+    ok(
+        app.patch(
+            "/api/v1/settings",
+            a,
+            json!({"name": "audited", "plan": "team"}),
+        )
+        .await,
+        "settings",
+    );
+    ok(
+        app.patch("/api/v1/settings/llm", a, json!({"provider": "anthropic"}))
+            .await,
+        "llm",
+    );
+    ok(
+        app.put("/api/v1/members/slack:U0NEW", a, json!({"role": "member"}))
+            .await,
+        "member put",
+    );
+    ok(
+        app.delete("/api/v1/members/slack:U0NEW", a).await,
+        "member delete",
+    );
+    ok(
+        app.put(
+            "/api/v1/tools/grants/memory.save",
+            a,
+            json!({"min_role": "viewer"}),
+        )
+        .await,
+        "grant put",
+    );
+    ok(
+        app.delete("/api/v1/tools/grants/memory.save", a).await,
+        "grant delete",
+    );
+    ok(
+        app.put(
+            "/api/v1/tools/webhooks/lookup",
+            a,
+            json!({"description": "look up", "schema": {"type": "object"},
+                "url": "http://127.0.0.1:9/lookup", "secret": hook_secret, "timeout_ms": 1000}),
+        )
+        .await,
+        "webhook put",
+    );
+    let tools = app.get("/api/v1/tools", a).await.text();
+    assert!(
+        tools.contains("lookup") && !tools.contains(hook_secret),
+        "{tools}"
+    );
+    ok(
+        app.delete("/api/v1/tools/webhooks/lookup", a).await,
+        "webhook delete",
+    );
+    ok(
+        app.put(
+            "/api/v1/policies",
+            a,
+            json!({"text": "@id(\"p1\")\npermit (principal, action, resource) when { false };"}),
+        )
+        .await,
+        "policy put",
+    );
+    let created = ok(
+        app.post(
+            "/api/v1/keys",
+            a,
+            json!({"name": "siem", "role": "compliance", "expires_in_days": 30}),
+        )
+        .await,
+        "key create",
+    )
+    .json();
+    let created_id = created["id"].as_str().unwrap().to_owned();
+    let created_token = created["token"].as_str().unwrap().to_owned();
+    assert!(created_token.starts_with(&format!("agk_{created_id}_")));
+    assert_eq!(created["live"], true);
+    assert!(created["expires_at"].is_string());
+    // The token is shown once: the listing does not have it.
+    let listing = app.get("/api/v1/keys", a).await.text();
+    assert!(listing.contains(&created_id) && !listing.contains(&created_token));
+    let rotated = ok(
+        app.post(
+            &format!("/api/v1/keys/{created_id}/rotate"),
+            a,
+            json!({"overlap_secs": 60}),
+        )
+        .await,
+        "key rotate",
+    )
+    .json();
+    let rotated_id = rotated["id"].as_str().unwrap().to_owned();
+    let rotated_token = rotated["token"].as_str().unwrap().to_owned();
+    ok(
+        app.delete(&format!("/api/v1/keys/{rotated_id}"), a).await,
+        "key revoke",
+    );
+
+    let events = app.events(&app.a.id).await;
+    let by = format!("key:{}", app.a.admin.id);
+    let changed = |fields: Value| json!({"type": "settings.changed", "data": {"fields": fields}});
+    let mut at = start;
+    for want in [
+        changed(json!(["name", "plan"])),
+        changed(json!(["llm.provider"])),
+        json!({"type": "role.granted", "data": {"principal": "slack:U0NEW", "role": "member"}}),
+        json!({"type": "role.revoked", "data": {"principal": "slack:U0NEW", "role": "member"}}),
+        changed(json!(["grant:memory.save"])),
+        changed(json!(["grant:memory.save:removed"])),
+        changed(json!(["webhook:lookup"])),
+        changed(json!(["webhook:lookup:removed"])),
+        changed(json!(["policies"])),
+        changed(json!([format!("api-key:{created_id}:created:compliance")])),
+        changed(json!([format!("api-key:{rotated_id}:created:compliance")])),
+        changed(json!([format!("api-key:{created_id}:revoked")])),
+        changed(json!([format!("api-key:{rotated_id}:revoked")])),
+    ] {
+        at = expect_after(&events, at, &want, &by);
+    }
+    for e in &events {
+        assert_eq!(e["tenant"], app.a.id.as_str(), "{e}");
+    }
+
+    // No secret in A's log, nor in B's.
+    let mut secrets = vec![hook_secret.to_owned()];
+    for t in [
+        &created_token,
+        &rotated_token,
+        &app.a.admin.token,
+        &app.a.compliance.token,
+        &app.a.service.token,
+        &app.b.admin.token,
+    ] {
+        secrets.push(t.clone());
+        secrets.push(t.rsplit_once('_').unwrap().1.to_owned());
+    }
+    for log in [events, app.events(&app.b.id).await] {
+        let text = serde_json::to_string(&log).unwrap();
+        for s in &secrets {
+            assert!(!text.contains(s.as_str()), "a secret is in the audit log");
+        }
+    }
+}
+
+/// The first verifier key in the deployment's keyring.
+fn vkey(app: &TestApp) -> String {
+    let ring = std::fs::read_to_string(app.dir.path().join("audit").join("keyring.txt")).unwrap();
+    ring.lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty() && !l.starts_with('#'))
+        .expect("a key in the keyring")
+        .to_owned()
+}
+
+fn unpack(tar_bytes: &[u8], into: &Path) {
+    tar::Archive::new(tar_bytes).unpack(into).unwrap();
+}
+
+#[tokio::test]
+async fn the_export_over_http_verifies_offline_with_the_cli() {
+    let app = spawn().await;
+    let a = &app.a.admin.token;
+    // Something to export.
+    app.patch("/api/v1/settings", a, json!({"name": "exported"}))
+        .await;
+    app.put("/api/v1/members/slack:U0EXP", a, json!({"role": "viewer"}))
+        .await;
+    let size = app.events(&app.a.id).await.len() as u64;
+
+    let r = app
+        .post("/api/v1/audit/export", &app.a.compliance.token, json!({}))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.content_type, "application/x-tar");
+    let out = tempfile::tempdir().unwrap();
+    unpack(&r.bytes, out.path());
+    let bundle = out.path().join("bundle");
+    for f in [
+        "manifest.json",
+        "events.jsonl",
+        "checkpoint.txt",
+        "keyring.txt",
+        "proofs.json",
+    ] {
+        assert!(bundle.join(f).is_file(), "{f} is missing from the tar");
+    }
+    let events = std::fs::read_to_string(bundle.join("events.jsonl")).unwrap();
+    assert!(
+        !events.contains(app.b.id.as_str()),
+        "B's events in A's export"
+    );
+    assert_eq!(events.lines().count() as u64, size);
+    let manifest: Value =
+        serde_json::from_slice(&std::fs::read(bundle.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["tenant"], app.a.id.as_str());
+    assert_eq!(manifest["to"], size);
+    // The checkpoint covers the export's own record, appended after the exported range.
+    assert!(manifest["tree_size"].as_u64().unwrap() > size, "{manifest}");
+    let log = app.events(&app.a.id).await;
+    assert_eq!(log[size as usize]["type"], "export.created");
+    assert_eq!(log[size as usize]["data"], json!({"from": 0, "to": size}));
+
+    let key = vkey(&app);
+    let run = |dir: &Path, key: &str| {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_agentgate"))
+            .args(["audit", "verify"])
+            .arg(dir)
+            .args(["--trusted-key", key])
+            .output()
+            .unwrap();
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+        )
+    };
+    let (code, stdout) = run(&bundle, &key);
+    assert_eq!(code, Some(0), "{stdout}");
+    assert!(stdout.starts_with("verified: "), "{stdout}");
+    assert!(stdout.contains(app.a.id.as_str()), "{stdout}");
+
+    let trusted = agentgate::audit::checkpoint::VerifierKey::from_vkey_text(&key).unwrap();
+    let v = agentgate::audit::bundle::verify(&bundle, Some(&trusted), None).unwrap();
+    assert_eq!(v.tenant, app.a.id.as_str());
+    assert!(v.trusted_key);
+    assert_eq!(v.range, (0, size));
+    assert_eq!(v.events, size);
+    assert!(
+        stdout.contains(&format!("verified: {size} events")),
+        "{stdout}"
+    );
+
+    // A changed byte fails, so the checks above are not vacuous.
+    let tampered = out.path().join("bundle");
+    let text = events.replacen("slack:U0EXP", "slack:U0EXQ", 1);
+    assert_ne!(text, events);
+    std::fs::write(tampered.join("events.jsonl"), text).unwrap();
+    let (code, stdout) = run(&tampered, &key);
+    assert_eq!(code, Some(1), "{stdout}");
+    assert!(stdout.starts_with("FAILED: "), "{stdout}");
+    assert!(agentgate::audit::bundle::verify(&tampered, Some(&trusted), None).is_err());
+
+    // A reversed range is a 400.
+    let r = app
+        .post(
+            "/api/v1/audit/export",
+            &app.a.compliance.token,
+            json!({"from": 5, "to": 2}),
+        )
+        .await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.error().contains("5..2"), "{}", r.text());
+    let r = app
+        .post(
+            "/api/v1/audit/export",
+            &app.a.compliance.token,
+            json!({"to": 1_000_000}),
+        )
+        .await;
+    assert_eq!(r.status, 400, "{}", r.text());
+}

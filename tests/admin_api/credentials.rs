@@ -1,0 +1,394 @@
+//! Credentials, the tenant header and the acting-user header.
+
+use agentgate::tenant::KeyRole;
+use reqwest::Method;
+use serde_json::json;
+
+use crate::helpers::{assert_unauthorized, make_key, spawn, Body};
+
+/// The token with its 64-hex secret replaced by another well-formed one.
+fn wrong_secret(token: &str) -> String {
+    let (head, secret) = token.rsplit_once('_').unwrap();
+    assert_eq!(secret.len(), 64);
+    let flipped = if secret.starts_with('0') { "1" } else { "0" };
+    format!("{head}_{flipped}{}", &secret[1..])
+}
+
+#[tokio::test]
+async fn every_bad_credential_gets_the_same_401() {
+    let app = spawn().await;
+    let good = app.a.admin.token.clone();
+    assert_eq!(app.get("/api/v1/settings", &good).await.status, 200);
+
+    let none = app
+        .call(Method::GET, "/api/v1/settings", None, &[], Body::None)
+        .await;
+    assert_unauthorized(&none, "no Authorization");
+    for (what, header) in [
+        ("basic scheme", format!("Basic {good}")),
+        ("no space", format!("Bearer{good}")),
+        ("empty bearer", "Bearer ".to_owned()),
+    ] {
+        let r = app
+            .call(
+                Method::GET,
+                "/api/v1/settings",
+                None,
+                &[("authorization", &header)],
+                Body::None,
+            )
+            .await;
+        assert_unauthorized(&r, what);
+    }
+    let unknown_id = format!("agk_{}_{}", ulid::Ulid::new(), "ab".repeat(32));
+    for (what, token) in [
+        ("garbage", "garbage".to_owned()),
+        ("wrong prefix", good.replacen("agk_", "agx_", 1)),
+        ("truncated", good[..good.len() - 1].to_owned()),
+        ("wrong secret", wrong_secret(&good)),
+        ("unknown id", unknown_id),
+        // B's secret under A's id.
+        (
+            "secret of another key",
+            format!(
+                "{}_{}",
+                good.rsplit_once('_').unwrap().0,
+                app.b.admin.token.rsplit_once('_').unwrap().1
+            ),
+        ),
+    ] {
+        assert_unauthorized(&app.get("/api/v1/settings", &token).await, what);
+    }
+
+    // Expired at birth.
+    let expired = make_key(
+        &app.services,
+        &app.a.id,
+        "expired",
+        KeyRole::Admin,
+        vec![],
+        Some(chrono::Duration::seconds(-1)),
+    )
+    .await;
+    assert_unauthorized(
+        &app.get("/api/v1/settings", &expired.token).await,
+        "expired",
+    );
+
+    // Revoked through the API.
+    let doomed = make_key(
+        &app.services,
+        &app.a.id,
+        "doomed",
+        KeyRole::Compliance,
+        vec![],
+        None,
+    )
+    .await;
+    assert_eq!(app.get("/api/v1/settings", &doomed.token).await.status, 200);
+    let r = app
+        .delete(&format!("/api/v1/keys/{}", doomed.id), &good)
+        .await;
+    assert_eq!(r.status, 204, "{}", r.text());
+    assert_unauthorized(&app.get("/api/v1/settings", &doomed.token).await, "revoked");
+    let keys = app.get("/api/v1/keys", &good).await.json();
+    let rec = keys
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["id"] == doomed.id.as_str())
+        .unwrap();
+    assert_eq!(rec["live"], false, "{rec}");
+    assert!(rec["revoked_at"].is_string(), "{rec}");
+    assert!(
+        !keys.to_string().contains("hash"),
+        "the key hash is listed: {keys}"
+    );
+
+    // Rotation with an overlap: both work.
+    let old = make_key(
+        &app.services,
+        &app.a.id,
+        "rotating",
+        KeyRole::Compliance,
+        vec![],
+        None,
+    )
+    .await;
+    let r = app
+        .post(
+            &format!("/api/v1/keys/{}/rotate", old.id),
+            &good,
+            json!({"overlap_secs": 3600}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    let new = r.json();
+    let new_token = new["token"].as_str().unwrap().to_owned();
+    assert_ne!(new["id"], old.id.as_str());
+    assert_eq!(new["role"], "compliance");
+    assert_eq!(new["name"], "rotating");
+    assert_ne!(new_token, old.token);
+    assert_eq!(
+        app.get("/api/v1/settings", &old.token).await.status,
+        200,
+        "old key during the overlap"
+    );
+    assert_eq!(
+        app.get("/api/v1/settings", &new_token).await.status,
+        200,
+        "new key"
+    );
+    // The new key has the old key's role and no more.
+    assert_eq!(
+        app.patch("/api/v1/settings", &new_token, json!({"name": "x"}))
+            .await
+            .status,
+        403
+    );
+
+    // Rotation without an overlap: the old key stops at once.
+    let old = make_key(
+        &app.services,
+        &app.a.id,
+        "rotating-now",
+        KeyRole::Admin,
+        vec![],
+        None,
+    )
+    .await;
+    let r = app
+        .post(
+            &format!("/api/v1/keys/{}/rotate", old.id),
+            &good,
+            json!({"overlap_secs": 0}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    let new_token = r.json()["token"].as_str().unwrap().to_owned();
+    assert_unauthorized(
+        &app.get("/api/v1/settings", &old.token).await,
+        "rotated, no overlap",
+    );
+    assert_eq!(app.get("/api/v1/settings", &new_token).await.status, 200);
+    // Rotating or revoking an unknown id is a 404.
+    assert_eq!(
+        app.delete("/api/v1/keys/01ARZ3NDEKTSV4RRFFQ69G5FAV", &good)
+            .await
+            .status,
+        404
+    );
+}
+
+#[tokio::test]
+async fn the_tenant_header_must_name_the_keys_tenant() {
+    let app = spawn().await;
+    let token = &app.a.admin.token;
+    let b_id = app.b.id.to_string();
+    let a_events = app.events(&app.a.id).await.len();
+    let b_events = app.events(&app.b.id).await.len();
+    let r = app
+        .call(
+            Method::PATCH,
+            "/api/v1/settings",
+            Some(token),
+            &[("agentgate-tenant", &b_id)],
+            Body::Json(json!({"name": "hijacked"})),
+        )
+        .await;
+    assert_eq!(r.status, 403, "{}", r.text());
+    assert_eq!(r.error(), "the tenant header does not match the key");
+    let r = app
+        .get_h("/api/v1/settings", token, &[("agentgate-tenant", &b_id)])
+        .await;
+    assert_eq!(r.status, 403, "{}", r.text());
+    assert!(!r.text().contains(&app.b.name), "{}", r.text());
+    // Nothing was done in either tenant.
+    assert_eq!(app.settings(&app.a.id).name, app.a.name);
+    assert_eq!(app.settings(&app.b.id).name, app.b.name);
+    assert_eq!(app.events(&app.a.id).await.len(), a_events);
+    assert_eq!(app.events(&app.b.id).await.len(), b_events);
+    // The matching header is fine.
+    let a_id = app.a.id.to_string();
+    let r = app
+        .get_h("/api/v1/settings", token, &[("agentgate-tenant", &a_id)])
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["name"], app.a.name.as_str());
+    let r = app
+        .call(
+            Method::PATCH,
+            "/api/v1/settings",
+            Some(token),
+            &[("agentgate-tenant", &a_id)],
+            Body::Json(json!({"name": "renamed-a"})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(app.settings(&app.a.id).name, "renamed-a");
+}
+
+#[tokio::test]
+async fn only_service_keys_may_act_for_a_user() {
+    let app = spawn().await;
+    // A service key can reach no admin route with its own scopes alone.
+    let r = app.get("/api/v1/settings", &app.a.service.token).await;
+    assert_eq!(r.status, 403, "{}", r.text());
+    let acting = [("agentgate-acting-user", "slack:U0AOWNER")];
+    let r = app
+        .get_h("/api/v1/settings", &app.a.service.token, &acting)
+        .await;
+    assert_eq!(
+        r.status,
+        403,
+        "accepted, but still without the scope: {}",
+        r.text()
+    );
+    assert_eq!(r.error(), "this needs the admin:read scope");
+    // A service key granted admin:read, acting for the owner, reads.
+    let reader = make_key(
+        &app.services,
+        &app.a.id,
+        "reader",
+        KeyRole::Service,
+        vec!["admin:read".into()],
+        None,
+    )
+    .await;
+    let r = app.get_h("/api/v1/settings", &reader.token, &acting).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["name"], app.a.name.as_str());
+
+    // Other keys may not send the header.
+    for (what, token) in [
+        ("admin", &app.a.admin.token),
+        ("compliance", &app.a.compliance.token),
+    ] {
+        let r = app.get_h("/api/v1/settings", token, &acting).await;
+        assert_eq!(r.status, 400, "{what}: {}", r.text());
+        assert_eq!(r.error(), "invalid acting user", "{what}");
+    }
+    // A malformed header is a 400 even for a service key.
+    for bad in ["U0AOWNER", "slack:", "", "slack:U0 AOWNER"] {
+        let r = app
+            .get_h(
+                "/api/v1/settings",
+                &reader.token,
+                &[("agentgate-acting-user", bad)],
+            )
+            .await;
+        assert_eq!(r.status, 400, "{bad:?}: {}", r.text());
+        assert_eq!(r.error(), "invalid acting user");
+    }
+}
+
+/// A service key with extra admin scopes, acting for a viewer, holds the viewer's role but keeps
+/// the key's scopes, and the handlers that check only the scope (PATCH settings and settings/llm,
+/// DELETE grants and webhooks) let the viewer change the tenant, while those that also check the
+/// role (PUT grants, webhooks, policies, members) refuse the same request.
+#[tokio::test]
+async fn acting_for_a_viewer_never_grants_admin_writes() {
+    let app = spawn().await;
+    let a = &app.a.admin.token;
+    assert_eq!(
+        app.put(
+            "/api/v1/members/slack:U0VIEWER",
+            a,
+            json!({"role": "viewer"})
+        )
+        .await
+        .status,
+        200
+    );
+    assert_eq!(
+        app.put(
+            "/api/v1/tools/grants/memory.save",
+            a,
+            json!({"min_role": "member"})
+        )
+        .await
+        .status,
+        200
+    );
+    let key = make_key(
+        &app.services,
+        &app.a.id,
+        "integration",
+        KeyRole::Service,
+        vec!["admin:read".into(), "admin:write".into()],
+        None,
+    )
+    .await;
+    let viewer = [("agentgate-acting-user", "slack:U0VIEWER")];
+    // The role check refuses this one…
+    let r = app
+        .call(
+            Method::PUT,
+            "/api/v1/tools/grants/memory.recall",
+            Some(&key.token),
+            &viewer,
+            Body::Json(json!({"min_role": "viewer"})),
+        )
+        .await;
+    assert_eq!(r.status, 403, "{}", r.text());
+    // …and these must be refused the same way: a viewer may not make itself an admin…
+    let r = app
+        .call(
+            Method::PUT,
+            "/api/v1/members/slack:U0VIEWER",
+            Some(&key.token),
+            &viewer,
+            Body::Json(json!({"role": "admin"})),
+        )
+        .await;
+    assert_eq!(r.status, 403, "{}", r.text());
+    // …nor change settings or remove grants.
+    let r = app
+        .call(
+            Method::PATCH,
+            "/api/v1/settings",
+            Some(&key.token),
+            &viewer,
+            Body::Json(json!({"name": "changed-by-a-viewer"})),
+        )
+        .await;
+    assert_eq!(r.status, 403, "{}", r.text());
+    let r = app
+        .call(
+            Method::DELETE,
+            "/api/v1/tools/grants/memory.save",
+            Some(&key.token),
+            &viewer,
+            Body::None,
+        )
+        .await;
+    assert_eq!(r.status, 403, "{}", r.text());
+    assert_eq!(app.settings(&app.a.id).name, app.a.name);
+}
+
+/// Only an owner may make an owner, but an admin may take the owner's role away or demote the
+/// owner: `delete_member` and `put_member` do not check the target's current role.
+#[tokio::test]
+async fn an_admin_cannot_demote_or_remove_the_owner() {
+    let app = spawn().await;
+    let a = &app.a.admin.token;
+    let r = app
+        .put(
+            "/api/v1/members/slack:U0AOWNER",
+            a,
+            json!({"role": "viewer"}),
+        )
+        .await;
+    assert_eq!(r.status, 403, "{}", r.text());
+    let r = app.delete("/api/v1/members/slack:U0AOWNER", a).await;
+    assert_eq!(r.status, 403, "{}", r.text());
+    let members = app.get("/api/v1/members", a).await.json();
+    assert!(
+        members
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["principal"] == "slack:U0AOWNER" && m["role"] == "owner"),
+        "{members}"
+    );
+}

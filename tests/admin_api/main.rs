@@ -1,0 +1,10 @@
+//! The admin and compliance API under `/api/v1`, end to end over HTTP against the real application
+//! with two tenants: object-level authorization, credentials, roles and scopes, validation, auditing
+//! of every change, the export, the rate limit, the OpenAPI document and `/metrics`.
+
+mod audit;
+mod credentials;
+mod helpers;
+mod isolation;
+mod ops;
+mod validation;

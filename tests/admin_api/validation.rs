@@ -1,0 +1,312 @@
+//! Roles and scopes, and what the API refuses to accept.
+
+use serde_json::{json, Value};
+
+use crate::helpers::{spawn, Resp, TestApp};
+
+/// Asserts a 400 whose message contains `needle`, and that the tenant's log did not grow.
+async fn assert_refused(app: &TestApp, r: Resp, needle: &str, events_before: usize, what: &str) {
+    assert_eq!(r.status, 400, "{what}: {}", r.text());
+    let msg = r.error();
+    assert!(msg.contains(needle), "{what}: {msg:?} lacks {needle:?}");
+    let after = app.events(&app.a.id).await;
+    assert_eq!(
+        after.len(),
+        events_before,
+        "{what}: a refused request was audited: {:?}",
+        &after[events_before..]
+    );
+}
+
+#[tokio::test]
+async fn compliance_keys_read_and_export_but_change_nothing_and_service_keys_read_nothing() {
+    let app = spawn().await;
+    let c = &app.a.compliance.token;
+    for path in [
+        "/api/v1/settings",
+        "/api/v1/settings/llm",
+        "/api/v1/usage",
+        "/api/v1/runs",
+        "/api/v1/members",
+        "/api/v1/tools",
+        "/api/v1/policies",
+        "/api/v1/audit/head",
+    ] {
+        let r = app.get(path, c).await;
+        assert_eq!(r.status, 200, "compliance GET {path}: {}", r.text());
+    }
+    let r = app.post("/api/v1/audit/export", c, json!({})).await;
+    assert_eq!(r.status, 200, "compliance export: {}", r.text());
+    assert_eq!(r.content_type, "application/x-tar");
+
+    let before = app.events(&app.a.id).await.len();
+    let keys_before = app.get("/api/v1/keys", &app.a.admin.token).await.json();
+    let key_id = app.a.admin.id.clone();
+    let forbidden: Vec<(&str, Resp)> = vec![
+        (
+            "PATCH settings",
+            app.patch("/api/v1/settings", c, json!({"name": "by-compliance"}))
+                .await,
+        ),
+        (
+            "PATCH llm",
+            app.patch("/api/v1/settings/llm", c, json!({"provider": "openai"}))
+                .await,
+        ),
+        (
+            "PUT policies",
+            app.put(
+                "/api/v1/policies",
+                c,
+                json!({"text": "@id(\"x\")\npermit (principal, action, resource);"}),
+            )
+            .await,
+        ),
+        (
+            "POST keys",
+            app.post("/api/v1/keys", c, json!({"name": "mine", "role": "admin"}))
+                .await,
+        ),
+        (
+            "DELETE key",
+            app.delete(&format!("/api/v1/keys/{key_id}"), c).await,
+        ),
+        (
+            "PUT member",
+            app.put("/api/v1/members/slack:U0X", c, json!({"role": "admin"}))
+                .await,
+        ),
+        (
+            "PUT grant",
+            app.put(
+                "/api/v1/tools/grants/memory.save",
+                c,
+                json!({"min_role": "viewer"}),
+            )
+            .await,
+        ),
+    ];
+    for (what, r) in &forbidden {
+        assert_eq!(r.status, 403, "compliance {what}: {}", r.text());
+        assert_eq!(r.error(), "this needs the admin:write scope", "{what}");
+    }
+    assert_eq!(app.settings(&app.a.id).name, app.a.name);
+    assert_eq!(app.settings(&app.a.id).llm.provider, "rules");
+    assert_eq!(
+        app.get("/api/v1/keys", &app.a.admin.token).await.json(),
+        keys_before
+    );
+    let after = app.events(&app.a.id).await;
+    assert!(
+        after[before..]
+            .iter()
+            .all(|e| e["type"] == "checkpoint.signed"),
+        "{:?}",
+        &after[before..]
+    );
+
+    // A service key reads nothing of the admin API.
+    let s = &app.a.service.token;
+    for path in [
+        "/api/v1/settings",
+        "/api/v1/keys",
+        "/api/v1/runs",
+        "/api/v1/audit/head",
+    ] {
+        let r = app.get(path, s).await;
+        assert_eq!(r.status, 403, "service GET {path}: {}", r.text());
+    }
+    assert_eq!(
+        app.post("/api/v1/audit/export", s, json!({})).await.status,
+        403
+    );
+}
+
+#[tokio::test]
+async fn malformed_bodies_bad_policies_and_bad_llm_settings_are_400() {
+    let app = spawn().await;
+    let a = &app.a.admin.token;
+    let n = app.events(&app.a.id).await.len();
+
+    // JSON.
+    let r = app.patch_raw("/api/v1/settings", a, "{not json").await;
+    assert_refused(
+        &app,
+        r,
+        "Failed to parse the request body as JSON",
+        n,
+        "malformed",
+    )
+    .await;
+    let r = app
+        .patch("/api/v1/settings", a, json!({"nmae": "typo"}))
+        .await;
+    assert_refused(&app, r, "unknown field `nmae`", n, "unknown field").await;
+    let r = app.patch("/api/v1/settings", a, json!({"name": 5})).await;
+    assert_refused(&app, r, "invalid type", n, "wrong type").await;
+    let r = app
+        .patch("/api/v1/settings", a, json!({"plan": "platinum"}))
+        .await;
+    assert_refused(&app, r, "unknown variant", n, "bad enum").await;
+    let r = app
+        .put("/api/v1/members/slack:U0X", a, json!({"role": "emperor"}))
+        .await;
+    assert_refused(&app, r, "unknown variant", n, "bad role").await;
+    let r = app
+        .put(
+            "/api/v1/members/not-a-principal",
+            a,
+            json!({"role": "member"}),
+        )
+        .await;
+    assert_eq!(r.status, 400, "bad principal: {}", r.text());
+    let r = app
+        .put(
+            "/api/v1/tools/grants/shell.exec",
+            a,
+            json!({"min_role": "member"}),
+        )
+        .await;
+    assert_refused(&app, r, "unknown capability", n, "bad capability").await;
+    let r = app
+        .put(
+            "/api/v1/tools/webhooks/hook",
+            a,
+            json!({"description": "d", "schema": {"type": "object"}, "url": "http://127.0.0.1:9/", "secret": "short"}),
+        )
+        .await;
+    assert_refused(&app, r, "at least 16 characters", n, "short secret").await;
+    let r = app
+        .post("/api/v1/keys", a, json!({"name": "k", "role": "root"}))
+        .await;
+    assert_refused(&app, r, "unknown key role", n, "bad key role").await;
+    assert_eq!(app.settings(&app.a.id).name, app.a.name);
+
+    // Policies: Cedar's own message for text that does not parse.
+    let bad = "@id(\"p\")\npermit (principal, action, resource) when { principal.tenant == };";
+    let cedar_msg = bad
+        .parse::<cedar_policy::PolicySet>()
+        .expect_err("the text is not Cedar")
+        .to_string();
+    let r = app.put("/api/v1/policies", a, json!({"text": bad})).await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(r.error(), cedar_msg, "the message is Cedar's");
+    let r = app
+        .put(
+            "/api/v1/policies",
+            a,
+            json!({"text": "permit (principal, action, resource);"}),
+        )
+        .await;
+    assert_refused(&app, r, "@id", n, "policy without @id").await;
+    let dup = "@id(\"same\")\npermit (principal, action, resource);\n@id(\"same\")\nforbid (principal, action, resource);";
+    let r = app.put("/api/v1/policies", a, json!({"text": dup})).await;
+    assert_refused(&app, r, "used twice", n, "duplicate @id").await;
+    let r = app.put("/api/v1/policies", a, json!({"txt": "x"})).await;
+    assert_refused(&app, r, "unknown field", n, "policy unknown field").await;
+    assert_eq!(
+        app.get("/api/v1/policies", a).await.json()["text"],
+        Value::Null,
+        "refused policies were stored"
+    );
+    let good = "@id(\"no-forget\")\nforbid (principal, action, resource) when { resource.capability == \"memory.forget\" };";
+    let r = app.put("/api/v1/policies", a, json!({"text": good})).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let got = app.get("/api/v1/policies", a).await.json();
+    assert_eq!(got["text"], good);
+    assert!(got["defaults"]
+        .as_str()
+        .unwrap()
+        .contains("default.granted-role"));
+
+    // LLM settings.
+    let n = app.events(&app.a.id).await.len();
+    let llm_before = app.get("/api/v1/settings/llm", a).await.json();
+    for (what, body, needle) in [
+        (
+            "temperature 3",
+            json!({"default_temperature": 3}),
+            "between 0 and 2",
+        ),
+        (
+            "negative temperature",
+            json!({"default_temperature": -0.1}),
+            "between 0 and 2",
+        ),
+        (
+            "provider gpt",
+            json!({"provider": "gpt"}),
+            "provider must be",
+        ),
+        (
+            "a key as key_ref",
+            json!({"key_ref": "sk-live-abc"}),
+            "never a key",
+        ),
+        (
+            "zero max tokens",
+            json!({"default_max_tokens": 0}),
+            "between 1 and 200000",
+        ),
+        (
+            "empty model",
+            json!({"default_model": ""}),
+            "1 to 200 characters",
+        ),
+        // A valid field beside a bad one changes nothing.
+        (
+            "partly valid",
+            json!({"provider": "openai", "default_temperature": 3}),
+            "between 0 and 2",
+        ),
+        (
+            "unknown field",
+            json!({"api_key": "sk-live-abc"}),
+            "unknown field",
+        ),
+        (
+            "wrong type",
+            json!({"default_max_tokens": "many"}),
+            "invalid type",
+        ),
+    ] {
+        let r = app.patch("/api/v1/settings/llm", a, body).await;
+        assert_refused(&app, r, needle, n, what).await;
+    }
+    assert_eq!(app.get("/api/v1/settings/llm", a).await.json(), llm_before);
+    let patch = json!({"provider": "openai", "default_model": "gpt-4o-mini",
+        "default_temperature": 0.7, "default_max_tokens": 1024, "key_ref": "OPENAI_API_KEY"});
+    let r = app.patch("/api/v1/settings/llm", a, patch.clone()).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json(), patch);
+    assert_eq!(app.get("/api/v1/settings/llm", a).await.json(), patch);
+    let stored: Value = app.get("/api/v1/settings", a).await.json();
+    assert_eq!(stored["llm"]["provider"], "openai");
+    assert_eq!(stored["llm"]["default_temperature_milli"], 700);
+}
+
+/// `LlmPatch::key_ref` is `Option<Option<String>>` so that `null` can clear it, but serde reads
+/// `null` as the outer `None`, so the key_ref can never be cleared (src/http/api.rs, `LlmPatch`).
+#[tokio::test]
+async fn a_null_key_ref_clears_it() {
+    let app = spawn().await;
+    let a = &app.a.admin.token;
+    let r = app
+        .patch(
+            "/api/v1/settings/llm",
+            a,
+            json!({"key_ref": "OPENAI_API_KEY"}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        app.settings(&app.a.id).llm.key_ref.as_deref(),
+        Some("OPENAI_API_KEY")
+    );
+    let r = app
+        .patch("/api/v1/settings/llm", a, json!({"key_ref": null}))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["key_ref"], Value::Null);
+    assert_eq!(app.settings(&app.a.id).llm.key_ref, None);
+}
