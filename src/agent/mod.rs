@@ -324,6 +324,45 @@ impl Agent {
         self.inner.sink.append(ctx, body).await
     }
 
+    /// Appends an event of the run `st` and remembers its sequence number in the run's state.
+    async fn append_run(
+        &self,
+        ctx: &TenantContext,
+        st: &mut RunState,
+        body: EventBody,
+    ) -> Result<u64, AuditError> {
+        let seq = self.inner.sink.append(ctx, body).await?;
+        st.last_seq = Some(seq);
+        Ok(seq)
+    }
+
+    /// Whether the run's end event is already in its tenant's log: a crash between appending it
+    /// and storing the run as finished must not make a resumed run end twice. Only the events after
+    /// the last one the checkpoint knows of are read.
+    async fn end_logged(
+        &self,
+        ctx: &TenantContext,
+        repo: &TenantStore,
+        st: &RunState,
+    ) -> Result<bool, AgentError> {
+        let from = st.last_seq.map_or(0, |s| s + 1);
+        let size = self.inner.audit.head(ctx, repo.clone()).await?.size;
+        if from >= size {
+            return Ok(false);
+        }
+        let events = self
+            .inner
+            .audit
+            .read_range(ctx, repo.clone(), from, size)
+            .await?;
+        Ok(events.iter().any(|bytes| {
+            serde_json::from_slice::<serde_json::Value>(bytes).is_ok_and(|v| {
+                v["run_id"] == st.run_id.as_str()
+                    && matches!(v["type"].as_str(), Some("run.completed" | "run.failed"))
+            })
+        }))
+    }
+
     /// Runs the user's text to an outcome.
     ///
     /// # Errors
@@ -384,13 +423,14 @@ impl Agent {
             Err(QuotaError::Store(e)) => return Err(e.into()),
         };
         crate::metrics::inc(&crate::metrics::RUNS);
-        self.append(
-            ctx,
-            EventBody::RunStarted {
-                prompt_sha256: sha256_hex(req.text.as_bytes()),
-            },
-        )
-        .await?;
+        let started_seq = self
+            .append(
+                ctx,
+                EventBody::RunStarted {
+                    prompt_sha256: sha256_hex(req.text.as_bytes()),
+                },
+            )
+            .await?;
         drop(hold);
         let mut messages: Vec<Message> = repo
             .conversations()
@@ -423,9 +463,10 @@ impl Agent {
             usage: RunUsage::default(),
             status: Status::Running,
             reply_to,
+            last_seq: Some(started_seq),
         };
         save(&repo, &st)?;
-        self.drive(ctx, &repo, &settings, st).await
+        self.drive(ctx, &repo, &settings, st, false).await
     }
 
     /// Resumes every unfinished run of every tenant from its own checkpoint. Returns how many.
@@ -477,7 +518,7 @@ impl Agent {
         )?;
         let settings = repo.settings().get()?.ok_or(AgentError::NotProvisioned)?;
         tracing::info!(tenant = %tenant, run = %run_id, step = st.step, "resuming run");
-        self.drive(&ctx, &repo, &settings, st).await
+        self.drive(&ctx, &repo, &settings, st, true).await
     }
 
     async fn drive(
@@ -486,6 +527,7 @@ impl Agent {
         repo: &TenantStore,
         settings: &TenantSettings,
         mut st: RunState,
+        resumed: bool,
     ) -> Result<RunOutcome, AgentError> {
         let resolved = tools::resolve(ctx, repo, &self.inner.http)?;
         let specs: Vec<ToolSpec> = resolved.iter().map(|r| r.spec.clone()).collect();
@@ -516,7 +558,7 @@ impl Agent {
                     st.next_call += 1;
                     save(repo, &st)?;
                 }
-                Step::Finish => return self.finish(ctx, repo, st).await,
+                Step::Finish => return self.finish(ctx, repo, st, resumed).await,
             }
         }
     }
@@ -532,8 +574,9 @@ impl Agent {
         b: Breach,
     ) -> Result<(), AgentError> {
         crate::metrics::inc(&crate::metrics::BUDGET_STOPS);
-        self.append(
+        self.append_run(
             ctx,
+            st,
             EventBody::BudgetExceeded {
                 ceiling: b.ceiling.into(),
                 limit: b.limit,
@@ -636,8 +679,9 @@ impl Agent {
             }
         };
         let cost = pricing::cost(&model, tokens_in, tokens_out);
-        self.append(
+        self.append_run(
             ctx,
+            st,
             EventBody::ModelCalled {
                 provider,
                 model,
@@ -734,7 +778,7 @@ impl Agent {
         // A tool that was not resolved for this context was never shown; asking for it anyway (a
         // prompt injection, a confused model) is refused the same way as a denied one.
         let Some(tool) = resolved.iter().find(|r| r.spec.name == call.name) else {
-            self.append(ctx, refuse("not granted to this principal", vec![]))
+            self.append_run(ctx, st, refuse("not granted to this principal", vec![]))
                 .await?;
             return Ok(Ok(REFUSED.into()));
         };
@@ -754,7 +798,8 @@ impl Agent {
         );
         let policy_ids = match decision {
             Decision::Deny { reason, policy_ids } => {
-                self.append(ctx, refuse(&reason, policy_ids)).await?;
+                self.append_run(ctx, st, refuse(&reason, policy_ids))
+                    .await?;
                 return Ok(Ok(REFUSED.into()));
             }
             Decision::Allow { policy_ids } => policy_ids,
@@ -774,8 +819,9 @@ impl Agent {
             Err(QuotaError::Breach(b)) => return Ok(Err(b)),
             Err(QuotaError::Store(e)) => return Err(e.into()),
         };
-        self.append(
+        self.append_run(
             ctx,
+            st,
             EventBody::ToolAuthorized {
                 capability: call.name.clone(),
                 arguments_sha256: args_hash.clone(),
@@ -827,8 +873,9 @@ impl Agent {
             Ok(out) => (out.content, out.cost_microcents),
             Err(e) => (format!("Error: {e}"), 0),
         };
-        self.append(
+        self.append_run(
             ctx,
+            st,
             EventBody::ToolInvoked {
                 capability: call.name.clone(),
                 arguments_sha256: args_hash,
@@ -849,7 +896,11 @@ impl Agent {
         ctx: &TenantContext,
         repo: &TenantStore,
         st: RunState,
+        resumed: bool,
     ) -> Result<RunOutcome, AgentError> {
+        // A resumed run that had appended its end event before the crash is only stored as
+        // finished and answered; its end is not recorded twice.
+        let logged = resumed && self.end_logged(ctx, repo, &st).await?;
         let totals = RunTotals {
             tokens_in: st.usage.tokens_in,
             tokens_out: st.usage.tokens_out,
@@ -859,29 +910,35 @@ impl Agent {
         };
         let outcome = match &st.status {
             Status::Completed { answer } => {
-                self.append(ctx, EventBody::RunCompleted { totals }).await?;
+                if !logged {
+                    self.append(ctx, EventBody::RunCompleted { totals }).await?;
+                }
                 RunOutcome::Answered(answer.clone())
             }
             Status::Stopped { message } => {
-                self.append(
-                    ctx,
-                    EventBody::RunFailed {
-                        totals,
-                        reason: "budget".into(),
-                    },
-                )
-                .await?;
+                if !logged {
+                    self.append(
+                        ctx,
+                        EventBody::RunFailed {
+                            totals,
+                            reason: "budget".into(),
+                        },
+                    )
+                    .await?;
+                }
                 RunOutcome::Stopped(message.clone())
             }
             Status::Failed { message } => {
-                self.append(
-                    ctx,
-                    EventBody::RunFailed {
-                        totals,
-                        reason: message.clone(),
-                    },
-                )
-                .await?;
+                if !logged {
+                    self.append(
+                        ctx,
+                        EventBody::RunFailed {
+                            totals,
+                            reason: message.clone(),
+                        },
+                    )
+                    .await?;
+                }
                 RunOutcome::Failed(message.clone())
             }
             Status::Running => unreachable!("finish is reached only after the run left Running"),

@@ -65,4 +65,8 @@ pub struct RunState {
     /// Where its answer goes, written by the transport that accepted the command.
     #[serde(default)]
     pub reply_to: Option<serde_json::Value>,
+    /// The sequence number of the last event this run appended before this checkpoint. A run
+    /// resumed after it reached its end looks for its end event only after this point.
+    #[serde(default)]
+    pub last_seq: Option<u64>,
 }

@@ -10,6 +10,7 @@ use sled::Transactional;
 use super::records::{
     decode, encode, DirectoryRecord, InstallationRecord, MemberRecord, TenantRecord,
 };
+use super::run_files::RunFiles;
 use super::{
     ApiKey, ApiKeyRepo, Backend, ConversationRepo, DedupeRepo, DirectoryEntry, Fact,
     InstallationRepo, MembershipRepo, MemoryRepo, PolicyRepo, ProjectionRepo, Result, RunRepo,
@@ -34,6 +35,8 @@ pub struct Embedded {
     directory: sled::Tree,
     tenants: sled::Tree,
     cipher: Cipher,
+    /// Checkpoints of unfinished runs, beside sled (see `run_files` for why).
+    runs: Arc<RunFiles>,
 }
 
 impl Embedded {
@@ -51,6 +54,7 @@ impl Embedded {
             tenants: db.open_tree(TENANTS_TREE).map_err(engine)?,
             db,
             cipher,
+            runs: Arc::new(RunFiles::new(dir.join("runs"))),
         })
     }
 }
@@ -66,6 +70,7 @@ impl Backend for Embedded {
             tenant: tenant.clone(),
             tree,
             cipher: self.cipher.clone(),
+            runs: Arc::clone(&self.runs),
         }))
     }
 
@@ -218,6 +223,7 @@ struct SledTenant {
     prefix: String,
     tree: sled::Tree,
     cipher: Cipher,
+    runs: Arc<RunFiles>,
 }
 
 impl SledTenant {
@@ -616,22 +622,25 @@ impl PolicyRepo for SledTenant {
 
 impl RunRepo for SledTenant {
     fn put_run(&self, run_id: &str, state: &[u8], finished: bool) -> Result<()> {
+        if !finished {
+            // Survives a crash of the process once written; see `run_files`.
+            return self.runs.put(&self.tenant, run_id, state);
+        }
         let mut batch = sled::Batch::default();
         batch.insert(self.key("run-state", run_id).as_bytes(), state);
-        let open_key = self.key("run-open", run_id);
-        if finished {
-            batch.remove(open_key.as_bytes());
-        } else {
-            batch.insert(open_key.as_bytes(), &[][..]);
-        }
+        // Unfinished runs of earlier versions were marked in sled.
+        batch.remove(self.key("run-open", run_id).as_bytes());
         self.tree.apply_batch(batch).map_err(engine)?;
-        // A checkpoint must outlive the process before the step it precedes has effects: sled
-        // buffers writes in memory, so hand them to the operating system now. (This survives a
-        // process crash; sled does not fsync here, see docs/ARCHITECTURE.md.)
-        self.tree.flush().map(|_| ()).map_err(engine)
+        // The final state must outlive the process before the checkpoint files go, or a crash in
+        // between would lose the run; one flush per run, not per step.
+        self.tree.flush().map_err(engine)?;
+        self.runs.remove(&self.tenant, run_id)
     }
 
     fn get_run(&self, run_id: &str) -> Result<Option<Vec<u8>>> {
+        if let Some(state) = self.runs.get(&self.tenant, run_id)? {
+            return Ok(Some(state));
+        }
         Ok(self
             .tree
             .get(self.key("run-state", run_id))
@@ -640,11 +649,39 @@ impl RunRepo for SledTenant {
     }
 
     fn all_runs(&self) -> Result<Vec<String>> {
-        self.scan("run-state").map(|kv| Ok(kv?.0)).collect()
+        let mut ids: Vec<String> = self
+            .scan("run-state")
+            .map(|kv| Ok(kv?.0))
+            .collect::<Result<_>>()?;
+        ids.extend(self.runs.runs(&self.tenant)?);
+        ids.sort();
+        ids.dedup();
+        Ok(ids)
     }
 
     fn unfinished_runs(&self) -> Result<Vec<String>> {
-        self.scan("run-open").map(|kv| Ok(kv?.0)).collect()
+        let legacy: Vec<String> = self
+            .scan("run-open")
+            .map(|kv| Ok(kv?.0))
+            .collect::<Result<_>>()?;
+        let mut ids = legacy.clone();
+        for id in self.runs.runs(&self.tenant)? {
+            // A crash between storing a run's final state and removing its files leaves files of
+            // a finished run: finish the removal instead of resuming it.
+            let finished = !legacy.contains(&id)
+                && self
+                    .tree
+                    .contains_key(self.key("run-state", &id))
+                    .map_err(engine)?;
+            if finished {
+                self.runs.remove(&self.tenant, &id)?;
+            } else {
+                ids.push(id);
+            }
+        }
+        ids.sort();
+        ids.dedup();
+        Ok(ids)
     }
 }
 
@@ -666,6 +703,7 @@ mod tests {
             tenant: tenant.clone(),
             tree: store.db.open_tree(format!("tenant/{tenant}")).unwrap(),
             cipher: store.cipher.clone(),
+            runs: Arc::clone(&store.runs),
         };
         sled_tenant
             .tree

@@ -9,6 +9,7 @@
 
 mod embedded;
 mod records;
+mod run_files;
 
 use std::collections::BTreeMap;
 use std::path::Path;

@@ -161,3 +161,118 @@ async fn a_run_killed_mid_call_resumes_without_repeating_a_step() {
     );
     s.close().await.unwrap();
 }
+
+/// Stands in for a crash right after the run's end event became durable: the append succeeds,
+/// and the agent hears a failure, so the run is not stored as finished.
+struct EndThenFail(agentgate::audit::log::LogSink);
+
+#[async_trait::async_trait]
+impl agentgate::audit::AuditSink for EndThenFail {
+    async fn append(
+        &self,
+        ctx: &agentgate::tenant::TenantContext,
+        body: agentgate::audit::EventBody,
+    ) -> Result<u64, agentgate::audit::AuditError> {
+        use agentgate::audit::EventBody;
+        let end = matches!(
+            body,
+            EventBody::RunCompleted { .. } | EventBody::RunFailed { .. }
+        );
+        let seq = self.0.append(ctx, body).await?;
+        if end {
+            return Err(agentgate::audit::AuditError::Export(
+                "simulated crash after the end event".into(),
+            ));
+        }
+        Ok(seq)
+    }
+}
+
+/// A crash after a run's end event became durable and before the run was stored as finished: the
+/// restart resumes the run, sees its end already in the log, and finishes it without a second end
+/// event.
+#[tokio::test]
+async fn a_run_that_ended_before_the_crash_is_not_ended_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path(), config(None, None));
+    install(&s, "T0ENDED").await;
+    let ctx = user(&s, "T0ENDED", "U0M");
+    let run_id = ctx.audit().run_id.to_string();
+    let crashing = agentgate::agent::Agent::new(
+        s.tenants.clone(),
+        s.audit.clone(),
+        std::sync::Arc::new(EndThenFail(agentgate::audit::log::LogSink::new(
+            s.audit.clone(),
+            s.store.clone(),
+        ))),
+        config(None, None),
+    );
+    let req = RunRequest {
+        text: "whoami".into(),
+        conversation: "slack:C0ENDED".into(),
+    };
+    assert!(crashing.run(&ctx, req).await.is_err());
+    let repo = s.store.for_tenant(&ctx).unwrap();
+    assert_eq!(repo.runs().unfinished_runs().unwrap(), vec![run_id.clone()]);
+    let ends = |ev: &[serde_json::Value]| {
+        ev.iter()
+            .filter(|e| e["run_id"] == run_id.as_str() && e["type"] == "run.completed")
+            .count()
+    };
+    assert_eq!(ends(&events(&s, &ctx).await), 1);
+    drop((crashing, repo));
+    s.close().await.unwrap();
+    drop(s);
+
+    let s = open(dir.path(), config(None, None));
+    assert_eq!(s.agent.resume_unfinished().await.unwrap(), 1);
+    let op = s
+        .tenants
+        .operator_context(&s.store.admin().tenants().unwrap()[0].id)
+        .unwrap();
+    assert_eq!(ends(&events(&s, &op).await), 1, "the end is recorded once");
+    assert_eq!(s.agent.resume_unfinished().await.unwrap(), 0);
+    let stored: serde_json::Value = serde_json::from_slice(
+        &s.store
+            .for_tenant(&op)
+            .unwrap()
+            .runs()
+            .get_run(&run_id)
+            .unwrap()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(stored["status"]["status"], "completed");
+    s.close().await.unwrap();
+}
+
+/// A crash after a run's final state was stored and before its checkpoint files were removed: the
+/// run is finished, so it is not resumed, and the files are cleared.
+#[tokio::test]
+async fn a_finished_run_with_checkpoint_files_left_is_not_resumed() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path(), config(None, None));
+    install(&s, "T0LEFT").await;
+    let ctx = user(&s, "T0LEFT", "U0M");
+    let out = crate::run(&s, &ctx, "whoami").await;
+    assert!(
+        matches!(out, agentgate::agent::RunOutcome::Answered(_)),
+        "{out:?}"
+    );
+    let run_id = ctx.audit().run_id.to_string();
+    let repo = s.store.for_tenant(&ctx).unwrap();
+    let finished = repo.runs().get_run(&run_id).unwrap().unwrap();
+    repo.runs().put_run(&run_id, &finished, false).unwrap();
+    let files = |t: &str| {
+        std::fs::read_dir(dir.path().join("runs").join(t))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    };
+    let tenant = ctx.tenant_id().to_string();
+    assert_eq!(files(&tenant), 2, "the run's two checkpoint slots are back");
+    assert!(repo.runs().unfinished_runs().unwrap().is_empty());
+    assert_eq!(files(&tenant), 0, "and they were cleared");
+    assert_eq!(s.agent.resume_unfinished().await.unwrap(), 0);
+    assert_eq!(repo.runs().all_runs().unwrap(), vec![run_id]);
+    s.close().await.unwrap();
+}

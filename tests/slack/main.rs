@@ -741,6 +741,7 @@ async fn a_run_interrupted_by_a_crash_is_resumed_at_start_and_still_answers() {
             reply_to: Some(
                 json!({"platform": "slack", "kind": "response_url", "url": format!("{stand_in}/respond")}),
             ),
+            last_seq: None,
         };
         s.store
             .for_tenant(&op)
