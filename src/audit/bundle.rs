@@ -13,8 +13,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
+use super::canonical;
 use super::checkpoint::{open_checkpoint, Checkpoint, Keyring, VerifierKey};
-use super::event::canonical_json;
 use super::keys::{keyring_text, parse_keyring};
 use super::merkle::{leaf_hash, root_from_range, verify_consistency, Hash};
 
@@ -139,15 +139,30 @@ fn sha256_hex(bytes: &[u8]) -> String {
 
 /// Quotes a CSV field when needed, and defuses a leading formula character for spreadsheets.
 fn csv_field(s: &str) -> String {
-    let s = if s.starts_with(['=', '+', '-', '@']) {
-        format!("'{s}")
+    let mut out = String::with_capacity(s.len() + 2);
+    push_csv_field(&mut out, s);
+    out
+}
+
+/// Appends `s` to `out` as [`csv_field`] renders it.
+fn push_csv_field(out: &mut String, s: &str) {
+    let quote = s.contains([',', '"', '\n', '\r']);
+    if quote {
+        out.push('"');
+    }
+    if s.starts_with(['=', '+', '-', '@']) {
+        out.push('\'');
+    }
+    if quote {
+        for c in s.chars() {
+            if c == '"' {
+                out.push('"');
+            }
+            out.push(c);
+        }
+        out.push('"');
     } else {
-        s.to_owned()
-    };
-    if s.contains([',', '"', '\n', '\r']) {
-        format!("\"{}\"", s.replace('"', "\"\""))
-    } else {
-        s
+        out.push_str(s);
     }
 }
 
@@ -182,12 +197,36 @@ fn csv_row(v: &Value) -> String {
     out
 }
 
+/// Appends one canonical event's CSV row, newline included; the same text as [`csv_row`] of its
+/// parsed value, without parsing it (`canonical` checks it matches).
+fn push_csv_row(out: &mut String, event: &canonical::Object<'_>) {
+    for (i, c) in CSV_COLUMNS.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        if let Some(m) = event.get(c) {
+            if m.kind != canonical::Kind::Null {
+                push_csv_field(out, &m.text());
+            }
+        }
+    }
+    out.push(',');
+    // The canonical text of `data` is what serde_json prints for it; absent, that is `null`.
+    push_csv_field(out, event.get("data").map_or("null", |m| m.raw));
+    out.push('\n');
+}
+
 /// Renders events as CSV: one header row, then one row per event with its `data` as JSON.
 pub fn csv(events: &[Vec<u8>]) -> String {
     let mut out = csv_header();
     for bytes in events {
-        let v: Value = serde_json::from_slice(bytes).unwrap_or(Value::Null);
-        out.push_str(&csv_row(&v));
+        match canonical::object(bytes) {
+            Some(o) => push_csv_row(&mut out, &o),
+            None => {
+                let v: Value = serde_json::from_slice(bytes).unwrap_or(Value::Null);
+                out.push_str(&csv_row(&v));
+            }
+        }
     }
     out
 }
@@ -284,42 +323,50 @@ impl EventCheck<'_> {
     /// Checks the events `part`, which start at index `start`; returns their leaf hashes.
     fn check(&self, start: usize, part: &[&[u8]]) -> Result<Vec<Hash>, Failure> {
         let mut leaves = Vec::with_capacity(part.len());
+        let mut row = String::with_capacity(512);
         for (k, line) in part.iter().enumerate() {
             let i = start + k;
             let want_seq = self.from + i as u64;
             let place = || format!("{} line {} (seq {want_seq})", files::EVENTS, i + 1);
-            let canonical = serde_json::from_slice::<Value>(line).ok().and_then(|v| {
-                canonical_json(&v)
-                    .filter(|c| c.as_slice() == *line)
-                    .map(|_| v)
-            });
-            let Some(v) = canonical else {
+            // One pass over the bytes: canonical form, and the members read below.
+            let Some(ev) = canonical::object(line) else {
                 return Err(fail(
                     place(),
                     "is not canonical JSON (altered or re-encoded)",
                 ));
             };
-            if v["v"] != 1 {
-                return Err(fail(place(), format!("unknown event version {}", v["v"])));
+            let raw = |key: &str| ev.get(key).map_or("null", |m| m.raw);
+            if raw("v") != "1" {
+                return Err(fail(place(), format!("unknown event version {}", raw("v"))));
             }
-            if v["seq"] != want_seq {
+            if raw("seq").parse::<u64>().ok() != Some(want_seq) {
                 return Err(fail(
                     place(),
                     format!(
                         "has seq {} (events dropped, duplicated or reordered)",
-                        v["seq"]
+                        raw("seq")
                     ),
                 ));
             }
-            if v["tenant"] != self.tenant {
-                return Err(fail(place(), format!("belongs to tenant {}", v["tenant"])));
+            let text = |key: &str| {
+                ev.get(key)
+                    .filter(|m| m.kind == canonical::Kind::String)
+                    .map(|m| m.text())
+            };
+            if text("tenant").as_deref() != Some(self.tenant) {
+                return Err(fail(
+                    place(),
+                    format!("belongs to tenant {}", raw("tenant")),
+                ));
             }
-            let ty = v["type"].as_str().unwrap_or_default();
-            if !EVENT_TYPES.contains(&ty) {
+            let ty = text("type").unwrap_or_default();
+            if !EVENT_TYPES.contains(&ty.as_ref()) {
                 return Err(fail(place(), format!("unknown event type {ty:?}")));
             }
             if let Some(rows) = self.csv_rows {
-                if rows.get(i).copied() != Some(csv_row(&v).as_str()) {
+                row.clear();
+                push_csv_row(&mut row, &ev);
+                if rows.get(i).copied() != Some(row.as_str()) {
                     return Err(fail(files::CSV, "does not match events.jsonl"));
                 }
             }
@@ -646,5 +693,35 @@ mod tests {
         assert_eq!(csv_field("=SUM(A1)"), "'=SUM(A1)");
         let out = csv(&[br#"{"data":{"a":1},"seq":0,"type":"x"}"#.to_vec()]);
         assert_eq!(out.lines().nth(1).unwrap(), "0,,x,,,,,,\"{\"\"a\"\":1}\"");
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+
+        /// The row the verifier renders from the scanned bytes is the row of the parsed value.
+        #[test]
+        fn the_scanned_csv_row_is_the_parsed_one(
+            principal in "[=+@,\"\n\r a-z\u{e9}-]{0,12}",
+            run in proptest::option::of("[a-z0-9]{1,8}"),
+            note in "[=,\"\n\\\u{1}a-z]{0,12}",
+            seq in proptest::prelude::any::<u64>(),
+        ) {
+            let event = serde_json::json!({
+                "data": {"note": note, "n": -1},
+                "initiator": "user",
+                "principal": principal,
+                "run_id": run,
+                "seq": seq,
+                "time": "2026-01-01T00:00:00.000000Z",
+                "type": "settings.changed",
+                "v": 1,
+            });
+            let bytes = crate::audit::event::canonical_json(&event).unwrap();
+            let mut row = String::new();
+            push_csv_row(&mut row, &canonical::object(&bytes).unwrap());
+            // What the verifier compared before: the row of the value parsed from the leaf bytes.
+            let parsed: Value = serde_json::from_slice(&bytes).unwrap();
+            proptest::prop_assert_eq!(row, csv_row(&parsed));
+        }
     }
 }

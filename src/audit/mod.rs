@@ -6,6 +6,7 @@
 //! and verifies such an export offline.
 
 pub mod bundle;
+pub mod canonical;
 pub mod checkpoint;
 pub mod event;
 pub mod keys;
