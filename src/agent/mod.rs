@@ -24,13 +24,13 @@ use chrono::Utc;
 use secrecy::SecretString;
 use sha2::{Digest, Sha256};
 
-use self::budget::{Amounts, Breach, Ledger, QuotaError, RunLimiter, RunUsage};
+use self::budget::{Amounts, Breach, Ledger, QuotaError, Reservation, RunLimiter, RunUsage};
 use self::planner::{Caller, Message, Plan, PlanRequest, Planner, Reply, ToolCall, ToolSpec};
 use self::policy::{Ask, Decision, Gate, PolicyError};
 use self::state::{RunState, Status};
 use self::tools::{BudgetView, Resolved, ToolCall as ToolInvocation, ToolError};
 use crate::audit::log::AuditLog;
-use crate::audit::{AuditError, AuditSink, EventBody, RunTotals};
+use crate::audit::{AuditError, AuditSink, Deferred, EventBody, RunTotals};
 use crate::store::{StoreError, TenantStore, Turn, WebhookTool};
 use crate::tenant::{
     LlmSettings, ResolveError, Role, TenantContext, TenantSettings, Tenants, ToolGrant,
@@ -173,6 +173,21 @@ fn next_step(st: &RunState) -> Step {
         return Step::CallTool(st.next_call);
     }
     Step::Plan
+}
+
+/// A run's events queued since its last durability barrier, and the quota reservations that stand
+/// for their usage until they are folded into the tenant's usage projection.
+///
+/// Events whose effect stays inside the process (a model's answer not yet acted on, a read-only
+/// tool's result not yet shown to anyone, a refusal) are queued without waiting; the run waits for
+/// all of them at its next barrier, which comes before every model call, before every tool call
+/// that changes something, and before the run's end. So every effect that leaves the process is
+/// preceded by the durable record of everything that led to it, and a step costs one group-committed
+/// sync instead of one per event.
+#[derive(Default)]
+struct Unsettled {
+    events: Vec<Deferred>,
+    holds: Vec<Reservation>,
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {
@@ -324,16 +339,35 @@ impl Agent {
         self.inner.sink.append(ctx, body).await
     }
 
-    /// Appends an event of the run `st` and remembers its sequence number in the run's state.
-    async fn append_run(
+    /// Queues an event of the run `st` without waiting for it (see [`Unsettled`]).
+    async fn append_queued(
         &self,
         ctx: &TenantContext,
         st: &mut RunState,
+        un: &mut Unsettled,
         body: EventBody,
-    ) -> Result<u64, AuditError> {
-        let seq = self.inner.sink.append(ctx, body).await?;
-        st.last_seq = Some(seq);
-        Ok(seq)
+    ) -> Result<(), AuditError> {
+        let d = self.inner.sink.append_deferred(ctx, body).await?;
+        st.last_seq = Some(d.seq());
+        un.events.push(d);
+        Ok(())
+    }
+
+    /// The durability barrier: waits until every queued event of the run is durable and counted,
+    /// releases the reservations that stood for them, then stores the run's checkpoint. A
+    /// checkpoint is therefore never ahead of the log.
+    async fn checkpoint(
+        &self,
+        repo: &TenantStore,
+        st: &RunState,
+        un: &mut Unsettled,
+    ) -> Result<(), AgentError> {
+        for d in un.events.drain(..) {
+            d.durable().await?;
+        }
+        un.holds.clear();
+        save(repo, st)?;
+        Ok(())
     }
 
     /// Whether the run's end event is already in its tenant's log: a crash between appending it
@@ -537,14 +571,17 @@ impl Agent {
             role: ctx.role().to_string(),
             tenant_name: settings.name.clone(),
         };
+        let mut un = Unsettled::default();
         loop {
             match next_step(&st) {
                 Step::Plan => {
-                    self.plan_step(ctx, repo, settings, &*planner, &specs, &caller, &mut st)
-                        .await?
+                    self.plan_step(
+                        ctx, repo, settings, &*planner, &specs, &caller, &mut st, &mut un,
+                    )
+                    .await?
                 }
                 Step::CallTool(i) => {
-                    self.tool_step(ctx, repo, settings, &resolved, i, &mut st)
+                    self.tool_step(ctx, repo, settings, &resolved, i, &mut st, &mut un)
                         .await?
                 }
                 Step::Interrupted(i) => {
@@ -556,9 +593,9 @@ impl Agent {
                         content: format!("This call was interrupted by a restart; its outcome is unknown and it was not repeated (idempotency key {key})."),
                     });
                     st.next_call += 1;
-                    save(repo, &st)?;
+                    self.checkpoint(repo, &st, &mut un).await?;
                 }
-                Step::Finish => return self.finish(ctx, repo, st, resumed).await,
+                Step::Finish => return self.finish(ctx, repo, st, &mut un, resumed).await,
             }
         }
     }
@@ -571,12 +608,14 @@ impl Agent {
         &self,
         ctx: &TenantContext,
         st: &mut RunState,
+        un: &mut Unsettled,
         b: Breach,
     ) -> Result<(), AgentError> {
         crate::metrics::inc(&crate::metrics::BUDGET_STOPS);
-        self.append_run(
+        self.append_queued(
             ctx,
             st,
+            un,
             EventBody::BudgetExceeded {
                 ceiling: b.ceiling.into(),
                 limit: b.limit,
@@ -600,13 +639,18 @@ impl Agent {
         specs: &[ToolSpec],
         caller: &Caller,
         st: &mut RunState,
+        un: &mut Unsettled,
     ) -> Result<(), AgentError> {
         if st.step >= self.inner.config.max_steps {
             st.status = Status::Failed {
                 message: format!("Stopped after {} steps without an answer.", st.step),
             };
-            return save(repo, st).map_err(Into::into);
+            return Ok(());
         }
+        // The model will see everything the run did so far: that must be on record first. This is
+        // also the checkpoint that ends the previous step, and the quota below is then reserved
+        // against usage that includes it.
+        self.checkpoint(repo, st, un).await?;
         let req = PlanRequest {
             system: SYSTEM_PROMPT,
             messages: &st.messages,
@@ -624,8 +668,7 @@ impl Agent {
             est_tokens,
             est_cost,
         ) {
-            self.stop(ctx, st, b).await?;
-            return save(repo, st).map_err(Into::into);
+            return self.stop(ctx, st, un, b).await;
         }
         let hold = match self.inner.ledger.reserve(
             repo,
@@ -637,10 +680,7 @@ impl Agent {
             },
         ) {
             Ok(h) => h,
-            Err(QuotaError::Breach(b)) => {
-                self.stop(ctx, st, b).await?;
-                return save(repo, st).map_err(Into::into);
-            }
+            Err(QuotaError::Breach(b)) => return self.stop(ctx, st, un, b).await,
             Err(QuotaError::Store(e)) => return Err(e.into()),
         };
         let left = ctx
@@ -662,26 +702,25 @@ impl Agent {
                 st.status = Status::Failed {
                     message: "The model could not be reached; nothing more was done.".into(),
                 };
-                return save(repo, st).map_err(Into::into);
+                return Ok(());
             }
             Err(_) => {
-                self.stop(
-                    ctx,
-                    st,
-                    Breach {
-                        ceiling: "walltime_ms",
-                        limit: ctx.budget().walltime_ms,
-                        attempted: Self::walltime_ms(st),
-                    },
-                )
-                .await?;
-                return save(repo, st).map_err(Into::into);
+                // The call was cut off at the ceiling, so it wanted more than the ceiling, even
+                // when the clock read in whole milliseconds shows exactly the ceiling.
+                let limit = ctx.budget().walltime_ms;
+                let b = Breach {
+                    ceiling: "walltime_ms",
+                    limit,
+                    attempted: Self::walltime_ms(st).max(limit.saturating_add(1)),
+                };
+                return self.stop(ctx, st, un, b).await;
             }
         };
         let cost = pricing::cost(&model, tokens_in, tokens_out);
-        self.append_run(
+        self.append_queued(
             ctx,
             st,
+            un,
             EventBody::ModelCalled {
                 provider,
                 model,
@@ -691,8 +730,8 @@ impl Agent {
             },
         )
         .await?;
-        // The call's actual usage is committed by the event above; the estimate is released now.
-        drop(hold);
+        // The estimate stands for the call's usage until the event above is counted.
+        un.holds.push(hold);
         st.usage.tokens_in += tokens_in;
         st.usage.tokens_out += tokens_out;
         st.usage.cost_microcents += cost;
@@ -714,9 +753,10 @@ impl Agent {
                 st.next_call = 0;
             }
         }
-        save(repo, st).map_err(Into::into)
+        Ok(())
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn tool_step(
         &self,
         ctx: &TenantContext,
@@ -725,18 +765,16 @@ impl Agent {
         resolved: &[Resolved],
         i: usize,
         st: &mut RunState,
+        un: &mut Unsettled,
     ) -> Result<(), AgentError> {
         let call: ToolCall = st.pending[i].clone();
         let key = format!("{}:{}:{}", st.run_id, st.step, i);
-        let content = match self
-            .gated_call(ctx, repo, settings, resolved, &call, &key, st)
+        let (content, changed) = match self
+            .gated_call(ctx, repo, settings, resolved, &call, &key, st, un)
             .await?
         {
-            Ok(content) => content,
-            Err(b) => {
-                self.stop(ctx, st, b).await?;
-                return save(repo, st).map_err(Into::into);
-            }
+            Ok(done) => done,
+            Err(b) => return self.stop(ctx, st, un, b).await,
         };
         st.messages.push(Message::Tool {
             call_id: call.id,
@@ -749,11 +787,18 @@ impl Agent {
             st.pending.clear();
             st.next_call = 0;
         }
-        save(repo, st).map_err(Into::into)
+        // A call that changed something is checkpointed as done at once, so that a crash from here
+        // on does not report it as interrupted; a read-only call waits for the step's checkpoint
+        // (a crash before it runs the step again, and a read-only call has nothing to repeat).
+        if changed {
+            self.checkpoint(repo, st, un).await?;
+        }
+        Ok(())
     }
 
     /// Validates, authorises, budgets and makes one tool call. The outer error is the gateway's;
-    /// the inner one a budget stop; `Ok(Ok(text))` is what the planner hears, refusals included.
+    /// the inner one a budget stop; `Ok(Ok((text, changed)))` is what the planner hears, refusals
+    /// included, and whether the call was one that changes something.
     #[allow(clippy::too_many_arguments)]
     async fn gated_call(
         &self,
@@ -764,7 +809,8 @@ impl Agent {
         call: &ToolCall,
         key: &str,
         st: &mut RunState,
-    ) -> Result<Result<String, Breach>, AgentError> {
+        un: &mut Unsettled,
+    ) -> Result<Result<(String, bool), Breach>, AgentError> {
         const REFUSED: &str = "Refused: this tool is not available to you.";
         let args_hash = sha256_hex(call.arguments.to_string().as_bytes());
         let refuse = |reason: &str, policy_ids: Vec<String>| {
@@ -778,19 +824,23 @@ impl Agent {
         // A tool that was not resolved for this context was never shown; asking for it anyway (a
         // prompt injection, a confused model) is refused the same way as a denied one.
         let Some(tool) = resolved.iter().find(|r| r.spec.name == call.name) else {
-            self.append_run(ctx, st, refuse("not granted to this principal", vec![]))
+            self.append_queued(ctx, st, un, refuse("not granted to this principal", vec![]))
                 .await?;
-            return Ok(Ok(REFUSED.into()));
+            return Ok(Ok((REFUSED.into(), false)));
         };
         if let Err(why) = tool.validate(&call.arguments) {
-            return Ok(Ok(format!("Invalid arguments for {}: {why}", call.name)));
+            return Ok(Ok((
+                format!("Invalid arguments for {}: {why}", call.name),
+                false,
+            )));
         }
+        let read_only = tool.binding.read_only();
         let decision = self.inner.gate.decide(
             &Ask {
                 ctx,
                 capability: &call.name,
                 min_role: tool.min_role,
-                read_only: tool.binding.read_only(),
+                read_only,
                 plan: plan_name(settings),
                 args: &call.arguments,
             },
@@ -798,9 +848,9 @@ impl Agent {
         );
         let policy_ids = match decision {
             Decision::Deny { reason, policy_ids } => {
-                self.append_run(ctx, st, refuse(&reason, policy_ids))
+                self.append_queued(ctx, st, un, refuse(&reason, policy_ids))
                     .await?;
-                return Ok(Ok(REFUSED.into()));
+                return Ok(Ok((REFUSED.into(), false)));
             }
             Decision::Allow { policy_ids } => policy_ids,
         };
@@ -819,9 +869,10 @@ impl Agent {
             Err(QuotaError::Breach(b)) => return Ok(Err(b)),
             Err(QuotaError::Store(e)) => return Err(e.into()),
         };
-        self.append_run(
+        self.append_queued(
             ctx,
             st,
+            un,
             EventBody::ToolAuthorized {
                 capability: call.name.clone(),
                 arguments_sha256: args_hash.clone(),
@@ -830,10 +881,12 @@ impl Agent {
             },
         )
         .await?;
-        // Checkpoint before the effect: if the process dies during the call, the restart knows the
-        // call was in flight and does not send it again.
-        st.in_flight = Some(key.to_owned());
-        save(repo, st)?;
+        if !read_only {
+            // Before an effect: the authorisation is durable and the call is checkpointed as in
+            // flight, so that if the process dies during the call the restart does not send it again.
+            st.in_flight = Some(key.to_owned());
+            self.checkpoint(repo, st, un).await?;
+        }
         let left = ctx
             .budget()
             .walltime_ms
@@ -873,9 +926,10 @@ impl Agent {
             Ok(out) => (out.content, out.cost_microcents),
             Err(e) => (format!("Error: {e}"), 0),
         };
-        self.append_run(
+        self.append_queued(
             ctx,
             st,
+            un,
             EventBody::ToolInvoked {
                 capability: call.name.clone(),
                 arguments_sha256: args_hash,
@@ -885,10 +939,10 @@ impl Agent {
             },
         )
         .await?;
-        drop(hold);
+        un.holds.push(hold);
         st.usage.tool_calls += 1;
         st.usage.cost_microcents += cost;
-        Ok(Ok(content))
+        Ok(Ok((content, !read_only)))
     }
 
     async fn finish(
@@ -896,8 +950,12 @@ impl Agent {
         ctx: &TenantContext,
         repo: &TenantStore,
         st: RunState,
+        un: &mut Unsettled,
         resumed: bool,
     ) -> Result<RunOutcome, AgentError> {
+        // The run's last events are durable, and its checkpoint says how it ended, before the end
+        // event: a crash after that event resumes straight into this function.
+        self.checkpoint(repo, &st, un).await?;
         // A resumed run that had appended its end event before the crash is only stored as
         // finished and answered; its end is not recorded twice.
         let logged = resumed && self.end_logged(ctx, repo, &st).await?;

@@ -25,8 +25,8 @@ use super::event::{self, Envelope, EventBody};
 use super::merkle::{Hash, LeafIndex, Tree, TreeError, TreeSize};
 use super::nodes::NodeFiles;
 use super::projection::{month_of, run_transition, usage_delta, Projections, Usage};
-use super::segment_log::{self, SegmentLog};
-use super::{bundle, AuditError, AuditSink};
+use super::segment_log::{self, Pending, SegmentLog};
+use super::{bundle, AuditError, AuditSink, Deferred};
 use crate::store::TenantStore;
 use crate::tenant::{PrincipalId, Role, TenantContext, TenantId};
 
@@ -374,8 +374,23 @@ impl AuditLog {
         env: &Envelope,
         body: &EventBody,
     ) -> Result<u64, AuditError> {
-        let (seq, due) = self.append_raw(log, env, body).await?;
-        if affects_projections(body) {
+        let (seq, pending, due) = self.enqueue(log, env, body).await?;
+        self.settle(log, seq, pending, due, affects_projections(body))
+            .await
+    }
+
+    /// What follows an append once it is queued: wait for its sync, fold it into the projections
+    /// when it affects them, sign a checkpoint when one is due.
+    async fn settle(
+        &self,
+        log: &TenantLog,
+        seq: u64,
+        pending: Pending,
+        due: bool,
+        projected: bool,
+    ) -> Result<u64, AuditError> {
+        self.await_durable(log, seq, pending).await?;
+        if projected {
             self.project(log).await?;
         }
         if due {
@@ -391,7 +406,21 @@ impl AuditLog {
         env: &Envelope,
         body: &EventBody,
     ) -> Result<(u64, bool), AuditError> {
-        let (seq, pending, due) = {
+        let (seq, pending, due) = self.enqueue(log, env, body).await?;
+        self.await_durable(log, seq, pending).await?;
+        Ok((seq, due))
+    }
+
+    /// Assigns the event its sequence number, queues it for the segment log and extends the tree,
+    /// all under the tenant's lock so that queue order is sequence order. Returns what to wait on
+    /// and whether a checkpoint is due.
+    async fn enqueue(
+        &self,
+        log: &TenantLog,
+        env: &Envelope,
+        body: &EventBody,
+    ) -> Result<(u64, Pending, bool), AuditError> {
+        Ok({
             let mut st = log.state.lock().await;
             if st.broken {
                 return Err(recovery(
@@ -415,7 +444,16 @@ impl AuditLog {
                 pending,
                 st.since_checkpoint >= self.inner.settings.checkpoint_every,
             )
-        };
+        })
+    }
+
+    /// Waits until the queued event `seq` is durable.
+    async fn await_durable(
+        &self,
+        log: &TenantLog,
+        seq: u64,
+        pending: Pending,
+    ) -> Result<(), AuditError> {
         let durable = pending.durable().await?;
         crate::metrics::inc(&crate::metrics::APPENDS);
         if durable != seq {
@@ -424,7 +462,7 @@ impl AuditLog {
                 format!("event {seq} was stored as {durable}"),
             ));
         }
-        Ok((seq, due))
+        Ok(())
     }
 
     /// Signs a checkpoint over the durable events, stores it durably and records it in the log.
@@ -692,6 +730,27 @@ impl AuditLog {
         let log = self.log_for(ctx.tenant_id(), repo).await?;
         self.append_env(&log, &Envelope::from_ctx(ctx), &body).await
     }
+
+    /// Queues an event for the context's tenant and returns at once with its sequence number; the
+    /// event is durable (and folded into the projections) when the returned [`Deferred`] resolves.
+    /// The tenant's later events are committed after it, so waiting for a later one covers it.
+    ///
+    /// # Errors
+    /// As [`AuditSink::append`], for the part before the wait.
+    pub async fn append_deferred_with(
+        &self,
+        ctx: &TenantContext,
+        repo: TenantStore,
+        body: EventBody,
+    ) -> Result<Deferred, AuditError> {
+        let log = self.log_for(ctx.tenant_id(), repo).await?;
+        let (seq, pending, due) = self.enqueue(&log, &Envelope::from_ctx(ctx), &body).await?;
+        let projected = affects_projections(&body);
+        let this = self.clone();
+        Ok(Deferred::new(seq, async move {
+            this.settle(&log, seq, pending, due, projected).await
+        }))
+    }
 }
 
 impl AuditLog {
@@ -904,6 +963,15 @@ impl AuditSink for LogSink {
     async fn append(&self, ctx: &TenantContext, body: EventBody) -> Result<u64, AuditError> {
         let repo = self.store.for_tenant(ctx)?;
         self.log.append_with(ctx, repo, body).await
+    }
+
+    async fn append_deferred(
+        &self,
+        ctx: &TenantContext,
+        body: EventBody,
+    ) -> Result<Deferred, AuditError> {
+        let repo = self.store.for_tenant(ctx)?;
+        self.log.append_deferred_with(ctx, repo, body).await
     }
 }
 

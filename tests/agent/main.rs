@@ -835,3 +835,123 @@ async fn memory_history_webhooks_and_policies_do_not_cross_tenants() {
     assert!(rb.webhooks().webhooks().unwrap().is_empty());
     s.close().await.unwrap();
 }
+
+/// A planner that, each time it is asked, reads the tenant's durable log: everything the model is
+/// shown must already be on record. It asks for `calls` read-only tool calls, one a step.
+struct OnRecord {
+    audit: agentgate::audit::log::AuditLog,
+    store: agentgate::store::Store,
+    op: TenantContext,
+    calls: usize,
+    /// Per plan: tool results in the transcript, and `model.called` / `tool.invoked` durable then.
+    seen: std::sync::Mutex<Vec<(usize, usize, usize)>>,
+}
+
+#[async_trait::async_trait]
+impl agentgate::agent::planner::Planner for OnRecord {
+    fn provider(&self) -> &str {
+        "test"
+    }
+    fn estimate_tokens(&self, _req: &agentgate::agent::planner::PlanRequest<'_>) -> u64 {
+        0
+    }
+    async fn plan(
+        &self,
+        req: &agentgate::agent::planner::PlanRequest<'_>,
+    ) -> Result<agentgate::agent::planner::Plan, agentgate::agent::planner::PlannerError> {
+        use agentgate::agent::planner::{Message, Plan, Reply, ToolCall};
+        let repo = self.store.for_tenant(&self.op).unwrap();
+        let size = self.audit.head(&self.op, repo.clone()).await.unwrap().size;
+        let durable: Vec<Value> = self
+            .audit
+            .read_range(&self.op, repo, 0, size)
+            .await
+            .unwrap()
+            .iter()
+            .map(|b| serde_json::from_slice(b).unwrap())
+            .collect();
+        let count = |t: &str| durable.iter().filter(|e| e["type"] == t).count();
+        let results = req
+            .messages
+            .iter()
+            .filter(|m| matches!(m, Message::Tool { .. }))
+            .count();
+        self.seen
+            .lock()
+            .unwrap()
+            .push((results, count("model.called"), count("tool.invoked")));
+        let reply = if results >= self.calls {
+            Reply::Final("done".into())
+        } else {
+            Reply::Tools {
+                text: None,
+                calls: vec![ToolCall {
+                    id: format!("c{results}"),
+                    name: "budget.status".into(),
+                    arguments: json!({}),
+                }],
+            }
+        };
+        Ok(Plan {
+            reply,
+            tokens_in: 1,
+            tokens_out: 1,
+            provider: "test".into(),
+            model: "rules-v1".into(),
+        })
+    }
+}
+
+/// Read-only calls do not wait for their events one by one, but the model is never shown a result
+/// (nor asked again after a call) before the records of everything up to it are durable.
+#[tokio::test]
+async fn the_model_sees_nothing_that_is_not_durably_on_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path(), AgentConfig::default());
+    let t = install(&s, "T0RECORD").await;
+    let planner = std::sync::Arc::new(OnRecord {
+        audit: s.audit.clone(),
+        store: s.store.clone(),
+        op: s.tenants.operator_context(&t).unwrap(),
+        calls: 6,
+        seen: Default::default(),
+    });
+    let agent = agentgate::agent::Agent::with_planner(
+        s.tenants.clone(),
+        s.audit.clone(),
+        s.sink.clone(),
+        AgentConfig::default(),
+        planner.clone(),
+    );
+    let ctx = user(&s, "T0RECORD", "U0M");
+    let out = agent
+        .run(
+            &ctx,
+            RunRequest {
+                text: "go".into(),
+                conversation: "slack:C0REC".into(),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(out, RunOutcome::Answered("done".into()));
+    let seen = planner.seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 7, "six tool steps and the answer");
+    for (i, &(results, models, invoked)) in seen.iter().enumerate() {
+        assert_eq!(results, i);
+        assert!(
+            models >= i && invoked >= results,
+            "plan {i}: the model was shown {results} results with {models} model calls and {invoked} tool calls durable"
+        );
+    }
+    let ev = events(&s, &ctx).await;
+    assert_eq!(
+        types(&of_run(&ev, &ctx))
+            .iter()
+            .filter(|t| *t == "tool.invoked")
+            .count(),
+        6
+    );
+    drop(agent);
+    s.close().await.unwrap();
+}
