@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
@@ -15,6 +15,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::auth::ApiContext;
+use super::extract::{JsonBody, JsonBodyOrDefault, Path, Query};
 use super::{ApiError, AppState};
 use crate::audit::EventBody;
 use crate::store::{TenantStore, WebhookTool};
@@ -63,20 +64,6 @@ fn ok(v: Value) -> Res {
     Ok(Json(v).into_response())
 }
 
-/// A JSON body; a malformed one is a 400 that says why.
-struct Body_<T>(T);
-
-impl<T: serde::de::DeserializeOwned, S: Send + Sync> axum::extract::FromRequest<S> for Body_<T> {
-    type Rejection = ApiError;
-
-    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, ApiError> {
-        match Json::<T>::from_request(req, state).await {
-            Ok(Json(v)) => Ok(Body_(v)),
-            Err(e) => Err(ApiError::BadRequest(e.body_text())),
-        }
-    }
-}
-
 async fn changed(
     state: &AppState,
     ctx: &TenantContext,
@@ -121,7 +108,7 @@ struct SettingsPatch {
 async fn patch_settings(
     State(state): State<AppState>,
     auth: ApiContext,
-    Body_(p): Body_<SettingsPatch>,
+    JsonBody(p): JsonBody<SettingsPatch>,
 ) -> Res {
     let ctx = auth.require("admin:write")?;
     let r = repo(&state, ctx)?;
@@ -199,7 +186,7 @@ struct LlmPatch {
 async fn patch_llm(
     State(state): State<AppState>,
     auth: ApiContext,
-    Body_(p): Body_<LlmPatch>,
+    JsonBody(p): JsonBody<LlmPatch>,
 ) -> Res {
     let ctx = auth.require("admin:write")?;
     let r = repo(&state, ctx)?;
@@ -302,7 +289,7 @@ async fn put_member(
     State(state): State<AppState>,
     auth: ApiContext,
     Path(p): Path<String>,
-    Body_(b): Body_<RoleBody>,
+    JsonBody(b): JsonBody<RoleBody>,
 ) -> Res {
     let ctx = auth.require("admin:write")?;
     let p = principal(&p)?;
@@ -368,7 +355,7 @@ async fn put_grant(
     State(state): State<AppState>,
     auth: ApiContext,
     Path(cap): Path<String>,
-    Body_(b): Body_<GrantBody>,
+    JsonBody(b): JsonBody<GrantBody>,
 ) -> Res {
     let ctx = auth.require("admin:write")?;
     let known = matches!(
@@ -430,7 +417,7 @@ async fn put_webhook(
     State(state): State<AppState>,
     auth: ApiContext,
     Path(name): Path<String>,
-    Body_(b): Body_<WebhookBody>,
+    JsonBody(b): JsonBody<WebhookBody>,
 ) -> Res {
     let ctx = auth.require("admin:write")?;
     if b.secret.len() < 16 {
@@ -484,7 +471,7 @@ struct PolicyBody {
 async fn put_policies(
     State(state): State<AppState>,
     auth: ApiContext,
-    Body_(b): Body_<PolicyBody>,
+    JsonBody(b): JsonBody<PolicyBody>,
 ) -> Res {
     let ctx = auth.require("admin:write")?;
     state
@@ -604,7 +591,7 @@ struct ExportBody {
 async fn audit_export(
     State(state): State<AppState>,
     auth: ApiContext,
-    Body_(b): Body_<ExportBody>,
+    JsonBodyOrDefault(b): JsonBodyOrDefault<ExportBody>,
 ) -> Res {
     let ctx = auth.require("audit:read")?;
     let dir = tempfile::tempdir().map_err(|e| ApiError::Internal(e.into()))?;
@@ -682,6 +669,8 @@ fn key_error(e: KeyError) -> ApiError {
         KeyError::BadRole(_) | KeyError::BadScope(_) => ApiError::BadRequest(e.to_string()),
         KeyError::Forbidden => ApiError::Forbidden(e.to_string()),
         KeyError::NotFound => ApiError::NotFound,
+        // The key is the caller's own (another tenant's is NotFound first), so its state may show.
+        KeyError::NotLive => ApiError::Conflict(e.to_string()),
         other => ApiError::Internal(other.into()),
     }
 }
@@ -709,7 +698,7 @@ struct KeyBody {
 async fn create_key(
     State(state): State<AppState>,
     auth: ApiContext,
-    Body_(b): Body_<KeyBody>,
+    JsonBody(b): JsonBody<KeyBody>,
 ) -> Res {
     let ctx = auth.require("admin:write")?;
     let role: KeyRole = b.role.parse().map_err(key_error)?;
@@ -755,7 +744,7 @@ async fn rotate_key(
     State(state): State<AppState>,
     auth: ApiContext,
     Path(id): Path<String>,
-    Body_(b): Body_<RotateBody>,
+    JsonBodyOrDefault(b): JsonBodyOrDefault<RotateBody>,
 ) -> Res {
     let ctx = auth.require("admin:write")?;
     let issued = state

@@ -19,6 +19,13 @@ pub enum ApiError {
     /// 404: the thing does not exist, or belongs to another tenant (the two are not told apart).
     #[error("not found")]
     NotFound,
+    /// 409: the thing exists in this tenant but its state forbids the request (rotating a revoked
+    /// key); the message says which state.
+    #[error("{0}")]
+    Conflict(String),
+    /// 413: the request body is over the size limit.
+    #[error("the request body is too large")]
+    PayloadTooLarge,
     /// 429: the tenant's request rate is exceeded.
     #[error("too many requests; slow down")]
     TooManyRequests,
@@ -48,6 +55,8 @@ impl IntoResponse for ApiError {
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::TooManyRequests => StatusCode::TOO_MANY_REQUESTS,
             ApiError::NotFound => StatusCode::NOT_FOUND,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };

@@ -89,6 +89,9 @@ pub enum KeyError {
     /// No key has that id in this tenant.
     #[error("no such key")]
     NotFound,
+    /// The key is revoked or expired, so it has nothing left to hand over to a successor.
+    #[error("the key is revoked or expired; make a new key instead")]
+    NotLive,
     /// Storage failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -249,10 +252,13 @@ impl Tenants {
     }
 
     /// Rotates a key: a new key with the same role, scopes and lifetime, and the old one revoked
-    /// after `overlap`, so clients can switch without an outage.
+    /// after `overlap`, so clients can switch without an outage. Only a live key rotates: a
+    /// successor of a revoked or expired key would bring back a credential that was taken away.
+    /// A key inside an earlier rotation's overlap is still live and may rotate again.
     ///
     /// # Errors
-    /// As [`Tenants::revoke_key`].
+    /// As [`Tenants::revoke_key`]; [`KeyError::NotLive`] for a revoked or expired key (checked
+    /// after the tenant lookup, so a key of another tenant is still [`KeyError::NotFound`]).
     pub async fn rotate_key(
         &self,
         ctx: &TenantContext,
@@ -266,6 +272,9 @@ impl Tenants {
             .api_keys()
             .get_key(id)?
             .ok_or(KeyError::NotFound)?;
+        if !is_live(&old, Utc::now()) {
+            return Err(KeyError::NotLive);
+        }
         let lifetime = old.expires_at.map(|e| e - old.created_at);
         let role: KeyRole = old.role.parse()?;
         let new = self

@@ -392,3 +392,108 @@ async fn an_admin_cannot_demote_or_remove_the_owner() {
         "{members}"
     );
 }
+
+/// The `api-key:` changes in a tenant's log, in order: what key creation, revocation and
+/// rotation record.
+async fn key_changes(app: &crate::helpers::TestApp) -> Vec<serde_json::Value> {
+    app.events(&app.a.id)
+        .await
+        .into_iter()
+        .filter(|e| {
+            e["type"] == "settings.changed"
+                && e["data"]["fields"][0]
+                    .as_str()
+                    .is_some_and(|f| f.starts_with("api-key:"))
+        })
+        .collect()
+}
+
+/// Rotating a key that no longer works would hand out a live successor of a key an admin took
+/// away (revoked) or that ran out (expired). Both are refused with 409, nothing is made or
+/// audited, and another tenant still gets the plain 404, so the 409 tells it nothing.
+#[tokio::test]
+async fn a_revoked_or_expired_key_cannot_be_rotated() {
+    let app = spawn().await;
+    let admin = app.a.admin.token.clone();
+    let revoked = make_key(
+        &app.services,
+        &app.a.id,
+        "revoked",
+        KeyRole::Admin,
+        vec![],
+        None,
+    )
+    .await;
+    let r = app
+        .delete(&format!("/api/v1/keys/{}", revoked.id), &admin)
+        .await;
+    assert_eq!(r.status, 204, "{}", r.text());
+    let expired = make_key(
+        &app.services,
+        &app.a.id,
+        "expired",
+        KeyRole::Compliance,
+        vec![],
+        Some(chrono::Duration::seconds(-1)),
+    )
+    .await;
+    let keys_before = app.get("/api/v1/keys", &admin).await.json();
+    let changes_before = key_changes(&app).await;
+
+    for (what, key) in [("revoked", &revoked), ("expired", &expired)] {
+        let r = app
+            .post(
+                &format!("/api/v1/keys/{}/rotate", key.id),
+                &admin,
+                json!({"overlap_secs": 3600}),
+            )
+            .await;
+        assert_eq!(r.status, 409, "{what}: {}", r.text());
+        assert_eq!(r.content_type, "application/json", "{what}");
+        assert_eq!(
+            r.error(),
+            "the key is revoked or expired; make a new key instead",
+            "{what}"
+        );
+        assert!(r.json().get("token").is_none(), "{what}: {}", r.text());
+        // Another tenant's admin cannot tell the key exists, let alone its state.
+        let r = app
+            .post(
+                &format!("/api/v1/keys/{}/rotate", key.id),
+                &app.b.admin.token,
+                json!({"overlap_secs": 3600}),
+            )
+            .await;
+        assert_eq!(r.status, 404, "{what} from B: {}", r.text());
+        assert_eq!(r.error(), "not found", "{what} from B");
+    }
+    assert_eq!(
+        app.get("/api/v1/keys", &admin).await.json(),
+        keys_before,
+        "a refused rotation made or changed a key"
+    );
+    assert_eq!(
+        key_changes(&app).await,
+        changes_before,
+        "a refused rotation was audited"
+    );
+    // Neither key came back to life.
+    assert_unauthorized(
+        &app.get("/api/v1/settings", &revoked.token).await,
+        "revoked",
+    );
+    assert_unauthorized(
+        &app.get("/api/v1/settings", &expired.token).await,
+        "expired",
+    );
+
+    // A live key still rotates, and so does one inside an earlier rotation's overlap, which is
+    // still live until the overlap ends.
+    let rotate = format!("/api/v1/keys/{}/rotate", app.a.compliance.id);
+    for what in ["live", "inside the overlap"] {
+        let r = app
+            .post(&rotate, &admin, json!({"overlap_secs": 3600}))
+            .await;
+        assert_eq!(r.status, 201, "{what}: {}", r.text());
+    }
+}

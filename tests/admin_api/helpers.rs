@@ -56,6 +56,10 @@ pub enum Body<'a> {
     Json(Value),
     /// Sent verbatim as `application/json` (for malformed JSON).
     Raw(&'a str),
+    /// Sent verbatim with this content type: `Typed(content_type, body)`.
+    Typed(&'a str, &'a str),
+    /// Sent verbatim with no content type at all.
+    Bare(&'a str),
 }
 
 /// What the server answered.
@@ -201,6 +205,8 @@ impl TestApp {
             Body::Raw(s) => rb
                 .header("content-type", "application/json")
                 .body(s.to_owned()),
+            Body::Typed(t, s) => rb.header("content-type", t).body(s.to_owned()),
+            Body::Bare(s) => rb.body(s.to_owned()),
         };
         let resp = rb.send().await.expect("the request reaches the server");
         let status = resp.status().as_u16();
