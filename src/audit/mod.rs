@@ -92,10 +92,12 @@ pub trait AuditSink: Send + Sync {
 #[must_use = "an effect that leaves the process must wait for the event to be durable"]
 pub struct Deferred {
     seq: u64,
-    wait: Option<
-        std::pin::Pin<Box<dyn std::future::Future<Output = Result<u64, AuditError>> + Send>>,
-    >,
+    wait: Option<Settling>,
 }
+
+/// What a [`Deferred`] waits on: the sync, the projection fold and a checkpoint if one is due.
+type Settling =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<u64, AuditError>> + Send>>;
 
 impl std::fmt::Debug for Deferred {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -31,8 +31,11 @@ const HEADER: usize = 20;
 #[derive(Debug)]
 pub(crate) struct RunFiles {
     root: PathBuf,
-    open: Mutex<HashMap<(TenantId, String), Arc<Mutex<Slots>>>>,
+    open: Mutex<OpenRuns>,
 }
+
+/// The open slots by (tenant, run id).
+type OpenRuns = HashMap<(TenantId, String), Arc<Mutex<Slots>>>;
 
 /// The two open slot files of one run and the generation of its latest checkpoint.
 #[derive(Debug)]
