@@ -337,6 +337,26 @@ impl Application {
                 .clone()
                 .run_checkpointer(wait(stop_rx.clone())),
         );
+        // Finished runs' checkpoint files go in batches, after one store flush a batch.
+        let store = self.services.store.clone();
+        let mut stop_sweeps = stop_rx.clone();
+        let sweeper = tokio::spawn(async move {
+            let mut every = tokio::time::interval(std::time::Duration::from_secs(5));
+            loop {
+                tokio::select! {
+                    _ = every.tick() => {}
+                    _ = stop_sweeps.wait_for(|stop| *stop) => return,
+                }
+                let s = store.clone();
+                match tokio::task::spawn_blocking(move || s.sweep_runs()).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "sweeping finished runs failed; will retry")
+                    }
+                    Err(e) => tracing::error!(error = %e, "the run sweeper panicked"),
+                }
+            }
+        });
         tracing::info!(%addr, "agentgate listening");
         let served = axum::serve(self.listener, app)
             .with_graceful_shutdown(wait(stop_rx))
@@ -348,6 +368,7 @@ impl Application {
         }
         // The checkpointer signs what is unsigned and closes the logs once it sees the signal.
         checkpointer.await.context("the checkpointer panicked")?;
+        let _ = sweeper.await;
         served?;
         self.services.close().await?;
         tracing::info!("agentgate stopped");

@@ -130,7 +130,17 @@ impl Backend for Embedded {
     }
 
     fn flush(&self) -> Result<()> {
-        self.db.flush().map(|_| ()).map_err(engine)
+        // A sweep flushes when it has runs to remove (and must flush after taking its list, so
+        // that a run finished meanwhile is not removed unflushed).
+        if self.sweep_runs()? == 0 {
+            self.db.flush().map_err(engine)?;
+        }
+        Ok(())
+    }
+
+    fn sweep_runs(&self) -> Result<usize> {
+        self.runs
+            .sweep(|| self.db.flush().map(|_| ()).map_err(engine))
     }
 
     fn bind_key(&self, key_id: &str, tenant: &TenantId) -> Result<()> {
@@ -622,24 +632,20 @@ impl PolicyRepo for SledTenant {
 
 impl RunRepo for SledTenant {
     fn put_run(&self, run_id: &str, state: &[u8], finished: bool) -> Result<()> {
-        if !finished {
-            // Survives a crash of the process once written; see `run_files`.
-            return self.runs.put(&self.tenant, run_id, state);
+        if finished {
+            let mut batch = sled::Batch::default();
+            batch.insert(self.key("run-state", run_id).as_bytes(), state);
+            // Unfinished runs of earlier versions were marked in sled.
+            batch.remove(self.key("run-open", run_id).as_bytes());
+            self.tree.apply_batch(batch).map_err(engine)?;
         }
-        let mut batch = sled::Batch::default();
-        batch.insert(self.key("run-state", run_id).as_bytes(), state);
-        // Unfinished runs of earlier versions were marked in sled.
-        batch.remove(self.key("run-open", run_id).as_bytes());
-        self.tree.apply_batch(batch).map_err(engine)?;
-        // The final state must outlive the process before the checkpoint files go, or a crash in
-        // between would lose the run; one flush per run, not per step.
-        self.tree.flush().map_err(engine)?;
-        self.runs.remove(&self.tenant, run_id)
+        // Survives a crash of the process once written, finished or not; see `run_files`.
+        self.runs.put(&self.tenant, run_id, state, finished)
     }
 
     fn get_run(&self, run_id: &str) -> Result<Option<Vec<u8>>> {
-        if let Some(state) = self.runs.get(&self.tenant, run_id)? {
-            return Ok(Some(state));
+        if let Some(saved) = self.runs.get(&self.tenant, run_id)? {
+            return Ok(Some(saved.state));
         }
         Ok(self
             .tree
@@ -660,23 +666,26 @@ impl RunRepo for SledTenant {
     }
 
     fn unfinished_runs(&self) -> Result<Vec<String>> {
-        let legacy: Vec<String> = self
+        let mut ids: Vec<String> = self
             .scan("run-open")
             .map(|kv| Ok(kv?.0))
             .collect::<Result<_>>()?;
-        let mut ids = legacy.clone();
         for id in self.runs.runs(&self.tenant)? {
-            // A crash between storing a run's final state and removing its files leaves files of
-            // a finished run: finish the removal instead of resuming it.
-            let finished = !legacy.contains(&id)
-                && self
-                    .tree
-                    .contains_key(self.key("run-state", &id))
-                    .map_err(engine)?;
-            if finished {
-                self.runs.remove(&self.tenant, &id)?;
-            } else {
-                ids.push(id);
+            match self.runs.get(&self.tenant, &id)? {
+                // A crash after a run finished and before the sweep: sled's copy of the final
+                // state may not have reached the disk, so restore it from the file and let the
+                // next sweep remove the files.
+                Some(saved) if saved.finished => {
+                    self.tree
+                        .insert(self.key("run-state", &id).as_bytes(), saved.state)
+                        .map_err(engine)?;
+                    self.tree
+                        .remove(self.key("run-open", &id).as_bytes())
+                        .map_err(engine)?;
+                    ids.retain(|r| r != &id);
+                    self.runs.queue_removal(&self.tenant, &id);
+                }
+                _ => ids.push(id),
             }
         }
         ids.sort();
@@ -720,5 +729,23 @@ mod tests {
             InstallationRepo::list(&*repos),
             Err(StoreError::Corrupt { .. })
         ));
+    }
+
+    #[test]
+    fn a_finished_run_whose_sled_copy_was_lost_is_restored_from_its_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let cipher = Cipher::new(&MasterKey::parse(&"33".repeat(32)).unwrap());
+        let store = Embedded::open(dir.path(), cipher).unwrap();
+        let tenant = TenantId::generate();
+        let repos = store.tenant(&tenant).unwrap();
+        repos.put_run("r1", b"step one", false).unwrap();
+        // As after a crash between the final frame and sled's flush: the file says finished, sled
+        // has nothing.
+        store.runs.put(&tenant, "r1", b"final", true).unwrap();
+        assert_eq!(repos.unfinished_runs().unwrap(), Vec::<String>::new());
+        assert_eq!(store.sweep_runs().unwrap(), 1);
+        assert_eq!(store.runs.runs(&tenant).unwrap(), Vec::<String>::new());
+        assert_eq!(repos.get_run("r1").unwrap().as_deref(), Some(&b"final"[..]));
+        assert_eq!(repos.all_runs().unwrap(), vec!["r1"]);
     }
 }

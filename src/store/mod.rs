@@ -403,6 +403,9 @@ pub(crate) trait Backend: Send + Sync {
     fn tenants(&self) -> Result<Vec<TenantSummary>>;
     /// Makes everything written so far durable.
     fn flush(&self) -> Result<()>;
+    /// Flushes, then removes the checkpoint files of the runs finished since the last sweep;
+    /// returns how many.
+    fn sweep_runs(&self) -> Result<usize>;
     /// Records a one-time nonce (an OAuth state); true the first time it is used.
     fn consume_nonce(&self, nonce: &str) -> Result<bool>;
     /// Records which tenant an API key id belongs to.
@@ -466,6 +469,15 @@ impl Store {
     /// [`StoreError::Engine`] on an I/O failure.
     pub fn flush(&self) -> Result<()> {
         self.backend.flush()
+    }
+
+    /// Removes the checkpoint files of runs finished since the last sweep, after one flush that
+    /// makes their final states survive a crash; returns how many. A background task calls it.
+    ///
+    /// # Errors
+    /// [`StoreError::Engine`] on an I/O failure; the runs are then kept for the next sweep.
+    pub fn sweep_runs(&self) -> Result<usize> {
+        self.backend.sweep_runs()
     }
 
     /// Uses up a one-time nonce, such as an OAuth install state; true only the first time.

@@ -11,7 +11,12 @@
 //! *not* in, at offset 0, as one frame: magic, generation, length, CRC-32, payload. A frame torn by a
 //! crash in the middle of its write fails its CRC, and the other slot still holds the previous
 //! checkpoint. Bytes after a frame (left from a longer earlier one) are ignored. Reading takes the
-//! valid frame with the higher generation. A finished run moves to sled and its files are removed.
+//! valid frame with the higher generation.
+//!
+//! A finished run's final state goes to sled (unflushed) and, with its own magic, to its slot; the
+//! files are removed by [`RunFiles::sweep`] after a sled flush, which covers every run finished
+//! since the last sweep: one flush per sweep instead of one per run. A crash before the flush
+//! leaves the finished frame, from which the listing restores sled's copy.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -23,8 +28,12 @@ use std::sync::{Arc, Mutex, PoisonError};
 use super::{Result, StoreError};
 use crate::tenant::TenantId;
 
-const MAGIC: [u8; 4] = *b"AGRC";
-/// magic (4) + generation (8) + payload length (4) + CRC-32 of generation, length and payload (4).
+/// An unfinished run's checkpoint.
+const RUNNING: [u8; 4] = *b"AGRC";
+/// A finished run's final state.
+const FINISHED: [u8; 4] = *b"AGRF";
+/// magic (4) + generation (8) + payload length (4) + CRC-32 of magic, generation, length and
+/// payload (4).
 const HEADER: usize = 20;
 
 /// The run files of every tenant, with the open slots of the runs saved since start.
@@ -32,6 +41,17 @@ const HEADER: usize = 20;
 pub(crate) struct RunFiles {
     root: PathBuf,
     open: Mutex<OpenRuns>,
+    /// Runs finished since the last sweep, whose files go once sled has flushed their final state.
+    finished: Mutex<Vec<(TenantId, String)>>,
+}
+
+/// A run's latest frame.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Saved {
+    /// The state, as it was given.
+    pub(crate) state: Vec<u8>,
+    /// Whether it is a finished run's final state.
+    pub(crate) finished: bool,
 }
 
 /// The open slots by (tenant, run id).
@@ -66,35 +86,44 @@ fn checked(run_id: &str) -> Result<&str> {
     }
 }
 
-fn encode_frame(generation: u64, payload: &[u8]) -> Vec<u8> {
+fn crc(magic: &[u8], generation: u64, len: u32, payload: &[u8]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(magic);
+    h.update(&generation.to_le_bytes());
+    h.update(&len.to_le_bytes());
+    h.update(payload);
+    h.finalize()
+}
+
+fn encode_frame(magic: [u8; 4], generation: u64, payload: &[u8]) -> Vec<u8> {
     let len = u32::try_from(payload.len()).expect("a run checkpoint is under 4 GiB");
-    let mut crc = crc32fast::Hasher::new();
-    crc.update(&generation.to_le_bytes());
-    crc.update(&len.to_le_bytes());
-    crc.update(payload);
+    let crc = crc(&magic, generation, len, payload);
     let mut out = Vec::with_capacity(HEADER + payload.len());
-    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&magic);
     out.extend_from_slice(&generation.to_le_bytes());
     out.extend_from_slice(&len.to_le_bytes());
-    out.extend_from_slice(&crc.finalize().to_le_bytes());
+    out.extend_from_slice(&crc.to_le_bytes());
     out.extend_from_slice(payload);
     out
 }
 
-/// The generation and payload of a slot's frame, or `None` for an empty, torn or foreign slot.
-fn decode_frame(bytes: &[u8]) -> Option<(u64, &[u8])> {
-    if bytes.len() < HEADER || bytes[..4] != MAGIC {
+/// The generation, payload and finished flag of a slot's frame, or `None` for an empty, torn or
+/// foreign slot.
+fn decode_frame(bytes: &[u8]) -> Option<(u64, &[u8], bool)> {
+    if bytes.len() < HEADER {
         return None;
     }
+    let magic = &bytes[..4];
+    let finished = match magic {
+        m if m == RUNNING => false,
+        m if m == FINISHED => true,
+        _ => return None,
+    };
     let generation = u64::from_le_bytes(bytes[4..12].try_into().ok()?);
     let len = u32::from_le_bytes(bytes[12..16].try_into().ok()?);
-    let crc = u32::from_le_bytes(bytes[16..20].try_into().ok()?);
+    let want = u32::from_le_bytes(bytes[16..20].try_into().ok()?);
     let payload = bytes.get(HEADER..HEADER + len as usize)?;
-    let mut h = crc32fast::Hasher::new();
-    h.update(&generation.to_le_bytes());
-    h.update(&len.to_le_bytes());
-    h.update(payload);
-    (h.finalize() == crc).then_some((generation, payload))
+    (crc(magic, generation, len, payload) == want).then_some((generation, payload, finished))
 }
 
 impl RunFiles {
@@ -103,6 +132,7 @@ impl RunFiles {
         RunFiles {
             root,
             open: Mutex::new(HashMap::new()),
+            finished: Mutex::new(Vec::new()),
         }
     }
 
@@ -114,10 +144,10 @@ impl RunFiles {
         self.dir(tenant).join(format!("{run_id}.{slot}"))
     }
 
-    /// Reads both slots: the latest valid checkpoint and its generation (0 and `None` when there is
+    /// Reads both slots: the latest valid frame and its generation (0 and `None` when there is
     /// none).
-    fn read_slots(&self, tenant: &TenantId, run_id: &str) -> Result<(u64, Option<Vec<u8>>)> {
-        let mut best: (u64, Option<Vec<u8>>) = (0, None);
+    fn read_slots(&self, tenant: &TenantId, run_id: &str) -> Result<(u64, Option<Saved>)> {
+        let mut best: (u64, Option<Saved>) = (0, None);
         for slot in 0..2 {
             let path = self.slot_path(tenant, run_id, slot);
             let bytes = match std::fs::read(&path) {
@@ -125,9 +155,13 @@ impl RunFiles {
                 Err(e) if e.kind() == ErrorKind::NotFound => continue,
                 Err(e) => return Err(io("read", &path, &e)),
             };
-            if let Some((generation, payload)) = decode_frame(&bytes) {
+            if let Some((generation, payload, finished)) = decode_frame(&bytes) {
                 if best.1.is_none() || generation > best.0 {
-                    best = (generation, Some(payload.to_vec()));
+                    let saved = Saved {
+                        state: payload.to_vec(),
+                        finished,
+                    };
+                    best = (generation, Some(saved));
                 }
             }
         }
@@ -171,35 +205,85 @@ impl RunFiles {
         ))
     }
 
-    /// Saves a checkpoint of an unfinished run; once this returns it survives a crash of the process.
-    pub(crate) fn put(&self, tenant: &TenantId, run_id: &str, state: &[u8]) -> Result<()> {
+    /// Saves a run's checkpoint, or its final state when `finished` (the run is then queued for
+    /// the next [`RunFiles::sweep`]); once this returns it survives a crash of the process.
+    pub(crate) fn put(
+        &self,
+        tenant: &TenantId,
+        run_id: &str,
+        state: &[u8],
+        finished: bool,
+    ) -> Result<()> {
         let run_id = checked(run_id)?;
         let slots = self.slots(tenant, run_id)?;
         let mut s = slots.lock().unwrap_or_else(PoisonError::into_inner);
         let generation = s.generation + 1;
         let slot = (generation % 2) as usize;
+        let magic = if finished { FINISHED } else { RUNNING };
         s.files[slot]
-            .write_all_at(&encode_frame(generation, state), 0)
+            .write_all_at(&encode_frame(magic, generation, state), 0)
             .map_err(|e| io("write", &self.slot_path(tenant, run_id, slot), &e))?;
         s.generation = generation;
+        drop(s);
+        if finished {
+            self.close(tenant, run_id);
+            self.queue_removal(tenant, run_id);
+        }
         Ok(())
     }
 
-    /// The latest checkpoint of an unfinished run.
-    pub(crate) fn get(&self, tenant: &TenantId, run_id: &str) -> Result<Option<Vec<u8>>> {
+    /// The latest frame of a run that has files.
+    pub(crate) fn get(&self, tenant: &TenantId, run_id: &str) -> Result<Option<Saved>> {
         let Ok(run_id) = checked(run_id) else {
             return Ok(None);
         };
         Ok(self.read_slots(tenant, run_id)?.1)
     }
 
-    /// Forgets a run whose final state is stored elsewhere.
-    pub(crate) fn remove(&self, tenant: &TenantId, run_id: &str) -> Result<()> {
-        let run_id = checked(run_id)?;
+    fn close(&self, tenant: &TenantId, run_id: &str) {
         self.open
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .remove(&(tenant.clone(), run_id.to_owned()));
+    }
+
+    /// Queues a run's files for removal at the next sweep; its final state must be in sled.
+    pub(crate) fn queue_removal(&self, tenant: &TenantId, run_id: &str) {
+        self.finished
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push((tenant.clone(), run_id.to_owned()));
+    }
+
+    /// Removes the files of every run finished since the last sweep, once `flush` has made their
+    /// final states in sled survive a crash. Returns how many runs it removed.
+    pub(crate) fn sweep(&self, flush: impl FnOnce() -> Result<()>) -> Result<usize> {
+        let mut done =
+            std::mem::take(&mut *self.finished.lock().unwrap_or_else(PoisonError::into_inner));
+        // A run is queued again each time a listing finds its files before a sweep.
+        done.sort();
+        done.dedup();
+        if done.is_empty() {
+            return Ok(0);
+        }
+        if let Err(e) = flush() {
+            // Keep them for the next sweep.
+            self.finished
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .extend(done);
+            return Err(e);
+        }
+        for (tenant, run_id) in &done {
+            self.remove(tenant, run_id)?;
+        }
+        Ok(done.len())
+    }
+
+    /// Forgets a run whose final state is stored elsewhere.
+    fn remove(&self, tenant: &TenantId, run_id: &str) -> Result<()> {
+        let run_id = checked(run_id)?;
+        self.close(tenant, run_id);
         for slot in 0..2 {
             let path = self.slot_path(tenant, run_id, slot);
             match std::fs::remove_file(&path) {
@@ -249,50 +333,66 @@ mod tests {
         (dir, f, TenantId::generate())
     }
 
+    fn state(f: &RunFiles, t: &TenantId, run: &str) -> Option<Vec<u8>> {
+        f.get(t, run).unwrap().map(|s| s.state)
+    }
+
     #[test]
     fn the_latest_save_wins_across_a_reopen() {
         let (dir, f, t) = files();
-        f.put(&t, "r1", b"one").unwrap();
-        f.put(&t, "r1", b"two, longer").unwrap();
-        f.put(&t, "r1", b"3").unwrap();
-        assert_eq!(f.get(&t, "r1").unwrap().as_deref(), Some(&b"3"[..]));
+        f.put(&t, "r1", b"one", false).unwrap();
+        f.put(&t, "r1", b"two, longer", false).unwrap();
+        f.put(&t, "r1", b"3", false).unwrap();
+        assert_eq!(state(&f, &t, "r1").as_deref(), Some(&b"3"[..]));
         let again = RunFiles::new(dir.path().join("runs"));
-        assert_eq!(again.get(&t, "r1").unwrap().as_deref(), Some(&b"3"[..]));
+        assert_eq!(state(&again, &t, "r1").as_deref(), Some(&b"3"[..]));
         // A save after the reopen continues the generations instead of losing to the old slot.
-        again.put(&t, "r1", b"four").unwrap();
-        assert_eq!(again.get(&t, "r1").unwrap().as_deref(), Some(&b"four"[..]));
-        assert_eq!(f.get(&t, "r1").unwrap().as_deref(), Some(&b"four"[..]));
+        again.put(&t, "r1", b"four", false).unwrap();
+        assert_eq!(state(&again, &t, "r1").as_deref(), Some(&b"four"[..]));
+        assert_eq!(state(&f, &t, "r1").as_deref(), Some(&b"four"[..]));
     }
 
     #[test]
     fn a_torn_slot_falls_back_to_the_previous_checkpoint() {
         let (_dir, f, t) = files();
-        f.put(&t, "r1", b"first checkpoint").unwrap();
-        f.put(&t, "r1", b"second checkpoint").unwrap();
+        f.put(&t, "r1", b"first checkpoint", false).unwrap();
+        f.put(&t, "r1", b"second checkpoint", false).unwrap();
         // The second save went to slot 0 (generation 2); tear it in the middle of its payload.
         let path = f.slot_path(&t, "r1", 0);
         let mut bytes = std::fs::read(&path).unwrap();
         bytes[HEADER + 3] ^= 0xff;
         std::fs::write(&path, &bytes).unwrap();
         assert_eq!(
-            f.get(&t, "r1").unwrap().as_deref(),
+            state(&f, &t, "r1").as_deref(),
             Some(&b"first checkpoint"[..])
         );
         std::fs::write(&path, &bytes[..HEADER + 2]).unwrap();
         assert_eq!(
-            f.get(&t, "r1").unwrap().as_deref(),
+            state(&f, &t, "r1").as_deref(),
             Some(&b"first checkpoint"[..])
+        );
+        // A frame whose magic was changed (running to finished) fails its CRC too.
+        f.put(&t, "r2", b"first", false).unwrap();
+        f.put(&t, "r2", b"second", false).unwrap();
+        let path = f.slot_path(&t, "r2", 0);
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[..4].copy_from_slice(&FINISHED);
+        std::fs::write(&path, &bytes).unwrap();
+        let saved = f.get(&t, "r2").unwrap().unwrap();
+        assert_eq!(
+            (saved.state.as_slice(), saved.finished),
+            (&b"first"[..], false)
         );
     }
 
     #[test]
-    fn runs_are_listed_per_tenant_and_removed() {
+    fn runs_are_listed_per_tenant_and_swept_after_the_flush() {
         let (_dir, f, a) = files();
         let b = TenantId::generate();
-        f.put(&a, "r2", b"x").unwrap();
-        f.put(&a, "r1", b"x").unwrap();
-        f.put(&a, "r1", b"y").unwrap();
-        f.put(&b, "r3", b"x").unwrap();
+        f.put(&a, "r2", b"x", false).unwrap();
+        f.put(&a, "r1", b"x", false).unwrap();
+        f.put(&a, "r1", b"y", true).unwrap();
+        f.put(&b, "r3", b"x", false).unwrap();
         assert_eq!(f.runs(&a).unwrap(), vec!["r1", "r2"]);
         assert_eq!(f.runs(&b).unwrap(), vec!["r3"]);
         assert_eq!(
@@ -300,16 +400,37 @@ mod tests {
             None,
             "another tenant's run is not seen"
         );
-        f.remove(&a, "r1").unwrap();
+        assert_eq!(
+            f.get(&a, "r1").unwrap(),
+            Some(Saved {
+                state: b"y".to_vec(),
+                finished: true
+            })
+        );
+        // A failed flush removes nothing and keeps the run for the next sweep.
+        let failed = f.sweep(|| Err(StoreError::Engine("disk full".into())));
+        assert!(failed.is_err());
+        assert_eq!(f.runs(&a).unwrap(), vec!["r1", "r2"]);
+        let mut flushed = false;
+        assert_eq!(
+            f.sweep(|| {
+                flushed = true;
+                Ok(())
+            })
+            .unwrap(),
+            1
+        );
+        assert!(flushed);
         assert_eq!(f.runs(&a).unwrap(), vec!["r2"]);
         assert_eq!(f.get(&a, "r1").unwrap(), None);
+        assert_eq!(f.sweep(|| panic!("nothing to flush for")).unwrap(), 0);
     }
 
     #[test]
     fn a_run_id_that_is_not_a_plain_id_names_no_path() {
         let (_dir, f, t) = files();
         for bad in ["../x", "a/b", "", ".", "a.b", &"x".repeat(65)] {
-            assert!(f.put(&t, bad, b"x").is_err(), "{bad:?}");
+            assert!(f.put(&t, bad, b"x", false).is_err(), "{bad:?}");
             assert_eq!(f.get(&t, bad).unwrap(), None, "{bad:?}");
         }
     }

@@ -246,10 +246,11 @@ async fn a_run_that_ended_before_the_crash_is_not_ended_twice() {
     s.close().await.unwrap();
 }
 
-/// A crash after a run's final state was stored and before its checkpoint files were removed: the
-/// run is finished, so it is not resumed, and the files are cleared.
+/// A finished run keeps its checkpoint files until the next sweep (one store flush for every run
+/// finished since the last): meanwhile it is finished, not resumed, and readable; after the sweep
+/// its final state is read from the store.
 #[tokio::test]
-async fn a_finished_run_with_checkpoint_files_left_is_not_resumed() {
+async fn a_finished_run_is_swept_and_never_resumed() {
     let dir = tempfile::tempdir().unwrap();
     let s = open(dir.path(), config(None, None));
     install(&s, "T0LEFT").await;
@@ -261,18 +262,19 @@ async fn a_finished_run_with_checkpoint_files_left_is_not_resumed() {
     );
     let run_id = ctx.audit().run_id.to_string();
     let repo = s.store.for_tenant(&ctx).unwrap();
-    let finished = repo.runs().get_run(&run_id).unwrap().unwrap();
-    repo.runs().put_run(&run_id, &finished, false).unwrap();
-    let files = |t: &str| {
-        std::fs::read_dir(dir.path().join("runs").join(t))
+    let files = || {
+        std::fs::read_dir(dir.path().join("runs").join(ctx.tenant_id().as_str()))
             .map(|d| d.count())
             .unwrap_or(0)
     };
-    let tenant = ctx.tenant_id().to_string();
-    assert_eq!(files(&tenant), 2, "the run's two checkpoint slots are back");
+    let finished = repo.runs().get_run(&run_id).unwrap().unwrap();
+    assert_eq!(files(), 2, "the run's two slots wait for the sweep");
     assert!(repo.runs().unfinished_runs().unwrap().is_empty());
-    assert_eq!(files(&tenant), 0, "and they were cleared");
     assert_eq!(s.agent.resume_unfinished().await.unwrap(), 0);
+    assert_eq!(s.store.sweep_runs().unwrap(), 1);
+    assert_eq!(files(), 0, "the sweep removed them");
+    assert_eq!(repo.runs().get_run(&run_id).unwrap().unwrap(), finished);
     assert_eq!(repo.runs().all_runs().unwrap(), vec![run_id]);
+    drop(repo);
     s.close().await.unwrap();
 }
