@@ -555,3 +555,63 @@ async fn acknowledged_events_survive_sigkill_and_the_log_verifies() {
     assert!(v.events as usize >= acked.len());
     s.close().await.unwrap();
 }
+
+/// A batch is consecutive in the log, counted in the projections, covered
+/// by the tree like single appends, and still triggers the checkpoint it makes due.
+#[tokio::test]
+async fn a_batch_lands_consecutively_and_is_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = AuditOptions {
+        checkpoint_every: 6,
+        checkpoint_interval: Duration::from_secs(3600),
+        ..AuditOptions::default()
+    };
+    let s = open(dir.path(), &opts);
+    let (_, ctx) = tenant(&s, "T0BATCH").await;
+    let before = events(&s, &ctx).await.len() as u64;
+    let model = |n: u64| EventBody::ModelCalled {
+        provider: "openai".into(),
+        model: "gpt-4o-mini".into(),
+        tokens_in: n,
+        tokens_out: 1,
+        cost_microcents: 0,
+    };
+    let range = sink(&s)
+        .append_batch(&ctx, &[model(1), model(2), model(3)])
+        .await
+        .unwrap();
+    assert_eq!(range, before..before + 3);
+    let ev = events(&s, &ctx).await;
+    let got: Vec<u64> = ev[before as usize..before as usize + 3]
+        .iter()
+        .map(|e| e["data"]["tokens_in"].as_u64().unwrap())
+        .collect();
+    assert_eq!(got, [1, 2, 3], "in order, one after another");
+    // 3 provisioning events + 3: the sixth made a checkpoint due, and it was signed.
+    assert!(
+        ev.iter().any(|e| e["type"] == "checkpoint.signed"),
+        "{:?}",
+        types(&ev)
+    );
+    let usage = s
+        .store
+        .for_tenant(&ctx)
+        .unwrap()
+        .projections()
+        .usage()
+        .unwrap();
+    assert_eq!(usage.values().map(|u| u.tokens_in).sum::<u64>(), 6);
+    assert_eq!(
+        sink(&s).append_batch(&ctx, &[]).await.unwrap(),
+        0..0,
+        "an empty batch appends nothing"
+    );
+    let out = dir.path().join("bundle");
+    let repo = s.store.for_tenant(&ctx).unwrap();
+    s.audit
+        .export(&ctx, repo, 0, None, None, &out)
+        .await
+        .unwrap();
+    bundle::verify(&out, None, None).unwrap();
+    s.close().await.unwrap();
+}

@@ -30,7 +30,7 @@ use self::policy::{Ask, Decision, Gate, PolicyError};
 use self::state::{RunState, Status};
 use self::tools::{BudgetView, Resolved, ToolCall as ToolInvocation, ToolError};
 use crate::audit::log::AuditLog;
-use crate::audit::{AuditError, AuditSink, Deferred, EventBody, RunTotals};
+use crate::audit::{AuditError, AuditSink, EventBody, RunTotals};
 use crate::store::{StoreError, TenantStore, Turn, WebhookTool};
 use crate::tenant::{
     LlmSettings, ResolveError, Role, TenantContext, TenantSettings, Tenants, ToolGrant,
@@ -175,18 +175,18 @@ fn next_step(st: &RunState) -> Step {
     Step::Plan
 }
 
-/// A run's events queued since its last durability barrier, and the quota reservations that stand
-/// for their usage until they are folded into the tenant's usage projection.
+/// A run's events since its last durability barrier, and the quota reservations that stand for
+/// their usage until they are folded into the tenant's usage projection.
 ///
 /// Events whose effect stays inside the process (a model's answer not yet acted on, a read-only
-/// tool's result not yet shown to anyone, a refusal) are queued without waiting; the run waits for
-/// all of them at its next barrier, which comes before every model call, before every tool call
-/// that changes something, and before the run's end. So every effect that leaves the process is
-/// preceded by the durable record of everything that led to it, and a step costs one group-committed
-/// sync instead of one per event.
+/// tool's result not yet shown to anyone, a refusal) are held here; the run appends all of them,
+/// as one batch committed by one sync, at its next barrier, which comes before every model call,
+/// before every tool call that changes something, and before the run's end. So every effect that
+/// leaves the process is preceded by the durable record of everything that led to it, and a step
+/// costs one sync instead of one per event.
 #[derive(Default)]
 struct Unsettled {
-    events: Vec<Deferred>,
+    events: Vec<EventBody>,
     holds: Vec<Reservation>,
 }
 
@@ -339,31 +339,20 @@ impl Agent {
         self.inner.sink.append(ctx, body).await
     }
 
-    /// Queues an event of the run `st` without waiting for it (see [`Unsettled`]).
-    async fn append_queued(
-        &self,
-        ctx: &TenantContext,
-        st: &mut RunState,
-        un: &mut Unsettled,
-        body: EventBody,
-    ) -> Result<(), AuditError> {
-        let d = self.inner.sink.append_deferred(ctx, body).await?;
-        st.last_seq = Some(d.seq());
-        un.events.push(d);
-        Ok(())
-    }
-
-    /// The durability barrier: waits until every queued event of the run is durable and counted,
-    /// releases the reservations that stood for them, then stores the run's checkpoint. A
-    /// checkpoint is therefore never ahead of the log.
+    /// The durability barrier: appends the run's held events (one batch, one sync), releases the
+    /// reservations that stood for them once they are counted, then stores the run's checkpoint.
+    /// A checkpoint is therefore never ahead of the log.
     async fn checkpoint(
         &self,
+        ctx: &TenantContext,
         repo: &TenantStore,
-        st: &RunState,
+        st: &mut RunState,
         un: &mut Unsettled,
     ) -> Result<(), AgentError> {
-        for d in un.events.drain(..) {
-            d.durable().await?;
+        if !un.events.is_empty() {
+            let seqs = self.inner.sink.append_batch(ctx, &un.events).await?;
+            un.events.clear();
+            st.last_seq = seqs.end.checked_sub(1);
         }
         un.holds.clear();
         save(repo, st)?;
@@ -593,7 +582,7 @@ impl Agent {
                         content: format!("This call was interrupted by a restart; its outcome is unknown and it was not repeated (idempotency key {key})."),
                     });
                     st.next_call += 1;
-                    self.checkpoint(repo, &st, &mut un).await?;
+                    self.checkpoint(ctx, repo, &mut st, &mut un).await?;
                 }
                 Step::Finish => return self.finish(ctx, repo, st, &mut un, resumed).await,
             }
@@ -604,29 +593,17 @@ impl Agent {
         u64::try_from((Utc::now() - st.started_at).num_milliseconds()).unwrap_or(0)
     }
 
-    async fn stop(
-        &self,
-        ctx: &TenantContext,
-        st: &mut RunState,
-        un: &mut Unsettled,
-        b: Breach,
-    ) -> Result<(), AgentError> {
+    /// Stops the run at a budget breach; the `budget.exceeded` event goes with the run's others.
+    fn stop(st: &mut RunState, un: &mut Unsettled, b: Breach) {
         crate::metrics::inc(&crate::metrics::BUDGET_STOPS);
-        self.append_queued(
-            ctx,
-            st,
-            un,
-            EventBody::BudgetExceeded {
-                ceiling: b.ceiling.into(),
-                limit: b.limit,
-                attempted: b.attempted,
-            },
-        )
-        .await?;
+        un.events.push(EventBody::BudgetExceeded {
+            ceiling: b.ceiling.into(),
+            limit: b.limit,
+            attempted: b.attempted,
+        });
         st.status = Status::Stopped {
             message: b.message(),
         };
-        Ok(())
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -650,7 +627,7 @@ impl Agent {
         // The model will see everything the run did so far: that must be on record first. This is
         // also the checkpoint that ends the previous step, and the quota below is then reserved
         // against usage that includes it.
-        self.checkpoint(repo, st, un).await?;
+        self.checkpoint(ctx, repo, st, un).await?;
         let req = PlanRequest {
             system: SYSTEM_PROMPT,
             messages: &st.messages,
@@ -668,7 +645,7 @@ impl Agent {
             est_tokens,
             est_cost,
         ) {
-            return self.stop(ctx, st, un, b).await;
+            return Ok(Self::stop(st, un, b));
         }
         let hold = match self.inner.ledger.reserve(
             repo,
@@ -680,7 +657,7 @@ impl Agent {
             },
         ) {
             Ok(h) => h,
-            Err(QuotaError::Breach(b)) => return self.stop(ctx, st, un, b).await,
+            Err(QuotaError::Breach(b)) => return Ok(Self::stop(st, un, b)),
             Err(QuotaError::Store(e)) => return Err(e.into()),
         };
         let left = ctx
@@ -713,23 +690,17 @@ impl Agent {
                     limit,
                     attempted: Self::walltime_ms(st).max(limit.saturating_add(1)),
                 };
-                return self.stop(ctx, st, un, b).await;
+                return Ok(Self::stop(st, un, b));
             }
         };
         let cost = pricing::cost(&model, tokens_in, tokens_out);
-        self.append_queued(
-            ctx,
-            st,
-            un,
-            EventBody::ModelCalled {
-                provider,
-                model,
-                tokens_in,
-                tokens_out,
-                cost_microcents: cost,
-            },
-        )
-        .await?;
+        un.events.push(EventBody::ModelCalled {
+            provider,
+            model,
+            tokens_in,
+            tokens_out,
+            cost_microcents: cost,
+        });
         // The estimate stands for the call's usage until the event above is counted.
         un.holds.push(hold);
         st.usage.tokens_in += tokens_in;
@@ -774,7 +745,7 @@ impl Agent {
             .await?
         {
             Ok(done) => done,
-            Err(b) => return self.stop(ctx, st, un, b).await,
+            Err(b) => return Ok(Self::stop(st, un, b)),
         };
         st.messages.push(Message::Tool {
             call_id: call.id,
@@ -791,7 +762,7 @@ impl Agent {
         // on does not report it as interrupted; a read-only call waits for the step's checkpoint
         // (a crash before it runs the step again, and a read-only call has nothing to repeat).
         if changed {
-            self.checkpoint(repo, st, un).await?;
+            self.checkpoint(ctx, repo, st, un).await?;
         }
         Ok(())
     }
@@ -824,8 +795,8 @@ impl Agent {
         // A tool that was not resolved for this context was never shown; asking for it anyway (a
         // prompt injection, a confused model) is refused the same way as a denied one.
         let Some(tool) = resolved.iter().find(|r| r.spec.name == call.name) else {
-            self.append_queued(ctx, st, un, refuse("not granted to this principal", vec![]))
-                .await?;
+            un.events
+                .push(refuse("not granted to this principal", vec![]));
             return Ok(Ok((REFUSED.into(), false)));
         };
         if let Err(why) = tool.validate(&call.arguments) {
@@ -848,8 +819,7 @@ impl Agent {
         );
         let policy_ids = match decision {
             Decision::Deny { reason, policy_ids } => {
-                self.append_queued(ctx, st, un, refuse(&reason, policy_ids))
-                    .await?;
+                un.events.push(refuse(&reason, policy_ids));
                 return Ok(Ok((REFUSED.into(), false)));
             }
             Decision::Allow { policy_ids } => policy_ids,
@@ -869,23 +839,17 @@ impl Agent {
             Err(QuotaError::Breach(b)) => return Ok(Err(b)),
             Err(QuotaError::Store(e)) => return Err(e.into()),
         };
-        self.append_queued(
-            ctx,
-            st,
-            un,
-            EventBody::ToolAuthorized {
-                capability: call.name.clone(),
-                arguments_sha256: args_hash.clone(),
-                idempotency_key: key.to_owned(),
-                policy_ids,
-            },
-        )
-        .await?;
+        un.events.push(EventBody::ToolAuthorized {
+            capability: call.name.clone(),
+            arguments_sha256: args_hash.clone(),
+            idempotency_key: key.to_owned(),
+            policy_ids,
+        });
         if !read_only {
             // Before an effect: the authorisation is durable and the call is checkpointed as in
             // flight, so that if the process dies during the call the restart does not send it again.
             st.in_flight = Some(key.to_owned());
-            self.checkpoint(repo, st, un).await?;
+            self.checkpoint(ctx, repo, st, un).await?;
         }
         let left = ctx
             .budget()
@@ -926,19 +890,13 @@ impl Agent {
             Ok(out) => (out.content, out.cost_microcents),
             Err(e) => (format!("Error: {e}"), 0),
         };
-        self.append_queued(
-            ctx,
-            st,
-            un,
-            EventBody::ToolInvoked {
-                capability: call.name.clone(),
-                arguments_sha256: args_hash,
-                result_sha256: sha256_hex(content.as_bytes()),
-                latency_ms,
-                cost_microcents: cost,
-            },
-        )
-        .await?;
+        un.events.push(EventBody::ToolInvoked {
+            capability: call.name.clone(),
+            arguments_sha256: args_hash,
+            result_sha256: sha256_hex(content.as_bytes()),
+            latency_ms,
+            cost_microcents: cost,
+        });
         un.holds.push(hold);
         st.usage.tool_calls += 1;
         st.usage.cost_microcents += cost;
@@ -949,13 +907,13 @@ impl Agent {
         &self,
         ctx: &TenantContext,
         repo: &TenantStore,
-        st: RunState,
+        mut st: RunState,
         un: &mut Unsettled,
         resumed: bool,
     ) -> Result<RunOutcome, AgentError> {
         // The run's last events are durable, and its checkpoint says how it ended, before the end
         // event: a crash after that event resumes straight into this function.
-        self.checkpoint(repo, &st, un).await?;
+        self.checkpoint(ctx, repo, &mut st, un).await?;
         // A resumed run that had appended its end event before the crash is only stored as
         // finished and answered; its end is not recorded twice.
         let logged = resumed && self.end_logged(ctx, repo, &st).await?;

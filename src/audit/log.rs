@@ -26,7 +26,7 @@ use super::merkle::{Hash, LeafIndex, Tree, TreeError, TreeSize};
 use super::nodes::NodeFiles;
 use super::projection::{month_of, run_transition, usage_delta, Projections, Usage};
 use super::segment_log::{self, Pending, SegmentLog};
-use super::{bundle, AuditError, AuditSink, Deferred};
+use super::{bundle, AuditError, AuditSink};
 use crate::store::TenantStore;
 use crate::tenant::{PrincipalId, Role, TenantContext, TenantId};
 
@@ -420,31 +420,58 @@ impl AuditLog {
         env: &Envelope,
         body: &EventBody,
     ) -> Result<(u64, Pending, bool), AuditError> {
-        Ok({
-            let mut st = log.state.lock().await;
-            if st.broken {
-                return Err(recovery(
-                    &log.tenant,
-                    "the log is out of step with its tree; restart to recover",
-                ));
-            }
-            let seq = st.next_seq;
-            let bytes = event::encode(env, seq, Utc::now(), body);
-            let pending = log.events.enqueue(bytes.clone()).await?;
+        self.enqueue_all(log, env, std::slice::from_ref(body)).await
+    }
+
+    /// [`AuditLog::enqueue`] for consecutive events, committed by one sync; returns the first one's
+    /// sequence number.
+    async fn enqueue_all(
+        &self,
+        log: &TenantLog,
+        env: &Envelope,
+        bodies: &[EventBody],
+    ) -> Result<(u64, Pending, bool), AuditError> {
+        let mut st = log.state.lock().await;
+        if st.broken {
+            return Err(recovery(
+                &log.tenant,
+                "the log is out of step with its tree; restart to recover",
+            ));
+        }
+        let first = st.next_seq;
+        let now = Utc::now();
+        let mut records = Vec::with_capacity(bodies.len());
+        for (i, body) in bodies.iter().enumerate() {
+            let bytes = event::encode(env, first + i as u64, now, body);
+            // The tree leads the queue by at most this batch: if queueing fails below, the log is
+            // marked broken and refuses appends until a reopen reconciles the two.
             if let Err(e) = st.tree.append(&bytes) {
                 st.broken = true;
                 return Err(e.into());
             }
-            st.next_seq += 1;
-            if !matches!(body, EventBody::CheckpointSigned { .. }) {
-                st.since_checkpoint += 1;
+            records.push(bytes);
+        }
+        let queued = match records.len() {
+            1 => log.events.enqueue(records.pop().expect("one record")).await,
+            _ => log.events.enqueue_batch(records).await,
+        };
+        let pending = match queued {
+            Ok(p) => p,
+            Err(e) => {
+                st.broken = true;
+                return Err(e.into());
             }
-            (
-                seq,
-                pending,
-                st.since_checkpoint >= self.inner.settings.checkpoint_every,
-            )
-        })
+        };
+        st.next_seq += bodies.len() as u64;
+        st.since_checkpoint += bodies
+            .iter()
+            .filter(|b| !matches!(b, EventBody::CheckpointSigned { .. }))
+            .count() as u64;
+        Ok((
+            first,
+            pending,
+            st.since_checkpoint >= self.inner.settings.checkpoint_every,
+        ))
     }
 
     /// Waits until the queued event `seq` is durable.
@@ -731,25 +758,27 @@ impl AuditLog {
         self.append_env(&log, &Envelope::from_ctx(ctx), &body).await
     }
 
-    /// Queues an event for the context's tenant and returns at once with its sequence number; the
-    /// event is durable (and folded into the projections) when the returned [`Deferred`] resolves.
-    /// The tenant's later events are committed after it, so waiting for a later one covers it.
+    /// Appends consecutive events for the context's tenant, committed by one sync, and returns
+    /// their sequence numbers once all are durable.
     ///
     /// # Errors
-    /// As [`AuditSink::append`], for the part before the wait.
-    pub async fn append_deferred_with(
+    /// As [`AuditSink::append`]; none of the events' effects may happen.
+    pub async fn append_batch_with(
         &self,
         ctx: &TenantContext,
         repo: TenantStore,
-        body: EventBody,
-    ) -> Result<Deferred, AuditError> {
+        bodies: &[EventBody],
+    ) -> Result<std::ops::Range<u64>, AuditError> {
+        if bodies.is_empty() {
+            return Ok(0..0);
+        }
         let log = self.log_for(ctx.tenant_id(), repo).await?;
-        let (seq, pending, due) = self.enqueue(&log, &Envelope::from_ctx(ctx), &body).await?;
-        let projected = affects_projections(&body);
-        let this = self.clone();
-        Ok(Deferred::new(seq, async move {
-            this.settle(&log, seq, pending, due, projected).await
-        }))
+        let (first, pending, due) = self
+            .enqueue_all(&log, &Envelope::from_ctx(ctx), bodies)
+            .await?;
+        let projected = bodies.iter().any(affects_projections);
+        self.settle(&log, first, pending, due, projected).await?;
+        Ok(first..first + bodies.len() as u64)
     }
 }
 
@@ -965,13 +994,13 @@ impl AuditSink for LogSink {
         self.log.append_with(ctx, repo, body).await
     }
 
-    async fn append_deferred(
+    async fn append_batch(
         &self,
         ctx: &TenantContext,
-        body: EventBody,
-    ) -> Result<Deferred, AuditError> {
+        bodies: &[EventBody],
+    ) -> Result<std::ops::Range<u64>, AuditError> {
         let repo = self.store.for_tenant(ctx)?;
-        self.log.append_deferred_with(ctx, repo, body).await
+        self.log.append_batch_with(ctx, repo, bodies).await
     }
 }
 

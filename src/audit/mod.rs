@@ -69,75 +69,24 @@ pub trait AuditSink: Send + Sync {
     /// [`AuditError`] when the event could not be made durable; the caller must not perform the effect.
     async fn append(&self, ctx: &TenantContext, body: EventBody) -> Result<u64, AuditError>;
 
-    /// Queues one event and returns before it is durable, for an event whose effect has already
-    /// happened inside the process and is not acknowledged to anyone yet: the caller must wait for
-    /// it ([`Deferred::durable`]) before any effect that leaves the process. Events of a tenant are
-    /// committed in order, so waiting for the last one covers all before it.
+    /// Appends consecutive events to the context's tenant log, committed together (one sync for
+    /// all), and returns their sequence numbers once all are durable.
     ///
-    /// The default waits at once, which is always correct.
+    /// The default appends them one by one, which is always correct (other events may then come
+    /// between them, so the range spans from the first to the last).
     ///
     /// # Errors
-    /// [`AuditError`] when the event could not be queued.
-    async fn append_deferred(
+    /// [`AuditError`] when they could not be made durable; the caller must not perform the effects.
+    async fn append_batch(
         &self,
         ctx: &TenantContext,
-        body: EventBody,
-    ) -> Result<Deferred, AuditError> {
-        self.append(ctx, body).await.map(Deferred::ready)
-    }
-}
-
-/// A queued event that is not yet known to be durable; see [`AuditSink::append_deferred`].
-/// Dropping it does not withdraw the event: it is still committed, only nobody waits for it.
-#[must_use = "an effect that leaves the process must wait for the event to be durable"]
-pub struct Deferred {
-    seq: u64,
-    wait: Option<Settling>,
-}
-
-/// What a [`Deferred`] waits on: the sync, the projection fold and a checkpoint if one is due.
-type Settling =
-    std::pin::Pin<Box<dyn std::future::Future<Output = Result<u64, AuditError>> + Send>>;
-
-impl std::fmt::Debug for Deferred {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Deferred")
-            .field("seq", &self.seq)
-            .field("waiting", &self.wait.is_some())
-            .finish()
-    }
-}
-
-impl Deferred {
-    /// An event that is durable already.
-    pub fn ready(seq: u64) -> Self {
-        Deferred { seq, wait: None }
-    }
-
-    /// An event that is durable once `wait` resolves.
-    pub fn new(
-        seq: u64,
-        wait: impl std::future::Future<Output = Result<u64, AuditError>> + Send + 'static,
-    ) -> Self {
-        Deferred {
-            seq,
-            wait: Some(Box::pin(wait)),
+        bodies: &[EventBody],
+    ) -> Result<std::ops::Range<u64>, AuditError> {
+        let mut range: Option<std::ops::Range<u64>> = None;
+        for body in bodies {
+            let seq = self.append(ctx, body.clone()).await?;
+            range = Some(range.map_or(seq..seq + 1, |r| r.start..seq + 1));
         }
-    }
-
-    /// The event's sequence number.
-    pub fn seq(&self) -> u64 {
-        self.seq
-    }
-
-    /// Waits until the event is durable.
-    ///
-    /// # Errors
-    /// [`AuditError`] when it could not be made durable.
-    pub async fn durable(self) -> Result<u64, AuditError> {
-        match self.wait {
-            Some(w) => w.await,
-            None => Ok(self.seq),
-        }
+        Ok(range.unwrap_or(0..0))
     }
 }

@@ -570,6 +570,29 @@ impl SegmentLog {
         Ok(Pending(rx))
     }
 
+    /// Queues `payloads` as consecutive records, committed by the same sync, and returns a
+    /// [`Pending`] that resolves to the first one's sequence number once all are durable.
+    ///
+    /// # Errors
+    /// As [`SegmentLog::enqueue`]; [`Error::EmptyPayload`] for an empty batch too.
+    pub async fn enqueue_batch(&self, payloads: Vec<Vec<u8>>) -> Result<Pending, Error> {
+        if payloads.is_empty() {
+            return Err(Error::EmptyPayload);
+        }
+        for p in &payloads {
+            self.check_payload(p)?;
+        }
+        let (done, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Append {
+                payloads: Payloads::Many(payloads),
+                done,
+            })
+            .await
+            .map_err(|_| Error::Closed)?;
+        Ok(Pending(rx))
+    }
+
     async fn submit(&self, payloads: Payloads) -> Result<u64, Error> {
         let (done, rx) = oneshot::channel();
         self.tx
