@@ -73,6 +73,10 @@ struct TenantLog {
     repo: TenantStore,
     /// Serialises folding events into the live projections, so they are folded in log order.
     projector: Mutex<()>,
+    /// How far the projections are known to be folded (a lower bound of the stored head), so that
+    /// an append whose events someone else already folded neither waits for the projector nor
+    /// reads the stored head.
+    folded: std::sync::atomic::AtomicU64,
     origin: String,
     events: SegmentLog,
     checkpoints: SegmentLog,
@@ -264,6 +268,7 @@ impl AuditLog {
             tenant: tenant.clone(),
             repo,
             projector: Mutex::new(()),
+            folded: std::sync::atomic::AtomicU64::new(0),
             origin,
             events,
             checkpoints,
@@ -283,17 +288,69 @@ impl AuditLog {
 
     /// Folds the durable events that the live projections have not seen yet into them, in order.
     async fn project(&self, log: &TenantLog) -> Result<(), AuditError> {
+        self.project_with(log, None).await
+    }
+
+    /// Folds the durable events the projections have not seen yet. `known` is a run of durable
+    /// events the caller still holds (`(first seq, leaf bytes)`), so that the usual case (the
+    /// caller's own append is next in line) reads nothing back from the segment files.
+    async fn project_with(
+        &self,
+        log: &TenantLog,
+        known: Option<(u64, &[Vec<u8>])>,
+    ) -> Result<(), AuditError> {
+        use std::sync::atomic::Ordering;
+        // Events up to here must be folded when this returns: the caller's own, or all durable ones.
+        let needed = match known {
+            Some((first, records)) => first + records.len() as u64,
+            None => log.events.len(),
+        };
+        if log.folded.load(Ordering::Acquire) >= needed {
+            return Ok(());
+        }
         let _order = log.projector.lock().await;
+        // Whoever held the projector before may have folded these events already (with many
+        // concurrent appenders, usually so): then there is nothing to do.
+        if log.folded.load(Ordering::Acquire) >= needed {
+            return Ok(());
+        }
         let projections = log.repo.projections();
         let head = projections.projection_head()?;
         let end = log.events.len();
-        if head >= end {
+        if head >= end.max(needed) {
+            log.folded.fetch_max(head, Ordering::AcqRel);
             return Ok(());
         }
         let mut usage: std::collections::BTreeMap<String, Usage> = Default::default();
         let mut runs = Vec::new();
         let members = log.repo.members();
-        for rec in log.events.iter_from(head)? {
+        let in_memory = match known {
+            Some((first, records)) if first == head && first + records.len() as u64 <= end => {
+                records
+            }
+            _ => &[],
+        };
+        let from_disk = if head + (in_memory.len() as u64) < end {
+            Some(log.events.iter_from(head + in_memory.len() as u64)?)
+        } else {
+            None
+        };
+        let records = in_memory
+            .iter()
+            .enumerate()
+            .map(|(i, bytes)| {
+                Ok((
+                    head + i as u64,
+                    std::borrow::Cow::Borrowed(bytes.as_slice()),
+                ))
+            })
+            .chain(
+                from_disk
+                    .into_iter()
+                    .flatten()
+                    .map(|rec| rec.map(|(seq, bytes)| (seq, std::borrow::Cow::Owned(bytes)))),
+            );
+        for rec in records {
             let (seq, bytes) = rec?;
             if seq >= end {
                 break;
@@ -322,6 +379,7 @@ impl AuditLog {
             }
         }
         projections.apply_projection(&usage, &runs, end)?;
+        log.folded.fetch_max(end, Ordering::AcqRel);
         Ok(())
     }
 
@@ -374,8 +432,11 @@ impl AuditLog {
         env: &Envelope,
         body: &EventBody,
     ) -> Result<u64, AuditError> {
-        let (seq, pending, due) = self.enqueue(log, env, body).await?;
-        self.settle(log, seq, pending, due, affects_projections(body))
+        let projected = affects_projections(body);
+        let (seq, pending, due, records) = self
+            .enqueue_all(log, env, std::slice::from_ref(body), projected)
+            .await?;
+        self.settle(log, seq, pending, due, projected.then_some(&records[..]))
             .await
     }
 
@@ -387,11 +448,11 @@ impl AuditLog {
         seq: u64,
         pending: Pending,
         due: bool,
-        projected: bool,
+        projected: Option<&[Vec<u8>]>,
     ) -> Result<u64, AuditError> {
         self.await_durable(log, seq, pending).await?;
-        if projected {
-            self.project(log).await?;
+        if let Some(records) = projected {
+            self.project_with(log, Some((seq, records))).await?;
         }
         if due {
             self.sign(log, false).await?;
@@ -420,17 +481,21 @@ impl AuditLog {
         env: &Envelope,
         body: &EventBody,
     ) -> Result<(u64, Pending, bool), AuditError> {
-        self.enqueue_all(log, env, std::slice::from_ref(body)).await
+        let (seq, pending, due, _) = self
+            .enqueue_all(log, env, std::slice::from_ref(body), false)
+            .await?;
+        Ok((seq, pending, due))
     }
 
     /// [`AuditLog::enqueue`] for consecutive events, committed by one sync; returns the first one's
-    /// sequence number.
+    /// sequence number, and a copy of the leaf bytes when `keep` (for the projection fold).
     async fn enqueue_all(
         &self,
         log: &TenantLog,
         env: &Envelope,
         bodies: &[EventBody],
-    ) -> Result<(u64, Pending, bool), AuditError> {
+        keep: bool,
+    ) -> Result<(u64, Pending, bool, Vec<Vec<u8>>), AuditError> {
         let mut st = log.state.lock().await;
         if st.broken {
             return Err(recovery(
@@ -451,6 +516,7 @@ impl AuditLog {
             }
             records.push(bytes);
         }
+        let kept = if keep { records.clone() } else { Vec::new() };
         let queued = match records.len() {
             1 => log.events.enqueue(records.pop().expect("one record")).await,
             _ => log.events.enqueue_batch(records).await,
@@ -471,6 +537,7 @@ impl AuditLog {
             first,
             pending,
             st.since_checkpoint >= self.inner.settings.checkpoint_every,
+            kept,
         ))
     }
 
@@ -773,11 +840,12 @@ impl AuditLog {
             return Ok(0..0);
         }
         let log = self.log_for(ctx.tenant_id(), repo).await?;
-        let (first, pending, due) = self
-            .enqueue_all(&log, &Envelope::from_ctx(ctx), bodies)
-            .await?;
         let projected = bodies.iter().any(affects_projections);
-        self.settle(&log, first, pending, due, projected).await?;
+        let (first, pending, due, records) = self
+            .enqueue_all(&log, &Envelope::from_ctx(ctx), bodies, projected)
+            .await?;
+        self.settle(&log, first, pending, due, projected.then_some(&records[..]))
+            .await?;
         Ok(first..first + bodies.len() as u64)
     }
 }
