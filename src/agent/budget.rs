@@ -226,11 +226,7 @@ impl Ledger {
         let tenant = repo.tenant_id().clone();
         let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
         // Read committed usage under the lock, so that no other reservation slips in between.
-        let committed = repo
-            .projections()
-            .usage()?
-            .remove(&current_month())
-            .unwrap_or_default();
+        let committed = repo.projections().usage_in(&current_month())?;
         let h = held.entry(tenant.clone()).or_default();
         let left = remaining(quota, &committed, h);
         let checks = [
@@ -272,11 +268,7 @@ impl Ledger {
     /// Store failures.
     pub fn left(&self, repo: &TenantStore, quota: &MonthlyQuota) -> Result<Amounts, StoreError> {
         let held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        let committed = repo
-            .projections()
-            .usage()?
-            .remove(&current_month())
-            .unwrap_or_default();
+        let committed = repo.projections().usage_in(&current_month())?;
         Ok(remaining(
             quota,
             &committed,

@@ -428,6 +428,13 @@ impl ProjectionRepo for SledTenant {
         self.tree.apply_batch(batch).map_err(engine)
     }
 
+    fn usage_in(&self, month: &str) -> Result<Usage> {
+        Ok(self
+            .get_json::<Versioned<Usage>>(&self.key("usage", month))?
+            .map(|r| r.value)
+            .unwrap_or_default())
+    }
+
     fn usage(&self) -> Result<std::collections::BTreeMap<String, Usage>> {
         self.scan("usage")
             .map(|kv| {
@@ -747,5 +754,22 @@ mod tests {
         assert_eq!(store.runs.runs(&tenant).unwrap(), Vec::<String>::new());
         assert_eq!(repos.get_run("r1").unwrap().as_deref(), Some(&b"final"[..]));
         assert_eq!(repos.all_runs().unwrap(), vec!["r1"]);
+    }
+
+    #[test]
+    fn usage_in_reads_one_month_and_zero_for_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let cipher = Cipher::new(&MasterKey::parse(&"33".repeat(32)).unwrap());
+        let store = Embedded::open(dir.path(), cipher).unwrap();
+        let repos = store.tenant(&TenantId::generate()).unwrap();
+        let mut usage = std::collections::BTreeMap::new();
+        let mut may = Usage::default();
+        may.tool_calls = 3;
+        usage.insert("2026-05".to_owned(), may.clone());
+        repos.apply_projection(&usage, &[], 7).unwrap();
+        repos.apply_projection(&usage, &[], 9).unwrap();
+        assert_eq!(repos.usage_in("2026-05").unwrap().tool_calls, 6);
+        assert_eq!(repos.usage_in("2026-06").unwrap(), Usage::default());
+        assert_eq!(repos.usage().unwrap()["2026-05"].tool_calls, 6);
     }
 }

@@ -154,6 +154,11 @@ pub trait ProjectionRepo {
     /// # Errors
     /// [`StoreError`] on an engine failure or a corrupt record.
     fn usage(&self) -> Result<BTreeMap<String, Usage>>;
+    /// Usage in one month (`YYYY-MM`), zero when nothing was used.
+    ///
+    /// # Errors
+    /// [`StoreError`] on an engine failure or a corrupt record.
+    fn usage_in(&self, month: &str) -> Result<Usage>;
     /// Run states by run id.
     ///
     /// # Errors
