@@ -59,6 +59,18 @@ impl Planner for Scripted {
     }
 }
 
+/// CPU time (user + system) the whole process has used, in µs, from /proc/self/stat (Linux; the
+/// kernel counts in ticks of 1/100 s, so this is read over whole rounds, never per call).
+fn cpu_us() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    (ticks(11) + ticks(12)) * 1e6 / 100.0
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[v.len() / 2]
@@ -152,13 +164,14 @@ async fn main() {
 
     println!("agent loop overhead per tool call ({calls_per_run} tool calls per run; planner and tool cost nothing)");
     println!(
-        "{:>12} {:>10} {:>16} {:>16}",
-        "concurrency", "runs", "µs/call latency", "µs/call amortised"
+        "{:>12} {:>10} {:>16} {:>18} {:>14}",
+        "concurrency", "runs", "µs/call latency", "µs/call amortised", "CPU µs/call"
     );
     for &concurrency in &[1usize, 8, 32] {
         let rounds = if quick { 3 } else { 10 };
         let mut lat = Vec::new();
         let mut amort = Vec::new();
+        let cpu_before = cpu_us();
         for _ in 0..rounds {
             let started = Instant::now();
             let mut tasks = Vec::new();
@@ -185,12 +198,14 @@ async fn main() {
             ));
             amort.push(wall.as_secs_f64() * 1e6 / calls);
         }
+        let cpu = (cpu_us() - cpu_before) / (rounds * concurrency * calls_per_run) as f64;
         println!(
-            "{:>12} {:>10} {:>16.0} {:>16.0}",
+            "{:>12} {:>10} {:>16.0} {:>18.0} {:>14.0}",
             concurrency,
             rounds * concurrency,
             median(lat),
-            median(amort)
+            median(amort),
+            cpu
         );
     }
     // The decision part alone: schema validation, the Cedar gate and the quota reservation, which
