@@ -482,6 +482,16 @@ pub struct AgentArgs {
     /// Seconds one model call may take.
     #[arg(long, env = "AGENTGATE_LLM_TIMEOUT_SECS", default_value_t = 60)]
     pub llm_timeout_secs: u64,
+    /// Private networks (CIDR, comma-separated, e.g. `10.0.0.0/8,fd00::/8`) that tenants' webhook
+    /// tools may reach; public addresses are always allowed, loopback, private, link-local and
+    /// metadata addresses only when listed here.
+    #[arg(
+        long,
+        env = "AGENTGATE_WEBHOOK_ALLOWED_NETWORKS",
+        value_delimiter = ',',
+        value_name = "CIDR"
+    )]
+    pub webhook_allowed_networks: Vec<crate::agent::egress::Network>,
 }
 
 impl AgentArgs {
@@ -497,6 +507,7 @@ impl AgentArgs {
                 anthropic_api_key: self.anthropic_api_key.clone().map(SecretString::from),
                 timeout: Duration::from_secs(self.llm_timeout_secs.max(1)),
             },
+            webhook_networks: self.webhook_allowed_networks.clone(),
         }
     }
 }

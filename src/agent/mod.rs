@@ -7,6 +7,7 @@
 
 pub mod anthropic;
 pub mod budget;
+pub mod egress;
 pub mod openai;
 pub mod planner;
 pub mod policy;
@@ -74,6 +75,8 @@ pub struct AgentConfig {
     pub runs_per_minute: NonZeroU32,
     /// The model providers.
     pub llm: LlmEndpoints,
+    /// Private networks webhook tools may reach besides the public internet (none by default).
+    pub webhook_networks: Vec<egress::Network>,
 }
 
 impl Default for AgentConfig {
@@ -83,6 +86,7 @@ impl Default for AgentConfig {
             history_turns: 20,
             runs_per_minute: NonZeroU32::new(120).expect("non-zero"),
             llm: LlmEndpoints::default(),
+            webhook_networks: Vec::new(),
         }
     }
 }
@@ -207,7 +211,7 @@ struct Inner {
     gate: Gate,
     ledger: Arc<Ledger>,
     limiter: RunLimiter,
-    http: reqwest::Client,
+    webhooks: egress::WebhookClient,
     config: AgentConfig,
     /// Replaces every tenant's planner; for benchmarks of the loop's own overhead.
     planner_override: Option<Arc<dyn Planner>>,
@@ -262,10 +266,9 @@ impl Agent {
                 gate: Gate::default(),
                 ledger: Arc::new(Ledger::default()),
                 limiter: RunLimiter::new(config.runs_per_minute),
-                http: reqwest::Client::builder()
-                    .redirect(reqwest::redirect::Policy::none())
-                    .build()
-                    .expect("a TLS backend is compiled in"),
+                webhooks: egress::WebhookClient::new(egress::Egress::new(
+                    config.webhook_networks.clone(),
+                )),
                 config,
                 planner_override,
                 replies: std::sync::OnceLock::new(),
@@ -552,7 +555,7 @@ impl Agent {
         mut st: RunState,
         resumed: bool,
     ) -> Result<RunOutcome, AgentError> {
-        let resolved = tools::resolve(ctx, repo, &self.inner.http)?;
+        let resolved = tools::resolve(ctx, repo, &self.inner.webhooks)?;
         let specs: Vec<ToolSpec> = resolved.iter().map(|r| r.spec.clone()).collect();
         let planner = self.planner_for(&settings.llm);
         let caller = Caller {
@@ -645,7 +648,8 @@ impl Agent {
             est_tokens,
             est_cost,
         ) {
-            return Ok(Self::stop(st, un, b));
+            Self::stop(st, un, b);
+            return Ok(());
         }
         let hold = match self.inner.ledger.reserve(
             repo,
@@ -657,7 +661,10 @@ impl Agent {
             },
         ) {
             Ok(h) => h,
-            Err(QuotaError::Breach(b)) => return Ok(Self::stop(st, un, b)),
+            Err(QuotaError::Breach(b)) => {
+                Self::stop(st, un, b);
+                return Ok(());
+            }
             Err(QuotaError::Store(e)) => return Err(e.into()),
         };
         let left = ctx
@@ -690,7 +697,8 @@ impl Agent {
                     limit,
                     attempted: Self::walltime_ms(st).max(limit.saturating_add(1)),
                 };
-                return Ok(Self::stop(st, un, b));
+                Self::stop(st, un, b);
+                return Ok(());
             }
         };
         let cost = pricing::cost(&model, tokens_in, tokens_out);
@@ -745,7 +753,10 @@ impl Agent {
             .await?
         {
             Ok(done) => done,
-            Err(b) => return Ok(Self::stop(st, un, b)),
+            Err(b) => {
+                Self::stop(st, un, b);
+                return Ok(());
+            }
         };
         st.messages.push(Message::Tool {
             call_id: call.id,
@@ -1064,6 +1075,12 @@ impl Agent {
         if !matches!(url.scheme(), "https" | "http") {
             return Err(bad("the URL must be http or https"));
         }
+        // A name is checked again each time it resolves; an address literal can be judged now.
+        if self.inner.webhooks.egress.check_url(&url).is_err() {
+            return Err(bad(
+                "the URL's address is not public; the operator can allow its network (AGENTGATE_WEBHOOK_ALLOWED_NETWORKS)",
+            ));
+        }
         jsonschema::validator_for(&tool.schema)
             .map_err(|e| AgentError::InvalidWebhook(format!("the schema is invalid: {e}")))?;
         if tool.schema["type"] != "object" {
@@ -1089,7 +1106,7 @@ impl Agent {
     /// Store failures.
     pub fn visible_tools(&self, ctx: &TenantContext) -> Result<Vec<String>, AgentError> {
         let repo = self.repo(ctx)?;
-        Ok(tools::resolve(ctx, &repo, &self.inner.http)?
+        Ok(tools::resolve(ctx, &repo, &self.inner.webhooks)?
             .iter()
             .map(|r| r.spec.name.clone())
             .collect())

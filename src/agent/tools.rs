@@ -298,7 +298,7 @@ pub const WEBHOOK_PREFIX: &str = "webhook.";
 pub fn resolve(
     ctx: &TenantContext,
     repo: &TenantStore,
-    http: &reqwest::Client,
+    client: &super::egress::WebhookClient,
 ) -> Result<Vec<Resolved>, StoreError> {
     let grants = repo.grants().list()?;
     let webhooks = if grants
@@ -316,7 +316,7 @@ pub fn resolve(
         }
         let binding = match g.capability.strip_prefix(WEBHOOK_PREFIX) {
             Some(name) => webhooks.iter().find(|w| w.name == name).map(|w| {
-                Arc::new(WebhookBinding::new(w.clone(), http.clone())) as Arc<dyn ToolBinding>
+                Arc::new(WebhookBinding::new(w.clone(), client.clone())) as Arc<dyn ToolBinding>
             }),
             None => builtin(&g.capability),
         };

@@ -11,6 +11,7 @@ use secrecy::ExposeSecret;
 use serde_json::{json, Value};
 use sha2::Sha256;
 
+use super::egress::{is_refusal, WebhookClient};
 use super::planner::ToolSpec;
 use super::tools::{ToolBinding, ToolCall, ToolError, ToolOutput, WEBHOOK_PREFIX};
 use crate::store::WebhookTool;
@@ -29,15 +30,18 @@ pub fn signature(secret: &[u8], timestamp: i64, body: &[u8]) -> String {
 /// A webhook tool bound for one tenant.
 pub struct WebhookBinding {
     tool: WebhookTool,
-    http: reqwest::Client,
+    client: WebhookClient,
 }
 
 impl WebhookBinding {
-    /// Binds `tool`, calling it with `http`.
-    pub fn new(tool: WebhookTool, http: reqwest::Client) -> Self {
-        WebhookBinding { tool, http }
+    /// Binds `tool`, calling it with `client` (which enforces the egress policy).
+    pub fn new(tool: WebhookTool, client: WebhookClient) -> Self {
+        WebhookBinding { tool, client }
     }
 }
+
+/// What the model hears when the egress policy refuses the webhook's address; it names no address.
+const NOT_ALLOWED: &str = "the webhook's address is not one the gateway may call";
 
 #[async_trait::async_trait]
 impl ToolBinding for WebhookBinding {
@@ -61,12 +65,19 @@ impl ToolBinding for WebhookBinding {
             "idempotency_key": call.idempotency_key,
         }))
         .expect("JSON serialises");
+        let url = reqwest::Url::parse(&self.tool.url)
+            .map_err(|_| ToolError::Failed("the webhook's URL does not parse".into()))?;
+        // The resolver checks names; an address literal never reaches it.
+        if self.client.egress.check_url(&url).is_err() {
+            return Err(ToolError::Failed(NOT_ALLOWED.into()));
+        }
         let ts = chrono::Utc::now().timestamp();
         let sig = signature(self.tool.secret.expose_secret().as_bytes(), ts, &body);
         let started = Instant::now();
         let send = self
+            .client
             .http
-            .post(&self.tool.url)
+            .post(url)
             .header("content-type", "application/json")
             .header("x-agentgate-timestamp", ts.to_string())
             .header("x-agentgate-signature", sig)
@@ -78,6 +89,8 @@ impl ToolBinding for WebhookBinding {
         let mut resp = send.await.map_err(|e| {
             if e.is_timeout() {
                 ToolError::Timeout
+            } else if is_refusal(&e) {
+                ToolError::Failed(NOT_ALLOWED.into())
             } else {
                 ToolError::Failed("the webhook could not be reached".into())
             }

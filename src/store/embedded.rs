@@ -763,9 +763,11 @@ mod tests {
         let store = Embedded::open(dir.path(), cipher).unwrap();
         let repos = store.tenant(&TenantId::generate()).unwrap();
         let mut usage = std::collections::BTreeMap::new();
-        let mut may = Usage::default();
-        may.tool_calls = 3;
-        usage.insert("2026-05".to_owned(), may.clone());
+        let may = Usage {
+            tool_calls: 3,
+            ..Usage::default()
+        };
+        usage.insert("2026-05".to_owned(), may);
         repos.apply_projection(&usage, &[], 7).unwrap();
         repos.apply_projection(&usage, &[], 9).unwrap();
         assert_eq!(repos.usage_in("2026-05").unwrap().tool_calls, 6);

@@ -29,6 +29,8 @@ pub fn config(openai: Option<&str>, anthropic: Option<&str>) -> AgentConfig {
             anthropic_api_key: Some(SecretString::from("sk-ant-test")),
             timeout: Duration::from_secs(10),
         },
+        // The stand-in webhook receivers listen on loopback.
+        webhook_networks: vec!["127.0.0.0/8".parse().unwrap()],
         ..AgentConfig::default()
     }
 }
@@ -953,5 +955,81 @@ async fn the_model_sees_nothing_that_is_not_durably_on_record() {
         6
     );
     drop(agent);
+    s.close().await.unwrap();
+}
+
+/// Without an allowed network, a webhook cannot point the gateway at loopback (or any private or
+/// metadata address): an address literal is refused when it is declared, and a name that resolves
+/// to one is refused when it is called, before anything is sent.
+#[tokio::test]
+async fn webhooks_cannot_reach_private_addresses_unless_the_operator_allows_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let hooks = hook_server("whsec-ssrf", |_| (Duration::ZERO, "reached".into())).await;
+    let model = openai_server(
+        vec![
+            Scripted::Tools(vec![("webhook__create_ticket", json!({"title": "x"}))]),
+            Scripted::Final("done"),
+        ],
+        (10, 10),
+        Duration::ZERO,
+    )
+    .await;
+    let strict = AgentConfig {
+        webhook_networks: vec![],
+        ..config(Some(&model.url), None)
+    };
+    let s = open(dir.path(), strict);
+    let t = install(&s, "T0SSRF").await;
+    settings(&s, &t, |st| st.llm.provider = "openai".into());
+    let owner = user(&s, "T0SSRF", "U0OWNER");
+    let port = hooks
+        .url
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap();
+    for literal in [
+        hooks.url.clone(),
+        "http://169.254.169.254/latest/meta-data".to_owned(),
+        format!("http://[::1]:{port}/hook"),
+        "http://10.0.0.1/hook".to_owned(),
+    ] {
+        let err = s
+            .agent
+            .declare_webhook(&owner, webhook(&literal, "whsec-ssrf"))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("not public"), "{literal}: {err}");
+    }
+    // A name is accepted when declared, and judged by what it resolves to when called.
+    let by_name = hooks.url.replace("127.0.0.1", "localhost");
+    assert_ne!(by_name, hooks.url);
+    s.agent
+        .declare_webhook(&owner, webhook(&by_name, "whsec-ssrf"))
+        .await
+        .unwrap();
+    s.agent
+        .grant_tool(&owner, "webhook.create_ticket", Role::Member)
+        .await
+        .unwrap();
+    let ctx = user(&s, "T0SSRF", "U0M");
+    assert_eq!(
+        run(&s, &ctx, "file it").await,
+        RunOutcome::Answered("done".into())
+    );
+    assert!(hooks.hooks().is_empty(), "nothing reached the receiver");
+    let told: Vec<String> = model.seen().bodies[1]["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["role"] == "tool")
+        .map(|m| m["content"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        told,
+        ["Error: the tool failed: the webhook's address is not one the gateway may call"]
+    );
     s.close().await.unwrap();
 }
