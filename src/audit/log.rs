@@ -575,6 +575,8 @@ impl AuditLog {
             cp.extensions
                 .push(format!("time {}", event::format_time(Utc::now())));
             let note = sign_checkpoint(&cp, &[&self.inner.signer])?;
+            // The index on disk keeps up with the signed checkpoints (it is derived, never synced).
+            st.tree.store_mut().flush()?;
             log.checkpoints.append(note.clone().into_bytes()).await?;
             let new_events = st.since_checkpoint > 0;
             st.since_checkpoint = 0;
@@ -711,6 +713,9 @@ impl AuditLog {
             }
             if let Err(e) = self.project(&log).await {
                 first_err.get_or_insert(e);
+            }
+            if let Err(e) = log.state.lock().await.tree.store_mut().flush() {
+                first_err.get_or_insert(e.into());
             }
             for l in [&log.events, &log.checkpoints] {
                 if let Err(e) = l.close().await {

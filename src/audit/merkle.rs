@@ -455,6 +455,11 @@ impl<S: NodeStore> Tree<S> {
         &self.store
     }
 
+    /// The store, for callers that manage it (flush a write-back buffer, say).
+    pub fn store_mut(&mut self) -> &mut S {
+        &mut self.store
+    }
+
     /// Gives the store back, for instance to reopen it with [`Tree::open`].
     pub fn into_store(self) -> S {
         self.store

@@ -2,8 +2,13 @@
 //! 32·i of level L's file. It is derived from the durable event log, so it is never synced: after
 //! a crash it is checked on open, cut back or caught up from the log, and rebuilt if damaged.
 //!
-//! Fixed offsets make a read one `pread` and an append one `pwrite` per node, with no index of its
-//! own; the measured alternative (a sled batch per event) cost 30 to 50 µs an append.
+//! Fixed offsets make a read one `pread` per node, with no index of its own; the measured
+//! alternative (a sled batch per event) cost 30 to 50 µs an append. Appended nodes are held in a
+//! small buffer per level and written as one `pwrite` per level every [`FLUSH_AT`] nodes, at each
+//! signed checkpoint and at close, so an append costs no system call of its own (two `pwrite`s an
+//! append were a measurable part of the tenant's serial section). Reads see the buffer. A crash
+//! loses at most the buffered nodes, which the next open catches up from the log; higher levels are
+//! written before level 0, whose length is what the open trusts.
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
@@ -13,11 +18,18 @@ use std::path::{Path, PathBuf};
 
 use super::merkle::{Hash, NodeId, NodeStore};
 
+/// Buffered nodes are written out once this many are held.
+pub const FLUSH_AT: usize = 1024;
+
 /// The node files of one log.
 pub struct NodeFiles {
     dir: PathBuf,
     /// Open files by level, opened on first use.
     files: Vec<Option<File>>,
+    /// Per level, a run of consecutive nodes not yet written: the index of the first, and them.
+    pending: Vec<(u64, Vec<Hash>)>,
+    /// How many nodes `pending` holds.
+    held: usize,
 }
 
 impl std::fmt::Debug for NodeFiles {
@@ -38,6 +50,8 @@ impl NodeFiles {
         let mut nodes = NodeFiles {
             dir: dir.to_owned(),
             files: Vec::new(),
+            pending: Vec::new(),
+            held: 0,
         };
         // Open every existing level now, so that reads (proofs) never open a file.
         for level in 0..64u8 {
@@ -70,12 +84,46 @@ impl NodeFiles {
         Ok(self.files[l].as_ref().expect("opened just above"))
     }
 
-    /// How many leaves the index holds (whole 32-byte records of level 0).
+    /// How many leaves the index holds (whole 32-byte records of level 0, and buffered ones).
     ///
     /// # Errors
     /// When the file cannot be read.
     pub fn leaves(&mut self) -> io::Result<u64> {
-        Ok(self.file(0)?.metadata()?.len() / 32)
+        let stored = self.file(0)?.metadata()?.len() / 32;
+        let buffered = self
+            .pending
+            .first()
+            .filter(|(_, run)| !run.is_empty())
+            .map_or(0, |(start, run)| start + run.len() as u64);
+        Ok(stored.max(buffered))
+    }
+
+    /// Writes every buffered node to its file: higher levels first, level 0 last, so that a crash
+    /// in between never leaves leaves whose completed subtrees are missing.
+    ///
+    /// # Errors
+    /// When a file cannot be written; the nodes stay buffered.
+    pub fn flush(&mut self) -> io::Result<()> {
+        for level in (0..self.pending.len()).rev() {
+            self.flush_level(level)?;
+        }
+        Ok(())
+    }
+
+    fn flush_level(&mut self, level: usize) -> io::Result<()> {
+        let Some((start, run)) = self.pending.get(level) else {
+            return Ok(());
+        };
+        if run.is_empty() {
+            return Ok(());
+        }
+        let (start, n) = (*start, run.len());
+        let bytes: Vec<u8> = run.iter().flatten().copied().collect();
+        let level_id = u8::try_from(level).expect("at most 64 levels");
+        self.file(level_id)?.write_all_at(&bytes, start * 32)?;
+        self.pending[level].1.clear();
+        self.held -= n;
+        Ok(())
     }
 
     /// Empties every level, for a rebuild from the log.
@@ -83,6 +131,8 @@ impl NodeFiles {
     /// # Errors
     /// When a file cannot be truncated.
     pub fn clear(&mut self) -> io::Result<()> {
+        self.pending.clear();
+        self.held = 0;
         for level in 0..64u8 {
             if self.path(level).exists() {
                 self.file(level)?.set_len(0)?;
@@ -97,6 +147,13 @@ impl NodeStore for NodeFiles {
 
     fn get(&self, id: NodeId) -> Result<Option<Hash>, io::Error> {
         let l = usize::from(id.level());
+        if let Some((start, run)) = self.pending.get(l) {
+            if let Some(k) = id.index().checked_sub(*start) {
+                if let Some(hash) = usize::try_from(k).ok().and_then(|k| run.get(k)) {
+                    return Ok(Some(*hash));
+                }
+            }
+        }
         let file = match self.files.get(l).and_then(Option::as_ref) {
             Some(f) => f,
             None => {
@@ -113,8 +170,36 @@ impl NodeStore for NodeFiles {
     }
 
     fn put(&mut self, id: NodeId, hash: Hash) -> Result<(), io::Error> {
-        let f = self.file(id.level())?;
-        f.write_all_at(&hash, id.index() * 32)
+        let l = usize::from(id.level());
+        if self.pending.len() <= l {
+            self.pending.resize_with(l + 1, || (0, Vec::new()));
+        }
+        let (start, run) = &self.pending[l];
+        let follows = run.is_empty() || id.index() == start + run.len() as u64;
+        if !follows {
+            // Not the next node of the run (a rewrite after a cut-back): write the run out first,
+            // so that the buffer stays one run per level.
+            self.flush_level(l)?;
+        }
+        let (start, run) = &mut self.pending[l];
+        if run.is_empty() {
+            *start = id.index();
+        }
+        run.push(hash);
+        self.held += 1;
+        if self.held >= FLUSH_AT {
+            self.flush()?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for NodeFiles {
+    fn drop(&mut self) {
+        if let Err(e) = self.flush() {
+            // The open after this catches the index up from the log.
+            tracing::warn!(dir = %self.dir.display(), error = %e, "could not write the buffered audit tree nodes");
+        }
     }
 }
 
@@ -124,5 +209,71 @@ fn read_at(f: &File, index: u64) -> io::Result<Option<Hash>> {
         Ok(()) => Ok(Some(buf)),
         Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(None),
         Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::merkle::{Tree, TreeSize};
+
+    fn node(level: u8, index: u64) -> NodeId {
+        NodeId::new(level, index).unwrap()
+    }
+
+    #[test]
+    fn buffered_nodes_are_read_back_and_reach_the_files_at_flush_and_drop() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut nodes = NodeFiles::open(dir.path()).unwrap();
+        nodes.put(node(0, 0), [1; 32]).unwrap();
+        nodes.put(node(0, 1), [2; 32]).unwrap();
+        nodes.put(node(1, 0), [3; 32]).unwrap();
+        assert_eq!(nodes.get(node(0, 1)).unwrap(), Some([2; 32]));
+        assert_eq!(nodes.get(node(1, 0)).unwrap(), Some([3; 32]));
+        assert_eq!(nodes.get(node(0, 2)).unwrap(), None);
+        assert_eq!(nodes.leaves().unwrap(), 2, "buffered leaves count");
+        assert_eq!(fs::metadata(dir.path().join("level-00")).unwrap().len(), 0);
+        nodes.flush().unwrap();
+        assert_eq!(fs::metadata(dir.path().join("level-00")).unwrap().len(), 64);
+        nodes.put(node(0, 2), [4; 32]).unwrap();
+        drop(nodes);
+        let mut again = NodeFiles::open(dir.path()).unwrap();
+        assert_eq!(again.leaves().unwrap(), 3);
+        assert_eq!(again.get(node(0, 2)).unwrap(), Some([4; 32]));
+        assert_eq!(again.get(node(1, 0)).unwrap(), Some([3; 32]));
+    }
+
+    #[test]
+    fn a_rewrite_out_of_order_writes_the_run_first_and_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut nodes = NodeFiles::open(dir.path()).unwrap();
+        for i in 0..4 {
+            nodes.put(node(0, i), [i as u8; 32]).unwrap();
+        }
+        // As after a cut-back: index 1 is written again.
+        nodes.put(node(0, 1), [9; 32]).unwrap();
+        assert_eq!(nodes.get(node(0, 1)).unwrap(), Some([9; 32]));
+        assert_eq!(nodes.get(node(0, 3)).unwrap(), Some([3; 32]));
+        drop(nodes);
+        let again = NodeFiles::open(dir.path()).unwrap();
+        assert_eq!(again.get(node(0, 1)).unwrap(), Some([9; 32]));
+        assert_eq!(again.get(node(0, 3)).unwrap(), Some([3; 32]));
+    }
+
+    #[test]
+    fn a_tree_over_buffered_files_reopens_with_the_same_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut tree = Tree::new(NodeFiles::open(dir.path()).unwrap());
+        // Past FLUSH_AT nodes, so that some were written by the buffer and some held.
+        for i in 0..1500u32 {
+            tree.append(&i.to_be_bytes()).unwrap();
+        }
+        let size = TreeSize::new(1500).unwrap();
+        let root = tree.root_at(size).unwrap();
+        drop(tree);
+        let mut files = NodeFiles::open(dir.path()).unwrap();
+        assert_eq!(files.leaves().unwrap(), 1500);
+        let reopened = Tree::open(files, size).unwrap();
+        assert_eq!(reopened.root_at(size).unwrap(), root);
     }
 }
