@@ -1015,7 +1015,14 @@ async fn bench_proofs(cfg: &Cfg, product: &Product) {
             );
         }
     };
-    // The same sled index read by a bare `Tree`, without the log's registry and lock.
+    // The same node files read by a bare `Tree`, without the log's registry and lock. The log
+    // buffers appended nodes; a checkpoint writes them out.
+    product
+        .services
+        .audit
+        .checkpoint_now(&product.ctx, product.repo.clone())
+        .await
+        .expect("a checkpoint");
     let sled_tree = Tree::open(
         NodeFiles::open(&product.node_dir()).expect("the node files open"),
         TreeSize::new(size).expect("a size"),
