@@ -81,7 +81,7 @@ async fn every_admin_change_is_audited_in_order_and_no_secret_is_logged() {
             "/api/v1/tools/webhooks/lookup",
             a,
             json!({"description": "look up", "schema": {"type": "object"},
-                "url": "http://127.0.0.1:9/lookup", "secret": hook_secret, "timeout_ms": 1000}),
+                "url": "https://hooks.example.com/lookup", "secret": hook_secret, "timeout_ms": 1000}),
         )
         .await,
         "webhook put",

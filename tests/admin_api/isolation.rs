@@ -60,7 +60,7 @@ async fn another_tenants_objects_answer_404_and_lists_show_only_the_callers_tena
         200
     );
     let hook = json!({"description": "A's hook", "schema": {"type": "object"},
-        "url": "http://127.0.0.1:9/a-only-hook", "secret": "a-webhook-secret-0123456789"});
+        "url": "https://hooks.example.com/a-only-hook", "secret": "a-webhook-secret-0123456789"});
     assert_eq!(
         app.put("/api/v1/tools/webhooks/only_a_hook", a, hook)
             .await

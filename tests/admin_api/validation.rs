@@ -172,7 +172,7 @@ async fn malformed_bodies_bad_policies_and_bad_llm_settings_are_400() {
         .put(
             "/api/v1/tools/webhooks/hook",
             a,
-            json!({"description": "d", "schema": {"type": "object"}, "url": "http://127.0.0.1:9/", "secret": "short"}),
+            json!({"description": "d", "schema": {"type": "object"}, "url": "https://hooks.example.com/", "secret": "short"}),
         )
         .await;
     assert_refused(&app, r, "at least 16 characters", n, "short secret").await;
