@@ -323,7 +323,7 @@ impl AuditLog {
         }
         let mut usage: std::collections::BTreeMap<String, Usage> = Default::default();
         let mut runs = Vec::new();
-        let members = log.repo.members();
+        let mut members = Vec::new();
         let in_memory = match known {
             Some((first, records)) if first == head && first + records.len() as u64 <= end => {
                 records
@@ -364,21 +364,20 @@ impl AuditLog {
             if let Some(state) = run_transition(&v) {
                 runs.push((v["run_id"].as_str().unwrap_or_default().to_owned(), state));
             }
-            // Memberships are a projection of role events. Setting a role is idempotent, so a crash
-            // before the head moves only makes the next fold write the same roles again.
+            // Memberships are a projection of role events, stored in the same batch as the head.
             match v["type"].as_str() {
                 Some("role.granted") => {
                     let (p, r) = role_event(&log.tenant, seq, &v)?;
-                    members.set_role(&p, r)?;
+                    members.push((p, Some(r)));
                 }
                 Some("role.revoked") => {
                     let (p, _) = role_event(&log.tenant, seq, &v)?;
-                    members.remove(&p)?;
+                    members.push((p, None));
                 }
                 _ => {}
             }
         }
-        projections.apply_projection(&usage, &runs, end)?;
+        projections.apply_projection(&usage, &runs, &members, end)?;
         log.folded.fetch_max(end, Ordering::AcqRel);
         Ok(())
     }

@@ -402,6 +402,7 @@ impl ProjectionRepo for SledTenant {
         &self,
         usage: &std::collections::BTreeMap<String, Usage>,
         runs: &[(String, RunState)],
+        members: &[(PrincipalId, Option<Role>)],
         head: u64,
     ) -> Result<()> {
         // The audit log folds events in under its own lock, so read-modify-write here is not racing.
@@ -420,6 +421,16 @@ impl ProjectionRepo for SledTenant {
                 self.key("run", run).as_bytes(),
                 encode(&Versioned { v: 1, value: state }),
             );
+        }
+        // A batch keeps the last write of each key, so a later change of the same member wins.
+        for (principal, role) in members {
+            let key = self.key("member", principal.as_str());
+            match role {
+                Some(role) => {
+                    batch.insert(key.as_bytes(), encode(&MemberRecord { v: 1, role: *role }))
+                }
+                None => batch.remove(key.as_bytes()),
+            }
         }
         batch.insert(
             self.key("projection-head", "").as_bytes(),
@@ -768,10 +779,36 @@ mod tests {
             ..Usage::default()
         };
         usage.insert("2026-05".to_owned(), may);
-        repos.apply_projection(&usage, &[], 7).unwrap();
-        repos.apply_projection(&usage, &[], 9).unwrap();
+        repos.apply_projection(&usage, &[], &[], 7).unwrap();
+        repos.apply_projection(&usage, &[], &[], 9).unwrap();
         assert_eq!(repos.usage_in("2026-05").unwrap().tool_calls, 6);
         assert_eq!(repos.usage_in("2026-06").unwrap(), Usage::default());
         assert_eq!(repos.usage().unwrap()["2026-05"].tool_calls, 6);
+    }
+
+    #[test]
+    fn member_changes_in_one_projection_batch_apply_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let cipher = Cipher::new(&MasterKey::parse(&"33".repeat(32)).unwrap());
+        let store = Embedded::open(dir.path(), cipher).unwrap();
+        let repos = store.tenant(&TenantId::generate()).unwrap();
+        let p = PrincipalId::qualified("slack", "U0P").unwrap();
+        let q = PrincipalId::qualified("slack", "U0Q").unwrap();
+        let changes = [
+            (p.clone(), Some(Role::Admin)),
+            (q.clone(), Some(Role::Member)),
+            (p.clone(), None),
+            (q.clone(), Some(Role::Viewer)),
+        ];
+        repos
+            .apply_projection(&Default::default(), &[], &changes, 4)
+            .unwrap();
+        assert_eq!(repos.role_of(&p).unwrap(), None, "granted, then revoked");
+        assert_eq!(
+            repos.role_of(&q).unwrap(),
+            Some(Role::Viewer),
+            "the later role wins"
+        );
+        assert_eq!(repos.projection_head().unwrap(), 4);
     }
 }

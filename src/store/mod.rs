@@ -139,7 +139,8 @@ pub trait ProjectionRepo {
     /// # Errors
     /// [`StoreError`] on an engine failure or a corrupt record.
     fn projection_head(&self) -> Result<u64>;
-    /// Adds usage deltas by month, sets run states, and moves the head, in one atomic batch.
+    /// Adds usage deltas by month, sets run states, sets or removes (`None`) members' roles in
+    /// order, and moves the head, in one atomic batch.
     ///
     /// # Errors
     /// [`StoreError`] on an engine failure; then nothing of the batch is stored.
@@ -147,6 +148,7 @@ pub trait ProjectionRepo {
         &self,
         usage: &BTreeMap<String, Usage>,
         runs: &[(String, RunState)],
+        members: &[(PrincipalId, Option<Role>)],
         head: u64,
     ) -> Result<()>;
     /// Usage by month.
