@@ -559,15 +559,7 @@ impl SegmentLog {
     /// As [`SegmentLog::append`], for the part before the wait.
     pub async fn enqueue(&self, payload: Vec<u8>) -> Result<Pending, Error> {
         self.check_payload(&payload)?;
-        let (done, rx) = oneshot::channel();
-        self.tx
-            .send(Command::Append {
-                payloads: Payloads::One(payload),
-                done,
-            })
-            .await
-            .map_err(|_| Error::Closed)?;
-        Ok(Pending(rx))
+        self.queue(Payloads::One(payload)).await
     }
 
     /// Queues `payloads` as consecutive records, committed by the same sync, and returns a
@@ -582,23 +574,21 @@ impl SegmentLog {
         for p in &payloads {
             self.check_payload(p)?;
         }
+        self.queue(Payloads::Many(payloads)).await
+    }
+
+    /// Hands checked payloads to the writer.
+    async fn queue(&self, payloads: Payloads) -> Result<Pending, Error> {
         let (done, rx) = oneshot::channel();
         self.tx
-            .send(Command::Append {
-                payloads: Payloads::Many(payloads),
-                done,
-            })
+            .send(Command::Append { payloads, done })
             .await
             .map_err(|_| Error::Closed)?;
         Ok(Pending(rx))
     }
 
     async fn submit(&self, payloads: Payloads) -> Result<u64, Error> {
-        let (done, rx) = oneshot::channel();
-        self.tx
-            .send(Command::Append { payloads, done })
-            .await
-            .map_err(|_| Error::Closed)?;
+        let Pending(rx) = self.queue(payloads).await?;
         // A dropped sender means the writer stopped (close, or runtime shutdown) before it
         // reached this request.
         rx.await.map_err(|_| Error::Closed)?

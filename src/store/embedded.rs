@@ -717,11 +717,17 @@ mod tests {
     use super::*;
     use crate::crypto::MasterKey;
 
-    #[test]
-    fn a_corrupt_installation_record_is_a_typed_error() {
+    /// A store in a fresh temporary directory (kept alive by the first half).
+    fn open() -> (tempfile::TempDir, Embedded) {
         let dir = tempfile::tempdir().unwrap();
         let cipher = Cipher::new(&MasterKey::parse(&"33".repeat(32)).unwrap());
         let store = Embedded::open(dir.path(), cipher).unwrap();
+        (dir, store)
+    }
+
+    #[test]
+    fn a_corrupt_installation_record_is_a_typed_error() {
+        let (_dir, store) = open();
         let tenant = TenantId::generate();
         let repos = store.tenant(&tenant).unwrap();
         let id = InstallationId::generate();
@@ -751,9 +757,7 @@ mod tests {
 
     #[test]
     fn a_finished_run_whose_sled_copy_was_lost_is_restored_from_its_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let cipher = Cipher::new(&MasterKey::parse(&"33".repeat(32)).unwrap());
-        let store = Embedded::open(dir.path(), cipher).unwrap();
+        let (_dir, store) = open();
         let tenant = TenantId::generate();
         let repos = store.tenant(&tenant).unwrap();
         repos.put_run("r1", b"step one", false).unwrap();
@@ -769,9 +773,7 @@ mod tests {
 
     #[test]
     fn usage_in_reads_one_month_and_zero_for_none() {
-        let dir = tempfile::tempdir().unwrap();
-        let cipher = Cipher::new(&MasterKey::parse(&"33".repeat(32)).unwrap());
-        let store = Embedded::open(dir.path(), cipher).unwrap();
+        let (_dir, store) = open();
         let repos = store.tenant(&TenantId::generate()).unwrap();
         let mut usage = std::collections::BTreeMap::new();
         let may = Usage {
@@ -788,9 +790,7 @@ mod tests {
 
     #[test]
     fn member_changes_in_one_projection_batch_apply_in_order() {
-        let dir = tempfile::tempdir().unwrap();
-        let cipher = Cipher::new(&MasterKey::parse(&"33".repeat(32)).unwrap());
-        let store = Embedded::open(dir.path(), cipher).unwrap();
+        let (_dir, store) = open();
         let repos = store.tenant(&TenantId::generate()).unwrap();
         let p = PrincipalId::qualified("slack", "U0P").unwrap();
         let q = PrincipalId::qualified("slack", "U0Q").unwrap();

@@ -6,11 +6,13 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use agentgate::agent::RunRequest;
-use agentgate::tenant::{Role, TenantId};
+use agentgate::tenant::TenantId;
 use serde_json::json;
 
 use crate::stand_in::{hook_server, openai_server, Scripted};
-use crate::{config, events, install, open, settings, user, webhook};
+use crate::{
+    config, declare_and_grant, events, install, open, settings, tool_results, user, webhook,
+};
 
 const CHILD_ENV: &str = "AGENTGATE_TEST_AGENT_CRASH_CHILD";
 const TEST_NAME: &str = "crash::a_run_killed_mid_call_resumes_without_repeating_a_step";
@@ -61,14 +63,7 @@ async fn a_run_killed_mid_call_resumes_without_repeating_a_step() {
         let t = install(&s, "T0CRASH").await;
         settings(&s, &t, |st| st.llm.provider = "openai".into());
         let owner = user(&s, "T0CRASH", "U0OWNER");
-        s.agent
-            .declare_webhook(&owner, webhook(&hooks.url, "whsec-crash"))
-            .await
-            .unwrap();
-        s.agent
-            .grant_tool(&owner, "webhook.create_ticket", Role::Member)
-            .await
-            .unwrap();
+        declare_and_grant(&s, &owner, webhook(&hooks.url, "whsec-crash")).await;
         s.close().await.unwrap();
         t
     };
@@ -146,14 +141,7 @@ async fn a_run_killed_mid_call_resumes_without_repeating_a_step() {
     );
 
     // The model heard that the second call's outcome is unknown.
-    let last = &model.seen().bodies[2]["messages"];
-    let told = last
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|m| m["role"] == "tool")
-        .map(|m| m["content"].as_str().unwrap())
-        .collect::<Vec<_>>();
+    let told = tool_results(&model.seen().bodies[2]);
     assert_eq!(told[0], "ticket 1 created");
     assert!(
         told[1].contains("interrupted") && told[1].contains(&got[1].idempotency_key),

@@ -673,6 +673,26 @@ pub fn webhook(url: &str, secret: &str) -> WebhookTool {
     }
 }
 
+/// Declares `tool` (named `create_ticket`) as `owner` and grants it to members.
+pub async fn declare_and_grant(s: &Services, owner: &TenantContext, tool: WebhookTool) {
+    s.agent.declare_webhook(owner, tool).await.unwrap();
+    s.agent
+        .grant_tool(owner, "webhook.create_ticket", Role::Member)
+        .await
+        .unwrap();
+}
+
+/// The tool results a model request body carried, in order.
+pub fn tool_results(body: &Value) -> Vec<String> {
+    body["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["role"] == "tool")
+        .map(|m| m["content"].as_str().unwrap().to_owned())
+        .collect()
+}
+
 #[tokio::test]
 async fn webhook_tools_are_signed_validated_bounded_and_tenant_scoped() {
     let dir = tempfile::tempdir().unwrap();
@@ -710,14 +730,7 @@ async fn webhook_tools_are_signed_validated_bounded_and_tenant_scoped() {
         ..webhook(&hooks.url, "s")
     };
     assert!(s.agent.declare_webhook(&owner, bad).await.is_err());
-    s.agent
-        .declare_webhook(&owner, webhook(&hooks.url, "whsec-tenant-a"))
-        .await
-        .unwrap();
-    s.agent
-        .grant_tool(&owner, "webhook.create_ticket", Role::Member)
-        .await
-        .unwrap();
+    declare_and_grant(&s, &owner, webhook(&hooks.url, "whsec-tenant-a")).await;
 
     let ctx = user(&s, "T0HOOKA", "U0M");
     assert_eq!(
@@ -741,13 +754,7 @@ async fn webhook_tools_are_signed_validated_bounded_and_tenant_scoped() {
     let keys: std::collections::BTreeSet<&str> =
         got.iter().map(|h| h.idempotency_key.as_str()).collect();
     assert_eq!(keys.len(), 3, "every call has its own idempotency key");
-    let tool_results: Vec<String> = model.seen().bodies[4]["messages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|m| m["role"] == "tool")
-        .map(|m| m["content"].as_str().unwrap().to_owned())
-        .collect();
+    let tool_results = tool_results(&model.seen().bodies[4]);
     assert_eq!(tool_results[0], "ticket T-1 created");
     assert!(
         tool_results[1].starts_with("Invalid arguments for webhook.create_ticket"),
@@ -1006,27 +1013,14 @@ async fn webhooks_cannot_reach_private_addresses_unless_the_operator_allows_them
     // A name is accepted when declared, and judged by what it resolves to when called.
     let by_name = hooks.url.replace("127.0.0.1", "localhost");
     assert_ne!(by_name, hooks.url);
-    s.agent
-        .declare_webhook(&owner, webhook(&by_name, "whsec-ssrf"))
-        .await
-        .unwrap();
-    s.agent
-        .grant_tool(&owner, "webhook.create_ticket", Role::Member)
-        .await
-        .unwrap();
+    declare_and_grant(&s, &owner, webhook(&by_name, "whsec-ssrf")).await;
     let ctx = user(&s, "T0SSRF", "U0M");
     assert_eq!(
         run(&s, &ctx, "file it").await,
         RunOutcome::Answered("done".into())
     );
     assert!(hooks.hooks().is_empty(), "nothing reached the receiver");
-    let told: Vec<String> = model.seen().bodies[1]["messages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|m| m["role"] == "tool")
-        .map(|m| m["content"].as_str().unwrap().to_owned())
-        .collect();
+    let told = tool_results(&model.seen().bodies[1]);
     assert_eq!(
         told,
         ["Error: the tool failed: the webhook's address is not one the gateway may call"]
