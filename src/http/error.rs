@@ -19,6 +19,9 @@ pub enum ApiError {
     /// 404: the thing does not exist, or belongs to another tenant (the two are not told apart).
     #[error("not found")]
     NotFound,
+    /// 405: the route exists but not with this method.
+    #[error("method not allowed")]
+    MethodNotAllowed,
     /// 409: the thing exists in this tenant but its state forbids the request (rotating a revoked
     /// key); the message says which state.
     #[error("{0}")]
@@ -55,6 +58,7 @@ impl IntoResponse for ApiError {
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::TooManyRequests => StatusCode::TOO_MANY_REQUESTS,
             ApiError::NotFound => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,

@@ -45,6 +45,9 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .merge(api::router())
+        // Unknown paths and methods answer in the API's JSON too, not with an empty body.
+        .fallback(|| async { ApiError::NotFound })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(middleware::from_fn(log_error_cause))
         .layer(TraceLayer::new_for_http())
         .layer(TimeoutLayer::with_status_code(

@@ -326,3 +326,31 @@ async fn a_body_past_the_limit_is_a_json_413() {
     assert_api_error(&r, 413, "too large", "a 3 MiB optional body");
     assert_eq!(app.settings(&app.a.id).name, app.a.name);
 }
+
+#[tokio::test]
+async fn unknown_paths_and_methods_get_the_apis_json_error() {
+    let app = spawn().await;
+    let r = app
+        .call(
+            Method::GET,
+            "/api/v1/no-such-thing",
+            Some(&app.a.admin.token),
+            &[],
+            Body::None,
+        )
+        .await;
+    assert_api_error(&r, 404, "not found", "an unknown path");
+    let r = app
+        .call(Method::GET, "/nowhere", None, &[], Body::None)
+        .await;
+    assert_api_error(&r, 404, "not found", "an unknown path without a key");
+    let r = app
+        .call(Method::DELETE, "/healthz", None, &[], Body::None)
+        .await;
+    assert_api_error(
+        &r,
+        405,
+        "method not allowed",
+        "a known path with another method",
+    );
+}
