@@ -73,6 +73,9 @@ struct TenantLog {
     repo: TenantStore,
     /// Serialises folding events into the live projections, so they are folded in log order.
     projector: Mutex<()>,
+    /// Serialises signing, so that checkpoints are stored in the order of their sizes while the
+    /// tree's lock is free for appends during the checkpoint's sync.
+    signing: Mutex<()>,
     /// How far the projections are known to be folded (a lower bound of the stored head), so that
     /// an append whose events someone else already folded neither waits for the projector nor
     /// reads the stored head.
@@ -268,6 +271,7 @@ impl AuditLog {
             tenant: tenant.clone(),
             repo,
             projector: Mutex::new(()),
+            signing: Mutex::new(()),
             folded: std::sync::atomic::AtomicU64::new(0),
             origin,
             events,
@@ -561,7 +565,8 @@ impl AuditLog {
     /// Signs a checkpoint over the durable events, stores it durably and records it in the log.
     /// Without new events it signs only when `heartbeat` is set (the same size, a new time).
     async fn sign(&self, log: &TenantLog, heartbeat: bool) -> Result<Option<String>, AuditError> {
-        let (note, cp) = {
+        let _one_signer = log.signing.lock().await;
+        let (note, new_events) = {
             let mut st = log.state.lock().await;
             if st.since_checkpoint == 0 && !heartbeat {
                 return Ok(None);
@@ -576,14 +581,16 @@ impl AuditLog {
             let note = sign_checkpoint(&cp, &[&self.inner.signer])?;
             // The index on disk keeps up with the signed checkpoints (it is derived, never synced).
             st.tree.store_mut().flush()?;
-            log.checkpoints.append(note.clone().into_bytes()).await?;
             let new_events = st.since_checkpoint > 0;
             st.since_checkpoint = 0;
             st.last_signed = Instant::now();
-            *log.latest.lock().unwrap_or_else(|e| e.into_inner()) = Some(note.clone());
             (note, new_events.then_some(cp))
         };
-        if let Some(cp) = cp {
+        // Appenders go on while the checkpoint is synced (this used to stall every appender for
+        // one fdatasync per checkpoint); it is published only once it is durable.
+        log.checkpoints.append(note.clone().into_bytes()).await?;
+        *log.latest.lock().unwrap_or_else(|e| e.into_inner()) = Some(note.clone());
+        if let Some(cp) = new_events {
             self.append_raw(
                 log,
                 &Envelope::system(&log.tenant),
