@@ -236,6 +236,17 @@ impl Tenants {
         at: DateTime<Utc>,
     ) -> Result<(), KeyError> {
         Self::require_admin(ctx)?;
+        let _keys = self.lock_keys(ctx.tenant_id()).await;
+        self.revoke_locked(ctx, id, at).await
+    }
+
+    /// [`Tenants::revoke_key`] for a caller that holds the tenant's key lock.
+    async fn revoke_locked(
+        &self,
+        ctx: &TenantContext,
+        id: &str,
+        at: DateTime<Utc>,
+    ) -> Result<(), KeyError> {
         let repo = self.store().for_tenant(ctx)?;
         let mut key = repo.api_keys().get_key(id)?.ok_or(KeyError::NotFound)?;
         self.audit_sink()
@@ -266,6 +277,9 @@ impl Tenants {
         overlap: Duration,
     ) -> Result<IssuedKey, KeyError> {
         Self::require_admin(ctx)?;
+        // Checking that the key is live, making its successor and revoking it are one step for
+        // every other change to this tenant's keys.
+        let _keys = self.lock_keys(ctx.tenant_id()).await;
         let old = self
             .store()
             .for_tenant(ctx)?
@@ -280,7 +294,7 @@ impl Tenants {
         let new = self
             .create_key(ctx, &old.name, role, old.scopes.clone(), lifetime)
             .await?;
-        self.revoke_key(ctx, id, Utc::now() + overlap).await?;
+        self.revoke_locked(ctx, id, Utc::now() + overlap).await?;
         Ok(new)
     }
 

@@ -121,7 +121,14 @@ pub struct Tenants {
     audit: Arc<dyn AuditSink>,
     /// The key API key secrets are hashed under, derived from the master key.
     key_pepper: Arc<secrecy::SecretString>,
+    /// One lock per tenant for changes to its API keys (revoke, rotate), which read a key, append
+    /// an audit event and write the key back: without it a rotation racing a revocation could
+    /// leave a live successor of a revoked key, or move a revocation later.
+    key_locks: Arc<KeyLocks>,
 }
+
+/// The per-tenant API key locks.
+type KeyLocks = std::sync::Mutex<std::collections::HashMap<TenantId, Arc<tokio::sync::Mutex<()>>>>;
 
 /// Who a context acts for.
 struct Actor {
@@ -150,7 +157,20 @@ impl Tenants {
             store,
             audit,
             key_pepper: Arc::new(secrecy::SecretString::from(String::new())),
+            key_locks: Arc::default(),
         }
+    }
+
+    /// Holds the tenant's API key lock until the guard drops.
+    pub(super) async fn lock_keys(&self, tenant: &TenantId) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = Arc::clone(
+            self.key_locks
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .entry(tenant.clone())
+                .or_default(),
+        );
+        lock.lock_owned().await
     }
 
     /// Sets the key API key secrets are hashed under (derived from the master key).

@@ -497,3 +497,44 @@ async fn a_revoked_or_expired_key_cannot_be_rotated() {
         assert_eq!(r.status, 201, "{what}: {}", r.text());
     }
 }
+
+/// A rotation racing a revocation of the same key: whichever goes first, once the revocation has
+/// returned the old key is revoked no later than that moment (a racing rotation must not move it
+/// an overlap later), and a successor exists only if the rotation went first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotation_racing_a_revocation_never_outlives_it() {
+    let app = spawn().await;
+    let admin = app.services.tenants.operator_context(&app.a.id).unwrap();
+    let repo = app.services.store.for_tenant(&admin).unwrap();
+    for round in 0..20 {
+        let k = make_key(
+            &app.services,
+            &app.a.id,
+            &format!("race-{round}"),
+            KeyRole::Admin,
+            vec![],
+            None,
+        )
+        .await;
+        let (t1, t2) = (app.services.tenants.clone(), app.services.tenants.clone());
+        let (c1, c2) = (admin.clone(), admin.clone());
+        let (id1, id2) = (k.id.clone(), k.id.clone());
+        let rotate =
+            tokio::spawn(async move { t1.rotate_key(&c1, &id1, chrono::Duration::hours(1)).await });
+        let revoke = tokio::spawn(async move {
+            t2.revoke_key(&c2, &id2, chrono::Utc::now()).await.unwrap();
+            chrono::Utc::now()
+        });
+        let revoked_by = revoke.await.unwrap();
+        let rotated = rotate.await.unwrap();
+        let old = repo.api_keys().get_key(&k.id).unwrap().unwrap();
+        assert!(
+            old.revoked_at.unwrap() <= revoked_by,
+            "round {round}: revoked at {:?}, after the revocation returned at {revoked_by}",
+            old.revoked_at
+        );
+        if let Err(e) = rotated {
+            assert!(e.to_string().contains("revoked or expired"), "{e}");
+        }
+    }
+}
