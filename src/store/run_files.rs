@@ -32,6 +32,8 @@ use crate::tenant::TenantId;
 const RUNNING: [u8; 4] = *b"AGRC";
 /// A finished run's final state.
 const FINISHED: [u8; 4] = *b"AGRF";
+/// Runs whose slot files stay open between saves (two descriptors each).
+const MAX_OPEN: usize = 512;
 /// magic (4) + generation (8) + payload length (4) + CRC-32 of magic, generation, length and
 /// payload (4).
 const HEADER: usize = 20;
@@ -41,6 +43,8 @@ const HEADER: usize = 20;
 pub(crate) struct RunFiles {
     root: PathBuf,
     open: Mutex<OpenRuns>,
+    /// How many runs may keep their slot files open.
+    max_open: usize,
     /// Runs finished since the last sweep, whose files go once sled has flushed their final state.
     finished: Mutex<Vec<(TenantId, String)>>,
 }
@@ -129,9 +133,14 @@ fn decode_frame(bytes: &[u8]) -> Option<(u64, &[u8], bool)> {
 impl RunFiles {
     /// Run files under `root` (created on the first save).
     pub(crate) fn new(root: PathBuf) -> Self {
+        Self::with_max_open(root, MAX_OPEN)
+    }
+
+    fn with_max_open(root: PathBuf, max_open: usize) -> Self {
         RunFiles {
             root,
             open: Mutex::new(HashMap::new()),
+            max_open,
             finished: Mutex::new(Vec::new()),
         }
     }
@@ -196,13 +205,14 @@ impl RunFiles {
             files: [open(0)?, open(1)?],
             generation,
         }));
-        Ok(Arc::clone(
-            self.open
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .entry(key)
-                .or_insert(slots),
-        ))
+        let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
+        // Runs that never finish (their driver failed) would keep their files open forever: past
+        // the bound, every handle is let go, and the runs still going reopen theirs on their next
+        // save, reading their generation back from the slots.
+        if open.len() >= self.max_open {
+            open.clear();
+        }
+        Ok(Arc::clone(open.entry(key).or_insert(slots)))
     }
 
     /// Saves a run's checkpoint, or its final state when `finished` (the run is then queued for
@@ -432,6 +442,22 @@ mod tests {
         for bad in ["../x", "a/b", "", ".", "a.b", &"x".repeat(65)] {
             assert!(f.put(&t, bad, b"x", false).is_err(), "{bad:?}");
             assert_eq!(f.get(&t, bad).unwrap(), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn past_the_open_bound_runs_reopen_their_slots_and_keep_their_generations() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = RunFiles::with_max_open(dir.path().join("runs"), 2);
+        let t = TenantId::generate();
+        for round in 0..3u8 {
+            for run in ["r1", "r2", "r3", "r4"] {
+                f.put(&t, run, &[round], false).unwrap();
+            }
+        }
+        assert!(f.open.lock().unwrap().len() <= 2, "the bound holds");
+        for run in ["r1", "r2", "r3", "r4"] {
+            assert_eq!(state(&f, &t, run).as_deref(), Some(&[2u8][..]), "{run}");
         }
     }
 }
