@@ -152,6 +152,9 @@ pub enum AgentError {
     /// A stored run checkpoint does not parse.
     #[error("run checkpoint {0} is corrupt")]
     CorruptRun(String),
+    /// A run with this id is already being driven by this process.
+    #[error("run {0} is already running")]
+    AlreadyRunning(String),
 }
 
 /// The closed set of transitions of a run.
@@ -217,6 +220,24 @@ struct Inner {
     planner_override: Option<Arc<dyn Planner>>,
     /// Where answers go: set by the transports, so that a run resumed after a crash still answers.
     replies: std::sync::OnceLock<Arc<dyn ReplySink>>,
+    /// Runs this process is driving, by run id: resuming unfinished runs at start (while new
+    /// commands already arrive) must never give a live run a second driver.
+    driving: std::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+/// A run claimed for driving; dropping it releases the claim.
+struct Claim<'a> {
+    set: &'a std::sync::Mutex<std::collections::HashSet<String>>,
+    run_id: String,
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        self.set
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&self.run_id);
+    }
 }
 
 /// Delivers a finished run's answer to where its command came from. The target is opaque to the
@@ -272,6 +293,7 @@ impl Agent {
                 config,
                 planner_override,
                 replies: std::sync::OnceLock::new(),
+                driving: std::sync::Mutex::new(std::collections::HashSet::new()),
             }),
         }
     }
@@ -473,9 +495,12 @@ impl Agent {
         messages.push(Message::User {
             text: req.text.clone(),
         });
+        let _claim = self
+            .claim(&run_id)
+            .ok_or_else(|| AgentError::AlreadyRunning(run_id.clone()))?;
         let st = RunState {
             v: 1,
-            run_id,
+            run_id: run_id.clone(),
             principal: ctx.principal().to_string(),
             conversation: req.conversation,
             correlation_id: ctx.audit().correlation_id.as_ref().map(|c| c.to_string()),
@@ -507,7 +532,9 @@ impl Agent {
             let repo = self.repo(&op)?;
             for run_id in repo.runs().unfinished_runs()? {
                 match self.resume(&t.id, &run_id).await {
-                    Ok(_) => n += 1,
+                    Ok(Some(_)) => n += 1,
+                    // Started by this process after it came up: its own driver has it.
+                    Ok(None) => {}
                     Err(e) => {
                         tracing::error!(tenant = %t.id, run = %run_id, error = %e, "cannot resume run");
                         first_err.get_or_insert(e);
@@ -518,7 +545,7 @@ impl Agent {
         first_err.map_or(Ok(n), Err)
     }
 
-    /// Resumes one unfinished run.
+    /// Resumes one unfinished run; `None` when this process is driving it already.
     ///
     /// # Errors
     /// [`AgentError`] when its checkpoint or context cannot be had.
@@ -526,7 +553,11 @@ impl Agent {
         &self,
         tenant: &crate::tenant::TenantId,
         run_id: &str,
-    ) -> Result<RunOutcome, AgentError> {
+    ) -> Result<Option<RunOutcome>, AgentError> {
+        // Claimed before the checkpoint is read, so a live run's checkpoint is never driven twice.
+        let Some(_claim) = self.claim(run_id) else {
+            return Ok(None);
+        };
         let op = self.inner.tenants.operator_context(tenant)?;
         let repo = self.repo(&op)?;
         let bytes = repo
@@ -544,7 +575,21 @@ impl Agent {
         )?;
         let settings = repo.settings().get()?.ok_or(AgentError::NotProvisioned)?;
         tracing::info!(tenant = %tenant, run = %run_id, step = st.step, "resuming run");
-        self.drive(&ctx, &repo, &settings, st, true).await
+        self.drive(&ctx, &repo, &settings, st, true).await.map(Some)
+    }
+
+    /// Claims `run_id` for this driver, or `None` when another driver has it.
+    fn claim(&self, run_id: &str) -> Option<Claim<'_>> {
+        let fresh = self
+            .inner
+            .driving
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(run_id.to_owned());
+        fresh.then(|| Claim {
+            set: &self.inner.driving,
+            run_id: run_id.to_owned(),
+        })
     }
 
     async fn drive(

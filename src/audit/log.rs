@@ -205,6 +205,10 @@ impl AuditLog {
         // left inconsistent is rebuilt from the log.
         let mut nodes = NodeFiles::open(&dir.join("nodes"))?;
         let start = nodes.leaves()?.min(durable);
+        // Nodes past `start` may come from events that never became durable (the tree is extended
+        // before a record is synced, and buffered nodes are written in batches): cut them off, or a
+        // later crash before the caught-up nodes are written out would leave them to be read back.
+        nodes.truncate_to(start)?;
         let size =
             TreeSize::new(start).ok_or_else(|| recovery(tenant, "tree size out of range"))?;
         let (mut tree, start) = match Tree::open(nodes, size) {

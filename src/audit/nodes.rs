@@ -126,6 +126,27 @@ impl NodeFiles {
         Ok(())
     }
 
+    /// Cuts every level back to the nodes a tree of `leaves` leaves has wholly inside it (level L
+    /// keeps `leaves >> L`), dropping anything buffered.
+    ///
+    /// # Errors
+    /// When a file cannot be truncated.
+    pub fn truncate_to(&mut self, leaves: u64) -> io::Result<()> {
+        self.pending.clear();
+        self.held = 0;
+        for level in 0..64u8 {
+            if !self.path(level).exists() {
+                break;
+            }
+            let keep = (leaves >> level) * 32;
+            let f = self.file(level)?;
+            if f.metadata()?.len() > keep {
+                f.set_len(keep)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Empties every level, for a rebuild from the log.
     ///
     /// # Errors
@@ -275,5 +296,40 @@ mod tests {
         assert_eq!(files.leaves().unwrap(), 1500);
         let reopened = Tree::open(files, size).unwrap();
         assert_eq!(reopened.root_at(size).unwrap(), root);
+    }
+
+    #[test]
+    fn nodes_past_the_durable_leaves_are_cut_so_a_later_crash_cannot_bring_them_back() {
+        let dir = tempfile::tempdir().unwrap();
+        // A tree of 120 leaves written out, of which only 100 became durable.
+        let mut tree = Tree::new(NodeFiles::open(dir.path()).unwrap());
+        for i in 0..120u32 {
+            tree.append(&i.to_be_bytes()).unwrap();
+        }
+        drop(tree);
+        let mut files = NodeFiles::open(dir.path()).unwrap();
+        files.truncate_to(100).unwrap();
+        assert_eq!(files.leaves().unwrap(), 100);
+        let mut tree = Tree::open(files, TreeSize::new(100).unwrap()).unwrap();
+        // Different events 100..110 follow; their nodes stay buffered, then the process dies.
+        for i in 1000..1010u32 {
+            tree.append(&i.to_be_bytes()).unwrap();
+        }
+        std::mem::forget(tree);
+        // The next open sees 100 leaves and nothing of the first run's 100..120 to mistake for
+        // the second run's.
+        let mut files = NodeFiles::open(dir.path()).unwrap();
+        assert_eq!(files.leaves().unwrap(), 100);
+        files.truncate_to(100).unwrap();
+        let mut tree = Tree::open(files, TreeSize::new(100).unwrap()).unwrap();
+        for i in 1000..1010u32 {
+            tree.append(&i.to_be_bytes()).unwrap();
+        }
+        let mut fresh = Tree::new(crate::audit::merkle::MemNodeStore::default());
+        for i in (0..100u32).chain(1000..1010) {
+            fresh.append(&i.to_be_bytes()).unwrap();
+        }
+        let size = TreeSize::new(110).unwrap();
+        assert_eq!(tree.root_at(size).unwrap(), fresh.root_at(size).unwrap());
     }
 }

@@ -703,7 +703,11 @@ impl RunRepo for SledTenant {
                     ids.retain(|r| r != &id);
                     self.runs.queue_removal(&self.tenant, &id);
                 }
-                _ => ids.push(id),
+                Some(_) => ids.push(id),
+                // The files went between the listing and the read (a sweep removed a run that
+                // finished meanwhile), or hold no frame at all (a crash before the first save, so
+                // the run had done nothing): either way there is nothing to resume.
+                None => self.runs.queue_removal(&self.tenant, &id),
             }
         }
         ids.sort();

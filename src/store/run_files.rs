@@ -284,8 +284,15 @@ impl RunFiles {
                 .extend(done);
             return Err(e);
         }
-        for (tenant, run_id) in &done {
-            self.remove(tenant, run_id)?;
+        for (i, (tenant, run_id)) in done.iter().enumerate() {
+            if let Err(e) = self.remove(tenant, run_id) {
+                // Keep what was not removed for the next sweep.
+                self.finished
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .extend(done[i..].iter().cloned());
+                return Err(e);
+            }
         }
         Ok(done.len())
     }

@@ -266,3 +266,56 @@ async fn a_finished_run_is_swept_and_never_resumed() {
     drop(repo);
     s.close().await.unwrap();
 }
+
+/// Resuming unfinished runs while a run of this process is still going (the gateway resumes at
+/// start while new commands already arrive) leaves that run to its own driver: its webhook call is
+/// not sent a second time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resuming_at_start_never_drives_a_live_run_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let hooks = hook_server("whsec-live", |_| {
+        (Duration::from_millis(800), "done".into())
+    })
+    .await;
+    let model = openai_server(
+        vec![
+            Scripted::Tools(vec![("webhook__create_ticket", json!({"title": "one"}))]),
+            Scripted::Final("Handled."),
+        ],
+        (10, 5),
+        Duration::ZERO,
+    )
+    .await;
+    let s = open(dir.path(), config(Some(&model.url), None));
+    let t = install(&s, "T0LIVE").await;
+    settings(&s, &t, |st| st.llm.provider = "openai".into());
+    let owner = user(&s, "T0LIVE", "U0OWNER");
+    declare_and_grant(&s, &owner, webhook(&hooks.url, "whsec-live")).await;
+    let ctx = user(&s, "T0LIVE", "U0M");
+    let agent = s.agent.clone();
+    let live = tokio::spawn(async move {
+        agent
+            .run(
+                &ctx,
+                RunRequest {
+                    text: "file it".into(),
+                    conversation: "slack:C0LIVE".into(),
+                },
+            )
+            .await
+    });
+    // Wait until the call is in flight, then resume "unfinished" runs as a start would.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while hooks.hooks().is_empty() {
+        assert!(Instant::now() < deadline, "the call never started");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(s.agent.resume_unfinished().await.unwrap(), 0);
+    let out = live.await.unwrap().unwrap();
+    assert_eq!(
+        out,
+        agentgate::agent::RunOutcome::Answered("Handled.".into())
+    );
+    assert_eq!(hooks.hooks().len(), 1, "the webhook was called once");
+    s.close().await.unwrap();
+}
