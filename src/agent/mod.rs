@@ -197,6 +197,11 @@ struct Unsettled {
     holds: Vec<Reservation>,
 }
 
+/// The idempotency key of the pending call `i` of the run's current step.
+fn call_key(st: &RunState, i: usize) -> String {
+    format!("{}:{}:{}", st.run_id, st.step, i)
+}
+
 fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
@@ -384,31 +389,31 @@ impl Agent {
         Ok(())
     }
 
-    /// Whether the run's end event is already in its tenant's log: a crash between appending it
-    /// and storing the run as finished must not make a resumed run end twice. Only the events after
-    /// the last one the checkpoint knows of are read.
-    async fn end_logged(
+    /// The run's own events that came after the last one its checkpoint knows of: what a crash
+    /// left on record but out of the checkpoint (its end event; after a power loss, which can
+    /// lose the latest checkpoint but not a synced event, the authorisation of a call that may
+    /// have been sent).
+    async fn on_record_since(
         &self,
         ctx: &TenantContext,
         repo: &TenantStore,
         st: &RunState,
-    ) -> Result<bool, AgentError> {
+    ) -> Result<Vec<serde_json::Value>, AgentError> {
         let from = st.last_seq.map_or(0, |s| s + 1);
         let size = self.inner.audit.head(ctx, repo.clone()).await?.size;
         if from >= size {
-            return Ok(false);
+            return Ok(Vec::new());
         }
         let events = self
             .inner
             .audit
             .read_range(ctx, repo.clone(), from, size)
             .await?;
-        Ok(events.iter().any(|bytes| {
-            serde_json::from_slice::<serde_json::Value>(bytes).is_ok_and(|v| {
-                v["run_id"] == st.run_id.as_str()
-                    && matches!(v["type"].as_str(), Some("run.completed" | "run.failed"))
-            })
-        }))
+        Ok(events
+            .iter()
+            .filter_map(|bytes| serde_json::from_slice::<serde_json::Value>(bytes).ok())
+            .filter(|v| v["run_id"] == st.run_id.as_str())
+            .collect())
     }
 
     /// Runs the user's text to an outcome.
@@ -609,6 +614,20 @@ impl Agent {
             tenant_name: settings.name.clone(),
         };
         let mut un = Unsettled::default();
+        // A resumed run never sends a call whose authorisation is on record, nor ends twice.
+        let since = if resumed {
+            self.on_record_since(ctx, repo, &st).await?
+        } else {
+            Vec::new()
+        };
+        let authorized: std::collections::HashSet<&str> = since
+            .iter()
+            .filter(|v| v["type"] == "tool.authorized")
+            .filter_map(|v| v["data"]["idempotency_key"].as_str())
+            .collect();
+        let ended = since
+            .iter()
+            .any(|v| matches!(v["type"].as_str(), Some("run.completed" | "run.failed")));
         loop {
             match next_step(&st) {
                 Step::Plan => {
@@ -616,6 +635,10 @@ impl Agent {
                         ctx, repo, settings, &*planner, &specs, &caller, &mut st, &mut un,
                     )
                     .await?
+                }
+                Step::CallTool(i) if authorized.contains(call_key(&st, i).as_str()) => {
+                    // On record as authorised, so it may have been sent: it is in flight.
+                    st.in_flight = Some(call_key(&st, i));
                 }
                 Step::CallTool(i) => {
                     self.tool_step(ctx, repo, settings, &resolved, i, &mut st, &mut un)
@@ -632,7 +655,7 @@ impl Agent {
                     st.next_call += 1;
                     self.checkpoint(ctx, repo, &mut st, &mut un).await?;
                 }
-                Step::Finish => return self.finish(ctx, repo, st, &mut un, resumed).await,
+                Step::Finish => return self.finish(ctx, repo, st, &mut un, ended).await,
             }
         }
     }
@@ -792,7 +815,7 @@ impl Agent {
         un: &mut Unsettled,
     ) -> Result<(), AgentError> {
         let call: ToolCall = st.pending[i].clone();
-        let key = format!("{}:{}:{}", st.run_id, st.step, i);
+        let key = call_key(st, i);
         let (content, changed) = match self
             .gated_call(ctx, repo, settings, resolved, &call, &key, st, un)
             .await?
@@ -965,14 +988,12 @@ impl Agent {
         repo: &TenantStore,
         mut st: RunState,
         un: &mut Unsettled,
-        resumed: bool,
+        logged: bool,
     ) -> Result<RunOutcome, AgentError> {
         // The run's last events are durable, and its checkpoint says how it ended, before the end
-        // event: a crash after that event resumes straight into this function.
+        // event: a crash after that event resumes straight into this function. A resumed run that
+        // had appended its end event (`logged`) is only stored as finished and answered.
         self.checkpoint(ctx, repo, &mut st, un).await?;
-        // A resumed run that had appended its end event before the crash is only stored as
-        // finished and answered; its end is not recorded twice.
-        let logged = resumed && self.end_logged(ctx, repo, &st).await?;
         let totals = RunTotals {
             tokens_in: st.usage.tokens_in,
             tokens_out: st.usage.tokens_out,

@@ -319,3 +319,84 @@ async fn resuming_at_start_never_drives_a_live_run_twice() {
     assert_eq!(hooks.hooks().len(), 1, "the webhook was called once");
     s.close().await.unwrap();
 }
+
+/// After a power loss the latest checkpoint may be gone while the synced log still records the
+/// authorisation of a call that was then sent. The resumed run reads its own events after its
+/// checkpoint and does not send that call again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_on_record_as_authorised_is_not_sent_again_when_its_checkpoint_was_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let hooks = hook_server("whsec-power", |n| match n {
+        2 => (Duration::from_secs(30), "too late".into()),
+        _ => (Duration::ZERO, format!("ticket {n} created")),
+    })
+    .await;
+    let model = openai_server(
+        vec![
+            Scripted::Tools(vec![
+                ("webhook__create_ticket", json!({"title": "one"})),
+                ("webhook__create_ticket", json!({"title": "two"})),
+            ]),
+            Scripted::Final("Both handled."),
+        ],
+        (10, 5),
+        Duration::ZERO,
+    )
+    .await;
+    let (tenant, run_id) = {
+        let s = open(dir.path(), config(Some(&model.url), None));
+        let t = install(&s, "T0POWER").await;
+        settings(&s, &t, |st| st.llm.provider = "openai".into());
+        let owner = user(&s, "T0POWER", "U0OWNER");
+        declare_and_grant(&s, &owner, webhook(&hooks.url, "whsec-power")).await;
+        let ctx = user(&s, "T0POWER", "U0M");
+        let run_id = ctx.audit().run_id.to_string();
+        let agent = s.agent.clone();
+        let live = tokio::spawn(async move {
+            let req = RunRequest {
+                text: "file two".into(),
+                conversation: "slack:C0POWER".into(),
+            };
+            agent.run(&ctx, req).await
+        });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while hooks.hooks().len() < 2 {
+            assert!(Instant::now() < deadline, "the second call never started");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // The driver dies with the second call in flight.
+        live.abort();
+        let _ = live.await;
+        s.close().await.unwrap();
+        (t, run_id)
+    };
+    // The power loss takes the latest checkpoint (the second call in flight) with it; the slot
+    // before it says the first call is done and the second is next.
+    let runs = dir.path().join("runs").join(tenant.as_str());
+    let slot = |i: u8| runs.join(format!("{run_id}.{i}"));
+    let generation =
+        |b: &[u8]| u64::from_le_bytes(b.get(4..12).unwrap_or(&[0; 8]).try_into().unwrap());
+    let (a, b) = (
+        std::fs::read(slot(0)).unwrap(),
+        std::fs::read(slot(1)).unwrap(),
+    );
+    let (newest, mut bytes) = if generation(&a) > generation(&b) {
+        (slot(0), a)
+    } else {
+        (slot(1), b)
+    };
+    bytes[30] ^= 0xff;
+    std::fs::write(&newest, &bytes).unwrap();
+
+    let s = open(dir.path(), config(Some(&model.url), None));
+    assert_eq!(s.agent.resume_unfinished().await.unwrap(), 1);
+    assert_eq!(
+        hooks.hooks().len(),
+        2,
+        "the call on record as authorised was not sent again"
+    );
+    let told = tool_results(&model.seen().bodies[1]);
+    assert_eq!(told[0], "ticket 1 created");
+    assert!(told[1].contains("interrupted"), "{told:?}");
+    s.close().await.unwrap();
+}
