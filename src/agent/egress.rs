@@ -113,8 +113,11 @@ fn is_public(ip: IpAddr) -> bool {
                 || v6.is_multicast()
                 // Unique local, fc00::/7.
                 || (seg[0] & 0xfe00) == 0xfc00
-                // Link-local, fe80::/10.
+                // Link-local, fe80::/10, and the deprecated site-local, fec0::/10.
                 || (seg[0] & 0xffc0) == 0xfe80
+                || (seg[0] & 0xffc0) == 0xfec0
+                // Local-use NAT64, 64:ff9b:1::/48 (translates into the operator's own network).
+                || (seg[0] == 0x64 && seg[1] == 0xff9b && seg[2] == 1)
                 // Documentation, 2001:db8::/32.
                 || (seg[0] == 0x2001 && seg[1] == 0x0db8)
                 // NAT64, 64:ff9b::/96, carries an IPv4 address: judge that one.
@@ -291,6 +294,8 @@ mod tests {
             "64:ff9b::a9fe:a9fe",
             "::127.0.0.1",
             "2001:db8::1",
+            "fec0::1",
+            "64:ff9b:1::808:808",
         ] {
             assert_eq!(egress.check(ip(bad)), Err(Refused(ip(bad))), "{bad}");
         }
