@@ -399,21 +399,28 @@ impl Agent {
         repo: &TenantStore,
         st: &RunState,
     ) -> Result<Vec<serde_json::Value>, AgentError> {
-        let from = st.last_seq.map_or(0, |s| s + 1);
+        // Read in chunks: a run whose checkpoint is old may have a long log after it, of which
+        // only its own few events are kept.
+        const CHUNK: u64 = 4096;
         let size = self.inner.audit.head(ctx, repo.clone()).await?.size;
-        if from >= size {
-            return Ok(Vec::new());
+        let mut from = st.last_seq.map_or(0, |s| s + 1);
+        let mut mine = Vec::new();
+        while from < size {
+            let to = size.min(from + CHUNK);
+            let events = self
+                .inner
+                .audit
+                .read_range(ctx, repo.clone(), from, to)
+                .await?;
+            mine.extend(
+                events
+                    .iter()
+                    .filter_map(|bytes| serde_json::from_slice::<serde_json::Value>(bytes).ok())
+                    .filter(|v| v["run_id"] == st.run_id.as_str()),
+            );
+            from = to;
         }
-        let events = self
-            .inner
-            .audit
-            .read_range(ctx, repo.clone(), from, size)
-            .await?;
-        Ok(events
-            .iter()
-            .filter_map(|bytes| serde_json::from_slice::<serde_json::Value>(bytes).ok())
-            .filter(|v| v["run_id"] == st.run_id.as_str())
-            .collect())
+        Ok(mine)
     }
 
     /// Runs the user's text to an outcome.
@@ -445,6 +452,11 @@ impl Agent {
                 .answer_now(ctx, reply_to.as_ref(), RunOutcome::RateLimited)
                 .await);
         }
+        // Claimed before anything of the run is recorded, so nothing else can drive it.
+        let run_id = ctx.audit().run_id.to_string();
+        let _claim = self
+            .claim(&run_id)
+            .ok_or_else(|| AgentError::AlreadyRunning(run_id.clone()))?;
         let repo = self.repo(ctx)?;
         let settings = repo.settings().get()?.ok_or(AgentError::NotProvisioned)?;
         // One run of the monthly quota, held until `run.started` has counted it.
@@ -456,7 +468,6 @@ impl Agent {
                 ..Amounts::default()
             },
         );
-        let run_id = ctx.audit().run_id.to_string();
         let hold = match hold {
             Ok(h) => h,
             Err(QuotaError::Breach(b)) => {
@@ -500,9 +511,6 @@ impl Agent {
         messages.push(Message::User {
             text: req.text.clone(),
         });
-        let _claim = self
-            .claim(&run_id)
-            .ok_or_else(|| AgentError::AlreadyRunning(run_id.clone()))?;
         let st = RunState {
             v: 1,
             run_id: run_id.clone(),

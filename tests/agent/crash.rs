@@ -166,6 +166,16 @@ impl agentgate::audit::AuditSink for EndThenFail {
             body,
             EventBody::RunCompleted { .. } | EventBody::RunFailed { .. }
         );
+        if end {
+            // More events than the resume reads at a time lie between the run's checkpoint and
+            // its end event, so finding the end takes more than one read.
+            let filler: Vec<EventBody> = (0..5000)
+                .map(|i| EventBody::SettingsChanged {
+                    fields: vec![format!("filler-{i}")],
+                })
+                .collect();
+            self.0.append_batch(ctx, &filler).await?;
+        }
         let seq = self.0.append(ctx, body).await?;
         if end {
             return Err(agentgate::audit::AuditError::Export(
