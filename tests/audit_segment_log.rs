@@ -34,6 +34,15 @@ fn segment_files(dir: &Path) -> Vec<String> {
     names
 }
 
+/// Options without space allocated ahead, so that a segment file ends at its last frame and the
+/// damage tests can work out offsets from the file's length.
+fn exact_files() -> Options {
+    Options {
+        preallocate_bytes: 0,
+        ..Options::default()
+    }
+}
+
 fn small_segments(segment_bytes: u64) -> Options {
     Options {
         segment_bytes,
@@ -190,11 +199,11 @@ struct TornCase {
 async fn check_torn(case: TornCase) {
     let name = case.name;
     let dir = tempfile::tempdir().unwrap();
-    write_fixed(dir.path(), Options::default(), 10).await;
+    write_fixed(dir.path(), exact_files(), 10).await;
     let seg = seg_path(dir.path(), 0);
     (case.damage)(&seg);
 
-    let (log, report) = SegmentLog::open(dir.path(), Options::default()).unwrap();
+    let (log, report) = SegmentLog::open(dir.path(), exact_files()).unwrap();
     let torn = report
         .torn_tail
         .clone()
@@ -223,7 +232,7 @@ async fn check_torn(case: TornCase) {
     }
     log.close().await.unwrap();
 
-    let (log, report) = SegmentLog::open(dir.path(), Options::default()).unwrap();
+    let (log, report) = SegmentLog::open(dir.path(), exact_files()).unwrap();
     assert_eq!(report.torn_tail, None, "{name}: second reopen is clean");
     assert_eq!(report.records, case.records_left + 3, "{name}");
     let all = log.read_range(0, case.records_left + 3).unwrap();
@@ -249,11 +258,29 @@ async fn torn_tails_are_cut_and_reported() {
             kind: TailDamage::ShortHeader,
         },
         TornCase {
-            name: "zero-filled tail",
-            damage: |p| append_bytes(p, &[0; 4096]),
+            name: "garbage after zeros",
+            damage: |p| {
+                append_bytes(p, &[0; 4096]);
+                append_bytes(p, &[0xAB; 3]);
+            },
+            records_left: 10,
+            bytes_cut: 4099,
+            kind: TailDamage::ZeroLength,
+        },
+        TornCase {
+            name: "a frame torn inside zeroed space",
+            damage: |p| {
+                // The header and half the payload reached the disk, the rest is still zeros.
+                let mut frame = vec![0u8; 4096];
+                frame[..4].copy_from_slice(&(PAYLOAD_LEN as u32).to_le_bytes());
+                frame[4..8].copy_from_slice(&crc32fast::hash(&fixed_payload(10)).to_le_bytes());
+                frame[8..8 + PAYLOAD_LEN / 2]
+                    .copy_from_slice(&fixed_payload(10)[..PAYLOAD_LEN / 2]);
+                append_bytes(p, &frame);
+            },
             records_left: 10,
             bytes_cut: 4096,
-            kind: TailDamage::ZeroLength,
+            kind: TailDamage::BadChecksum,
         },
         TornCase {
             name: "cut inside the last header",
@@ -357,11 +384,11 @@ async fn damage_that_a_torn_write_cannot_explain_is_an_error() {
         },
     )
     .await;
-    // Garbage after the frames of a non-last segment.
+    // Garbage after the frames of a non-last segment (zeros there are unused space, tested below).
     check_corrupt(
         9,
         tiny(),
-        |d| append_bytes(&seg_path(d, 4), &[0; 3]),
+        |d| append_bytes(&seg_path(d, 4), &[0, 0xAB, 0]),
         Error::Corrupt {
             segment: seg(4),
             offset: 2 * FRAME_LEN,
@@ -700,4 +727,119 @@ async fn a_failed_write_poisons_the_writer_but_keeps_durable_records() {
     assert_eq!(report.records, 2);
     assert_eq!(report.torn_tail, None);
     assert_eq!(log.append(fixed_payload(2)).await.unwrap(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zeroed_space_is_kept_ahead_and_written_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let seg = seg_path(dir.path(), 0);
+    let (log, report) = SegmentLog::open(dir.path(), Options::default()).unwrap();
+    assert_eq!(report.torn_tail, None);
+    for i in 0..10 {
+        assert_eq!(log.append(fixed_payload(i)).await.unwrap(), i);
+    }
+    let stats = log.stats();
+    // The region starts at 64 KiB past the end (rounded to 4 KiB blocks), written after the first
+    // append; its syncs are not batch syncs.
+    let zeroed = (FRAME_LEN + (64 << 10)).next_multiple_of(4096);
+    assert_eq!(stats.preallocations, 1);
+    assert_eq!(stats.syncs, stats.batches);
+    assert_eq!(fs::metadata(&seg).unwrap().len(), zeroed);
+    assert!(fs::read(&seg).unwrap()[(10 * FRAME_LEN) as usize..]
+        .iter()
+        .all(|&b| b == 0));
+    log.close().await.unwrap();
+
+    // The zeros are unused space, not a torn tail: kept, and the next appends go into them.
+    let (log, report) = SegmentLog::open(dir.path(), Options::default()).unwrap();
+    assert_eq!(report.torn_tail, None);
+    assert_eq!(report.records, 10);
+    assert_eq!(fs::metadata(&seg).unwrap().len(), zeroed);
+    for i in 10..20 {
+        assert_eq!(log.append(fixed_payload(i)).await.unwrap(), i);
+    }
+    assert_eq!(log.stats().preallocations, 0, "half the region is left");
+    assert_eq!(fs::metadata(&seg).unwrap().len(), zeroed);
+    log.close().await.unwrap();
+    let (log, report) = SegmentLog::open(dir.path(), Options::default()).unwrap();
+    assert_eq!((report.records, report.torn_tail), (20, None));
+    let expected: Vec<Vec<u8>> = (0..20).map(fixed_payload).collect();
+    assert_eq!(log.read_range(0, 20).unwrap(), expected);
+    log.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zeroed_space_grows_with_the_segment_and_stops_at_the_roll() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = Options {
+        segment_bytes: 300 << 10,
+        ..Options::default()
+    };
+    let (log, _) = SegmentLog::open(dir.path(), opts.clone()).unwrap();
+    // 40-byte frames: 100 KiB of them in one batch, then one more append.
+    let n = (100 << 10) / FRAME_LEN;
+    log.append_batch((0..n).map(fixed_payload).collect())
+        .await
+        .unwrap();
+    log.append(fixed_payload(n)).await.unwrap();
+    let len = fs::metadata(seg_path(dir.path(), 0)).unwrap().len();
+    // After the batch the segment held 100 KiB, so the region became 128 KiB past its end; the
+    // append after it found more than half of that left.
+    assert_eq!(len, n * FRAME_LEN + (128 << 10), "zeroed to {len}");
+    // Fill past the roll threshold: the zeroed space never reaches beyond it.
+    let m = (200 << 10) / FRAME_LEN;
+    log.append_batch((n + 1..n + 1 + m).map(fixed_payload).collect())
+        .await
+        .unwrap();
+    let len = fs::metadata(seg_path(dir.path(), 0)).unwrap().len();
+    assert!(len <= 300 << 10, "zeroed past the roll threshold: {len}");
+    log.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zero_tail_is_unused_space_not_a_torn_write() {
+    let dir = tempfile::tempdir().unwrap();
+    write_fixed(dir.path(), exact_files(), 10).await;
+    let seg = seg_path(dir.path(), 0);
+    append_bytes(&seg, &[0; 4096]);
+    let (log, report) = SegmentLog::open(dir.path(), exact_files()).unwrap();
+    assert_eq!((report.records, report.torn_tail), (10, None));
+    for i in 10..13 {
+        assert_eq!(log.append(fixed_payload(i)).await.unwrap(), i);
+    }
+    log.close().await.unwrap();
+    // The three frames were written over the zeros, not after them.
+    assert_eq!(fs::metadata(&seg).unwrap().len(), 10 * FRAME_LEN + 4096);
+    let (log, report) = SegmentLog::open(dir.path(), exact_files()).unwrap();
+    assert_eq!((report.records, report.torn_tail), (13, None));
+    let expected: Vec<Vec<u8>> = (0..13).map(fixed_payload).collect();
+    assert_eq!(log.read_range(0, 13).unwrap(), expected);
+    log.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sealed_segments_are_trimmed_and_zeros_left_by_a_crash_are_accepted() {
+    let dir = tempfile::tempdir().unwrap();
+    // 100-byte segments hold two 40-byte frames; the zeroed space is capped at the roll size.
+    write_fixed(dir.path(), small_segments(100), 6).await;
+    for base in [0, 2] {
+        assert_eq!(
+            fs::metadata(seg_path(dir.path(), base)).unwrap().len(),
+            2 * FRAME_LEN,
+            "sealed segment {base} trimmed to its frames"
+        );
+    }
+    // A crash between a roll and the trim reaching the disk leaves zeros in a sealed segment.
+    append_bytes(&seg_path(dir.path(), 2), &[0; 20]);
+    let (log, report) = SegmentLog::open(dir.path(), small_segments(100)).unwrap();
+    assert_eq!((report.records, report.torn_tail), (6, None));
+    let expected: Vec<Vec<u8>> = (0..6).map(fixed_payload).collect();
+    assert_eq!(log.read_range(0, 6).unwrap(), expected);
+    log.close().await.unwrap();
+    // Garbage there is still damage that no torn write explains.
+    append_bytes(&seg_path(dir.path(), 2), &[0xAB; 3]);
+    assert!(matches!(
+        SegmentLog::open(dir.path(), small_segments(100)),
+        Err(Error::Corrupt { offset, .. }) if offset == 2 * FRAME_LEN
+    ));
 }

@@ -50,6 +50,16 @@ pub const HEADER_LEN: usize = 8;
 /// Default size at which the writer rolls to a new segment.
 pub const DEFAULT_SEGMENT_BYTES: u64 = 64 << 20;
 
+/// Default most zeroed bytes kept ahead of the active segment's end; see
+/// [`Options::preallocate_bytes`].
+pub const DEFAULT_PREALLOCATE_BYTES: u64 = 1 << 20;
+
+/// Smallest zeroed region written ahead at once; also the unit the region grows by doubling.
+const PREALLOCATE_MIN_BYTES: u64 = 64 << 10;
+
+/// Zeros written ahead come from this buffer, one `pwrite` per 64 KiB.
+static ZEROS: [u8; PREALLOCATE_MIN_BYTES as usize] = [0; PREALLOCATE_MIN_BYTES as usize];
+
 /// File name suffix of segment files; anything else in the directory is ignored.
 const SEGMENT_SUFFIX: &str = ".seg";
 
@@ -179,6 +189,13 @@ pub struct Options {
     /// Requests that may wait in front of the writer; when full, `append` waits, which gives
     /// backpressure instead of unbounded memory growth.
     pub queue_depth: usize,
+    /// Most bytes of zeros the writer keeps written and synced ahead of the active segment's end
+    /// (0 turns it off). An append that overwrites blocks already allocated and on disk needs an
+    /// `fdatasync` of its data only; one that grows the file also makes the sync write the new
+    /// size and allocation, which measured 1.5 to 2 times slower here for batch-sized writes.
+    /// The region starts at 64 KiB and doubles with the segment up to this size, so an idle log
+    /// holds little unused space.
+    pub preallocate_bytes: u64,
 }
 
 impl Default for Options {
@@ -188,6 +205,7 @@ impl Default for Options {
             max_record_bytes: 16 << 20,
             max_batch_requests: 4096,
             queue_depth: 8192,
+            preallocate_bytes: DEFAULT_PREALLOCATE_BYTES,
         }
     }
 }
@@ -273,6 +291,9 @@ pub struct Stats {
     pub bytes: u64,
     /// Segment files created after `open`.
     pub segments_created: u64,
+    /// Zeroed regions written (and synced) ahead of the active segment's end; their syncs are not
+    /// counted in `syncs`.
+    pub preallocations: u64,
 }
 
 /// Atomic twin of [`Stats`], updated by the writer and read by anyone.
@@ -284,6 +305,7 @@ struct Counters {
     syncs: AtomicU64,
     bytes: AtomicU64,
     segments_created: AtomicU64,
+    preallocations: AtomicU64,
 }
 
 impl Counters {
@@ -299,6 +321,7 @@ impl Counters {
             syncs: self.syncs.load(Ordering::Relaxed),
             bytes: self.bytes.load(Ordering::Relaxed),
             segments_created: self.segments_created.load(Ordering::Relaxed),
+            preallocations: self.preallocations.load(Ordering::Relaxed),
         }
     }
 }
@@ -463,6 +486,7 @@ impl SegmentLog {
             sealed,
             active,
             active_file,
+            active_alloc,
             torn_tail,
         } = recover(&dir)?;
 
@@ -492,6 +516,8 @@ impl SegmentLog {
             file: active_file,
             path: active_path,
             len: active_len,
+            alloc_end: active_alloc,
+            preallocate_bytes: opts.preallocate_bytes,
             next_seq: records,
             buf: Vec::new(),
             pending: Vec::new(),
@@ -949,11 +975,29 @@ fn valid_frame_after(file: &File, path: &Path, bad: u64, file_len: u64) -> Resul
     }
 }
 
+/// Whether the bytes `from..to` of `file` are all zero.
+fn all_zero(file: &File, path: &Path, from: u64, to: u64) -> Result<bool, Error> {
+    let mut buf = vec![0u8; SCAN_BUFFER_BYTES.min((to - from) as usize)];
+    let mut at = from;
+    while at < to {
+        let n = buf.len().min((to - at) as usize);
+        file.read_exact_at(&mut buf[..n], at)
+            .map_err(io_err("read", path))?;
+        if buf[..n].iter().any(|&b| b != 0) {
+            return Ok(false);
+        }
+        at += n as u64;
+    }
+    Ok(true)
+}
+
 /// The index and active file as rebuilt from disk.
 struct Recovered {
     sealed: Vec<SegmentIndex>,
     active: SegmentIndex,
     active_file: Arc<File>,
+    /// The active file's length, zeroed space ahead included.
+    active_alloc: u64,
     torn_tail: Option<TornTail>,
 }
 
@@ -962,6 +1006,8 @@ struct Loaded {
     index: SegmentIndex,
     /// Writable for the last segment, which becomes the active one.
     file: File,
+    /// The file's length: its frames, then any zeroed space the writer allocated ahead.
+    alloc_end: u64,
     torn_tail: Option<TornTail>,
 }
 
@@ -1006,6 +1052,7 @@ fn recover(dir: &Path) -> Result<Recovered, Error> {
             sealed: Vec::new(),
             active,
             active_file: Arc::new(file),
+            active_alloc: 0,
             torn_tail: None,
         });
     }
@@ -1022,6 +1069,7 @@ fn recover(dir: &Path) -> Result<Recovered, Error> {
         sealed,
         active: last.index,
         active_file: Arc::new(last.file),
+        active_alloc: last.alloc_end,
         torn_tail: last.torn_tail,
     })
 }
@@ -1043,7 +1091,15 @@ fn load_segment(dir: &Path, base: u64, expected: u64, is_last: bool) -> Result<L
         .map_err(io_err("open", &path))?;
     let scan = scan_segment(&file, &path)?;
     let mut torn_tail = None;
-    if let Some(damage) = scan.damage {
+    // Zeros after the last frame are space the writer allocated ahead (or a write that never
+    // reached the disk): no frame is zero-length, so they hold no record and nothing is torn. They
+    // are left in place, to be written over.
+    let damage = match scan.damage {
+        Some(_) if all_zero(&file, &path, scan.valid_len, scan.file_len)? => None,
+        other => other,
+    };
+    let mut alloc_end = scan.file_len;
+    if let Some(damage) = damage {
         if !is_last || valid_frame_after(&file, &path, scan.valid_len, scan.file_len)? {
             return Err(Error::Corrupt {
                 segment: path,
@@ -1068,6 +1124,7 @@ fn load_segment(dir: &Path, base: u64, expected: u64, is_last: bool) -> Result<L
             bytes_cut,
             damage,
         });
+        alloc_end = scan.valid_len;
     }
     let index = SegmentIndex {
         base,
@@ -1078,6 +1135,7 @@ fn load_segment(dir: &Path, base: u64, expected: u64, is_last: bool) -> Result<L
     Ok(Loaded {
         index,
         file,
+        alloc_end,
         torn_tail,
     })
 }
@@ -1093,6 +1151,10 @@ struct Writer {
     path: PathBuf,
     /// Durable length of the active segment.
     len: u64,
+    /// Length of the active segment file: `len`, then zeros written ahead, synced.
+    alloc_end: u64,
+    /// From [`Options::preallocate_bytes`]; set to 0 after a failed preallocation.
+    preallocate_bytes: u64,
     /// Sequence number of the next record to be made durable.
     next_seq: u64,
     /// Frames of the current batch, reused across batches to avoid reallocating.
@@ -1154,6 +1216,50 @@ impl Writer {
             }
         }
         Counters::add(&self.shared.counters.requests, ok_requests);
+        // After the acknowledgements, so that the batch does not wait for it; the next one may.
+        if failure.is_none() {
+            self.preallocate();
+        }
+    }
+
+    /// Keeps zeros written and synced ahead of the active segment's end, so that the next batches
+    /// overwrite allocated blocks and their `fdatasync` writes data only. Runs when less than half
+    /// a region is left; the region doubles with the segment from 64 KiB up to
+    /// [`Options::preallocate_bytes`], and never reaches past the roll threshold.
+    fn preallocate(&mut self) {
+        let region = self
+            .preallocate_bytes
+            .min(self.len.max(PREALLOCATE_MIN_BYTES).next_power_of_two());
+        let start = self.alloc_end.max(self.len);
+        if region == 0 || start >= self.len + region / 2 || start >= self.segment_bytes {
+            return;
+        }
+        // Whole 4 KiB blocks, so that frames never share a block with a partial zero write.
+        let end = (self.len + region)
+            .next_multiple_of(4096)
+            .min(self.segment_bytes);
+        let mut at = start;
+        let zeroed = (|| {
+            while at < end {
+                let n = (end - at).min(ZEROS.len() as u64) as usize;
+                self.file.write_all_at(&ZEROS[..n], at)?;
+                at += n as u64;
+            }
+            self.file.sync_data()
+        })();
+        match zeroed {
+            Ok(()) => {
+                self.alloc_end = end;
+                Counters::add(&self.shared.counters.preallocations, 1);
+            }
+            Err(e) => {
+                // Nothing acknowledged depends on these zeros: appends go on growing the file,
+                // only slower. Recovery treats any zeros left behind as unused space.
+                tracing::warn!(error = %e, path = %self.path.display(), "could not preallocate audit log space; appends grow the file instead");
+                self.preallocate_bytes = 0;
+                self.alloc_end = self.len;
+            }
+        }
     }
 
     fn poison(&mut self, e: Error) -> Arc<Error> {
@@ -1242,6 +1348,13 @@ impl Writer {
 
     /// Seals the (synced) active segment and starts a new one named after the next sequence number.
     fn roll(&mut self) -> Result<(), Error> {
+        if self.alloc_end > self.len {
+            // Best effort and not synced: a sealed segment keeps only its frames, but zeros left
+            // after them by a crash are recognised as unused space.
+            if let Err(e) = self.file.set_len(self.len) {
+                tracing::warn!(error = %e, path = %self.path.display(), "could not trim the zeroed space off a sealed segment");
+            }
+        }
         let base = self.next_seq;
         let path = segment_path(&self.shared.dir, base);
         // create_new: an existing file of that name would mean two writers or a recovery bug.
@@ -1273,6 +1386,7 @@ impl Writer {
         self.file = file;
         self.path = path;
         self.len = 0;
+        self.alloc_end = 0;
         Ok(())
     }
 }
