@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex as StdMutex, RwLock};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use tokio::sync::Mutex;
+use tokio::sync::{oneshot, Mutex};
 
 use super::checkpoint::{
     open_checkpoint, sign_checkpoint, Checkpoint, CheckpointError, Keyring, SigningKey,
@@ -67,8 +67,32 @@ struct TreeState {
     broken: bool,
 }
 
+/// An append waiting in a tenant's inbox for whoever holds the tree's lock next.
+struct Request {
+    events: Vec<event::Unplaced>,
+    /// How many of them count toward the next checkpoint (all but `checkpoint.signed`).
+    counted: u64,
+    /// Whether the appender wants the leaf bytes back, for the projection fold.
+    keep: bool,
+    /// The records' place in the segment log's queue, taken before the request was left here.
+    slot: segment_log::Slot,
+    reply: oneshot::Sender<Result<Queued, AuditError>>,
+}
+
+/// A placed request: its first sequence number, what to wait on, whether a checkpoint is due.
+struct Queued {
+    first: u64,
+    pending: Pending,
+    due: bool,
+    kept: Vec<Vec<u8>>,
+}
+
 struct TenantLog {
     tenant: TenantId,
+    /// Appends waiting to be placed; see [`AuditLog::enqueue_all`].
+    inbox: StdMutex<Vec<Request>>,
+    /// Sign a checkpoint once this many events arrived since the last one.
+    checkpoint_every: u64,
     /// The tenant's repositories, for the live projections.
     repo: TenantStore,
     /// Serialises folding events into the live projections, so they are folded in log order.
@@ -82,6 +106,127 @@ struct TenantLog {
     checkpoints: SegmentLog,
     state: Mutex<TreeState>,
     latest: StdMutex<Option<String>>,
+}
+
+impl TenantLog {
+    /// Takes the tree's lock; see [`StateGuard`].
+    async fn lock_state(&self) -> StateGuard<'_> {
+        StateGuard::new(self, self.state.lock().await)
+    }
+
+    /// Places every request in the tenant's inbox: assigns sequence numbers, fills them and the
+    /// time into the encoded events, extends the tree and queues the records, all under the tree's
+    /// lock (which `st` proves) so that queue order is sequence order. Never waits.
+    fn place_waiting(&self, st: &mut TreeState) {
+        let waiting = std::mem::take(&mut *self.inbox.lock().unwrap_or_else(|e| e.into_inner()));
+        for req in waiting {
+            // The appender went away before its events were placed: they are not appended.
+            if req.reply.is_closed() {
+                continue;
+            }
+            let result = self.place(st, req.events, req.counted, req.keep, req.slot);
+            let _ = req.reply.send(result);
+        }
+    }
+
+    fn place(
+        &self,
+        st: &mut TreeState,
+        events: Vec<event::Unplaced>,
+        counted: u64,
+        keep: bool,
+        slot: segment_log::Slot,
+    ) -> Result<Queued, AuditError> {
+        if st.broken {
+            return Err(recovery(
+                &self.tenant,
+                "the log is out of step with its tree; restart to recover",
+            ));
+        }
+        let first = st.next_seq;
+        // Taken under the lock, so that times never go back as sequence numbers go up.
+        let now = Utc::now();
+        let mut records = Vec::with_capacity(events.len());
+        for (i, event) in events.iter().enumerate() {
+            let bytes = event.place(first + i as u64, now);
+            // The tree leads the queue by at most this batch: if queueing fails below, the log is
+            // marked broken and refuses appends until a reopen reconciles the two.
+            if let Err(e) = st.tree.append(&bytes) {
+                st.broken = true;
+                return Err(e.into());
+            }
+            records.push(bytes);
+        }
+        let kept = if keep { records.clone() } else { Vec::new() };
+        let n = records.len() as u64;
+        let pending = match slot.enqueue(records) {
+            Ok(p) => p,
+            Err(e) => {
+                st.broken = true;
+                return Err(e.into());
+            }
+        };
+        st.next_seq += n;
+        st.since_checkpoint += counted;
+        Ok(Queued {
+            first,
+            pending,
+            due: st.since_checkpoint >= self.checkpoint_every,
+            kept,
+        })
+    }
+}
+
+/// The tree's lock, held. Letting it go first places the appends waiting in the inbox, and then
+/// takes the lock again for any that arrived meanwhile, unless someone else took it (who then does
+/// the same). So an append left in the inbox while the lock was held is always placed, without
+/// its appender queueing for the lock.
+struct StateGuard<'a> {
+    log: &'a TenantLog,
+    guard: Option<tokio::sync::MutexGuard<'a, TreeState>>,
+}
+
+impl<'a> StateGuard<'a> {
+    fn new(log: &'a TenantLog, guard: tokio::sync::MutexGuard<'a, TreeState>) -> Self {
+        StateGuard {
+            log,
+            guard: Some(guard),
+        }
+    }
+}
+
+impl std::ops::Deref for StateGuard<'_> {
+    type Target = TreeState;
+    fn deref(&self) -> &TreeState {
+        self.guard.as_ref().expect("held until dropped")
+    }
+}
+
+impl std::ops::DerefMut for StateGuard<'_> {
+    fn deref_mut(&mut self) -> &mut TreeState {
+        self.guard.as_mut().expect("held until dropped")
+    }
+}
+
+impl Drop for StateGuard<'_> {
+    fn drop(&mut self) {
+        let log = self.log;
+        let mut held = self.guard.take();
+        while let Some(mut st) = held {
+            log.place_waiting(&mut st);
+            drop(st);
+            let empty = log
+                .inbox
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_empty();
+            held = if empty {
+                None
+            } else {
+                log.state.try_lock().ok()
+            };
+        }
+    }
 }
 
 struct Inner {
@@ -270,6 +415,8 @@ impl AuditLog {
         }
         let log = TenantLog {
             tenant: tenant.clone(),
+            inbox: StdMutex::new(Vec::new()),
+            checkpoint_every: self.inner.settings.checkpoint_every,
             repo,
             projector: Mutex::new(()),
             folded: std::sync::atomic::AtomicU64::new(0),
@@ -492,6 +639,11 @@ impl AuditLog {
 
     /// [`AuditLog::enqueue`] for consecutive events, committed by one sync; returns the first one's
     /// sequence number, and a copy of the leaf bytes when `keep` (for the projection fold).
+    ///
+    /// Appends are combined: each appender encodes its events and takes a place in the segment
+    /// log's queue on its own, then leaves the request in the tenant's inbox, and whoever holds the
+    /// tree's lock next places every request waiting there, in inbox order. So a burst of appends
+    /// passes the lock a few times, not once each, and nothing waits while holding it.
     async fn enqueue_all(
         &self,
         log: &TenantLog,
@@ -499,49 +651,36 @@ impl AuditLog {
         bodies: &[EventBody],
         keep: bool,
     ) -> Result<(u64, Pending, bool, Vec<Vec<u8>>), AuditError> {
-        let mut st = log.state.lock().await;
-        if st.broken {
-            return Err(recovery(
-                &log.tenant,
-                "the log is out of step with its tree; restart to recover",
-            ));
-        }
-        let first = st.next_seq;
-        let now = Utc::now();
-        let mut records = Vec::with_capacity(bodies.len());
-        for (i, body) in bodies.iter().enumerate() {
-            let bytes = event::encode(env, first + i as u64, now, body);
-            // The tree leads the queue by at most this batch: if queueing fails below, the log is
-            // marked broken and refuses appends until a reopen reconciles the two.
-            if let Err(e) = st.tree.append(&bytes) {
-                st.broken = true;
-                return Err(e.into());
-            }
-            records.push(bytes);
-        }
-        let kept = if keep { records.clone() } else { Vec::new() };
-        let queued = match records.len() {
-            1 => log.events.enqueue(records.pop().expect("one record")).await,
-            _ => log.events.enqueue_batch(records).await,
-        };
-        let pending = match queued {
-            Ok(p) => p,
-            Err(e) => {
-                st.broken = true;
-                return Err(e.into());
-            }
-        };
-        st.next_seq += bodies.len() as u64;
-        st.since_checkpoint += bodies
+        let events: Vec<_> = bodies
+            .iter()
+            .map(|body| event::encode_unplaced(env, body))
+            .collect();
+        let counted = bodies
             .iter()
             .filter(|b| !matches!(b, EventBody::CheckpointSigned { .. }))
             .count() as u64;
-        Ok((
-            first,
-            pending,
-            st.since_checkpoint >= self.inner.settings.checkpoint_every,
-            kept,
-        ))
+        let slot = log.events.reserve().await?;
+        let (reply, placed) = oneshot::channel();
+        log.inbox
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Request {
+                events,
+                counted,
+                keep,
+                slot,
+                reply,
+            });
+        // Whoever holds the lock places the waiting requests when they let it go (see
+        // `StateGuard`); if no one holds it, this appender takes it and does. It never queues for
+        // the lock, so a burst does not pass the lock from appender to appender.
+        if let Ok(st) = log.state.try_lock() {
+            drop(StateGuard::new(log, st));
+        }
+        let q = placed
+            .await
+            .map_err(|_| recovery(&log.tenant, "an append was dropped unplaced"))??;
+        Ok((q.first, q.pending, q.due, q.kept))
     }
 
     /// Waits until the queued event `seq` is durable.
@@ -569,7 +708,7 @@ impl AuditLog {
     /// checkpoint come due sign one between them, not one each.
     async fn sign(&self, log: &TenantLog, min_new: u64) -> Result<Option<String>, AuditError> {
         let (note, new_events) = {
-            let mut st = log.state.lock().await;
+            let mut st = log.lock_state().await;
             if st.since_checkpoint < min_new {
                 return Ok(None);
             }
@@ -637,7 +776,7 @@ impl AuditLog {
         let mut signed = 0;
         let mut first_err = None;
         for log in logs {
-            let elapsed = log.state.lock().await.last_signed.elapsed();
+            let elapsed = log.lock_state().await.last_signed.elapsed();
             if elapsed < interval {
                 continue;
             }
@@ -719,7 +858,7 @@ impl AuditLog {
             if let Err(e) = self.project(&log).await {
                 first_err.get_or_insert(e);
             }
-            if let Err(e) = log.state.lock().await.tree.store_mut().flush() {
+            if let Err(e) = log.lock_state().await.tree.store_mut().flush() {
                 first_err.get_or_insert(e.into());
             }
             for l in [&log.events, &log.checkpoints] {
@@ -737,7 +876,7 @@ impl AuditLog {
     /// [`AuditError`] when the log cannot be opened or read.
     pub async fn head(&self, ctx: &TenantContext, repo: TenantStore) -> Result<Head, AuditError> {
         let log = self.log_for(ctx.tenant_id(), repo).await?;
-        let st = log.state.lock().await;
+        let st = log.lock_state().await;
         let size = log.events.len();
         let root = st
             .tree
@@ -777,7 +916,7 @@ impl AuditLog {
         size: u64,
     ) -> Result<Vec<Hash>, AuditError> {
         let log = self.log_for(ctx.tenant_id(), repo).await?;
-        let st = log.state.lock().await;
+        let st = log.lock_state().await;
         let (leaf, size) = leaf_and_size(seq, size.min(log.events.len()))?;
         Ok(st.tree.inclusion_proof(leaf, size)?)
     }
@@ -794,7 +933,7 @@ impl AuditLog {
         size2: u64,
     ) -> Result<Vec<Hash>, AuditError> {
         let log = self.log_for(ctx.tenant_id(), repo).await?;
-        let st = log.state.lock().await;
+        let st = log.lock_state().await;
         let s1 = TreeSize::new(size1).ok_or(TreeError::SizeOutOfRange {
             requested: size1,
             current: log.events.len(),
@@ -816,7 +955,7 @@ impl AuditLog {
         size: u64,
     ) -> Result<Vec<Hash>, AuditError> {
         let log = self.log_for(ctx.tenant_id(), repo).await?;
-        let st = log.state.lock().await;
+        let st = log.lock_state().await;
         let size = checked_size(size, log.events.len())?;
         Ok(st.tree.range_proof(from, to, size)?)
     }
@@ -906,7 +1045,7 @@ impl AuditLog {
         let note = self.sign(&log, 0).await?.expect("a heartbeat always signs");
         let (cp, _) = open_checkpoint(&note, &self.inner.keyring, &log.origin)?;
         let (range, consistency) = {
-            let st = log.state.lock().await;
+            let st = log.lock_state().await;
             let tree_size = checked_size(cp.size, log.events.len())?;
             let range = st.tree.range_proof(from, to, tree_size)?;
             let consistency = match &since {
@@ -975,7 +1114,7 @@ impl AuditLog {
         };
         let (cp, _) = open_checkpoint(&covering, &self.inner.keyring, &log.origin)?;
         let hashes = {
-            let st = log.state.lock().await;
+            let st = log.lock_state().await;
             let (leaf, size) = leaf_and_size(seq, cp.size)?;
             st.tree.inclusion_proof(leaf, size)?
         };

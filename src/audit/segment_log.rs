@@ -564,43 +564,26 @@ impl SegmentLog {
     }
 
     fn check_payload(&self, payload: &[u8]) -> Result<(), Error> {
-        if payload.is_empty() {
-            return Err(Error::EmptyPayload);
-        }
-        let max = self.shared.max_record_bytes;
-        if payload.len() > max as usize {
-            return Err(Error::RecordTooLarge {
-                len: payload.len(),
-                max,
-            });
-        }
-        Ok(())
+        check_payload(payload, self.shared.max_record_bytes)
     }
 
-    /// Queues one record and returns a [`Pending`] that resolves to its sequence number once it is
-    /// durable. Records are committed in the order they are queued, so a caller that queues under
-    /// its own lock knows each record's sequence number before it is durable.
+    /// Takes a place in the writer's queue, waiting while the queue is full, so that the append
+    /// it is spent on ([`Slot::enqueue`]) never waits. A caller that queues under its own lock
+    /// reserves before taking the lock, and so never holds it across a wait.
     ///
     /// # Errors
-    /// As [`SegmentLog::append`], for the part before the wait.
-    pub async fn enqueue(&self, payload: Vec<u8>) -> Result<Pending, Error> {
-        self.check_payload(&payload)?;
-        self.queue(Payloads::One(payload)).await
-    }
-
-    /// Queues `payloads` as consecutive records, committed by the same sync, and returns a
-    /// [`Pending`] that resolves to the first one's sequence number once all are durable.
-    ///
-    /// # Errors
-    /// As [`SegmentLog::enqueue`]; [`Error::EmptyPayload`] for an empty batch too.
-    pub async fn enqueue_batch(&self, payloads: Vec<Vec<u8>>) -> Result<Pending, Error> {
-        if payloads.is_empty() {
-            return Err(Error::EmptyPayload);
-        }
-        for p in &payloads {
-            self.check_payload(p)?;
-        }
-        self.queue(Payloads::Many(payloads)).await
+    /// [`Error::Closed`] if the log was closed.
+    pub async fn reserve(&self) -> Result<Slot, Error> {
+        let permit = self
+            .tx
+            .clone()
+            .reserve_owned()
+            .await
+            .map_err(|_| Error::Closed)?;
+        Ok(Slot {
+            permit,
+            max_record_bytes: self.shared.max_record_bytes,
+        })
     }
 
     /// Hands checked payloads to the writer.
@@ -1443,7 +1426,60 @@ async fn writer_task(mut writer: Writer, mut rx: mpsc::Receiver<Command>, max_ba
     }
 }
 
-/// A queued record that is not yet known to be durable; see [`SegmentLog::enqueue`].
+fn check_payload(payload: &[u8], max: u32) -> Result<(), Error> {
+    if payload.is_empty() {
+        return Err(Error::EmptyPayload);
+    }
+    if payload.len() > max as usize {
+        return Err(Error::RecordTooLarge {
+            len: payload.len(),
+            max,
+        });
+    }
+    Ok(())
+}
+
+/// A place in a log's queue, from [`SegmentLog::reserve`]; dropping it gives the place back.
+pub struct Slot {
+    permit: mpsc::OwnedPermit<Command>,
+    max_record_bytes: u32,
+}
+
+impl fmt::Debug for Slot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Slot").finish_non_exhaustive()
+    }
+}
+
+impl Slot {
+    /// Queues `payloads` as consecutive records, committed by the same sync, without waiting, and
+    /// returns a [`Pending`] that resolves to the first one's sequence number once all are
+    /// durable. Records are committed in the order they are queued, so a caller that queues under
+    /// its own lock knows each record's sequence number before it is durable.
+    ///
+    /// # Errors
+    /// [`Error::EmptyPayload`] for an empty batch or payload, [`Error::RecordTooLarge`]; nothing
+    /// is queued then.
+    pub fn enqueue(self, mut payloads: Vec<Vec<u8>>) -> Result<Pending, Error> {
+        if payloads.is_empty() {
+            return Err(Error::EmptyPayload);
+        }
+        for p in &payloads {
+            check_payload(p, self.max_record_bytes)?;
+        }
+        let payloads = match payloads.len() {
+            1 => Payloads::One(payloads.pop().expect("one payload")),
+            _ => Payloads::Many(payloads),
+        };
+        let (done, rx) = oneshot::channel();
+        // A closed log fails the wait instead: the writer dropped the receiver, and with it this
+        // command and its `done`.
+        self.permit.send(Command::Append { payloads, done });
+        Ok(Pending(rx))
+    }
+}
+
+/// A queued record that is not yet known to be durable; see [`Slot::enqueue`].
 #[derive(Debug)]
 pub struct Pending(oneshot::Receiver<Result<u64, Error>>);
 
