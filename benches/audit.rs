@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use agentgate::app::Services;
 use agentgate::audit::bundle;
-use agentgate::audit::event::{encode, is_canonical, Envelope};
+use agentgate::audit::event::{encode, encode_unplaced, is_canonical, Envelope};
 use agentgate::audit::log::LogSink;
 use agentgate::audit::merkle::{
     leaf_hash, root_from_range, verify_consistency, verify_inclusion, Hash, LeafIndex,
@@ -49,6 +49,10 @@ struct Cfg {
     quick: bool,
     huge: bool,
     filter: Option<String>,
+    /// `--writers=N`: only this concurrency level in `appends`.
+    writers: Option<usize>,
+    /// `--kind=role|command|segment`: only this target in `appends`.
+    kind: Option<String>,
 }
 
 impl Cfg {
@@ -57,14 +61,24 @@ impl Cfg {
             quick: false,
             huge: false,
             filter: None,
+            writers: None,
+            kind: None,
         };
         for arg in std::env::args().skip(1) {
+            if let Some(n) = arg.strip_prefix("--writers=") {
+                cfg.writers = Some(n.parse().expect("--writers takes a number"));
+                continue;
+            }
+            if let Some(k) = arg.strip_prefix("--kind=") {
+                cfg.kind = Some(k.to_owned());
+                continue;
+            }
             match arg.as_str() {
                 "--quick" => cfg.quick = true,
                 "--huge" => cfg.huge = true,
                 "--help" | "-h" => {
                     println!(
-                        "usage: cargo bench --bench audit -- [FILTER] [--quick] [--huge]\ngroups: {}",
+                        "usage: cargo bench --bench audit -- [FILTER] [--quick] [--huge] [--writers=N] [--kind=role|command|segment]\ngroups: {}\n--writers and --kind narrow the appends group (for profiling one case)",
                         GROUPS.join(", ")
                     );
                     std::process::exit(0);
@@ -75,6 +89,14 @@ impl Cfg {
             }
         }
         cfg
+    }
+
+    fn wants_level(&self, writers: usize) -> bool {
+        self.writers.is_none_or(|w| w == writers)
+    }
+
+    fn wants_kind(&self, kind: &str) -> bool {
+        self.kind.as_deref().is_none_or(|k| k == kind)
     }
 
     fn wants(&self, group: &str) -> bool {
@@ -323,15 +345,36 @@ impl Target {
     }
 }
 
+/// CPU time (user + system, all threads) this process used so far, from /proc/self/stat.
+fn cpu_time() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are the 12th and 13th of them.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // USER_HZ is 100 on Linux.
+    Duration::from_millis((ticks(11) + ticks(12)) * 10)
+}
+
 /// What `writers` concurrent tasks achieved in one timed window.
 struct Window {
     events: u64,
     elapsed: Duration,
+    /// Process CPU time over the window.
+    cpu: Duration,
     /// Latency of every call, in nanoseconds.
     latencies: Vec<f64>,
 }
 
 async fn window(target: &Target, writers: usize, length: Duration) -> Window {
+    let cpu0 = cpu_time();
     let start = Instant::now();
     let deadline = start + length;
     let mut tasks = Vec::with_capacity(writers);
@@ -351,6 +394,7 @@ async fn window(target: &Target, writers: usize, length: Duration) -> Window {
     let mut out = Window {
         events: 0,
         elapsed: Duration::ZERO,
+        cpu: Duration::ZERO,
         latencies: Vec::new(),
     };
     for task in tasks {
@@ -359,6 +403,7 @@ async fn window(target: &Target, writers: usize, length: Duration) -> Window {
         out.latencies.extend(lat);
     }
     out.elapsed = start.elapsed();
+    out.cpu = cpu_time().saturating_sub(cpu0);
     out
 }
 
@@ -367,6 +412,10 @@ struct Throughput {
     rate: Summary,
     latency: Summary,
     events: u64,
+    /// CPU time per event (both cores), over all repetitions.
+    cpu_per_event: Duration,
+    /// Cores busy on average over the repetitions.
+    cores: f64,
 }
 
 async fn throughput(
@@ -380,27 +429,34 @@ async fn throughput(
     let mut rates = Vec::with_capacity(reps);
     let mut latencies = Vec::new();
     let mut events = 0;
+    let (mut cpu, mut wall) = (Duration::ZERO, Duration::ZERO);
     for _ in 0..reps {
         let w = window(target, writers, length).await;
         rates.push(w.events as f64 / w.elapsed.as_secs_f64());
         latencies.extend(w.latencies);
         events += w.events;
+        cpu += w.cpu;
+        wall += w.elapsed;
     }
     Throughput {
         rate: summarize(&rates),
         latency: summarize(&latencies),
         events,
+        cpu_per_event: cpu / events.max(1) as u32,
+        cores: cpu.as_secs_f64() / wall.as_secs_f64(),
     }
 }
 
 fn print_throughput(label: &str, writers: usize, t: &Throughput, extra: &str) {
     println!(
-        "{label:<34} {writers:>4} writers  {:>9} ev/s  [{} – {}]  p50 {:>9}  p99 {:>9}{extra}",
+        "{label:<34} {writers:>4} writers  {:>9} ev/s  [{} – {}]  p50 {:>9}  p99 {:>9}  cpu {:>8}/ev ({:.2} cores){extra}",
         fmt_count(t.rate.median),
         fmt_count(t.rate.min),
         fmt_count(t.rate.max),
         fmt_ns(t.latency.median),
         fmt_ns(t.latency.p99),
+        fmt_ns(ns(t.cpu_per_event)),
+        t.cores,
     );
 }
 
@@ -493,12 +549,27 @@ async fn bench_appends(cfg: &Cfg) {
         ));
     });
     print_latency("Envelope::from_ctx + event::encode", &all, &med, None);
+    // What the lock's section does of it now: the event is encoded before the lock, which fills
+    // in the sequence number and the time.
+    let env = Envelope::from_ctx(&product.ctx);
+    let unplaced = encode_unplaced(&env, &body(Kind::Role, 7));
+    let (all, med) = time_calls(reps, 20_000, || {
+        std::hint::black_box(unplaced.place(123_456, chrono::Utc::now()));
+    });
+    print_latency("Unplaced::place (under the lock)", &all, &med, None);
 
-    for (kind, label) in [
-        (Kind::Role, "AuditLog::append_with role.granted"),
-        (Kind::Command, "AuditLog::append_with command.recv"),
+    for (kind, name, label) in [
+        (Kind::Role, "role", "AuditLog::append_with role.granted"),
+        (
+            Kind::Command,
+            "command",
+            "AuditLog::append_with command.recv",
+        ),
     ] {
-        for &writers in levels {
+        if !cfg.wants_kind(name) {
+            continue;
+        }
+        for &writers in levels.iter().filter(|&&w| cfg.wants_level(w)) {
             let target = Target::Audit {
                 services: product.services.clone(),
                 ctx: product.ctx.clone(),
@@ -540,10 +611,13 @@ async fn bench_appends(cfg: &Cfg) {
     );
     product.close().await;
 
+    if !cfg.wants_kind("segment") {
+        return;
+    }
     let dir = bench_dir();
     let (log, _) = SegmentLog::open(dir.path().join("events"), SegmentOptions::default())
         .expect("the segment log opens");
-    for &writers in levels {
+    for &writers in levels.iter().filter(|&&w| cfg.wants_level(w)) {
         let target = Target::Segment {
             log: log.clone(),
             payload: Arc::clone(&payload),
@@ -560,7 +634,10 @@ async fn bench_appends(cfg: &Cfg) {
             &format!("  {per_sync:.1} records/fdatasync"),
         );
     }
-    for (writers, batch) in [(1, 64), (8, 64)] {
+    for (writers, batch) in [(1, 64), (8, 64)]
+        .into_iter()
+        .filter(|&(w, _)| cfg.wants_level(w))
+    {
         let target = Target::SegmentBatch {
             log: log.clone(),
             payload: Arc::clone(&payload),
