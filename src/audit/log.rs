@@ -1220,3 +1220,120 @@ impl From<CheckpointError> for AuditError {
         AuditError::Checkpoint(e.to_string())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::app::Services;
+    use crate::config::AuditOptions;
+    use crate::installation::{InstallSource, NewInstallation, Workspace};
+    use secrecy::SecretString;
+
+    async fn one_tenant(dir: &std::path::Path) -> (Services, TenantContext, TenantStore) {
+        let master = SecretString::from("42".repeat(32));
+        let services = Services::open(dir, Some(&master), &AuditOptions::default()).unwrap();
+        let install = NewInstallation {
+            workspace: Workspace::slack_team(None, "T0LOCK").unwrap(),
+            app_id: "A0TEST".into(),
+            bot_user_id: None,
+            bot_token: Some("xoxb-test".to_owned().into()),
+            refresh_token: None,
+            token_expires_at: None,
+            scopes: vec![],
+            installer: PrincipalId::qualified("slack", "U0OWNER").unwrap(),
+            source: InstallSource::OAuth,
+        };
+        let tenant = services
+            .tenants
+            .install(install, "lock test", None)
+            .await
+            .unwrap()
+            .tenant;
+        let ctx = services.tenants.operator_context(&tenant).unwrap();
+        let repo = services.store.for_tenant(&ctx).unwrap();
+        (services, ctx, repo)
+    }
+
+    fn command() -> EventBody {
+        EventBody::CommandReceived {
+            platform: "slack".into(),
+            kind: "slash_command".into(),
+            text_sha256: "00".repeat(32),
+        }
+    }
+
+    fn inbox_len(log: &TenantLog) -> usize {
+        log.inbox.lock().unwrap().len()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn appends_left_while_the_lock_is_held_are_placed_when_it_is_let_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let (services, ctx, repo) = one_tenant(dir.path()).await;
+        let audit = services.audit.clone();
+        let log = audit.log_for(ctx.tenant_id(), repo.clone()).await.unwrap();
+        let before = log.events.len();
+
+        // A reader holds the lock (as a proof or a checkpoint would) while 64 appends arrive.
+        let guard = log.lock_state().await;
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..64 {
+            let (audit, ctx, repo) = (audit.clone(), ctx.clone(), repo.clone());
+            tasks.spawn(async move { audit.append_with(&ctx, repo, command()).await });
+        }
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while inbox_len(&log) < 64 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+        .await
+        .expect("every append leaves its request in the inbox");
+        assert!(
+            tasks.try_join_next().is_none(),
+            "nothing placed under a held lock"
+        );
+        assert_eq!(log.events.len(), before);
+
+        // Letting the lock go places them all, in one dense run, without anyone queueing for it.
+        drop(guard);
+        let mut seqs = Vec::new();
+        while let Some(done) = tokio::time::timeout(Duration::from_secs(10), tasks.join_next())
+            .await
+            .expect("every append completes")
+        {
+            seqs.push(done.unwrap().unwrap());
+        }
+        seqs.sort_unstable();
+        assert_eq!(seqs, (before..before + 64).collect::<Vec<_>>());
+        assert_eq!(inbox_len(&log), 0);
+        assert_eq!(log.events.len(), before + 64);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_append_dropped_before_it_is_placed_is_not_appended() {
+        let dir = tempfile::tempdir().unwrap();
+        let (services, ctx, repo) = one_tenant(dir.path()).await;
+        let audit = services.audit.clone();
+        let log = audit.log_for(ctx.tenant_id(), repo.clone()).await.unwrap();
+        let before = log.events.len();
+
+        let guard = log.lock_state().await;
+        let mut append = Box::pin(audit.append_with(&ctx, repo.clone(), command()));
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), &mut append)
+                .await
+                .is_err(),
+            "the append waits for the lock's holder"
+        );
+        assert_eq!(inbox_len(&log), 1);
+        drop(append);
+        drop(guard);
+        assert_eq!(inbox_len(&log), 0, "the holder let the request go");
+        assert_eq!(log.events.len(), before, "and did not append it");
+        // The next append takes the sequence number the dropped one would have had.
+        assert_eq!(
+            audit.append_with(&ctx, repo, command()).await.unwrap(),
+            before
+        );
+    }
+}
