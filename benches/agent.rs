@@ -1,7 +1,8 @@
 //! The agent loop's own overhead per tool call (gate, budget, quota reservation, audit appends,
 //! checkpoints), with a planner and a tool that cost nothing. Results go in docs/PERFORMANCE.md.
 //!
-//! `cargo bench --bench agent` (add `-- --quick` for a short run).
+//! `cargo bench --bench agent` (add `-- --quick` for a short run; `-- --concurrency=N --rounds=N`
+//! runs one level only, for profiling).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -79,6 +80,14 @@ fn median(mut v: Vec<f64>) -> f64 {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
+    // For profiling one case: `--concurrency=N` runs only that level, `--rounds=N` that many rounds.
+    let flag = |name: &str| {
+        std::env::args()
+            .find_map(|a| a.strip_prefix(name).map(str::to_owned))
+            .map(|v| v.parse::<usize>().expect("a number"))
+    };
+    let only = flag("--concurrency=");
+    let rounds_flag = flag("--rounds=");
     let calls_per_run = 10;
     let dir = tempfile::tempdir().unwrap();
     let s = Services::open(
@@ -167,8 +176,11 @@ async fn main() {
         "{:>12} {:>10} {:>16} {:>18} {:>14}",
         "concurrency", "runs", "µs/call latency", "µs/call amortised", "CPU µs/call"
     );
-    for &concurrency in &[1usize, 8, 32] {
-        let rounds = if quick { 3 } else { 10 };
+    for &concurrency in [1usize, 8, 32]
+        .iter()
+        .filter(|&&c| only.is_none_or(|o| o == c))
+    {
+        let rounds = rounds_flag.unwrap_or(if quick { 3 } else { 10 });
         let mut lat = Vec::new();
         let mut amort = Vec::new();
         let cpu_before = cpu_us();
@@ -207,6 +219,10 @@ async fn main() {
             median(amort),
             cpu
         );
+    }
+    if only.is_some() {
+        // Profiling one level: leave the decision timing out of the profile.
+        return;
     }
     // The decision part alone: schema validation, the Cedar gate and the quota reservation, which
     // is what the loop adds per call besides its durable writes.
