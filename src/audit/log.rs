@@ -1,12 +1,14 @@
 //! The per-tenant audit log: a durable segment file per tenant (the source of truth), an RFC 9162
 //! Merkle tree over its records (node hashes indexed in the store), and signed checkpoints.
 //!
-//! An append assigns the next sequence number, encodes the event, queues it to the tenant's segment
-//! log and extends the tree, all under the tenant's lock so that queue order is sequence order; it
-//! then waits, outside the lock, until the record is `fdatasync`ed together with its group. Only then
-//! does the caller go on to the effect the event records.
+//! An append encodes the event (all but its sequence number and time) and takes its place in the
+//! segment log's queue on its own, then leaves it in the tenant's inbox; whoever holds the tenant's
+//! lock next assigns the sequence number, fills it in, extends the tree and queues the record, for
+//! every waiting append at once, so that queue order is sequence order. The appender then waits,
+//! outside the lock, until the record is `fdatasync`ed together with its group. Only then does the
+//! caller go on to the effect the event records.
 //!
-//! On open, the tree index (which lives in sled and is not itself synced to disk) is reconciled with
+//! On open, the tree index (plain node files, not themselves synced to disk) is reconciled with
 //! the segment log: an index behind the log is caught up from the log's records, an index ahead of it
 //! is cut back; then the tree must reproduce the root of the last signed checkpoint.
 

@@ -20,11 +20,17 @@
 //! followed by an `fsync` of the directory so the file's name is durable too. Readers only ever
 //! see records that are already durable.
 //!
+//! The writer keeps zeroed space, written and synced, ahead of the active segment's end
+//! ([`Options::preallocate_bytes`]), so that a batch's `fdatasync` writes its data only instead of
+//! also recording a new file size and block allocation. A sealed segment is trimmed to its frames.
+//!
 //! # Recovery
 //!
-//! [`SegmentLog::open`] validates every frame. A damaged tail of the *last* segment (short header,
-//! short payload, bad checksum, zero length) is what a crash during an unacknowledged write leaves
-//! behind, so it is cut off and reported in [`RecoveryReport`]. Damage anywhere else (a non-last
+//! [`SegmentLog::open`] validates every frame. Zeros after the last frame of a segment are unused
+//! space (allocated ahead, or a write that never reached the disk): they are kept and are not a
+//! torn tail. Any other damaged tail of the *last* segment (short header, short payload, bad
+//! checksum, a zero length followed by something that is not zero) is what a crash during an
+//! unacknowledged write leaves behind, so it is cut off and reported in [`RecoveryReport`]. Damage anywhere else (a non-last
 //! segment, a missing segment, or a bad frame in the last segment that is followed by a valid one)
 //! cannot come from a torn write and is returned as an error instead of being dropped.
 //!
@@ -237,7 +243,7 @@ impl Options {
 pub enum TailDamage {
     /// Fewer than [`HEADER_LEN`] bytes remained for a header.
     ShortHeader,
-    /// The header's length field is zero, as in a zero-filled region.
+    /// The header's length field is zero, and what follows is not all zeros.
     ZeroLength,
     /// The header promises more payload bytes than the file holds.
     ShortPayload,
