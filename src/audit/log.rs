@@ -1231,7 +1231,10 @@ mod tests {
     use crate::installation::{InstallSource, NewInstallation, Workspace};
     use secrecy::SecretString;
 
-    async fn one_tenant(dir: &std::path::Path) -> (Services, TenantContext, TenantStore) {
+    /// Services over `dir` with one tenant, and that tenant's open log.
+    async fn one_tenant(
+        dir: &std::path::Path,
+    ) -> (AuditLog, TenantContext, TenantStore, Arc<TenantLog>) {
         let master = SecretString::from("42".repeat(32));
         let services = Services::open(dir, Some(&master), &AuditOptions::default()).unwrap();
         let install = NewInstallation {
@@ -1253,7 +1256,12 @@ mod tests {
             .tenant;
         let ctx = services.tenants.operator_context(&tenant).unwrap();
         let repo = services.store.for_tenant(&ctx).unwrap();
-        (services, ctx, repo)
+        let log = services
+            .audit
+            .log_for(ctx.tenant_id(), repo.clone())
+            .await
+            .unwrap();
+        (services.audit, ctx, repo, log)
     }
 
     fn command() -> EventBody {
@@ -1271,9 +1279,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn appends_left_while_the_lock_is_held_are_placed_when_it_is_let_go() {
         let dir = tempfile::tempdir().unwrap();
-        let (services, ctx, repo) = one_tenant(dir.path()).await;
-        let audit = services.audit.clone();
-        let log = audit.log_for(ctx.tenant_id(), repo.clone()).await.unwrap();
+        let (audit, ctx, repo, log) = one_tenant(dir.path()).await;
         let before = log.events.len();
 
         // A reader holds the lock (as a proof or a checkpoint would) while 64 appends arrive.
@@ -1314,9 +1320,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_append_dropped_before_it_is_placed_is_not_appended() {
         let dir = tempfile::tempdir().unwrap();
-        let (services, ctx, repo) = one_tenant(dir.path()).await;
-        let audit = services.audit.clone();
-        let log = audit.log_for(ctx.tenant_id(), repo.clone()).await.unwrap();
+        let (audit, ctx, repo, log) = one_tenant(dir.path()).await;
         let before = log.events.len();
 
         let guard = log.lock_state().await;
