@@ -30,9 +30,10 @@
 //! space (allocated ahead, or a write that never reached the disk): they are kept and are not a
 //! torn tail. Any other damaged tail of the *last* segment (short header, short payload, bad
 //! checksum, a zero length followed by something that is not zero) is what a crash during an
-//! unacknowledged write leaves behind, so it is cut off and reported in [`RecoveryReport`]. Damage anywhere else (a non-last
-//! segment, a missing segment, or a bad frame in the last segment that is followed by a valid one)
-//! cannot come from a torn write and is returned as an error instead of being dropped.
+//! unacknowledged write leaves behind, so it is cut off and reported in [`RecoveryReport`]. Damage
+//! anywhere else (a non-last segment, a missing segment, or a bad frame in the last segment that is
+//! followed by a valid one) cannot come from a torn write and is returned as an error instead of
+//! being dropped.
 //!
 //! # Ownership
 //!
