@@ -112,8 +112,19 @@ struct TenantLog {
 
 impl TenantLog {
     /// Takes the tree's lock; see [`StateGuard`].
+    ///
+    /// tokio's mutex hands the lock straight to the next queued waiter, so while that waiter has
+    /// not run, appenders' `try_lock` fails and they leave their requests to it. A waiter dropped
+    /// before it ran (a proof request whose client went away) hands the lock back without any
+    /// `StateGuard`; [`Waiting`] then places what was left, so nothing stays in the inbox.
     async fn lock_state(&self) -> StateGuard<'_> {
-        StateGuard::new(self, self.state.lock().await)
+        let mut waiting = Waiting {
+            log: self,
+            lock: Some(Box::pin(self.state.lock())),
+        };
+        let guard = waiting.lock.as_mut().expect("set above").await;
+        waiting.lock = None;
+        StateGuard::new(self, guard)
     }
 
     /// Places every request in the tenant's inbox: assigns sequence numbers, fills them and the
@@ -176,6 +187,42 @@ impl TenantLog {
             due: st.since_checkpoint >= self.checkpoint_every,
             kept,
         })
+    }
+}
+
+/// A [`TenantLog::lock_state`] call waiting for the lock. Dropped before it got the lock, it drops
+/// its place in the queue first (which gives back the lock if it had just been handed over) and
+/// then places whatever appends were left waiting.
+struct Waiting<'a> {
+    log: &'a TenantLog,
+    /// The pending acquisition; `None` once the lock was taken.
+    lock: Option<
+        std::pin::Pin<
+            Box<
+                dyn std::future::Future<Output = tokio::sync::MutexGuard<'a, TreeState>>
+                    + Send
+                    + 'a,
+            >,
+        >,
+    >,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        if self.lock.take().is_none() {
+            return;
+        }
+        let waiting = !self
+            .log
+            .inbox
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty();
+        if waiting {
+            if let Ok(st) = self.log.state.try_lock() {
+                drop(StateGuard::new(self.log, st));
+            }
+        }
     }
 }
 
@@ -1315,6 +1362,40 @@ mod tests {
         assert_eq!(seqs, (before..before + 64).collect::<Vec<_>>());
         assert_eq!(inbox_len(&log), 0);
         assert_eq!(log.events.len(), before + 64);
+    }
+
+    /// tokio hands a released lock to the next queued waiter; if that waiter is dropped before it
+    /// runs, an append that found the lock taken in between must still be placed.
+    #[tokio::test(flavor = "current_thread")]
+    async fn appends_left_to_a_waiter_that_went_away_are_placed() {
+        use futures_util::FutureExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let (audit, ctx, repo, log) = one_tenant(dir.path()).await;
+        let before = log.events.len();
+
+        let guard = log.lock_state().await;
+        // A reader queues for the lock.
+        let queued = {
+            let log = Arc::clone(&log);
+            tokio::spawn(async move {
+                let _st = log.lock_state().await;
+            })
+        };
+        tokio::task::yield_now().await;
+        // The lock goes to the reader, which cannot run before this task yields (one thread).
+        drop(guard);
+        // An append arrives now: the lock is the reader's, so it leaves its request and waits.
+        let mut append = Box::pin(audit.append_with(&ctx, repo, command()));
+        assert!((&mut append).now_or_never().is_none());
+        assert_eq!(inbox_len(&log), 1);
+        // The reader goes away without running.
+        queued.abort();
+        let seq = tokio::time::timeout(Duration::from_secs(5), append)
+            .await
+            .expect("the append is placed although the waiter left")
+            .unwrap();
+        assert_eq!(seq, before);
+        assert!(queued.await.unwrap_err().is_cancelled());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
