@@ -843,3 +843,22 @@ async fn sealed_segments_are_trimmed_and_zeros_left_by_a_crash_are_accepted() {
         Err(Error::Corrupt { offset, .. }) if offset == 2 * FRAME_LEN
     ));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_place_reserved_before_close_fails_its_append_instead_of_hanging() {
+    let dir = tempfile::tempdir().unwrap();
+    let (log, _) = SegmentLog::open(dir.path(), Options::default()).unwrap();
+    assert_eq!(log.append(fixed_payload(0)).await.unwrap(), 0);
+    let slot = log.reserve().await.unwrap();
+    log.close().await.unwrap();
+    assert!(matches!(log.reserve().await, Err(Error::Closed)));
+    let pending = slot.enqueue(vec![fixed_payload(1)]).unwrap();
+    let waited = tokio::time::timeout(std::time::Duration::from_secs(5), pending.durable())
+        .await
+        .expect("the append fails rather than waiting forever");
+    assert!(matches!(waited, Err(Error::Closed)), "{waited:?}");
+    drop(log);
+    let (log, report) = SegmentLog::open(dir.path(), Options::default()).unwrap();
+    assert_eq!(report.records, 1, "the failed append was not written");
+    log.close().await.unwrap();
+}

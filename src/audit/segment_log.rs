@@ -1415,12 +1415,25 @@ async fn writer_task(mut writer: Writer, mut rx: mpsc::Receiver<Command>, max_ba
                 rx = r;
                 cmds = c;
             }
-            Ok((w, r, _, Some(closers))) => {
+            Ok((w, mut r, _, Some(closers))) => {
                 // Close the files and the queue before telling `close()` callers we are done.
                 drop(w);
-                drop(r);
+                r.close();
                 for done in closers {
                     let _ = done.send(());
+                }
+                // A place reserved before the close may still be spent on an append
+                // (`Slot::enqueue` cannot fail then): fail those until every place is given back,
+                // or their callers would wait forever.
+                while let Some(cmd) = r.recv().await {
+                    match cmd {
+                        Command::Append { done, .. } => {
+                            let _ = done.send(Err(Error::Closed));
+                        }
+                        Command::Close { done } => {
+                            let _ = done.send(());
+                        }
+                    }
                 }
                 return;
             }
@@ -1479,8 +1492,8 @@ impl Slot {
             _ => Payloads::Many(payloads),
         };
         let (done, rx) = oneshot::channel();
-        // A closed log fails the wait instead: the writer dropped the receiver, and with it this
-        // command and its `done`.
+        // On a closed log the writer, which keeps receiving until every reserved place is given
+        // back, fails the append, so the wait ends with `Error::Closed`.
         self.permit.send(Command::Append { payloads, done });
         Ok(Pending(rx))
     }
