@@ -159,16 +159,27 @@ impl TenantLog {
         let first = st.next_seq;
         // Taken under the lock, so that times never go back as sequence numbers go up.
         let now = Utc::now();
-        let mut records = Vec::with_capacity(events.len());
-        for (i, event) in events.iter().enumerate() {
-            let bytes = event.place(first + i as u64, now);
+        let records: Vec<Vec<u8>> = events
+            .iter()
+            .enumerate()
+            .map(|(i, event)| event.place(first + i as u64, now))
+            .collect();
+        // Refused before the tree is touched, so an oversized event leaves the log as it was.
+        let max = self.events.max_record_bytes();
+        if let Some(big) = records.iter().find(|r| r.len() > max as usize) {
+            return Err(segment_log::Error::RecordTooLarge {
+                len: big.len(),
+                max,
+            }
+            .into());
+        }
+        for bytes in &records {
             // The tree leads the queue by at most this batch: if queueing fails below, the log is
             // marked broken and refuses appends until a reopen reconciles the two.
-            if let Err(e) = st.tree.append(&bytes) {
+            if let Err(e) = st.tree.append(bytes) {
                 st.broken = true;
                 return Err(e.into());
             }
-            records.push(bytes);
         }
         let kept = if keep { records.clone() } else { Vec::new() };
         let n = records.len() as u64;
@@ -1396,6 +1407,34 @@ mod tests {
             .unwrap();
         assert_eq!(seq, before);
         assert!(queued.await.unwrap_err().is_cancelled());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_oversized_event_is_refused_and_the_log_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let (audit, ctx, repo, log) = one_tenant(dir.path()).await;
+        let before = log.events.len();
+        let huge = EventBody::RoleGranted {
+            principal: "x".repeat(log.events.max_record_bytes() as usize),
+            role: "member".into(),
+        };
+        let err = audit
+            .append_with(&ctx, repo.clone(), huge)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                AuditError::Segment(segment_log::Error::RecordTooLarge { .. })
+            ),
+            "{err:?}"
+        );
+        // Nothing was appended, the sequence number was not spent, and the log is not broken.
+        assert_eq!(log.events.len(), before);
+        assert_eq!(
+            audit.append_with(&ctx, repo, command()).await.unwrap(),
+            before
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -635,6 +635,11 @@ impl SegmentLog {
         }
     }
 
+    /// The largest payload an append accepts ([`Options::max_record_bytes`]).
+    pub fn max_record_bytes(&self) -> u32 {
+        self.shared.max_record_bytes
+    }
+
     /// Number of durable records, which is also the next sequence number to be assigned.
     pub fn len(&self) -> u64 {
         self.shared.len.load(Ordering::Acquire)
