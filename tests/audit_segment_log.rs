@@ -862,3 +862,50 @@ async fn a_place_reserved_before_close_fails_its_append_instead_of_hanging() {
     assert_eq!(report.records, 1, "the failed append was not written");
     log.close().await.unwrap();
 }
+
+/// An unsynced batch written into zeroed space can reach the disk sector by sector in any order:
+/// a later frame whole, an earlier one with a sector still zero. That is a torn tail, not damage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_with_a_zero_sector_before_a_whole_one_is_a_torn_tail() {
+    let dir = tempfile::tempdir().unwrap();
+    let payload = |i: u64| {
+        let mut p = format!("big-{i:04}-").into_bytes();
+        p.resize(2000, b'a' + i as u8);
+        p
+    };
+    let (log, _) = SegmentLog::open(dir.path(), exact_files()).unwrap();
+    for i in 0..5 {
+        log.append(payload(i)).await.unwrap();
+    }
+    log.close().await.unwrap();
+    let frame = (HEADER_LEN + 2000) as u64;
+    let seg = seg_path(dir.path(), 0);
+    // The aligned sector inside record 3's payload never reached the disk; record 4 did.
+    let sector = (3 * frame + HEADER_LEN as u64).next_multiple_of(512);
+    assert!(sector + 512 <= 4 * frame);
+    let f = OpenOptions::new().write(true).open(&seg).unwrap();
+    f.write_all_at(&[0u8; 512], sector).unwrap();
+    drop(f);
+    let (log, report) = SegmentLog::open(dir.path(), exact_files()).unwrap();
+    let torn = report.torn_tail.expect("reported as a torn tail");
+    assert_eq!((report.records, torn.offset), (3, 3 * frame));
+    assert_eq!(torn.damage, TailDamage::BadChecksum);
+    assert_eq!(
+        log.read_range(0, 3).unwrap(),
+        (0..3).map(payload).collect::<Vec<_>>()
+    );
+    log.close().await.unwrap();
+
+    // One flipped byte in the same place, with no zero sector, is still damage.
+    let dir = tempfile::tempdir().unwrap();
+    let (log, _) = SegmentLog::open(dir.path(), exact_files()).unwrap();
+    for i in 0..5 {
+        log.append(payload(i)).await.unwrap();
+    }
+    log.close().await.unwrap();
+    flip_byte(&seg_path(dir.path(), 0), sector + 7);
+    assert!(matches!(
+        SegmentLog::open(dir.path(), exact_files()),
+        Err(Error::Corrupt { offset, .. }) if offset == 3 * frame
+    ));
+}

@@ -33,7 +33,8 @@
 //! unacknowledged write leaves behind, so it is cut off and reported in [`RecoveryReport`]. Damage
 //! anywhere else (a non-last segment, a missing segment, or a bad frame in the last segment that is
 //! followed by a valid one) cannot come from a torn write and is returned as an error instead of
-//! being dropped.
+//! being dropped; except that a bad frame holding a whole zeroed sector is torn even then (an
+//! unsynced batch in zeroed space may reach the disk out of order; see `valid_frame_after`).
 //!
 //! # Ownership
 //!
@@ -944,10 +945,26 @@ fn scan_segment(file: &File, path: &Path) -> Result<Scan, Error> {
 /// acknowledged record in the middle was damaged (e.g. a flipped payload or CRC bit) and cutting
 /// the tail would silently drop acknowledged records after it. A damaged *length* field cannot be
 /// told apart from a torn tail this way.
+///
+/// One exception: a bad frame holding a whole zeroed sector (512 bytes, aligned) is taken as torn
+/// even if valid frames follow. A batch written into zeroed space and not yet synced can reach the
+/// disk in any order, sector by sector, so a crash may leave a later frame whole and an earlier
+/// one partly zero; no acknowledged record was in that batch. Event payloads are JSON text, which
+/// holds no zero byte, so damage to an acknowledged event still shows as corruption.
 fn valid_frame_after(file: &File, path: &Path, bad: u64, file_len: u64) -> Result<bool, Error> {
     let mut at = bad;
     let mut header = [0u8; HEADER_LEN];
     let mut payload = Vec::new();
+    if file_len - bad < HEADER_LEN as u64 {
+        return Ok(false);
+    }
+    file.read_exact_at(&mut header, at)
+        .map_err(io_err("read", path))?;
+    let (len, _) = parse_header(&header);
+    let frame_end = (bad + HEADER_LEN as u64 + u64::from(len)).min(file_len);
+    if holds_zero_sector(file, path, bad, frame_end)? {
+        return Ok(false);
+    }
     loop {
         if file_len - at < HEADER_LEN as u64 {
             return Ok(false);
@@ -968,6 +985,24 @@ fn valid_frame_after(file: &File, path: &Path, bad: u64, file_len: u64) -> Resul
         }
         at += HEADER_LEN as u64 + u64::from(len);
     }
+}
+
+/// Sector size assumed for torn writes: the smallest unit a disk writes whole.
+const SECTOR: u64 = 512;
+
+/// Whether `from..to` of `file` contains an aligned sector of zeros.
+fn holds_zero_sector(file: &File, path: &Path, from: u64, to: u64) -> Result<bool, Error> {
+    let mut sector = from.next_multiple_of(SECTOR);
+    let mut buf = [0u8; SECTOR as usize];
+    while sector + SECTOR <= to {
+        file.read_exact_at(&mut buf, sector)
+            .map_err(io_err("read", path))?;
+        if buf.iter().all(|&b| b == 0) {
+            return Ok(true);
+        }
+        sector += SECTOR;
+    }
+    Ok(false)
 }
 
 /// Whether the bytes `from..to` of `file` are all zero.
