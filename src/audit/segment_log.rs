@@ -1269,22 +1269,29 @@ impl Writer {
             .next_multiple_of(4096)
             .min(self.segment_bytes);
         let mut at = start;
-        let zeroed = (|| {
+        let written = (|| {
             while at < end {
                 let n = (end - at).min(ZEROS.len() as u64) as usize;
                 self.file.write_all_at(&ZEROS[..n], at)?;
                 at += n as u64;
             }
-            self.file.sync_data()
+            Ok::<(), io::Error>(())
         })();
-        match zeroed {
+        if written.is_ok() {
+            // A failed sync is the disk reporting an error, as for a batch: the writer stops.
+            if let Err(e) = self.file.sync_data() {
+                self.poison(io_err("fdatasync", &self.path.clone())(e));
+                return;
+            }
+        }
+        match written {
             Ok(()) => {
                 self.alloc_end = end;
                 Counters::add(&self.shared.counters.preallocations, 1);
             }
             Err(e) => {
-                // Nothing acknowledged depends on these zeros: appends go on growing the file,
-                // only slower. Recovery treats any zeros left behind as unused space.
+                // Nothing acknowledged depends on these zeros (a full disk, say): appends go on
+                // growing the file, only slower. Recovery treats any zeros left as unused space.
                 tracing::warn!(error = %e, path = %self.path.display(), "could not preallocate audit log space; appends grow the file instead");
                 self.preallocate_bytes = 0;
                 self.alloc_end = self.len;
