@@ -269,6 +269,10 @@ impl std::ops::DerefMut for StateGuard<'_> {
 }
 
 impl Drop for StateGuard<'_> {
+    /// The loop has no bound, and needs none to end: each round places what arrived during the
+    /// one before, at well under 2 µs an event, and an appender has one request in flight at a
+    /// time, so the rounds shrink unless appends arrive faster than they can be placed. It cannot
+    /// stop early either: an appender that found the lock taken relies on its holder.
     fn drop(&mut self) {
         let log = self.log;
         let mut held = self.guard.take();
