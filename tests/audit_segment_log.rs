@@ -772,7 +772,7 @@ async fn zeroed_space_is_kept_ahead_and_written_over() {
 async fn zeroed_space_grows_with_the_segment_and_stops_at_the_roll() {
     let dir = tempfile::tempdir().unwrap();
     let opts = Options {
-        segment_bytes: 300 << 10,
+        segment_bytes: 200 << 10,
         ..Options::default()
     };
     let (log, _) = SegmentLog::open(dir.path(), opts.clone()).unwrap();
@@ -783,16 +783,22 @@ async fn zeroed_space_grows_with_the_segment_and_stops_at_the_roll() {
         .unwrap();
     log.append(fixed_payload(n)).await.unwrap();
     let len = fs::metadata(seg_path(dir.path(), 0)).unwrap().len();
-    // After the batch the segment held 100 KiB, so the region became 128 KiB past its end; the
-    // append after it found more than half of that left.
-    assert_eq!(len, n * FRAME_LEN + (128 << 10), "zeroed to {len}");
-    // Fill past the roll threshold: the zeroed space never reaches beyond it.
-    let m = (200 << 10) / FRAME_LEN;
+    // After the batch the segment held 100 KiB, so the region became 128 KiB past its end, cut
+    // at the 200 KiB roll threshold; the append after it found more than half of that left.
+    assert_eq!(len, 200 << 10, "zeroed to {len}");
+    assert_eq!(
+        log.stats().preallocations,
+        1,
+        "one region, sized after the first batch"
+    );
+    // Past the roll threshold the sealed segment keeps its frames only.
+    let m = (120 << 10) / FRAME_LEN;
     log.append_batch((n + 1..n + 1 + m).map(fixed_payload).collect())
         .await
         .unwrap();
-    let len = fs::metadata(seg_path(dir.path(), 0)).unwrap().len();
-    assert!(len <= 300 << 10, "zeroed past the roll threshold: {len}");
+    let sealed = fs::metadata(seg_path(dir.path(), 0)).unwrap().len();
+    assert_eq!(sealed % FRAME_LEN, 0, "trimmed to whole frames: {sealed}");
+    assert!(sealed <= 200 << 10);
     log.close().await.unwrap();
 }
 
