@@ -381,7 +381,12 @@ pub struct Unplaced {
 impl Unplaced {
     /// The event's leaf bytes at `seq` and `time`: exactly [`encode`]`(env, seq, time, body)`.
     pub fn place(&self, seq: u64, time: DateTime<Utc>) -> Vec<u8> {
-        let time = format_time(time);
+        self.place_at(seq, &format_time(time))
+    }
+
+    /// [`Unplaced::place`] with the time already formatted ([`format_time`]), so that the events
+    /// of one append, which share their time, format it once under the log's lock.
+    pub fn place_at(&self, seq: u64, time: &str) -> Vec<u8> {
         let mut out = Vec::with_capacity(
             self.head.len() + 20 + self.mid.len() + time.len() + self.tail.len(),
         );

@@ -158,11 +158,11 @@ impl TenantLog {
         }
         let first = st.next_seq;
         // Taken under the lock, so that times never go back as sequence numbers go up.
-        let now = Utc::now();
+        let now = event::format_time(Utc::now());
         let records: Vec<Vec<u8>> = events
             .iter()
             .enumerate()
-            .map(|(i, event)| event.place(first + i as u64, now))
+            .map(|(i, event)| event.place_at(first + i as u64, &now))
             .collect();
         // Refused before the tree is touched, so an oversized event leaves the log as it was.
         let max = self.events.max_record_bytes();
