@@ -26,7 +26,7 @@ use super::checkpoint::{
 use super::event::{self, Envelope, EventBody};
 use super::merkle::{Hash, LeafIndex, Tree, TreeError, TreeSize};
 use super::nodes::NodeFiles;
-use super::projection::{month_of, run_transition, usage_delta, Projections, Usage};
+use super::projection::{month_of, run_transition, usage_delta, Projections, UsageDeltas};
 use super::segment_log::{self, Pending, SegmentLog};
 use super::{bundle, AuditError, AuditSink};
 use crate::store::TenantStore;
@@ -536,7 +536,7 @@ impl AuditLog {
             log.folded.fetch_max(head, Ordering::AcqRel);
             return Ok(());
         }
-        let mut usage: std::collections::BTreeMap<String, Usage> = Default::default();
+        let mut usage = UsageDeltas::default();
         let mut runs = Vec::new();
         let mut members = Vec::new();
         let in_memory = match known {
@@ -573,8 +573,7 @@ impl AuditLog {
             let v: serde_json::Value = serde_json::from_slice(&bytes)
                 .map_err(|e| recovery(&log.tenant, format!("event {seq} does not parse: {e}")))?;
             if let Some(delta) = usage_delta(&v) {
-                let month = month_of(v["time"].as_str().unwrap_or_default()).to_owned();
-                usage.entry(month).or_default().add(&delta);
+                usage.push(month_of(v["time"].as_str().unwrap_or_default()), seq, delta);
             }
             if let Some(state) = run_transition(&v) {
                 runs.push((v["run_id"].as_str().unwrap_or_default().to_owned(), state));

@@ -32,6 +32,51 @@ impl Usage {
     }
 }
 
+/// The usage deltas of one fold of events, by month, each with its event's sequence number.
+///
+/// A store adds to a month's total only the deltas of events its record has not taken in yet
+/// (`from` in [`UsageDeltas::since`]), so that folding the same events again after a crash, in one
+/// range or another, counts each event once; see `store::ProjectionRepo::apply_projection`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct UsageDeltas(BTreeMap<String, Vec<(u64, Usage)>>);
+
+impl UsageDeltas {
+    /// Records the usage of event `seq`, in `month`; events come in sequence order.
+    pub fn push(&mut self, month: &str, seq: u64, delta: Usage) {
+        match self.0.get_mut(month) {
+            Some(v) => v.push((seq, delta)),
+            None => {
+                self.0.insert(month.to_owned(), vec![(seq, delta)]);
+            }
+        }
+    }
+
+    /// The months with usage.
+    pub fn months(&self) -> impl Iterator<Item = &str> {
+        self.0.keys().map(String::as_str)
+    }
+
+    /// The sum of `month`'s deltas from events `from` and later.
+    pub fn since(&self, month: &str, from: u64) -> Usage {
+        let mut total = Usage::default();
+        for (_, d) in self
+            .0
+            .get(month)
+            .into_iter()
+            .flatten()
+            .filter(|(seq, _)| *seq >= from)
+        {
+            total.add(d);
+        }
+        total
+    }
+
+    /// Whether there is no usage at all.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
 /// Where a run stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -17,7 +17,7 @@ use super::{
     SettingsRepo, StoreError, TenantRepos, TenantSummary, ToolGrantRepo, Turn, WebhookTool,
     WebhookToolRepo,
 };
-use crate::audit::projection::{RunState, Usage};
+use crate::audit::projection::{RunState, Usage, UsageDeltas};
 use crate::crypto::Cipher;
 use crate::installation::{Installation, InstallationId};
 use crate::tenant::{PrincipalId, Role, TenantId, TenantSettings, ToolGrant};
@@ -219,6 +219,17 @@ impl DedupeRepo for SledTenant {
     }
 }
 
+/// A month's usage and the head of the fold that last wrote it: every event before `through` is
+/// in `value`. Records written before `through` existed read as 0, which is right: they hold only
+/// events before the projection head, where every fold starts.
+#[derive(Default, Serialize, Deserialize)]
+struct UsageRecord {
+    v: u32,
+    value: Usage,
+    #[serde(default)]
+    through: u64,
+}
+
 /// A versioned wrapper for records that are plain serde values.
 #[derive(Serialize, Deserialize)]
 struct Versioned<T> {
@@ -400,42 +411,66 @@ impl ProjectionRepo for SledTenant {
 
     fn apply_projection(
         &self,
-        usage: &std::collections::BTreeMap<String, Usage>,
+        usage: &UsageDeltas,
         runs: &[(String, RunState)],
         members: &[(PrincipalId, Option<Role>)],
         head: u64,
     ) -> Result<()> {
         // The audit log folds events in under its own lock, so read-modify-write here is not racing.
-        let mut batch = sled::Batch::default();
-        for (month, delta) in usage {
+        let mut writes: Vec<(String, Option<Vec<u8>>)> = Vec::new();
+        for month in usage.months() {
             let key = self.key("usage", month);
-            let mut total: Usage = self
-                .get_json::<Versioned<Usage>>(&key)?
-                .map(|r| r.value)
+            let (mut total, through) = self
+                .get_json::<UsageRecord>(&key)?
+                .map(|r| (r.value, r.through))
                 .unwrap_or_default();
-            total.add(delta);
-            batch.insert(key.as_bytes(), encode(&Versioned { v: 1, value: total }));
+            if through >= head {
+                continue;
+            }
+            total.add(&usage.since(month, through));
+            let rec = UsageRecord {
+                v: 1,
+                value: total,
+                through: head,
+            };
+            writes.push((key, Some(encode(&rec))));
         }
         for (run, state) in runs {
-            batch.insert(
-                self.key("run", run).as_bytes(),
-                encode(&Versioned { v: 1, value: state }),
-            );
+            let rec = encode(&Versioned { v: 1, value: state });
+            writes.push((self.key("run", run), Some(rec)));
         }
-        // A batch keeps the last write of each key, so a later change of the same member wins.
         for (principal, role) in members {
             let key = self.key("member", principal.as_str());
-            match role {
-                Some(role) => {
-                    batch.insert(key.as_bytes(), encode(&MemberRecord { v: 1, role: *role }))
-                }
+            writes.push((key, role.map(|role| encode(&MemberRecord { v: 1, role }))));
+        }
+        writes.push((
+            self.key("projection-head", ""),
+            Some(head.to_be_bytes().to_vec()),
+        ));
+        if members.is_empty() {
+            // Why not one batch: sled seals and writes out its log buffer for every batch (on one
+            // of its own I/O threads, with a `sync_file_range`), which cost a third of the CPU of
+            // a lone agent run, one fold a step. Single writes stay in the buffer until sled's
+            // own flush, and its recovery keeps a prefix of them, so the head (written last) never
+            // runs ahead of what it covers, and a usage record written again is not counted twice
+            // (see `ProjectionRepo::apply_projection`).
+            for (key, value) in writes {
+                match value {
+                    Some(v) => self.tree.insert(key.as_bytes(), v).map_err(engine)?,
+                    None => self.tree.remove(key.as_bytes()).map_err(engine)?,
+                };
+            }
+            return Ok(());
+        }
+        // Role changes are rare and decide access: all of them with the head, or none. A batch
+        // keeps the last write of each key, so a later change of the same member wins.
+        let mut batch = sled::Batch::default();
+        for (key, value) in writes {
+            match value {
+                Some(v) => batch.insert(key.as_bytes(), v),
                 None => batch.remove(key.as_bytes()),
             }
         }
-        batch.insert(
-            self.key("projection-head", "").as_bytes(),
-            &head.to_be_bytes(),
-        );
         self.tree.apply_batch(batch).map_err(engine)
     }
 
@@ -651,11 +686,18 @@ impl PolicyRepo for SledTenant {
 impl RunRepo for SledTenant {
     fn put_run(&self, run_id: &str, state: &[u8], finished: bool) -> Result<()> {
         if finished {
-            let mut batch = sled::Batch::default();
-            batch.insert(self.key("run-state", run_id).as_bytes(), state);
-            // Unfinished runs of earlier versions were marked in sled.
-            batch.remove(self.key("run-open", run_id).as_bytes());
-            self.tree.apply_batch(batch).map_err(engine)?;
+            // One write, not a batch: sled writes out its buffer for every batch. The state is
+            // also in the run's files until a flush has made this write survive a crash.
+            self.tree
+                .insert(self.key("run-state", run_id).as_bytes(), state)
+                .map_err(engine)?;
+            // Unfinished runs of earlier versions were marked in sled. The mark goes after the
+            // state, so a crash between the two leaves a finished state beside it, which
+            // `unfinished_runs` takes over the mark.
+            let open = self.key("run-open", run_id);
+            if self.tree.contains_key(open.as_bytes()).map_err(engine)? {
+                self.tree.remove(open.as_bytes()).map_err(engine)?;
+            }
         }
         // Survives a crash of the process once written, finished or not; see `run_files`.
         self.runs.put(&self.tenant, run_id, state, finished)
@@ -684,10 +726,18 @@ impl RunRepo for SledTenant {
     }
 
     fn unfinished_runs(&self) -> Result<Vec<String>> {
-        let mut ids: Vec<String> = self
-            .scan("run-open")
-            .map(|kv| Ok(kv?.0))
-            .collect::<Result<_>>()?;
+        let mut ids: Vec<String> = Vec::new();
+        for kv in self.scan("run-open") {
+            let id = kv?.0;
+            // An earlier version's mark left beside a finished state (see `put_run`).
+            if !self
+                .tree
+                .contains_key(self.key("run-state", &id).as_bytes())
+                .map_err(engine)?
+            {
+                ids.push(id);
+            }
+        }
         for id in self.runs.runs(&self.tenant)? {
             match self.runs.get(&self.tenant, &id)? {
                 // A crash after a run finished and before the sweep: sled's copy of the final
@@ -776,20 +826,80 @@ mod tests {
     }
 
     #[test]
+    fn an_earlier_versions_open_mark_is_unfinished_until_its_run_finishes() {
+        let (_dir, store) = open();
+        let tenant = TenantId::generate();
+        let repos = store.tenant(&tenant).unwrap();
+        let tree = store.db.open_tree(format!("tenant/{tenant}")).unwrap();
+        for run in ["r1", "r2"] {
+            tree.insert(format!("{tenant}/run-open/{run}").as_bytes(), &[1u8][..])
+                .unwrap();
+        }
+        assert_eq!(repos.unfinished_runs().unwrap(), vec!["r1", "r2"]);
+        repos.put_run("r1", b"final", true).unwrap();
+        assert!(!tree
+            .contains_key(format!("{tenant}/run-open/r1").as_bytes())
+            .unwrap());
+        // A crash between the finished state and the removal of the mark: the state wins.
+        tree.insert(format!("{tenant}/run-state/r2").as_bytes(), &b"final"[..])
+            .unwrap();
+        assert_eq!(repos.unfinished_runs().unwrap(), Vec::<String>::new());
+    }
+
+    #[test]
     fn usage_in_reads_one_month_and_zero_for_none() {
         let (_dir, store) = open();
         let repos = store.tenant(&TenantId::generate()).unwrap();
-        let mut usage = std::collections::BTreeMap::new();
         let may = Usage {
             tool_calls: 3,
             ..Usage::default()
         };
-        usage.insert("2026-05".to_owned(), may);
-        repos.apply_projection(&usage, &[], &[], 7).unwrap();
-        repos.apply_projection(&usage, &[], &[], 9).unwrap();
+        let mut first = UsageDeltas::default();
+        first.push("2026-05", 6, may.clone());
+        let mut second = UsageDeltas::default();
+        second.push("2026-05", 8, may);
+        repos.apply_projection(&first, &[], &[], 7).unwrap();
+        repos.apply_projection(&second, &[], &[], 9).unwrap();
         assert_eq!(repos.usage_in("2026-05").unwrap().tool_calls, 6);
         assert_eq!(repos.usage_in("2026-06").unwrap(), Usage::default());
         assert_eq!(repos.usage().unwrap()["2026-05"].tool_calls, 6);
+    }
+
+    #[test]
+    fn folding_events_again_after_a_crash_counts_each_once() {
+        let (_dir, store) = open();
+        let tenant = TenantId::generate();
+        let repos = store.tenant(&tenant).unwrap();
+        let one = Usage {
+            tool_calls: 1,
+            ..Usage::default()
+        };
+        let deltas = |seqs: std::ops::Range<u64>| {
+            let mut d = UsageDeltas::default();
+            for seq in seqs {
+                d.push("2026-05", seq, one.clone());
+                d.push("2026-06", seq, one.clone());
+            }
+            d
+        };
+        repos.apply_projection(&deltas(0..5), &[], &[], 5).unwrap();
+        repos.apply_projection(&deltas(5..7), &[], &[], 7).unwrap();
+        // A crash after the usage records of the fold up to 7 were written, before its head: the
+        // head is still 5, and the next fold takes the events from 5 again, in a longer range.
+        let tree = store.db.open_tree(format!("tenant/{tenant}")).unwrap();
+        let head_key = format!("{tenant}/projection-head/");
+        tree.insert(head_key.as_bytes(), &5u64.to_be_bytes())
+            .unwrap();
+        assert_eq!(repos.projection_head().unwrap(), 5);
+        repos.apply_projection(&deltas(5..9), &[], &[], 9).unwrap();
+        assert_eq!(repos.usage_in("2026-05").unwrap().tool_calls, 9);
+        assert_eq!(repos.usage_in("2026-06").unwrap().tool_calls, 9);
+        // And a fold that repeats only events a record already has leaves it alone.
+        tree.insert(head_key.as_bytes(), &7u64.to_be_bytes())
+            .unwrap();
+        repos.apply_projection(&deltas(7..9), &[], &[], 9).unwrap();
+        assert_eq!(repos.usage_in("2026-05").unwrap().tool_calls, 9);
+        assert_eq!(repos.projection_head().unwrap(), 9);
     }
 
     #[test]

@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::audit::projection::{RunState, Usage};
+use crate::audit::projection::{RunState, Usage, UsageDeltas};
 use crate::crypto::{Cipher, CryptoError};
 use crate::installation::{Installation, InstallationId};
 use crate::tenant::{PrincipalId, Role, TenantContext, TenantId, TenantSettings, ToolGrant};
@@ -139,14 +139,20 @@ pub trait ProjectionRepo {
     /// # Errors
     /// [`StoreError`] on an engine failure or a corrupt record.
     fn projection_head(&self) -> Result<u64>;
-    /// Adds usage deltas by month, sets run states, sets or removes (`None`) members' roles in
-    /// order, and moves the head, in one atomic batch.
+    /// Folds in the events before `head`: adds usage deltas by month, sets run states, sets or
+    /// removes (`None`) members' roles in order, and moves the head.
+    ///
+    /// Folding the same events again (after a crash between the writes) changes nothing: each
+    /// month's usage record keeps the head of the fold that last wrote it and takes in only the
+    /// deltas of later events, and run states and roles are set, not added to. So a store may
+    /// write the records one by one, the head last, as long as its recovery keeps a prefix of its
+    /// writes; member changes are written in one atomic batch with the head all the same.
     ///
     /// # Errors
-    /// [`StoreError`] on an engine failure; then nothing of the batch is stored.
+    /// [`StoreError`] on an engine failure.
     fn apply_projection(
         &self,
-        usage: &BTreeMap<String, Usage>,
+        usage: &UsageDeltas,
         runs: &[(String, RunState)],
         members: &[(PrincipalId, Option<Role>)],
         head: u64,
