@@ -811,13 +811,18 @@ mod tests {
 
     #[test]
     fn a_finished_run_whose_sled_copy_was_lost_is_restored_from_its_file() {
-        let (_dir, store) = open();
+        let (dir, store) = open();
         let tenant = TenantId::generate();
         let repos = store.tenant(&tenant).unwrap();
         repos.put_run("r1", b"step one", false).unwrap();
         // As after a crash between the final frame and sled's flush: the file says finished, sled
         // has nothing.
         store.runs.put(&tenant, "r1", b"final", true).unwrap();
+        drop((repos, store));
+        let cipher = Cipher::new(&MasterKey::parse(&"33".repeat(32)).unwrap());
+        let store = Embedded::open(dir.path(), cipher).unwrap();
+        let repos = store.tenant(&tenant).unwrap();
+        assert_eq!(repos.get_run("r1").unwrap().as_deref(), Some(&b"final"[..]));
         assert_eq!(repos.unfinished_runs().unwrap(), Vec::<String>::new());
         assert_eq!(store.sweep_runs().unwrap(), 1);
         assert_eq!(store.runs.runs(&tenant).unwrap(), Vec::<String>::new());

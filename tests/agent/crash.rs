@@ -244,9 +244,9 @@ async fn a_run_that_ended_before_the_crash_is_not_ended_twice() {
     s.close().await.unwrap();
 }
 
-/// A finished run keeps its checkpoint files until the next sweep (one store flush for every run
-/// finished since the last): meanwhile it is finished, not resumed, and readable; after the sweep
-/// its final state is read from the store.
+/// A finished run's final state stays in its tenant's journal of finished runs until the next sweep
+/// (one store flush for every run finished since the last): meanwhile it is finished, not resumed,
+/// and readable; after the sweep the journal is empty and its final state is read from the store.
 #[tokio::test]
 async fn a_finished_run_is_swept_and_never_resumed() {
     let dir = tempfile::tempdir().unwrap();
@@ -260,17 +260,31 @@ async fn a_finished_run_is_swept_and_never_resumed() {
     );
     let run_id = ctx.audit().run_id.to_string();
     let repo = s.store.for_tenant(&ctx).unwrap();
-    let files = || {
-        std::fs::read_dir(dir.path().join("runs").join(ctx.tenant_id().as_str()))
-            .map(|d| d.count())
+    let runs = dir.path().join("runs").join(ctx.tenant_id().as_str());
+    let journal = || {
+        std::fs::metadata(runs.join("finished.journal.0"))
+            .map(|m| m.len())
             .unwrap_or(0)
     };
     let finished = repo.runs().get_run(&run_id).unwrap().unwrap();
-    assert_eq!(files(), 2, "the run's two slots wait for the sweep");
+    assert!(
+        journal() > 0,
+        "the final state waits in the journal for the sweep"
+    );
     assert!(repo.runs().unfinished_runs().unwrap().is_empty());
     assert_eq!(s.agent.resume_unfinished().await.unwrap(), 0);
     assert_eq!(s.store.sweep_runs().unwrap(), 1);
-    assert_eq!(files(), 0, "the sweep removed them");
+    assert_eq!(journal(), 0, "the sweep emptied it");
+    let mut names: Vec<String> = std::fs::read_dir(&runs)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        ["finished.journal.0", "lane.0.0", "lane.0.1"],
+        "no file per run: the lane waits for the next run"
+    );
     assert_eq!(repo.runs().get_run(&run_id).unwrap().unwrap(), finished);
     assert_eq!(repo.runs().all_runs().unwrap(), vec![run_id]);
     drop(repo);
@@ -383,7 +397,8 @@ async fn a_call_on_record_as_authorised_is_not_sent_again_when_its_checkpoint_wa
     // The power loss takes the latest checkpoint (the second call in flight) with it; the slot
     // before it says the first call is done and the second is next.
     let runs = dir.path().join("runs").join(tenant.as_str());
-    let slot = |i: u8| runs.join(format!("{run_id}.{i}"));
+    // The tenant's first run took its first lane.
+    let slot = |i: u8| runs.join(format!("lane.0.{i}"));
     let generation =
         |b: &[u8]| u64::from_le_bytes(b.get(4..12).unwrap_or(&[0; 8]).try_into().unwrap());
     let (a, b) = (
@@ -395,6 +410,11 @@ async fn a_call_on_record_as_authorised_is_not_sent_again_when_its_checkpoint_wa
     } else {
         (slot(1), b)
     };
+    assert_eq!(
+        bytes.get(21..21 + run_id.len()),
+        Some(run_id.as_bytes()),
+        "the lane's latest frame is the run's"
+    );
     bytes[30] ^= 0xff;
     std::fs::write(&newest, &bytes).unwrap();
 
