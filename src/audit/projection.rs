@@ -94,24 +94,55 @@ pub fn month_of(time: &str) -> &str {
     time.get(..7).unwrap_or("")
 }
 
+/// What the usage and run projections read of one event: its type and its usage fields (0 when
+/// absent or not a whole number).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Facts<'a> {
+    /// The event type.
+    pub ty: &'a str,
+    /// `data.tokens_in`.
+    pub tokens_in: u64,
+    /// `data.tokens_out`.
+    pub tokens_out: u64,
+    /// `data.cost_microcents`.
+    pub cost_microcents: u64,
+}
+
+impl<'a> Facts<'a> {
+    /// The facts of an event, or `None` when it has no type.
+    pub fn of(event: &'a Value) -> Option<Facts<'a>> {
+        let d = &event["data"];
+        let n = |v: &Value| v.as_u64().unwrap_or(0);
+        Some(Facts {
+            ty: event["type"].as_str()?,
+            tokens_in: n(&d["tokens_in"]),
+            tokens_out: n(&d["tokens_out"]),
+            cost_microcents: n(&d["cost_microcents"]),
+        })
+    }
+}
+
 /// What one event adds to a month's usage, if anything.
 pub fn usage_delta(event: &Value) -> Option<Usage> {
-    let d = &event["data"];
-    let n = |v: &Value| v.as_u64().unwrap_or(0);
-    match event["type"].as_str()? {
+    usage_of(&Facts::of(event)?)
+}
+
+/// What an event with these facts adds to a month's usage, if anything.
+pub fn usage_of(f: &Facts<'_>) -> Option<Usage> {
+    match f.ty {
         "run.started" => Some(Usage {
             runs: 1,
             ..Usage::default()
         }),
         "model.called" => Some(Usage {
-            tokens_in: n(&d["tokens_in"]),
-            tokens_out: n(&d["tokens_out"]),
-            cost_microcents: n(&d["cost_microcents"]),
+            tokens_in: f.tokens_in,
+            tokens_out: f.tokens_out,
+            cost_microcents: f.cost_microcents,
             ..Usage::default()
         }),
         "tool.invoked" => Some(Usage {
             tool_calls: 1,
-            cost_microcents: n(&d["cost_microcents"]),
+            cost_microcents: f.cost_microcents,
             ..Usage::default()
         }),
         _ => None,
@@ -120,7 +151,12 @@ pub fn usage_delta(event: &Value) -> Option<Usage> {
 
 /// The run state an event moves its run to, if any.
 pub fn run_transition(event: &Value) -> Option<RunState> {
-    match event["type"].as_str()? {
+    transition_of(event["type"].as_str()?)
+}
+
+/// The run state an event of type `ty` moves its run to, if any.
+pub fn transition_of(ty: &str) -> Option<RunState> {
+    match ty {
         "run.started" => Some(RunState::Running),
         "run.completed" => Some(RunState::Completed),
         "run.failed" => Some(RunState::Failed),

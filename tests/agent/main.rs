@@ -576,7 +576,9 @@ async fn tenant_cedar_policies_are_validated_audited_and_enforced() {
         .await
         .unwrap_err();
     assert!(err.to_string().contains("@id"), "{err}");
-    let policy = r#"@id("no-forget") forbid (principal, action, resource) when { resource.capability == "memory.forget" };"#;
+    // One policy by attribute, one naming the entities by uid (the gate builds the same uids).
+    let policy = r#"@id("no-forget") forbid (principal, action, resource) when { resource.capability == "memory.forget" };
+@id("no-recall-for-member") forbid (principal == Agentgate::User::"slack:U0MEMBER", action == Agentgate::Action::"invoke", resource == Agentgate::Tool::"memory.recall");"#;
     assert!(matches!(
         s.agent.set_tenant_policies(&member, policy).await,
         Err(agentgate::agent::AgentError::Forbidden)
@@ -600,6 +602,26 @@ async fn tenant_cedar_policies_are_validated_audited_and_enforced() {
     assert!(ev
         .iter()
         .any(|e| e["type"] == "settings.changed" && e["data"]["fields"] == json!(["policies"])));
+    let ctx = user(&s, "T0CEDAR", "U0MEMBER");
+    assert_eq!(
+        run(&s, &ctx, "recall dog").await,
+        RunOutcome::Answered("Refused: this tool is not available to you.".into())
+    );
+    let ev = events(&s, &ctx).await;
+    let refused = of_run(&ev, &ctx)
+        .into_iter()
+        .find(|e| e["type"] == "tool.refused")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        refused["data"]["policy_ids"],
+        json!(["tenant.no-recall-for-member"])
+    );
+    let out = run(&s, &user(&s, "T0CEDAR", "U0OWNER"), "recall dog").await;
+    assert!(
+        matches!(&out, RunOutcome::Answered(a) if !a.starts_with("Refused")),
+        "{out:?}"
+    );
     // Another tenant is untouched by this tenant's policy.
     install(&s, "T0OTHER").await;
     let other = user(&s, "T0OTHER", "U0MEMBER");
