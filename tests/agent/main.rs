@@ -116,6 +116,20 @@ fn of_run<'a>(events: &'a [Value], ctx: &TenantContext) -> Vec<&'a Value> {
         .collect()
 }
 
+/// Runs `text`, which the gate must refuse, and returns the run's `tool.refused` event.
+async fn refused_run(s: &Services, ctx: &TenantContext, text: &str) -> Value {
+    assert_eq!(
+        run(s, ctx, text).await,
+        RunOutcome::Answered("Refused: this tool is not available to you.".into())
+    );
+    let ev = events(s, ctx).await;
+    of_run(&ev, ctx)
+        .into_iter()
+        .find(|e| e["type"] == "tool.refused")
+        .expect("a refusal on record")
+        .clone()
+}
+
 fn types(events: &[&Value]) -> Vec<String> {
     events
         .iter()
@@ -586,33 +600,15 @@ async fn tenant_cedar_policies_are_validated_audited_and_enforced() {
     s.agent.set_tenant_policies(&owner, policy).await.unwrap();
 
     let ctx = user(&s, "T0CEDAR", "U0MEMBER");
-    let out = run(&s, &ctx, "forget dog").await;
-    assert_eq!(
-        out,
-        RunOutcome::Answered("Refused: this tool is not available to you.".into())
-    );
-    let ev = events(&s, &ctx).await;
-    let refused = of_run(&ev, &ctx)
-        .into_iter()
-        .find(|e| e["type"] == "tool.refused")
-        .unwrap()
-        .clone();
+    let refused = refused_run(&s, &ctx, "forget dog").await;
     assert_eq!(refused["data"]["policy_ids"], json!(["tenant.no-forget"]));
     assert_eq!(refused["data"]["reason"], "a policy forbids this call");
-    assert!(ev
+    assert!(events(&s, &ctx)
+        .await
         .iter()
         .any(|e| e["type"] == "settings.changed" && e["data"]["fields"] == json!(["policies"])));
     let ctx = user(&s, "T0CEDAR", "U0MEMBER");
-    assert_eq!(
-        run(&s, &ctx, "recall dog").await,
-        RunOutcome::Answered("Refused: this tool is not available to you.".into())
-    );
-    let ev = events(&s, &ctx).await;
-    let refused = of_run(&ev, &ctx)
-        .into_iter()
-        .find(|e| e["type"] == "tool.refused")
-        .unwrap()
-        .clone();
+    let refused = refused_run(&s, &ctx, "recall dog").await;
     assert_eq!(
         refused["data"]["policy_ids"],
         json!(["tenant.no-recall-for-member"])
@@ -662,17 +658,7 @@ async fn a_viewer_is_shown_read_only_tools_and_the_gate_rechecks() {
         .visible_tools(&viewer)
         .unwrap()
         .contains(&"memory.save".to_owned()));
-    let out = run(&s, &viewer, "remember a: b").await;
-    assert_eq!(
-        out,
-        RunOutcome::Answered("Refused: this tool is not available to you.".into())
-    );
-    let ev = events(&s, &viewer).await;
-    let refused = of_run(&ev, &viewer)
-        .into_iter()
-        .find(|e| e["type"] == "tool.refused")
-        .unwrap()
-        .clone();
+    let refused = refused_run(&s, &viewer, "remember a: b").await;
     assert_eq!(
         refused["data"]["policy_ids"],
         json!(["default.viewer-read-only"])
