@@ -893,17 +893,19 @@ impl Agent {
             )));
         }
         let read_only = tool.binding.read_only();
-        let decision = self.inner.gate.decide(
-            &Ask {
-                ctx,
-                capability: &call.name,
-                min_role: tool.min_role,
-                read_only,
-                plan: plan_name(settings),
-                args: &call.arguments,
-            },
-            repo.policies().tenant_policies()?.as_deref(),
-        );
+        let ask = Ask {
+            ctx,
+            capability: &call.name,
+            min_role: tool.min_role,
+            read_only,
+            plan: plan_name(settings),
+            args: &call.arguments,
+        };
+        let tenant_policies = repo.policies().tenant_policies()?;
+        let decision =
+            self.inner
+                .gate
+                .decide_with(&ask, &tool.entities, tenant_policies.as_deref());
         let policy_ids = match decision {
             Decision::Deny { reason, policy_ids } => {
                 un.events.push(refuse(&reason, policy_ids));

@@ -86,9 +86,11 @@ pub struct Resolved {
     pub min_role: Role,
     /// The binding's spec, computed once.
     pub spec: ToolSpec,
-    /// Its argument schema, compiled once per run; `None` if the schema does not compile (every
-    /// call is then refused as having invalid arguments).
+    /// Its argument schema, compiled once per distinct schema; `None` if the schema does not
+    /// compile (every call is then refused as having invalid arguments).
     pub validator: Option<Arc<jsonschema::Validator>>,
+    /// The gate's entities for this context and tool, built at the run's first call of it.
+    pub entities: OnceLock<Option<super::policy::CallEntities>>,
 }
 
 impl Resolved {
@@ -358,6 +360,7 @@ pub fn resolve(
                 min_role: g.min_role,
                 spec,
                 validator,
+                entities: OnceLock::new(),
             });
         }
     }
