@@ -138,7 +138,7 @@ pub struct Gate {
     parsed: Mutex<HashMap<[u8; 32], Arc<PolicySet>>>,
 }
 
-/// The Cedar entities of one context's calls of one tool; see [`Gate::entities`].
+/// The Cedar entities of one context's calls of one tool (principal and tool, with their attributes).
 #[derive(Clone, Debug)]
 pub struct CallEntities {
     principal: EntityUid,
@@ -244,7 +244,7 @@ impl Gate {
     }
 
     /// Decides one call, as [`Gate::decide`], with the call's entities taken from `entities`, or
-    /// built into it ([`Gate::entities`]) if it is empty. A run keeps one per tool, so that the
+    /// built into it if it is empty. A run keeps one per tool, so that the
     /// entities are built once per run and tool; the decision itself is made afresh every time.
     pub fn decide_with(
         &self,
