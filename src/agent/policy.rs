@@ -138,7 +138,8 @@ pub struct Gate {
     parsed: Mutex<HashMap<[u8; 32], Arc<PolicySet>>>,
 }
 
-/// The Cedar entities of one context's calls of one tool (principal and tool, with their attributes).
+/// The Cedar entities of one context's calls of one tool: the principal and the tool, with their
+/// attributes.
 #[derive(Clone, Debug)]
 pub struct CallEntities {
     principal: EntityUid,
