@@ -1220,6 +1220,10 @@ struct Folded {
 /// [`Folded`] from the event's bytes, without building a `Value`; `None` for a role event or an
 /// event of unexpected shape, which [`fold_value`] takes.
 fn fold_fast(bytes: &[u8]) -> Option<Folded> {
+    // An object only (a derived reading would take an array too, by position).
+    if bytes.first() != Some(&b'{') {
+        return None;
+    }
     let view = serde_json::from_slice::<FoldView<'_>>(bytes).ok()?;
     if view.ty.starts_with("role.") {
         return None;
@@ -1266,15 +1270,45 @@ struct FoldView<'a> {
     data: FoldData,
 }
 
-/// The usage fields of an event's data (0 when absent, as in `Facts::of`).
-#[derive(Default, serde::Deserialize)]
+/// The usage fields of an event's data (0 when absent, as in `Facts::of`). Read from a JSON
+/// object only: a derived reading would also take an array, by position, where the `Value`
+/// reading finds no field.
+#[derive(Default)]
 struct FoldData {
-    #[serde(default)]
     tokens_in: u64,
-    #[serde(default)]
     tokens_out: u64,
-    #[serde(default)]
     cost_microcents: u64,
+}
+
+impl<'de> serde::Deserialize<'de> for FoldData {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Fields;
+        impl<'de> serde::de::Visitor<'de> for Fields {
+            type Value = FoldData;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<FoldData, A::Error> {
+                let mut out = FoldData::default();
+                // A repeated key: the last one wins, as in a `Value`.
+                while let Some(key) = m.next_key::<std::borrow::Cow<'de, str>>()? {
+                    match key.as_ref() {
+                        "tokens_in" => out.tokens_in = m.next_value()?,
+                        "tokens_out" => out.tokens_out = m.next_value()?,
+                        "cost_microcents" => out.cost_microcents = m.next_value()?,
+                        _ => {
+                            m.next_value::<serde::de::IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(out)
+            }
+        }
+        d.deserialize_map(Fields)
+    }
 }
 
 fn role_event(
@@ -1414,7 +1448,9 @@ mod tests {
                 "tool.refused", "command.received", "role.granted", "budget.exceeded",
             ]),
             time in text(), run_id in text(), tokens_in in number(), tokens_out in number(),
-            cost in number(), extra in text(), data_is_object in proptest::bool::weighted(0.9),
+            cost in number(), extra in text(),
+            data_shape in proptest::sample::select(vec![0u8, 0, 0, 0, 0, 0, 1, 2]),
+            top_level_array in proptest::bool::weighted(0.1),
         ) {
             let mut data = serde_json::Map::new();
             for (k, v) in [("tokens_in", tokens_in), ("tokens_out", tokens_out),
@@ -1430,11 +1466,19 @@ mod tests {
                     event.insert(k.into(), v);
                 }
             }
-            event.insert(
-                "data".into(),
-                if data_is_object { data.into() } else { serde_json::Value::Null },
-            );
-            let event = serde_json::Value::Object(event);
+            // Mostly an object; sometimes null, or an array of the same values (which a reading
+            // by position would take for the fields).
+            let data = match data_shape {
+                0 => serde_json::Value::Object(data),
+                1 => serde_json::Value::Null,
+                _ => serde_json::Value::Array(data.into_iter().map(|(_, v)| v).collect()),
+            };
+            event.insert("data".into(), data);
+            let event = if top_level_array {
+                serde_json::Value::Array(event.into_iter().map(|(_, v)| v).collect())
+            } else {
+                serde_json::Value::Object(event)
+            };
             let bytes = serde_json::to_vec(&event).unwrap();
             if let Some(fast) = fold_fast(&bytes) {
                 proptest::prop_assert_eq!(fast, fold_value(&event));

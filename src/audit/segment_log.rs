@@ -1252,19 +1252,15 @@ impl Writer {
                 acks.push((done, result));
             }
         }
-        let send = move || {
-            for (done, result) in acks {
-                // The caller may have stopped waiting; the record is durable either way.
-                let _ = done.send(result);
-            }
-        };
+        let acks = Acks(acks);
         // Why a task: waking 30 or so appenders from this thread costs a futex wake each, while
         // the next batch waits for this thread; from a runtime worker a wake is a queue push.
         // Measured at 64 writers, alternating runs: 82,000 to 90,000 events/s against 77,000 to
-        // 82,000 sent from here. If the runtime is shutting down the task may never run; the
-        // appenders' tasks are being dropped then too.
+        // 82,000 sent from here. If the runtime is shutting down the task may never run, but
+        // a task that never runs still drops its `Acks`, which answers them.
         self.acks.retain(|h| !h.is_finished());
-        self.acks.push(self.runtime.spawn(async move { send() }));
+        self.acks
+            .push(self.runtime.spawn(async move { drop(acks) }));
         Counters::add(&self.shared.counters.requests, ok_requests);
         // After the acknowledgements, so that the batch does not wait for it; the next one may.
         if failure.is_none() {
@@ -1513,6 +1509,22 @@ async fn writer_task(mut writer: Writer, mut rx: mpsc::Receiver<Command>, max_ba
                 tracing::error!(error = %e, "audit log writer stopped unexpectedly");
                 return;
             }
+        }
+    }
+}
+
+/// A batch's answers, sent when dropped: by the task that was spawned to send them, or with that
+/// task if the runtime drops it unrun, so that no committed append goes unanswered.
+struct Acks(Vec<(Answer, Result<u64, Error>)>);
+
+/// Where an append hears its sequence number or why it failed.
+type Answer = oneshot::Sender<Result<u64, Error>>;
+
+impl Drop for Acks {
+    fn drop(&mut self) {
+        for (done, result) in self.0.drain(..) {
+            // The caller may have stopped waiting; the record is durable either way.
+            let _ = done.send(result);
         }
     }
 }

@@ -704,14 +704,18 @@ impl RunRepo for SledTenant {
     }
 
     fn get_run(&self, run_id: &str) -> Result<Option<Vec<u8>>> {
-        if let Some(saved) = self.runs.get(&self.tenant, run_id)? {
-            return Ok(Some(saved.state));
-        }
-        Ok(self
+        // A finished state in sled wins over any checkpoint file a crash may have left behind.
+        if let Some(v) = self
             .tree
             .get(self.key("run-state", run_id))
             .map_err(engine)?
-            .map(|v| v.to_vec()))
+        {
+            return Ok(Some(v.to_vec()));
+        }
+        Ok(self
+            .runs
+            .get(&self.tenant, run_id)?
+            .map(|saved| saved.state))
     }
 
     fn all_runs(&self) -> Result<Vec<String>> {
@@ -739,6 +743,17 @@ impl RunRepo for SledTenant {
             }
         }
         for id in self.runs.runs(&self.tenant)? {
+            // Finished, as far as sled knows: whatever file is left (a crash between the files'
+            // writes) is not resumed, and goes at the next sweep.
+            if self
+                .tree
+                .contains_key(self.key("run-state", &id).as_bytes())
+                .map_err(engine)?
+            {
+                ids.retain(|r| r != &id);
+                self.runs.queue_removal(&self.tenant, &id);
+                continue;
+            }
             match self.runs.get(&self.tenant, &id)? {
                 // A crash after a run finished and before the sweep: sled's copy of the final
                 // state may not have reached the disk, so restore it from the file and let the
@@ -849,6 +864,21 @@ mod tests {
         tree.insert(format!("{tenant}/run-state/r2").as_bytes(), &b"final"[..])
             .unwrap();
         assert_eq!(repos.unfinished_runs().unwrap(), Vec::<String>::new());
+    }
+
+    #[test]
+    fn a_checkpoint_left_beside_a_finished_state_is_not_resumed() {
+        let (_dir, store) = open();
+        let tenant = TenantId::generate();
+        let repos = store.tenant(&tenant).unwrap();
+        repos.put_run("r1", b"step one", false).unwrap();
+        // As a crash between the files' writes could leave it: sled has the finished state, and
+        // a file still holds the checkpoint before it.
+        let tree = store.db.open_tree(format!("tenant/{tenant}")).unwrap();
+        tree.insert(format!("{tenant}/run-state/r1").as_bytes(), &b"final"[..])
+            .unwrap();
+        assert_eq!(repos.unfinished_runs().unwrap(), Vec::<String>::new());
+        assert_eq!(repos.get_run("r1").unwrap().as_deref(), Some(&b"final"[..]));
     }
 
     #[test]

@@ -67,6 +67,8 @@ pub(crate) struct RunFiles {
     open_lanes: AtomicUsize,
     /// Runs finished (or found finished or empty by a listing) since the last sweep.
     finished: Mutex<Vec<(TenantId, String)>>,
+    /// Held by a sweep: two at once could empty the journal the other just switched to.
+    sweeping: Mutex<()>,
 }
 
 /// A run's latest frame.
@@ -234,6 +236,31 @@ impl Lane {
     fn read(&self) -> Result<[Vec<u8>; 2]> {
         Ok([read_or_empty(&self.path(0))?, read_or_empty(&self.path(1))?])
     }
+
+    /// Writes a frame into the slot the latest frame is not in, opening the file for this write
+    /// only (when the tenant's lanes are read back).
+    fn write_unopened(&mut self, magic: [u8; 4], run_id: &str, state: &[u8]) -> Result<()> {
+        let generation = self.generation + 1;
+        let slot = (generation % 2) as usize;
+        let path = self.path(slot);
+        OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .and_then(|f| f.write_all_at(&encode_frame(magic, generation, run_id, state), 0))
+            .map_err(|e| io("write", &path, &e))?;
+        self.generation = generation;
+        Ok(())
+    }
+
+    /// Removes both slot files, the one without the latest frame first: a crash between the two
+    /// leaves the latest frame (a free one, for a free lane), never an older checkpoint.
+    fn remove(&self) -> Result<()> {
+        let latest = (self.generation % 2) as usize;
+        remove_if_there(&self.path(1 - latest))?;
+        remove_if_there(&self.path(latest))
+    }
 }
 
 impl Tenant {
@@ -273,6 +300,8 @@ impl Tenant {
             Err(e) => return Err(io("list", &t.dir, &e)),
         };
         let mut lanes = BTreeSet::new();
+        // Lanes whose latest frame is the checkpoint of a run that is not theirs to resume.
+        let mut stale: Vec<(Arc<Mutex<Lane>>, String)> = Vec::new();
         for entry in entries {
             let entry = entry.map_err(|e| io("list", &t.dir, &e))?;
             let name = entry.file_name();
@@ -308,7 +337,10 @@ impl Tenant {
                 Some(id) if !t.busy.contains_key(&id) => {
                     t.busy.insert(id, lane);
                 }
-                _ => t.free.push(lane),
+                // Another lane names the same run (only a crash can leave that): this one's
+                // checkpoint must not come back once the other is gone.
+                Some(id) => stale.push((lane, id)),
+                None => t.free.push(lane),
             }
             t.next_lane = n + 1;
         }
@@ -345,10 +377,33 @@ impl Tenant {
             .collect();
         for id in done {
             if let Some(lane) = t.busy.remove(&id) {
-                t.free.push(lane);
+                stale.push((lane, id));
             }
         }
+        // Each gets the free frame the crash kept from it, before the journal that says its run
+        // finished can be emptied: else a restart after the next sweep would find the run's last
+        // checkpoint, and nothing saying it finished, and resume it.
+        for (lane, id) in stale {
+            lock(&lane).write_unopened(FREE, &id, &[])?;
+            t.free.push(lane);
+        }
         Ok(t)
+    }
+
+    /// Removes an earlier version's files of a run, the one without its latest frame first, so
+    /// that a crash between the two never leaves only an older checkpoint.
+    fn remove_legacy(&self, run_id: &str) -> Result<()> {
+        let generation = |slot| -> Result<Option<u64>> {
+            let bytes = read_or_empty(&self.legacy_path(run_id, slot))?;
+            Ok(decode_frame(&bytes).map(|(f, _)| f.generation))
+        };
+        let latest = if generation(1)? > generation(0)? {
+            1
+        } else {
+            0
+        };
+        remove_if_there(&self.legacy_path(run_id, 1 - latest))?;
+        remove_if_there(&self.legacy_path(run_id, latest))
     }
 
     /// Appends a finished run's final state to the current journal.
@@ -359,8 +414,17 @@ impl Tenant {
             .create(true)
             .open(&path)
             .map_err(|e| io("open", &path, &e))?;
-        std::io::Write::write_all(&mut f, &encode_frame(FINISHED, 0, run_id, state))
-            .map_err(|e| io("write", &path, &e))
+        let before = f.metadata().map_err(|e| io("stat", &path, &e))?.len();
+        let written = std::io::Write::write_all(&mut f, &encode_frame(FINISHED, 0, run_id, state));
+        if let Err(e) = written {
+            // A part-written frame would end the journal for whoever reads it back, hiding every
+            // frame appended after it: take it off.
+            if let Err(te) = f.set_len(before) {
+                tracing::error!(error = %te, path = %path.display(), "could not take a part-written frame off a journal of finished runs");
+            }
+            return Err(io("write", &path, &e));
+        }
+        Ok(())
     }
 }
 
@@ -377,19 +441,21 @@ impl RunFiles {
             max_open,
             open_lanes: AtomicUsize::new(0),
             finished: Mutex::new(Vec::new()),
+            sweeping: Mutex::new(()),
         }
     }
 
     /// The tenant's lanes, read from its directory the first time.
     fn tenant(&self, tenant: &TenantId) -> Result<Arc<Mutex<Tenant>>> {
-        if let Some(t) = lock(&self.tenants).get(tenant) {
+        let mut tenants = lock(&self.tenants);
+        if let Some(t) = tenants.get(tenant) {
             return Ok(Arc::clone(t));
         }
-        // Read outside the map's lock; a reader that lost the race uses the winner's.
+        // Read under the map's lock (once per tenant and process): reading writes (it cuts a
+        // torn journal frame, frees lanes), which must not race a save of the same tenant.
         let loaded = Arc::new(Mutex::new(Tenant::load(self.root.join(tenant.as_str()))?));
-        Ok(Arc::clone(
-            lock(&self.tenants).entry(tenant.clone()).or_insert(loaded),
-        ))
+        tenants.insert(tenant.clone(), Arc::clone(&loaded));
+        Ok(loaded)
     }
 
     /// Opens a lane's slot files if they are closed, first closing the idle lanes of every tenant
@@ -417,17 +483,25 @@ impl RunFiles {
         Ok(())
     }
 
+    /// Lets go of the files of free lanes, and if that is not enough, of runs' lanes not being
+    /// written now (a run that never finishes, its driver gone, must not hold its files forever).
+    /// Lanes and tenants in use are skipped: the bound is loose by as many.
     fn close_idle_lanes(&self) {
         let tenants: Vec<_> = lock(&self.tenants).values().cloned().collect();
-        for t in tenants {
-            // A tenant or lane in use is skipped: it is let go next time.
-            let Ok(t) = t.try_lock() else { continue };
-            for lane in t.busy.values().chain(&t.free) {
-                if let Ok(mut l) = lane.try_lock() {
-                    if l.files.take().is_some() {
-                        self.open_lanes.fetch_sub(1, Ordering::Relaxed);
+        for busy_too in [false, true] {
+            for t in &tenants {
+                let Ok(t) = t.try_lock() else { continue };
+                let busy = t.busy.values().filter(|_| busy_too);
+                for lane in t.free.iter().chain(busy) {
+                    if let Ok(mut l) = lane.try_lock() {
+                        if l.files.take().is_some() {
+                            self.open_lanes.fetch_sub(1, Ordering::Relaxed);
+                        }
                     }
                 }
+            }
+            if self.open_lanes.load(Ordering::Relaxed) < self.max_open {
+                return;
             }
         }
     }
@@ -565,6 +639,7 @@ impl RunFiles {
     /// in sled survive a crash: empties the journals they were appended to and removes earlier
     /// versions' files. Returns how many runs it forgot.
     pub(crate) fn sweep(&self, flush: impl FnOnce() -> Result<()>) -> Result<usize> {
+        let _one_at_a_time = lock(&self.sweeping);
         let mut done = std::mem::take(&mut *lock(&self.finished));
         // A run is queued again each time a listing finds it before a sweep.
         done.sort();
@@ -583,41 +658,42 @@ impl RunFiles {
             let old = g.journal;
             g.journal = 1 - old;
             drop(g);
-            switched.push((t, old));
+            switched.push((tenant.clone(), t, old));
         }
         if let Err(e) = flush() {
             // Keep them for the next sweep, and switch back, so that it empties the journal
             // they are in. What was appended meanwhile stays in the other one.
-            for (t, old) in switched {
+            for (_, t, old) in switched {
                 lock(&t).journal = old;
             }
             lock(&self.finished).extend(done);
             return Err(e);
         }
         let mut result = Ok(());
+        let mut kept = BTreeSet::new();
         for (tenant, run_id) in &done {
             let t = self.tenant(tenant)?;
             let mut g = lock(&t);
             g.recovered.remove(run_id);
             if g.legacy.contains(run_id) {
-                let removed = remove_if_there(&g.legacy_path(run_id, 0))
-                    .and_then(|()| remove_if_there(&g.legacy_path(run_id, 1)));
-                match removed {
+                match g.remove_legacy(run_id) {
                     Ok(()) => {
                         g.legacy.remove(run_id);
                     }
                     Err(e) => {
                         lock(&self.finished).push((tenant.clone(), run_id.clone()));
+                        kept.insert(tenant.clone());
                         result = Err(e);
                     }
                 }
             }
         }
-        for (t, old) in switched {
+        for (tenant, t, old) in switched {
             let mut g = lock(&t);
             // Runs read back from a journal at start may sit in either file; until each of them
-            // has been restored to sled and swept, both journals are kept.
-            if g.recovered.is_empty() {
+            // has been restored to sled and swept, both journals are kept. So are they while an
+            // earlier version's files of a run in them are still there.
+            if g.recovered.is_empty() && !kept.contains(&tenant) {
                 let path = g.journal_path(old);
                 if let Ok(f) = OpenOptions::new().write(true).open(&path) {
                     f.set_len(0).map_err(|e| io("empty", &path, &e))?;
@@ -631,8 +707,7 @@ impl RunFiles {
                 if l.files.take().is_some() {
                     self.open_lanes.fetch_sub(1, Ordering::Relaxed);
                 }
-                remove_if_there(&l.path(0))?;
-                remove_if_there(&l.path(1))?;
+                l.remove()?;
             }
         }
         result.map(|()| done.len())
@@ -863,24 +938,57 @@ mod tests {
     }
 
     #[test]
-    fn a_crash_between_the_journal_and_the_free_frame_frees_the_lane() {
+    fn a_crash_between_the_journal_and_the_free_frame_frees_the_lane_for_good() {
         let (dir, f, t) = files();
         f.put(&t, "r1", b"step", false).unwrap();
         // As if the process died after the journal frame and before the lane's free frame.
         let tenant = f.tenant(&t).unwrap();
         lock(&tenant).append_finished("r1", b"final").unwrap();
-        let again = RunFiles::new(dir.path().join("runs"));
-        let saved = again.get(&t, "r1").unwrap().unwrap();
+        drop((tenant, f));
+        let second = RunFiles::new(dir.path().join("runs"));
+        let saved = second.get(&t, "r1").unwrap().unwrap();
         assert!(
             saved.finished,
             "the journal wins over the lane's checkpoint"
         );
         assert_eq!(saved.state, b"final");
-        again.put(&t, "r2", b"step", false).unwrap();
+        // The listing restores sled's copy and queues the run; the sweep then empties the
+        // journal. A restart after that must not find r1's checkpoint and resume it.
+        second.queue_removal(&t, "r1");
+        assert_eq!(second.sweep(|| Ok(())).unwrap(), 1);
+        drop(second);
+        let third = RunFiles::new(dir.path().join("runs"));
+        assert_eq!(third.get(&t, "r1").unwrap(), None);
+        assert_eq!(third.runs(&t).unwrap(), Vec::<String>::new());
+        third.put(&t, "r2", b"step", false).unwrap();
         let tdir = dir.path().join("runs").join(t.as_str());
         assert!(
             !names(&tdir).contains(&"lane.1.0".to_owned()),
             "r2 took r1's lane"
+        );
+    }
+
+    #[test]
+    fn a_lane_naming_a_run_another_lane_holds_is_freed_for_good() {
+        let (dir, f, t) = files();
+        f.put(&t, "r1", b"in lane 0", false).unwrap();
+        // As only a crash could leave it: lane 1 holds a checkpoint of the same run.
+        let tdir = dir.path().join("runs").join(t.as_str());
+        std::fs::write(
+            tdir.join("lane.1.1"),
+            encode_frame(RUNNING, 1, "r1", b"in lane 1"),
+        )
+        .unwrap();
+        let again = RunFiles::new(dir.path().join("runs"));
+        assert_eq!(again.runs(&t).unwrap(), vec!["r1"]);
+        let kept = state(&again, &t, "r1").unwrap();
+        again.put(&t, "r1", b"final", true).unwrap();
+        assert_eq!(again.sweep(|| Ok(())).unwrap(), 1);
+        let after = RunFiles::new(dir.path().join("runs"));
+        assert_eq!(
+            after.runs(&t).unwrap(),
+            Vec::<String>::new(),
+            "kept {kept:?}"
         );
     }
 
