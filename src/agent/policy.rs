@@ -132,9 +132,9 @@ pub struct Gate {
     defaults: Arc<PolicySet>,
     authorizer: Authorizer,
     types: Types,
-    /// Parsed policy sets (defaults plus a tenant's text), keyed by the SHA-256 of the tenant's text.
-    /// This caches parsing, not decisions: every call is still decided afresh, and a changed text
-    /// has another key.
+    /// Parsed policy sets (defaults plus a tenant's text), keyed by the SHA-256 of the tenant's id
+    /// and text. This caches parsing, not decisions: every call is still decided afresh, and a
+    /// changed text has another key.
     parsed: Mutex<HashMap<[u8; 32], Arc<PolicySet>>>,
 }
 
@@ -164,9 +164,14 @@ impl Default for Gate {
 }
 
 impl Gate {
-    /// The default policies plus a tenant's text, parsed once per distinct text.
-    fn with_tenant(&self, text: &str) -> Option<Arc<PolicySet>> {
-        let key: [u8; 32] = Sha256::digest(text.as_bytes()).into();
+    /// The default policies plus a tenant's text, parsed once per tenant and distinct text (keyed
+    /// by both, so that no tenant's entry serves another).
+    fn with_tenant(&self, tenant: &str, text: &str) -> Option<Arc<PolicySet>> {
+        let mut h = Sha256::new();
+        h.update(tenant.as_bytes());
+        h.update([0]);
+        h.update(text.as_bytes());
+        let key: [u8; 32] = h.finalize().into();
         if let Some(set) = self
             .parsed
             .lock()
@@ -259,7 +264,7 @@ impl Gate {
         };
         let set = match tenant_policies {
             None => Arc::clone(&self.defaults),
-            Some(text) => match self.with_tenant(text) {
+            Some(text) => match self.with_tenant(ask.ctx.tenant_id().as_str(), text) {
                 Some(set) => set,
                 // Stored policies were validated; if they no longer parse, fail closed.
                 None => return deny("the tenant's policies are invalid", vec![]),

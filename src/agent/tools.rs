@@ -13,7 +13,7 @@ use super::planner::ToolSpec;
 use super::webhook::WebhookBinding;
 use crate::audit::log::AuditLog;
 use crate::store::{Fact, StoreError, TenantStore};
-use crate::tenant::{Budget, Role, TenantContext};
+use crate::tenant::{Budget, Role, TenantContext, TenantId};
 
 /// What a tool sees of the run that calls it.
 pub struct ToolCall<'a> {
@@ -297,14 +297,20 @@ pub const WEBHOOK_PREFIX: &str = "webhook.";
 /// Compiled argument validators kept at most; the cache is simply emptied when it grows past this.
 const COMPILED_CACHE: usize = 1024;
 
-/// The validator of a tool's parameter schema, compiled once per distinct schema: compiling the
-/// built-in tools' schemas for every run was 4% of the loop's CPU with 32 concurrent runs. Keyed
-/// by the SHA-256 of the schema's text, so a changed webhook schema is compiled afresh. This
-/// caches compilation only; every call's arguments are still checked. `None` for a schema that
-/// does not compile (not cached, so it is tried again).
-fn compiled(schema: &Value) -> Option<Arc<jsonschema::Validator>> {
+/// The validator of a tool's parameter schema, compiled once per distinct schema and owner:
+/// compiling the built-in tools' schemas for every run was 4% of the loop's CPU with 32 concurrent
+/// runs. Keyed by the SHA-256 of the owning tenant's id (none for a built-in tool) and the schema's
+/// text, so a changed webhook schema is compiled afresh and no tenant's entry serves another (not
+/// even as a faster first run that would tell it someone has the same schema). This caches
+/// compilation only; every call's arguments are still checked. `None` for a schema that does not
+/// compile (not cached, so it is tried again).
+fn compiled(owner: Option<&TenantId>, schema: &Value) -> Option<Arc<jsonschema::Validator>> {
     static CACHE: OnceLock<Mutex<HashMap<[u8; 32], Arc<jsonschema::Validator>>>> = OnceLock::new();
-    let key: [u8; 32] = Sha256::digest(schema.to_string().as_bytes()).into();
+    let mut h = Sha256::new();
+    h.update(owner.map_or("", |t| t.as_str()).as_bytes());
+    h.update([0]);
+    h.update(schema.to_string().as_bytes());
+    let key: [u8; 32] = h.finalize().into();
     let cache = CACHE.get_or_init(Default::default);
     if let Some(v) = cache
         .lock()
@@ -346,7 +352,8 @@ pub fn resolve(
         if !ctx.role().at_least(g.min_role) {
             continue;
         }
-        let binding = match g.capability.strip_prefix(WEBHOOK_PREFIX) {
+        let webhook = g.capability.strip_prefix(WEBHOOK_PREFIX);
+        let binding = match webhook {
             Some(name) => webhooks.iter().find(|w| w.name == name).map(|w| {
                 Arc::new(WebhookBinding::new(w.clone(), client.clone())) as Arc<dyn ToolBinding>
             }),
@@ -354,7 +361,8 @@ pub fn resolve(
         };
         if let Some(binding) = binding {
             let spec = binding.spec();
-            let validator = compiled(&spec.parameters);
+            let owner = webhook.map(|_| ctx.tenant_id());
+            let validator = compiled(owner, &spec.parameters);
             out.push(Resolved {
                 binding,
                 min_role: g.min_role,
@@ -365,4 +373,34 @@ pub fn resolve(
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compiled_validators_are_shared_per_owner_and_schema_only() {
+        let schema = json!({"type": "object", "properties": {"n": {"type": "integer"}}});
+        let (a, b) = (TenantId::generate(), TenantId::generate());
+        let of = |owner: Option<&TenantId>| compiled(owner, &schema).expect("compiles");
+        assert!(Arc::ptr_eq(&of(Some(&a)), &of(Some(&a))), "compiled once");
+        assert!(
+            Arc::ptr_eq(&of(None), &of(None)),
+            "a built-in's once for all"
+        );
+        assert!(
+            !Arc::ptr_eq(&of(Some(&a)), &of(Some(&b))),
+            "never another tenant's"
+        );
+        assert!(!Arc::ptr_eq(&of(Some(&a)), &of(None)));
+        let other = json!({"type": "object", "required": ["n"]});
+        let v = compiled(Some(&a), &other).unwrap();
+        assert!(!v.is_valid(&json!({})), "another schema, another validator");
+        assert!(of(Some(&a)).is_valid(&json!({})));
+        assert!(
+            compiled(None, &json!({"type": 7})).is_none(),
+            "a bad schema"
+        );
+    }
 }
