@@ -576,24 +576,23 @@ impl AuditLog {
             // The common case reads only the fields it needs, borrowed; anything else (a role
             // event, a field of an unexpected type) goes the general way, which gives the same
             // answer wherever both apply (tested).
-            if let Some(f) = fold_fast(&bytes) {
-                if let Some((month, delta)) = f.usage {
-                    usage.push(&month, seq, delta);
+            let (f, v) = match fold_fast(&bytes) {
+                Some(f) => (f, None),
+                None => {
+                    let v: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
+                        recovery(&log.tenant, format!("event {seq} does not parse: {e}"))
+                    })?;
+                    (fold_value(&v), Some(v))
                 }
-                if let Some(run) = f.run {
-                    runs.push(run);
-                }
-                continue;
-            }
-            let v: serde_json::Value = serde_json::from_slice(&bytes)
-                .map_err(|e| recovery(&log.tenant, format!("event {seq} does not parse: {e}")))?;
-            let f = fold_value(&v);
+            };
             if let Some((month, delta)) = f.usage {
                 usage.push(&month, seq, delta);
             }
             if let Some(run) = f.run {
                 runs.push(run);
             }
+            // Role events always take the general way.
+            let Some(v) = v else { continue };
             // Memberships are a projection of role events, stored in the same batch as the head.
             match v["type"].as_str() {
                 Some("role.granted") => {

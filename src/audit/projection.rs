@@ -70,11 +70,6 @@ impl UsageDeltas {
         }
         total
     }
-
-    /// Whether there is no usage at all.
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
 }
 
 /// Where a run stands.

@@ -607,25 +607,18 @@ impl RunFiles {
                 read_or_empty(&g.legacy_path(run_id, 0))?,
                 read_or_empty(&g.legacy_path(run_id, 1))?,
             ];
-            let mut best: Option<(u64, Saved)> = None;
-            for bytes in &slots {
-                let Some((frame, _)) = decode_frame(bytes) else {
-                    continue;
-                };
+            let saved = latest(&slots).1.and_then(|frame| {
                 let finished = match frame.magic {
                     LEGACY_RUNNING => false,
                     LEGACY_FINISHED => true,
-                    _ => continue,
+                    _ => return None,
                 };
-                if best.as_ref().is_none_or(|(g, _)| frame.generation > *g) {
-                    let saved = Saved {
-                        state: frame.payload.to_vec(),
-                        finished,
-                    };
-                    best = Some((frame.generation, saved));
-                }
-            }
-            return Ok(best.map(|(_, s)| s));
+                Some(Saved {
+                    state: frame.payload.to_vec(),
+                    finished,
+                })
+            });
+            return Ok(saved);
         }
         Ok(None)
     }
