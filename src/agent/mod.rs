@@ -536,14 +536,27 @@ impl Agent {
     /// Resumes every unfinished run of every tenant from its own checkpoint. Returns how many.
     ///
     /// # Errors
-    /// The first run that could not be resumed; the others are still tried.
+    /// The first tenant whose runs could not be listed, or run that could not be resumed; the
+    /// other tenants and runs are still tried, so one broken tenant does not hold back the rest.
     pub async fn resume_unfinished(&self) -> Result<usize, AgentError> {
         let mut n = 0;
         let mut first_err = None;
         for t in self.inner.tenants.store().admin().tenants()? {
-            let op = self.inner.tenants.operator_context(&t.id)?;
-            let repo = self.repo(&op)?;
-            for run_id in repo.runs().unfinished_runs()? {
+            let listed = self
+                .inner
+                .tenants
+                .operator_context(&t.id)
+                .map_err(AgentError::from)
+                .and_then(|op| Ok(self.repo(&op)?.runs().unfinished_runs()?));
+            let runs = match listed {
+                Ok(runs) => runs,
+                Err(e) => {
+                    tracing::error!(tenant = %t.id, error = %e, "cannot list the tenant's unfinished runs");
+                    first_err.get_or_insert(e);
+                    continue;
+                }
+            };
+            for run_id in runs {
                 match self.resume(&t.id, &run_id).await {
                     Ok(Some(_)) => n += 1,
                     // Started by this process after it came up: its own driver has it.

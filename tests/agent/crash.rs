@@ -430,3 +430,69 @@ async fn a_call_on_record_as_authorised_is_not_sent_again_when_its_checkpoint_wa
     assert!(told[1].contains("interrupted"), "{told:?}");
     s.close().await.unwrap();
 }
+
+/// One tenant whose unfinished runs cannot be listed does not stop the others' from resuming: the
+/// restart reports the failure and still resumes every run it can.
+#[tokio::test]
+async fn a_tenant_whose_runs_cannot_be_listed_does_not_stop_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path(), config(None, None));
+    let mut runs = Vec::new();
+    for team in ["T0FIRST", "T0SECOND"] {
+        let tenant = install(&s, team).await;
+        let ctx = user(&s, team, "U0M");
+        let crashing = agentgate::agent::Agent::new(
+            s.tenants.clone(),
+            s.audit.clone(),
+            std::sync::Arc::new(EndThenFail(agentgate::audit::log::LogSink::new(
+                s.audit.clone(),
+                s.store.clone(),
+            ))),
+            config(None, None),
+        );
+        let req = RunRequest {
+            text: "whoami".into(),
+            conversation: "slack:C0LIST".into(),
+        };
+        assert!(crashing.run(&ctx, req).await.is_err());
+        runs.push((tenant, ctx.audit().run_id.to_string()));
+    }
+    // The tenant listed first is the one whose run directory becomes unreadable.
+    let order: Vec<TenantId> = s
+        .store
+        .admin()
+        .tenants()
+        .unwrap()
+        .into_iter()
+        .map(|t| t.id)
+        .collect();
+    let broken = order[0].clone();
+    let (_, kept_run) = runs.iter().find(|(t, _)| *t != broken).unwrap().clone();
+    s.close().await.unwrap();
+    drop(s);
+    let runs_dir = crate::walk(dir.path())
+        .into_iter()
+        .filter_map(|p| p.parent().map(Path::to_path_buf))
+        .find(|p| p.ends_with(Path::new("runs").join(broken.as_str())))
+        .expect("the tenant has a run directory");
+    std::fs::remove_dir_all(&runs_dir).unwrap();
+    std::fs::write(&runs_dir, b"not a directory").unwrap();
+
+    let s = open(dir.path(), config(None, None));
+    assert!(
+        s.agent.resume_unfinished().await.is_err(),
+        "the broken tenant's failure is reported"
+    );
+    let kept = order.iter().find(|t| **t != broken).unwrap();
+    let op = s.tenants.operator_context(kept).unwrap();
+    let repo = s.store.for_tenant(&op).unwrap();
+    assert_eq!(
+        repo.runs().unfinished_runs().unwrap(),
+        Vec::<String>::new(),
+        "the other tenant's run was resumed"
+    );
+    let stored: serde_json::Value =
+        serde_json::from_slice(&repo.runs().get_run(&kept_run).unwrap().unwrap()).unwrap();
+    assert_eq!(stored["status"]["status"], "completed");
+    s.close().await.unwrap();
+}

@@ -806,7 +806,7 @@ async fn webhook_tools_are_signed_validated_bounded_and_tenant_scoped() {
     assert!(found, "the webhook record was scanned");
 }
 
-fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+pub fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
     for e in std::fs::read_dir(dir).unwrap() {
         let p = e.unwrap().path();
