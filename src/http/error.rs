@@ -29,6 +29,10 @@ pub enum ApiError {
     /// 413: the request body is over the size limit.
     #[error("the request body is too large")]
     PayloadTooLarge,
+    /// 415: the body is not in the media type the route takes (JSON sent as text or a form, or
+    /// with no content type); the message names the one it takes.
+    #[error("{0}")]
+    UnsupportedMediaType(String),
     /// 429: the tenant's request rate is exceeded.
     #[error("too many requests; slow down")]
     TooManyRequests,
@@ -61,6 +65,7 @@ impl IntoResponse for ApiError {
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };

@@ -108,12 +108,14 @@ where
     }
 }
 
-/// Maps any axum rejection by its status: a client's mistake is a 400 in axum's words (made
-/// plain), an over-long body a 413, and anything else (a handler that does not fit its route) a
-/// 500 whose text only the log sees.
+/// Maps any axum rejection by its status: an over-long body is a 413, a body that is not JSON by
+/// its content type a 415, any other client mistake a 400, each in axum's words (made plain); and
+/// anything else (a handler that does not fit its route) a 500 whose text only the log sees.
 fn rejection(status: StatusCode, text: String) -> ApiError {
     if status == StatusCode::PAYLOAD_TOO_LARGE {
         ApiError::PayloadTooLarge
+    } else if status == StatusCode::UNSUPPORTED_MEDIA_TYPE {
+        ApiError::UnsupportedMediaType(plain(&text))
     } else if status.is_client_error() {
         ApiError::BadRequest(plain(&text))
     } else {

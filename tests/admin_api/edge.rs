@@ -147,14 +147,14 @@ async fn a_present_but_malformed_optional_body_is_still_a_400() {
             rotate.as_str(),
             "JSON sent as text",
             Body::Typed("text/plain", r#"{"overlap_secs": 60}"#),
-            400,
+            415,
             "Content-Type: application/json",
         ),
         (
             rotate.as_str(),
             "JSON with no content type",
             Body::Bare(r#"{"overlap_secs": 60}"#),
-            400,
+            415,
             "Content-Type: application/json",
         ),
         (
@@ -175,7 +175,7 @@ async fn a_present_but_malformed_optional_body_is_still_a_400() {
             "/api/v1/audit/export",
             "export as a form",
             Body::Typed("application/x-www-form-urlencoded", "from=0"),
-            400,
+            415,
             "Content-Type: application/json",
         ),
     ] {
