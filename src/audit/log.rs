@@ -12,6 +12,7 @@
 //! the segment log: an index behind the log is caught up from the log's records, an index ahead of it
 //! is cut back; then the tree must reproduce the root of the last signed checkpoint.
 
+use std::collections::BTreeMap;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex as StdMutex, RwLock};
@@ -77,7 +78,7 @@ struct Request {
     events: Vec<event::Unplaced>,
     /// How many of them count toward the next checkpoint (all but `checkpoint.signed`).
     counted: u64,
-    /// Whether the appender wants the leaf bytes back, for the projection fold.
+    /// Whether the events affect projections, so that their leaf bytes are kept for the fold.
     keep: bool,
     /// The records' place in the segment log's queue, taken before the request was left here.
     slot: segment_log::Slot,
@@ -89,7 +90,6 @@ struct Queued {
     first: u64,
     pending: Pending,
     due: bool,
-    kept: Vec<Vec<u8>>,
 }
 
 struct TenantLog {
@@ -106,6 +106,11 @@ struct TenantLog {
     /// an append whose events someone else already folded neither waits for the projector nor
     /// reads the stored head.
     folded: std::sync::atomic::AtomicU64,
+    /// Leaf bytes of queued events that affect projections, by the first sequence number of
+    /// their append, until they are folded: whoever folds takes every run's events from here
+    /// rather than reading them back from the segment files. Filled under the tree's lock, so an
+    /// event is here before it can be durable.
+    unfolded: StdMutex<BTreeMap<u64, Vec<Vec<u8>>>>,
     origin: String,
     events: SegmentLog,
     checkpoints: SegmentLog,
@@ -184,7 +189,12 @@ impl TenantLog {
                 return Err(e.into());
             }
         }
-        let kept = if keep { records.clone() } else { Vec::new() };
+        if keep {
+            self.unfolded
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(first, records.clone());
+        }
         let n = records.len() as u64;
         let pending = match slot.enqueue(records) {
             Ok(p) => p,
@@ -199,7 +209,6 @@ impl TenantLog {
             first,
             pending,
             due: st.since_checkpoint >= self.checkpoint_every,
-            kept,
         })
     }
 }
@@ -487,6 +496,7 @@ impl AuditLog {
             repo,
             projector: Mutex::new(()),
             folded: std::sync::atomic::AtomicU64::new(0),
+            unfolded: StdMutex::new(BTreeMap::new()),
             origin,
             events,
             checkpoints,
@@ -509,20 +519,11 @@ impl AuditLog {
         self.project_with(log, None).await
     }
 
-    /// Folds the durable events the projections have not seen yet. `known` is a run of durable
-    /// events the caller still holds (`(first seq, leaf bytes)`), so that the usual case (the
-    /// caller's own append is next in line) reads nothing back from the segment files.
-    async fn project_with(
-        &self,
-        log: &TenantLog,
-        known: Option<(u64, &[Vec<u8>])>,
-    ) -> Result<(), AuditError> {
+    /// Folds the durable events the projections have not seen yet, at least those below `needed`
+    /// (the end of the caller's own append) or, without it, all of them.
+    async fn project_with(&self, log: &TenantLog, needed: Option<u64>) -> Result<(), AuditError> {
         use std::sync::atomic::Ordering;
-        // Events up to here must be folded when this returns: the caller's own, or all durable ones.
-        let needed = match known {
-            Some((first, records)) => first + records.len() as u64,
-            None => log.events.len(),
-        };
+        let needed = needed.unwrap_or_else(|| log.events.len());
         if log.folded.load(Ordering::Acquire) >= needed {
             return Ok(());
         }
@@ -539,47 +540,34 @@ impl AuditLog {
             log.folded.fetch_max(head, Ordering::AcqRel);
             return Ok(());
         }
+        // The kept appends that lie wholly in what is folded now. One reaching past `end` (its
+        // records split by a segment roll, half synced) stays for the next fold; those below
+        // `head` were folded already.
+        let kept: Vec<(u64, Vec<Vec<u8>>)> = {
+            let mut unfolded = log.unfolded.lock().unwrap_or_else(|e| e.into_inner());
+            let later = unfolded.split_off(&end);
+            let mut now = std::mem::replace(&mut *unfolded, later);
+            if let Some((&first, records)) = now.last_key_value() {
+                if first + records.len() as u64 > end {
+                    let records = now.remove(&first).expect("just seen");
+                    unfolded.insert(first, records);
+                }
+            }
+            now.into_iter()
+                .filter(|(first, _)| *first >= head)
+                .collect()
+        };
         let mut usage = UsageDeltas::default();
         let mut runs = Vec::new();
         let mut members = Vec::new();
-        let in_memory = match known {
-            Some((first, records)) if first == head && first + records.len() as u64 <= end => {
-                records
-            }
-            _ => &[],
-        };
-        let from_disk = if head + (in_memory.len() as u64) < end {
-            Some(log.events.iter_from(head + in_memory.len() as u64)?)
-        } else {
-            None
-        };
-        let records = in_memory
-            .iter()
-            .enumerate()
-            .map(|(i, bytes)| {
-                Ok((
-                    head + i as u64,
-                    std::borrow::Cow::Borrowed(bytes.as_slice()),
-                ))
-            })
-            .chain(
-                from_disk
-                    .into_iter()
-                    .flatten()
-                    .map(|rec| rec.map(|(seq, bytes)| (seq, std::borrow::Cow::Owned(bytes)))),
-            );
-        for rec in records {
-            let (seq, bytes) = rec?;
-            if seq >= end {
-                break;
-            }
+        let mut fold = |seq: u64, bytes: &[u8]| -> Result<(), AuditError> {
             // The common case reads only the fields it needs, borrowed; anything else (a role
             // event, a field of an unexpected type) goes the general way, which gives the same
             // answer wherever both apply (tested).
-            let (f, v) = match fold_fast(&bytes) {
+            let (f, v) = match fold_fast(bytes) {
                 Some(f) => (f, None),
                 None => {
-                    let v: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
+                    let v: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| {
                         recovery(&log.tenant, format!("event {seq} does not parse: {e}"))
                     })?;
                     (fold_value(&v), Some(v))
@@ -592,7 +580,7 @@ impl AuditLog {
                 runs.push(run);
             }
             // Role events always take the general way.
-            let Some(v) = v else { continue };
+            let Some(v) = v else { return Ok(()) };
             // Memberships are a projection of role events, stored in the same batch as the head.
             match v["type"].as_str() {
                 Some("role.granted") => {
@@ -605,6 +593,28 @@ impl AuditLog {
                 }
                 _ => {}
             }
+            Ok(())
+        };
+        // In sequence order: each kept append from memory, what lies between from the files.
+        let mut seq = head;
+        let mut kept = kept.into_iter().peekable();
+        while seq < end {
+            // Appends are disjoint runs of sequence numbers, so none starts inside another; one
+            // that did would be skipped here and its events read from the files.
+            while kept.next_if(|(first, _)| *first < seq).is_some() {}
+            if let Some((first, records)) = kept.next_if(|(first, _)| *first == seq) {
+                for (i, bytes) in records.iter().enumerate() {
+                    fold(first + i as u64, bytes)?;
+                }
+                seq = first + records.len() as u64;
+                continue;
+            }
+            let stop = kept.peek().map_or(end, |(first, _)| (*first).min(end));
+            for rec in log.events.iter_from(seq)?.take((stop - seq) as usize) {
+                let (at, bytes) = rec?;
+                fold(at, &bytes)?;
+            }
+            seq = stop;
         }
         projections.apply_projection(&usage, &runs, &members, end)?;
         log.folded.fetch_max(end, Ordering::AcqRel);
@@ -661,10 +671,10 @@ impl AuditLog {
         body: &EventBody,
     ) -> Result<u64, AuditError> {
         let projected = affects_projections(body);
-        let (seq, pending, due, records) = self
+        let (seq, pending, due) = self
             .enqueue_all(log, env, std::slice::from_ref(body), projected)
             .await?;
-        self.settle(log, seq, pending, due, projected.then_some(&records[..]))
+        self.settle(log, seq, pending, due, projected.then_some(seq + 1))
             .await
     }
 
@@ -676,11 +686,11 @@ impl AuditLog {
         seq: u64,
         pending: Pending,
         due: bool,
-        projected: Option<&[Vec<u8>]>,
+        projected: Option<u64>,
     ) -> Result<u64, AuditError> {
         self.await_durable(log, seq, pending).await?;
-        if let Some(records) = projected {
-            self.project_with(log, Some((seq, records))).await?;
+        if let Some(end) = projected {
+            self.project_with(log, Some(end)).await?;
         }
         if due {
             self.sign(log, self.inner.settings.checkpoint_every).await?;
@@ -709,14 +719,15 @@ impl AuditLog {
         env: &Envelope,
         body: &EventBody,
     ) -> Result<(u64, Pending, bool), AuditError> {
-        let (seq, pending, due, _) = self
+        let (seq, pending, due) = self
             .enqueue_all(log, env, std::slice::from_ref(body), false)
             .await?;
         Ok((seq, pending, due))
     }
 
     /// [`AuditLog::enqueue`] for consecutive events, committed by one sync; returns the first one's
-    /// sequence number, and a copy of the leaf bytes when `keep` (for the projection fold).
+    /// sequence number. With `keep`, the leaf bytes are left in the tenant's `unfolded` map for the
+    /// projection fold.
     ///
     /// Appends are combined: each appender encodes its events and takes a place in the segment
     /// log's queue on its own, then leaves the request in the tenant's inbox, and whoever holds the
@@ -728,7 +739,7 @@ impl AuditLog {
         env: &Envelope,
         bodies: &[EventBody],
         keep: bool,
-    ) -> Result<(u64, Pending, bool, Vec<Vec<u8>>), AuditError> {
+    ) -> Result<(u64, Pending, bool), AuditError> {
         let events: Vec<_> = bodies
             .iter()
             .map(|body| event::encode_unplaced(env, body))
@@ -758,7 +769,7 @@ impl AuditLog {
         let q = placed
             .await
             .map_err(|_| recovery(&log.tenant, "an append was dropped unplaced"))??;
-        Ok((q.first, q.pending, q.due, q.kept))
+        Ok((q.first, q.pending, q.due))
     }
 
     /// Waits until the queued event `seq` is durable.
@@ -1068,10 +1079,11 @@ impl AuditLog {
         }
         let log = self.log_for(ctx.tenant_id(), repo).await?;
         let projected = bodies.iter().any(affects_projections);
-        let (first, pending, due, records) = self
+        let (first, pending, due) = self
             .enqueue_all(&log, &Envelope::from_ctx(ctx), bodies, projected)
             .await?;
-        self.settle(&log, first, pending, due, projected.then_some(&records[..]))
+        let end = first + bodies.len() as u64;
+        self.settle(&log, first, pending, due, projected.then_some(end))
             .await?;
         Ok(first..first + bodies.len() as u64)
     }
@@ -1680,5 +1692,53 @@ mod tests {
             audit.append_with(&ctx, repo, command()).await.unwrap(),
             before
         );
+    }
+
+    /// Many appenders at once, some of whose events affect the projections and some not: whoever
+    /// folds takes the others' kept events from memory and reads the rest from the files, and the
+    /// live projections come out as a replay of the whole log computes them, with nothing left
+    /// kept once all is folded.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_folds_agree_with_a_replay_and_keep_nothing_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let (audit, ctx, repo, log) = one_tenant(dir.path()).await;
+        let model = |tokens: u64| EventBody::ModelCalled {
+            provider: "openai".into(),
+            model: "gpt-4o-mini".into(),
+            tokens_in: tokens,
+            tokens_out: 1,
+            cost_microcents: tokens * 3,
+        };
+        let mut tasks = tokio::task::JoinSet::new();
+        for t in 0..32u64 {
+            let (audit, ctx, repo) = (audit.clone(), ctx.clone(), repo.clone());
+            tasks.spawn(async move {
+                for i in 0..20u64 {
+                    if (t + i) % 3 == 0 {
+                        audit.append_with(&ctx, repo.clone(), command()).await?;
+                    } else {
+                        let batch = [command(), model(t * 100 + i), model(1)];
+                        audit.append_batch_with(&ctx, repo.clone(), &batch).await?;
+                    }
+                }
+                Ok::<_, AuditError>(())
+            });
+        }
+        while let Some(done) = tasks.join_next().await {
+            done.unwrap().unwrap();
+        }
+        assert_eq!(
+            audit.replay(&ctx, repo.clone()).await.unwrap(),
+            Vec::<String>::new()
+        );
+        let expected: u64 = (0..32u64)
+            .flat_map(|t| (0..20u64).map(move |i| (t, i)))
+            .filter(|(t, i)| (t + i) % 3 != 0)
+            .map(|(t, i)| t * 100 + i + 1 + 2)
+            .sum();
+        let usage = repo.projections().usage().unwrap();
+        let tokens: u64 = usage.values().map(|m| m.tokens_in + m.tokens_out).sum();
+        assert_eq!(tokens, expected, "{usage:?}");
+        assert!(log.unfolded.lock().unwrap().is_empty());
     }
 }
