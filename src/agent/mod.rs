@@ -519,7 +519,7 @@ impl Agent {
             correlation_id: ctx.audit().correlation_id.as_ref().map(|c| c.to_string()),
             started_at: ctx.audit().initiated_at,
             text: req.text,
-            messages,
+            messages: messages.into(),
             step: 0,
             pending: vec![],
             next_call: 0,
