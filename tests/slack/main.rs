@@ -731,7 +731,8 @@ async fn a_run_interrupted_by_a_crash_is_resumed_at_start_and_still_answers() {
             text: "whoami".into(),
             messages: vec![agentgate::agent::planner::Message::User {
                 text: "whoami".into(),
-            }],
+            }]
+            .into(),
             step: 0,
             pending: vec![],
             next_call: 0,
