@@ -62,6 +62,18 @@ impl Services {
         audit: &AuditOptions,
         agent: AgentConfig,
     ) -> anyhow::Result<Self> {
+        Self::open_with_segments(data_dir, master_key, audit, agent, Default::default())
+    }
+
+    /// As [`Services::open_with`], with the audit logs' segment file options: tests use small
+    /// segments to make rolls happen; the product always uses the defaults.
+    pub(crate) fn open_with_segments(
+        data_dir: &Path,
+        master_key: Option<&SecretString>,
+        audit: &AuditOptions,
+        agent: AgentConfig,
+        segments: crate::audit::segment_log::Options,
+    ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(data_dir)
             .with_context(|| format!("cannot create the data directory {}", data_dir.display()))?;
         let (key, source) = MasterKey::load_or_generate(master_key, data_dir)
@@ -93,7 +105,7 @@ impl Services {
                 origin_prefix: audit.origin_prefix.clone(),
                 checkpoint_every: audit.checkpoint_every.max(1),
                 checkpoint_interval: audit.checkpoint_interval,
-                segments: Default::default(),
+                segments,
             },
             signer,
             keyring,

@@ -76,7 +76,7 @@ pub struct RunState {
 /// cost of a step grow with the run (string escaping of every earlier tool result; 9% of the agent
 /// loop's CPU at 8 concurrent ten-call runs). Checkpoints are JSON: serialised any other way, the
 /// messages come out as serde_json's raw-value marker.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Transcript {
     messages: Vec<Message>,
     /// The JSON of `messages[..count]`, comma-separated, without the brackets.
@@ -119,6 +119,13 @@ impl Transcript {
         array.push_str(&kept.text);
         array.push(']');
         serde_json::value::RawValue::from_string(array)
+    }
+}
+
+impl std::fmt::Debug for Transcript {
+    // The messages only: the kept JSON says the same again.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(&self.messages).finish()
     }
 }
 

@@ -119,6 +119,15 @@ struct TenantLog {
 }
 
 impl TenantLog {
+    /// Drops the kept leaf bytes of the append at `first`, whose events may never become durable
+    /// as placed; a fold then reads whatever the files hold instead.
+    fn forget_unfolded(&self, first: u64) {
+        self.unfolded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&first);
+    }
+
     /// Takes the tree's lock; see [`StateGuard`].
     ///
     /// tokio's mutex hands the lock straight to the next queued waiter, so while that waiter has
@@ -200,6 +209,7 @@ impl TenantLog {
             Ok(p) => p,
             Err(e) => {
                 st.broken = true;
+                self.forget_unfolded(first);
                 return Err(e.into());
             }
         };
@@ -210,6 +220,23 @@ impl TenantLog {
             pending,
             due: st.since_checkpoint >= self.checkpoint_every,
         })
+    }
+}
+
+/// The kept leaf bytes of an append that is not yet known to be durable; dropped before it is,
+/// it takes them out of the tenant's `unfolded` map.
+struct Unfolded<'a> {
+    log: &'a TenantLog,
+    first: u64,
+    /// Cleared once the append is durable as placed.
+    armed: bool,
+}
+
+impl Drop for Unfolded<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.log.forget_unfolded(self.first);
+        }
     }
 }
 
@@ -688,7 +715,18 @@ impl AuditLog {
         due: bool,
         projected: Option<u64>,
     ) -> Result<u64, AuditError> {
+        // Kept bytes of an append that failed, was stored elsewhere, or whose caller went away
+        // before hearing are dropped, so that they neither pile up in a log whose writer failed
+        // nor stand in for what the files hold.
+        let mut kept = projected.map(|_| Unfolded {
+            log,
+            first: seq,
+            armed: true,
+        });
         self.await_durable(log, seq, pending).await?;
+        if let Some(kept) = &mut kept {
+            kept.armed = false;
+        }
         if let Some(end) = projected {
             self.project_with(log, Some(end)).await?;
         }
@@ -1524,8 +1562,23 @@ mod tests {
     async fn one_tenant(
         dir: &std::path::Path,
     ) -> (AuditLog, TenantContext, TenantStore, Arc<TenantLog>) {
+        one_tenant_with(dir, segment_log::Options::default()).await
+    }
+
+    /// As [`one_tenant`], with these segment file options.
+    async fn one_tenant_with(
+        dir: &std::path::Path,
+        segments: segment_log::Options,
+    ) -> (AuditLog, TenantContext, TenantStore, Arc<TenantLog>) {
         let master = SecretString::from("42".repeat(32));
-        let services = Services::open(dir, Some(&master), &AuditOptions::default()).unwrap();
+        let services = Services::open_with_segments(
+            dir,
+            Some(&master),
+            &AuditOptions::default(),
+            Default::default(),
+            segments,
+        )
+        .unwrap();
         let install = NewInstallation {
             workspace: Workspace::slack_team(None, "T0LOCK").unwrap(),
             app_id: "A0TEST".into(),
@@ -1559,6 +1612,21 @@ mod tests {
             kind: "slash_command".into(),
             text_sha256: "00".repeat(32),
         }
+    }
+
+    fn model(tokens: u64) -> EventBody {
+        EventBody::ModelCalled {
+            provider: "openai".into(),
+            model: "gpt-4o-mini".into(),
+            tokens_in: tokens,
+            tokens_out: 1,
+            cost_microcents: tokens * 3,
+        }
+    }
+
+    fn tokens(repo: &TenantStore) -> u64 {
+        let usage = repo.projections().usage().unwrap();
+        usage.values().map(|m| m.tokens_in + m.tokens_out).sum()
     }
 
     fn inbox_len(log: &TenantLog) -> usize {
@@ -1701,14 +1769,12 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_folds_agree_with_a_replay_and_keep_nothing_back() {
         let dir = tempfile::tempdir().unwrap();
-        let (audit, ctx, repo, log) = one_tenant(dir.path()).await;
-        let model = |tokens: u64| EventBody::ModelCalled {
-            provider: "openai".into(),
-            model: "gpt-4o-mini".into(),
-            tokens_in: tokens,
-            tokens_out: 1,
-            cost_microcents: tokens * 3,
+        // Small segments, so that batches are split by rolls and some folds end inside one.
+        let segments = segment_log::Options {
+            segment_bytes: 1500,
+            ..segment_log::Options::default()
         };
+        let (audit, ctx, repo, log) = one_tenant_with(dir.path(), segments).await;
         let mut tasks = tokio::task::JoinSet::new();
         for t in 0..32u64 {
             let (audit, ctx, repo) = (audit.clone(), ctx.clone(), repo.clone());
@@ -1736,9 +1802,35 @@ mod tests {
             .filter(|(t, i)| (t + i) % 3 != 0)
             .map(|(t, i)| t * 100 + i + 1 + 2)
             .sum();
-        let usage = repo.projections().usage().unwrap();
-        let tokens: u64 = usage.values().map(|m| m.tokens_in + m.tokens_out).sum();
-        assert_eq!(tokens, expected, "{usage:?}");
+        assert_eq!(tokens(&repo), expected);
+        assert!(log.unfolded.lock().unwrap().is_empty());
+    }
+
+    /// An append whose caller stops waiting before it is durable takes its kept bytes out of the
+    /// map; its events, durable all the same, are folded from the files by the next fold.
+    #[tokio::test(flavor = "current_thread")]
+    async fn an_append_whose_caller_goes_away_leaves_no_kept_bytes() {
+        use futures_util::FutureExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let (audit, ctx, repo, log) = one_tenant(dir.path()).await;
+        let before = tokens(&repo);
+        let batch = [command(), model(7)];
+        // One poll places the events and waits for their sync, which this thread cannot see
+        // answered before it polls again.
+        assert!(audit
+            .append_batch_with(&ctx, repo.clone(), &batch)
+            .now_or_never()
+            .is_none());
+        assert!(log.unfolded.lock().unwrap().is_empty());
+        audit
+            .append_batch_with(&ctx, repo.clone(), &[model(5)])
+            .await
+            .unwrap();
+        assert_eq!(tokens(&repo), before + 8 + 6);
+        assert_eq!(
+            audit.replay(&ctx, repo.clone()).await.unwrap(),
+            Vec::<String>::new()
+        );
         assert!(log.unfolded.lock().unwrap().is_empty());
     }
 }

@@ -18,7 +18,8 @@ pub struct Path<T>(pub T);
 /// The query string; a missing or malformed field is a 400 that names it.
 pub struct Query<T>(pub T);
 
-/// A required JSON body; a missing, mistyped or malformed one is a 400 that says why.
+/// A required JSON body; a missing, mistyped or malformed one is a 400 that says why, and one
+/// sent without the JSON content type a 415.
 pub struct JsonBody<T>(pub T);
 
 /// A JSON body whose every field has a default: an absent or blank body is `T::default()`, so a
