@@ -186,16 +186,14 @@ impl agentgate::audit::AuditSink for EndThenFail {
     }
 }
 
-/// A crash after a run's end event became durable and before the run was stored as finished: the
-/// restart resumes the run, sees its end already in the log, and finishes it without a second end
-/// event.
-#[tokio::test]
-async fn a_run_that_ended_before_the_crash_is_not_ended_twice() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = open(dir.path(), config(None, None));
-    install(&s, "T0ENDED").await;
-    let ctx = user(&s, "T0ENDED", "U0M");
-    let run_id = ctx.audit().run_id.to_string();
+/// Runs `whoami` for `ctx` through an agent whose sink fails right after the run's end event is
+/// durable, as a crash there would leave it: ended in the log, unfinished in the store. Returns
+/// that agent, which the caller drops before the "restart".
+async fn run_that_crashes_after_its_end(
+    s: &agentgate::app::Services,
+    ctx: &agentgate::tenant::TenantContext,
+    conversation: &str,
+) -> agentgate::agent::Agent {
     let crashing = agentgate::agent::Agent::new(
         s.tenants.clone(),
         s.audit.clone(),
@@ -207,9 +205,23 @@ async fn a_run_that_ended_before_the_crash_is_not_ended_twice() {
     );
     let req = RunRequest {
         text: "whoami".into(),
-        conversation: "slack:C0ENDED".into(),
+        conversation: conversation.into(),
     };
-    assert!(crashing.run(&ctx, req).await.is_err());
+    assert!(crashing.run(ctx, req).await.is_err());
+    crashing
+}
+
+/// A crash after a run's end event became durable and before the run was stored as finished: the
+/// restart resumes the run, sees its end already in the log, and finishes it without a second end
+/// event.
+#[tokio::test]
+async fn a_run_that_ended_before_the_crash_is_not_ended_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path(), config(None, None));
+    install(&s, "T0ENDED").await;
+    let ctx = user(&s, "T0ENDED", "U0M");
+    let run_id = ctx.audit().run_id.to_string();
+    let crashing = run_that_crashes_after_its_end(&s, &ctx, "slack:C0ENDED").await;
     let repo = s.store.for_tenant(&ctx).unwrap();
     assert_eq!(repo.runs().unfinished_runs().unwrap(), vec![run_id.clone()]);
     let ends = |ev: &[serde_json::Value]| {
@@ -441,20 +453,7 @@ async fn a_tenant_whose_runs_cannot_be_listed_does_not_stop_the_others() {
     for team in ["T0FIRST", "T0SECOND"] {
         let tenant = install(&s, team).await;
         let ctx = user(&s, team, "U0M");
-        let crashing = agentgate::agent::Agent::new(
-            s.tenants.clone(),
-            s.audit.clone(),
-            std::sync::Arc::new(EndThenFail(agentgate::audit::log::LogSink::new(
-                s.audit.clone(),
-                s.store.clone(),
-            ))),
-            config(None, None),
-        );
-        let req = RunRequest {
-            text: "whoami".into(),
-            conversation: "slack:C0LIST".into(),
-        };
-        assert!(crashing.run(&ctx, req).await.is_err());
+        run_that_crashes_after_its_end(&s, &ctx, "slack:C0LIST").await;
         runs.push((tenant, ctx.audit().run_id.to_string()));
     }
     // The tenant listed first is the one whose run directory becomes unreadable.
