@@ -454,14 +454,15 @@ pub fn canonical_json(value: &Value) -> Option<Vec<u8>> {
 
 fn write_canonical(value: &Value, out: &mut Vec<u8>) -> Option<()> {
     match value {
+        // Written straight into `out`, not through a buffer of their own (an allocation each).
         Value::Null | Value::Bool(_) | Value::String(_) => {
-            out.extend_from_slice(&serde_json::to_vec(value).expect("scalars serialise"));
+            serde_json::to_writer(&mut *out, value).expect("scalars serialise into a Vec");
         }
         Value::Number(n) => {
             if !(n.is_u64() || n.is_i64()) {
                 return None;
             }
-            out.extend_from_slice(n.to_string().as_bytes());
+            serde_json::to_writer(&mut *out, n).expect("integers serialise into a Vec");
         }
         Value::Array(items) => {
             out.push(b'[');
@@ -481,7 +482,7 @@ fn write_canonical(value: &Value, out: &mut Vec<u8>) -> Option<()> {
                 if i > 0 {
                     out.push(b',');
                 }
-                out.extend_from_slice(&serde_json::to_vec(k).expect("strings serialise"));
+                put_str(out, k);
                 out.push(b':');
                 write_canonical(v, out)?;
             }
