@@ -159,6 +159,9 @@ pub enum Error {
     /// the files). Records of the failed batch may or may not be present after reopening.
     #[error("the log writer failed and accepts no more appends; reopen the log")]
     WriterFailed(#[source] Arc<Error>),
+    /// The writer panicked (a bug); given as the cause of [`Error::WriterFailed`].
+    #[error("the log writer stopped unexpectedly")]
+    WriterPanicked,
 }
 
 impl fmt::Debug for Error {
@@ -1224,6 +1227,8 @@ impl Writer {
         if cmds.is_empty() {
             return;
         }
+        #[cfg(test)]
+        tests::maybe_panic(cmds);
         let first = self.next_seq;
         let failure = match &self.failed {
             Some(f) => Some(Arc::clone(f)),
@@ -1456,7 +1461,9 @@ async fn writer_task(mut writer: Writer, mut rx: mpsc::Receiver<Command>, max_ba
             return;
         }
         let job = tokio::task::spawn_blocking(move || {
-            let stop = loop {
+            // A panic in the writer (a bug) is caught so that the queue outlives it: every append
+            // in it, or yet to be sent on a place reserved before, is then failed, not left to wait.
+            let stop = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| loop {
                 if let Some(closers) = writer.process(&mut cmds) {
                     break Some(closers);
                 }
@@ -1469,16 +1476,31 @@ async fn writer_task(mut writer: Writer, mut rx: mpsc::Receiver<Command>, max_ba
                 if cmds.is_empty() {
                     break None;
                 }
-            };
+            }));
             (writer, rx, cmds, stop)
         });
         match job.await {
-            Ok((w, r, c, None)) => {
+            Ok((w, r, c, Ok(None))) => {
                 writer = w;
                 rx = r;
                 cmds = c;
             }
-            Ok((mut w, mut r, _, Some(closers))) => {
+            Ok((w, r, c, Err(_))) => {
+                let failure = {
+                    let mut slot = w
+                        .shared
+                        .failure
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner);
+                    Arc::clone(slot.get_or_insert_with(|| Arc::new(Error::WriterPanicked)))
+                };
+                tracing::error!(dir = %w.shared.dir.display(), "audit log writer panicked; refusing further appends");
+                // Appends it had taken and not answered hear `Error::Closed` as their answers drop.
+                drop((c, w));
+                refuse_queued(r, || Error::WriterFailed(Arc::clone(&failure))).await;
+                return;
+            }
+            Ok((mut w, mut r, _, Ok(Some(closers)))) => {
                 // Every append committed before the close hears so first.
                 for acks in std::mem::take(&mut w.acks) {
                     let _ = acks.await;
@@ -1489,25 +1511,31 @@ async fn writer_task(mut writer: Writer, mut rx: mpsc::Receiver<Command>, max_ba
                 for done in closers {
                     let _ = done.send(());
                 }
-                // A place reserved before the close may still be spent on an append
-                // (`Slot::enqueue` cannot fail then): fail those until every place is given back,
-                // or their callers would wait forever.
-                while let Some(cmd) = r.recv().await {
-                    match cmd {
-                        Command::Append { done, .. } => {
-                            let _ = done.send(Err(Error::Closed));
-                        }
-                        Command::Close { done } => {
-                            let _ = done.send(());
-                        }
-                    }
-                }
+                refuse_queued(r, || Error::Closed).await;
                 return;
             }
             Err(e) => {
                 // Waiters inside the job see their oneshot dropped and get `Error::Closed`.
                 tracing::error!(error = %e, "audit log writer stopped unexpectedly");
                 return;
+            }
+        }
+    }
+}
+
+/// Fails every append left in a stopped writer's queue with `err()`, and answers every close.
+///
+/// A place reserved before the stop may still be spent on an append (`Slot::enqueue` cannot fail
+/// then), so this goes on until every place is given back, or their callers would wait forever.
+async fn refuse_queued(mut rx: mpsc::Receiver<Command>, err: impl Fn() -> Error) {
+    rx.close();
+    while let Some(cmd) = rx.recv().await {
+        match cmd {
+            Command::Append { done, .. } => {
+                let _ = done.send(Err(err()));
+            }
+            Command::Close { done } => {
+                let _ = done.send(());
             }
         }
     }
@@ -1594,5 +1622,51 @@ impl Pending {
     /// its sync failed.
     pub async fn durable(self) -> Result<u64, Error> {
         self.0.await.map_err(|_| Error::Closed)?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An append of this payload makes the writer panic, standing in for a bug.
+    const PANIC_PAYLOAD: &[u8] = b"test: the writer panics here";
+
+    pub(super) fn maybe_panic(cmds: &[Command]) {
+        let poisoned = cmds.iter().any(|c| match c {
+            Command::Append { payloads, .. } => {
+                payloads.as_slice().iter().any(|p| p == PANIC_PAYLOAD)
+            }
+            Command::Close { .. } => false,
+        });
+        assert!(!poisoned, "{}", String::from_utf8_lossy(PANIC_PAYLOAD));
+    }
+
+    /// A writer that panics answers the append it was writing, the appends queued behind it and
+    /// one sent later on a place reserved before, instead of leaving them to wait forever; the
+    /// log then refuses appends and keeps what was durable.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_writer_panic_fails_queued_and_reserved_appends_instead_of_hanging() {
+        let wait = std::time::Duration::from_secs(10);
+        let dir = tempfile::tempdir().unwrap();
+        let (log, _) = SegmentLog::open(dir.path(), Options::default()).unwrap();
+        assert_eq!(log.append(b"before".to_vec()).await.unwrap(), 0);
+        let slot = log.reserve().await.unwrap();
+        let failed = tokio::time::timeout(wait, log.append(PANIC_PAYLOAD.to_vec()))
+            .await
+            .expect("the append that met the panic is answered");
+        assert!(failed.is_err(), "{failed:?}");
+        let pending = slot.enqueue(vec![b"after".to_vec()]).unwrap();
+        let got = tokio::time::timeout(wait, pending.durable())
+            .await
+            .expect("an append on a place reserved before the panic is answered");
+        assert!(matches!(got, Err(Error::WriterFailed(_))), "{got:?}");
+        let later = tokio::time::timeout(wait, log.append(b"later".to_vec()))
+            .await
+            .expect("a later append is answered");
+        assert!(matches!(later, Err(Error::Closed)), "{later:?}");
+        assert!(matches!(log.close().await, Err(Error::WriterFailed(_))));
+        assert_eq!(log.read(0).unwrap(), b"before");
+        assert_eq!(log.len(), 1);
     }
 }
