@@ -1165,6 +1165,7 @@ async fn bench_verify(cfg: &Cfg, product: &Product) {
     let reps = if cfg.quick { 1 } else { 3 };
     let out = bench_dir();
     let dir = out.path().join("bundle");
+    let before = PeakRss::start();
     let t0 = Instant::now();
     let manifest = product
         .services
@@ -1173,6 +1174,7 @@ async fn bench_verify(cfg: &Cfg, product: &Product) {
         .await
         .expect("the export");
     let export = t0.elapsed();
+    let export_peak = before.growth();
     let events_bytes = std::fs::metadata(dir.join(bundle::files::EVENTS))
         .expect("events.jsonl")
         .len();
@@ -1192,6 +1194,13 @@ async fn bench_verify(cfg: &Cfg, product: &Product) {
     // One untimed run first: it checks the bundle and leaves the files in the page cache.
     let verified = bundle::verify(&dir, None, None).expect("the bundle verifies");
     assert_eq!(verified.events, manifest.to - manifest.from);
+    let verify_peak = verify_peak_in_child(&dir);
+    println!(
+        "peak memory: export {} above the process's resident size before it; verify {} peak resident size of a process doing only that (bundle files {:.1} MB)",
+        fmt_mb(export_peak),
+        fmt_mb(verify_peak),
+        (events_bytes + csv_bytes) as f64 / 1e6
+    );
     let mut times = Vec::with_capacity(reps);
     for _ in 0..reps {
         let t0 = Instant::now();
@@ -1213,6 +1222,60 @@ async fn bench_verify(cfg: &Cfg, product: &Product) {
         }
     );
     verify_breakdown(&dir, &manifest);
+}
+
+/// The growth of this process's peak resident size over one step: the peak is reset first
+/// (`/proc/self/clear_refs`, Linux), so what is left is what the step itself held at its peak.
+struct PeakRss {
+    rss_before: Option<u64>,
+}
+
+impl PeakRss {
+    fn start() -> Self {
+        let reset = std::fs::write("/proc/self/clear_refs", "5").is_ok();
+        PeakRss {
+            rss_before: reset.then(|| proc_status_kb("VmRSS")).flatten(),
+        }
+    }
+
+    /// Bytes by which the peak rose above the resident size at `start`, if Linux tells.
+    fn growth(&self) -> Option<u64> {
+        let peak = proc_status_kb("VmHWM")?;
+        Some(peak.saturating_sub(self.rss_before?) * 1024)
+    }
+}
+
+/// The peak resident size of a fresh process of this benchmark that verifies `dir` and nothing
+/// else (see `main`): the verifier's own memory, which a compliance officer's machine must have.
+fn verify_peak_in_child(dir: &Path) -> Option<u64> {
+    let exe = std::env::current_exe().ok()?;
+    let out = std::process::Command::new(exe)
+        .arg(VERIFY_PEAK_ARG)
+        .arg(dir)
+        .output()
+        .ok()?;
+    assert!(
+        out.status.success(),
+        "the verifying child failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).ok()?.trim().parse().ok()
+}
+
+/// Run as `audit --verify-peak DIR`, the benchmark verifies DIR and prints its peak resident size
+/// in bytes (`VmHWM`).
+const VERIFY_PEAK_ARG: &str = "--verify-peak";
+
+fn proc_status_kb(field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn fmt_mb(bytes: Option<u64>) -> String {
+    bytes.map_or("unknown (no /proc)".to_owned(), |b| {
+        format!("{:.1} MB", b as f64 / 1e6)
+    })
 }
 
 /// Times the steps `bundle::verify` performs, separately, to show where its time goes.
@@ -1287,6 +1350,14 @@ fn verify_breakdown(dir: &Path, manifest: &bundle::Manifest) {
 // ---------------------------------------------------------------------------------------------
 
 fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some(VERIFY_PEAK_ARG) {
+        let dir = Path::new(args.get(2).expect("--verify-peak DIR"));
+        bundle::verify(dir, None, None).expect("the bundle verifies");
+        let peak = proc_status_kb("VmHWM").expect("VmHWM in /proc/self/status");
+        println!("{}", peak * 1024);
+        return;
+    }
     let cfg = Cfg::from_args();
     if let Some(f) = &cfg.filter {
         if f != "all" && !GROUPS.iter().any(|g| g.contains(f.as_str())) {

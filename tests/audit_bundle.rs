@@ -27,6 +27,27 @@ use secrecy::SecretString;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
+/// `bundle::verify`, run with the default chunk size and with chunks of 5, 97 and 4096 bytes
+/// (about one event a chunk, read 5 bytes at a time; chunks ending mid-line; several events a
+/// chunk), which must all give
+/// the same answer: every check below thereby also proves that where chunks end does not matter.
+fn verify(
+    dir: &Path,
+    trusted: Option<&VerifierKey>,
+    since: Option<&str>,
+) -> Result<bundle::Verified, Failure> {
+    let result = bundle::verify(dir, trusted, since);
+    for chunk in [5, 97, 4096] {
+        assert_eq!(
+            bundle::verify_in_chunks(dir, trusted, since, chunk),
+            result,
+            "chunks of {chunk} bytes give another answer for {}",
+            dir.display()
+        );
+    }
+    result
+}
+
 // ---------------------------------------------------------------------------------------------
 // A deployment with tenants
 // ---------------------------------------------------------------------------------------------
@@ -161,8 +182,8 @@ async fn export_ok(d: &Deployment, t: &Tenant, from: u64, to: Option<u64>, name:
     export(d, t, from, to, None, &out)
         .await
         .unwrap_or_else(|e| panic!("export {name}: {e}"));
-    bundle::verify(&out, None, None).unwrap_or_else(|e| panic!("{name} verifies: {e}"));
-    bundle::verify(&out, Some(&d.trusted), None)
+    verify(&out, None, None).unwrap_or_else(|e| panic!("{name} verifies: {e}"));
+    verify(&out, Some(&d.trusted), None)
         .unwrap_or_else(|e| panic!("{name} verifies with the trusted key: {e}"));
     out
 }
@@ -433,10 +454,10 @@ fn check_tamper(
     place: &str,
     why: &str,
 ) -> Failure {
-    bundle::verify(pristine, reader.trusted, reader.since)
+    verify(pristine, reader.trusted, reader.since)
         .unwrap_or_else(|e| panic!("{label}: the pristine bundle does not verify: {e}"));
     let (_scratch, dir) = tampered(label, pristine, attacker, tamper);
-    let err = match bundle::verify(&dir, reader.trusted, reader.since) {
+    let err = match verify(&dir, reader.trusted, reader.since) {
         Ok(v) => panic!("{label}: the tampered bundle verified: {v}"),
         Err(e) => e,
     };
@@ -507,7 +528,7 @@ async fn a_full_export_verifies_and_only_against_the_deployments_key() {
         "export.created and checkpoint.signed were appended"
     );
 
-    let v = bundle::verify(&out, None, None).unwrap();
+    let v = verify(&out, None, None).unwrap();
     assert_eq!(v.events, size);
     assert_eq!(v.range, (0, size));
     assert_eq!(v.tenant, a.id.as_str());
@@ -518,7 +539,7 @@ async fn a_full_export_verifies_and_only_against_the_deployments_key() {
     let (cp, _) = open_checkpoint(&checkpoint_text(&out), &ring_of(&d.trusted), &origin).unwrap();
     assert_eq!((cp.size, cp.root), (size + 1, v.root));
 
-    let vt = bundle::verify(&out, Some(&d.trusted), None).unwrap();
+    let vt = verify(&out, Some(&d.trusted), None).unwrap();
     assert!(vt.trusted_key);
     assert_eq!(
         (vt.events, vt.root, vt.range, &vt.tenant),
@@ -531,7 +552,7 @@ async fn a_full_export_verifies_and_only_against_the_deployments_key() {
         SigningKey::generate("agentgate-dev").unwrap().verifier(),
         SigningKey::generate("someone-else").unwrap().verifier(),
     ] {
-        let err = bundle::verify(&out, Some(&stranger), None).unwrap_err();
+        let err = verify(&out, Some(&stranger), None).unwrap_err();
         assert_eq!(err.place, files::CHECKPOINT, "{err}");
         assert!(err.why.starts_with("does not verify"), "{err}");
         assert!(err.why.contains("no signature from a known key"), "{err}");
@@ -1016,6 +1037,37 @@ async fn dropped_duplicated_reordered_truncated_or_extra_events_are_caught() {
 /// Spec (docs/AUDIT-FORMAT.md section 5 step 6): `events.jsonl` must hold exactly `to - from`
 /// lines. A blank line after the last expected event is one line too many, and so is anything
 /// after it (here a whole extra event): nothing in the file goes unchecked.
+/// A line longer than any event (a file without newlines, say) is refused once it passes the
+/// limit, instead of being buffered whole; the hash check still comes first for a raw edit.
+#[tokio::test]
+async fn an_over_long_event_line_is_refused_without_buffering_it() {
+    let d = Deployment::open().await;
+    let t = tenant(&d, "TLONG", &["U1"]).await;
+    let out = export_ok(&d, &t, 0, None, "long").await;
+    let scratch = tempfile::tempdir().unwrap();
+    let dir = scratch.path().join("bundle");
+    copy_bundle(&out, &dir);
+    // 40 MiB after the first line, never a newline.
+    let mut bytes = fs::read(dir.join(files::EVENTS)).unwrap();
+    let first_end = bytes.iter().position(|b| *b == b'\n').unwrap() + 1;
+    bytes.truncate(first_end);
+    bytes.extend(std::iter::repeat_n(b'a', 40 << 20));
+    fs::write(dir.join(files::EVENTS), &bytes).unwrap();
+    let raw = bundle::verify(&dir, None, None).unwrap_err();
+    assert_eq!(raw.place, files::EVENTS, "{raw}");
+    assert!(raw.why.contains(HASH_DIFFERS), "{raw}");
+    rehash(&dir);
+    for chunk in [bundle::CHUNK_BYTES, 1 << 20] {
+        let err = bundle::verify_in_chunks(&dir, None, None, chunk).unwrap_err();
+        assert_eq!(err.place, files::EVENTS, "{err}");
+        assert!(
+            err.why.contains("line 2 is longer than 33554432 bytes"),
+            "chunks of {chunk}: {err}"
+        );
+    }
+    d.close().await;
+}
+
 #[tokio::test]
 async fn bytes_after_a_trailing_blank_line_are_rejected() {
     let d = Deployment::open().await;
@@ -1292,7 +1344,7 @@ async fn an_altered_or_stale_events_csv_under_a_rewritten_manifest_is_caught() {
             m.files.remove(files::CSV).unwrap();
         });
     });
-    let v = bundle::verify(&no_csv, Some(&d.trusted), None).expect("a bundle without a CSV");
+    let v = verify(&no_csv, Some(&d.trusted), None).expect("a bundle without a CSV");
     assert_eq!(v.events, n as u64);
     d.close().await;
 }
@@ -1464,7 +1516,7 @@ async fn an_attacker_keyring_passes_alone_and_fails_under_the_trusted_key() {
         resign(dir);
     };
     let (_s, forged) = tampered("attacker keyring", &out, rw, swap_keys);
-    let v = bundle::verify(&forged, None, None).expect("the bundle's own keyring cannot tell");
+    let v = verify(&forged, None, None).expect("the bundle's own keyring cannot tell");
     assert_eq!(v.signed_by, [attacker.verifier().to_vkey_text()]);
     assert_eq!(v.events, m.to);
     assert!(!v.trusted_key);
@@ -1504,7 +1556,7 @@ async fn an_attacker_keyring_passes_alone_and_fails_under_the_trusted_key() {
         fs::write(dir.join(files::CSV), bundle::csv(&event_lines(dir))).unwrap();
     };
     let (_s, forged) = tampered("forged history", &out, rw, forge);
-    let v = bundle::verify(&forged, None, None).expect("a self-consistent forgery");
+    let v = verify(&forged, None, None).expect("a self-consistent forgery");
     assert_eq!(v.signed_by, [attacker.verifier().to_vkey_text()]);
     assert_eq!(v.events, m.to);
     let line: Value = serde_json::from_slice(&event_lines(&forged)[3]).unwrap();
@@ -1584,7 +1636,7 @@ async fn an_enormous_claimed_range_fails_without_panicking() {
             m.to = huge;
         });
     });
-    let outcome = std::panic::catch_unwind(|| bundle::verify(&forged, None, None));
+    let outcome = std::panic::catch_unwind(|| verify(&forged, None, None));
     let err = outcome
         .expect("verify must not panic on a hostile bundle")
         .expect_err("the bundle holds far fewer events than it claims");
@@ -1960,7 +2012,7 @@ async fn sub_range_exports_verify_and_out_of_range_is_an_export_error() {
             (from, to, size + 1),
             "range {i}"
         );
-        let v = bundle::verify(&out, Some(&d.trusted), None).unwrap();
+        let v = verify(&out, Some(&d.trusted), None).unwrap();
         assert_eq!(v.range, (from, to));
         assert_eq!(v.events, to - from);
         assert_eq!(event_lines(&out), log_events(&d, &a, from, to).await);
@@ -2060,22 +2112,22 @@ async fn an_export_since_an_earlier_checkpoint_proves_the_log_only_grew() {
         trusted: Some(&d.trusted),
         since: Some(&cp1),
     };
-    let v = bundle::verify(&out2, t.trusted, t.since).unwrap();
+    let v = verify(&out2, t.trusted, t.since).unwrap();
     assert_eq!(v.consistent_since, Some(size1));
     assert_eq!(v.events, m2.to);
-    let v = bundle::verify(&out2, None, Some(&cp1)).unwrap();
+    let v = verify(&out2, None, Some(&cp1)).unwrap();
     assert_eq!(v.consistent_since, Some(size1));
-    let v = bundle::verify(&out2, None, None).unwrap();
+    let v = verify(&out2, None, None).unwrap();
     assert_eq!(
         v.consistent_since,
         Some(size1),
         "the bundled since-checkpoint"
     );
-    let v = bundle::verify(&out1, None, None).unwrap();
+    let v = verify(&out1, None, None).unwrap();
     assert_eq!(v.consistent_since, None);
 
     // The reader's earlier checkpoint is another tenant's, edited, or not the one proved from.
-    let err = bundle::verify(&out2, Some(&d.trusted), Some(&cp_b)).unwrap_err();
+    let err = verify(&out2, Some(&d.trusted), Some(&cp_b)).unwrap_err();
     assert_eq!(err.place, "since-checkpoint", "{err}");
     assert!(err.why.contains("differs from expected"), "{err}");
     let size_line = format!("\n{size1}\n");
@@ -2084,20 +2136,20 @@ async fn an_export_since_an_earlier_checkpoint_proves_the_log_only_grew() {
         cp1.replacen(&size_line, &format!("\n{}\n", size1 - 1), 1),
         cp1.replacen(&size_line, &format!("\n{}\n", size1 + 1), 1),
     ] {
-        let err = bundle::verify(&out2, Some(&d.trusted), Some(&edited)).unwrap_err();
+        let err = verify(&out2, Some(&d.trusted), Some(&edited)).unwrap_err();
         assert_eq!(err.place, "since-checkpoint", "{err}");
         assert!(
             err.why.contains("invalid signature from known key"),
             "{err}"
         );
     }
-    let err = bundle::verify(&out2, Some(&d.trusted), Some(&cp_mid)).unwrap_err();
+    let err = verify(&out2, Some(&d.trusted), Some(&cp_mid)).unwrap_err();
     assert_eq!(err.place, files::PROOFS, "{err}");
     assert!(
         err.why.contains(&format!("starts at Some({size1})")),
         "{err}"
     );
-    let err = bundle::verify(&out1, Some(&d.trusted), Some(&cp1)).unwrap_err();
+    let err = verify(&out1, Some(&d.trusted), Some(&cp1)).unwrap_err();
     assert_eq!(err.place, files::PROOFS, "{err}");
     assert!(err.why.contains("no consistency proof"), "{err}");
 

@@ -103,8 +103,11 @@ pub struct Contents<'a> {
     pub origin: &'a str,
     /// The first exported sequence number.
     pub from: u64,
-    /// The events' leaf bytes, from `from` on.
-    pub events: &'a [Vec<u8>],
+    /// One past the last exported sequence number.
+    pub to: u64,
+    /// The events' leaf bytes, `from` first, read as they are written out: an export holds one
+    /// event at a time, not the range.
+    pub events: &'a mut dyn Iterator<Item = Result<Vec<u8>, EventSourceError>>,
     /// The signed checkpoint.
     pub checkpoint: &'a str,
     /// Its tree size.
@@ -116,6 +119,9 @@ pub struct Contents<'a> {
     /// The earlier checkpoint and the consistency proof from it.
     pub since: Option<(&'a str, u64, &'a [Hash])>,
 }
+
+/// Why the events of an export could not be read, from whatever [`Contents::events`] reads.
+pub type EventSourceError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Why a bundle could not be written.
 #[derive(Debug, thiserror::Error)]
@@ -130,6 +136,19 @@ pub enum WriteError {
         path: PathBuf,
         /// The failure.
         source: std::io::Error,
+    },
+    /// The events could not be read.
+    #[error("reading the events to export: {0}")]
+    Events(#[source] EventSourceError),
+    /// The events ended before the range did, or went on after it.
+    #[error("the log gave {got} events for the range {from}..{to}")]
+    EventCount {
+        /// The first sequence number of the range.
+        from: u64,
+        /// One past its last.
+        to: u64,
+        /// How many events there were.
+        got: u64,
     },
 }
 
@@ -220,15 +239,63 @@ fn push_csv_row(out: &mut String, event: &canonical::Object<'_>) {
 pub fn csv(events: &[Vec<u8>]) -> String {
     let mut out = csv_header();
     for bytes in events {
-        match canonical::object(bytes) {
-            Some(o) => push_csv_row(&mut out, &o),
-            None => {
-                let v: Value = serde_json::from_slice(bytes).unwrap_or(Value::Null);
-                out.push_str(&csv_row(&v));
-            }
-        }
+        push_csv_event(&mut out, bytes);
     }
     out
+}
+
+/// Appends the CSV row of one event's leaf bytes.
+fn push_csv_event(out: &mut String, bytes: &[u8]) {
+    match canonical::object(bytes) {
+        Some(o) => push_csv_row(out, &o),
+        None => {
+            let v: Value = serde_json::from_slice(bytes).unwrap_or(Value::Null);
+            out.push_str(&csv_row(&v));
+        }
+    }
+}
+
+/// A bundle file being written, and the SHA-256 of what was written so far.
+struct HashingFile {
+    path: PathBuf,
+    out: std::io::BufWriter<fs::File>,
+    hasher: Sha256,
+}
+
+impl HashingFile {
+    fn create(path: PathBuf) -> Result<Self, WriteError> {
+        match fs::File::create(&path) {
+            Ok(f) => Ok(HashingFile {
+                path,
+                out: std::io::BufWriter::with_capacity(1 << 20, f),
+                hasher: Sha256::new(),
+            }),
+            Err(source) => Err(WriteError::Io { path, source }),
+        }
+    }
+
+    fn write(&mut self, bytes: &[u8]) -> Result<(), WriteError> {
+        use std::io::Write;
+        self.hasher.update(bytes);
+        self.out.write_all(bytes).map_err(|source| WriteError::Io {
+            path: self.path.clone(),
+            source,
+        })
+    }
+
+    /// Flushes the file and returns its SHA-256 in hex.
+    fn finish(self) -> Result<String, WriteError> {
+        let path = self.path;
+        self.out
+            .into_inner()
+            .map_err(|e| WriteError::Io {
+                path: path.clone(),
+                source: e.into_error(),
+            })?
+            .sync_all()
+            .map_err(|source| WriteError::Io { path, source })?;
+        Ok(hex::encode(self.hasher.finalize()))
+    }
 }
 
 const README: &str = "\
@@ -256,7 +323,7 @@ events.csv holds the same events for spreadsheets; agentgate checks that it says
 ///
 /// # Errors
 /// [`WriteError`] when the directory is not empty or a file cannot be written.
-pub fn write(dir: &Path, c: &Contents<'_>) -> Result<Manifest, WriteError> {
+pub fn write(dir: &Path, c: Contents<'_>) -> Result<Manifest, WriteError> {
     let io = |path: &Path| {
         let path = path.to_owned();
         move |source| WriteError::Io { path, source }
@@ -265,19 +332,37 @@ pub fn write(dir: &Path, c: &Contents<'_>) -> Result<Manifest, WriteError> {
         return Err(WriteError::NotEmpty(dir.to_owned()));
     }
     fs::create_dir_all(dir).map_err(io(dir))?;
-    let mut events = Vec::with_capacity(c.events.iter().map(|e| e.len() + 1).sum());
-    for e in c.events {
-        events.extend_from_slice(e);
-        events.push(b'\n');
+    let mut hashes = BTreeMap::new();
+    // The events and their CSV in one pass over the events, one event in memory at a time.
+    let mut events = HashingFile::create(dir.join(files::EVENTS))?;
+    let mut csv = HashingFile::create(dir.join(files::CSV))?;
+    csv.write(csv_header().as_bytes())?;
+    let mut row = String::new();
+    let mut got = 0;
+    for e in &mut *c.events {
+        let e = e.map_err(WriteError::Events)?;
+        events.write(&e)?;
+        events.write(b"\n")?;
+        row.clear();
+        push_csv_event(&mut row, &e);
+        csv.write(row.as_bytes())?;
+        got += 1;
     }
+    if got != c.to.saturating_sub(c.from) {
+        return Err(WriteError::EventCount {
+            from: c.from,
+            to: c.to,
+            got,
+        });
+    }
+    hashes.insert(files::EVENTS.to_owned(), events.finish()?);
+    hashes.insert(files::CSV.to_owned(), csv.finish()?);
     let hexes = |hs: &[Hash]| hs.iter().map(hex::encode).collect::<Vec<_>>();
     let proofs = Proofs {
         range_proof: hexes(c.range_proof),
         consistency_proof: c.since.map(|(_, _, p)| hexes(p)),
     };
     let mut contents: Vec<(&str, Vec<u8>)> = vec![
-        (files::EVENTS, events),
-        (files::CSV, csv(c.events).into_bytes()),
         (files::CHECKPOINT, c.checkpoint.as_bytes().to_vec()),
         (files::KEYRING, keyring_text(c.keyring).into_bytes()),
         (
@@ -289,26 +374,31 @@ pub fn write(dir: &Path, c: &Contents<'_>) -> Result<Manifest, WriteError> {
     if let Some((note, _, _)) = c.since {
         contents.push((files::SINCE, note.as_bytes().to_vec()));
     }
-    let mut hashes = BTreeMap::new();
     for (name, bytes) in &contents {
-        let path = dir.join(name);
-        fs::write(&path, bytes).map_err(io(&path))?;
-        hashes.insert((*name).to_owned(), sha256_hex(bytes));
+        let mut f = HashingFile::create(dir.join(name))?;
+        f.write(bytes)?;
+        hashes.insert((*name).to_owned(), f.finish()?);
     }
     let manifest = Manifest {
         format: FORMAT.to_owned(),
         tenant: c.tenant.to_owned(),
         origin: c.origin.to_owned(),
         from: c.from,
-        to: c.from + c.events.len() as u64,
+        to: c.to,
         tree_size: c.tree_size,
         since_size: c.since.map(|(_, s, _)| s),
         files: hashes,
     };
-    let path = dir.join(files::MANIFEST);
+    // The manifest last, and the directory synced after it: a bundle whose manifest is on disk
+    // has every file it lists on disk too.
     let mut text = serde_json::to_vec_pretty(&manifest).expect("the manifest serialises");
     text.push(b'\n');
-    fs::write(&path, text).map_err(io(&path))?;
+    let mut f = HashingFile::create(dir.join(files::MANIFEST))?;
+    f.write(&text)?;
+    f.finish()?;
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io(dir))?;
     Ok(manifest)
 }
 
@@ -316,63 +406,83 @@ pub fn write(dir: &Path, c: &Contents<'_>) -> Result<Manifest, WriteError> {
 struct EventCheck<'a> {
     from: u64,
     tenant: &'a str,
-    csv_rows: Option<&'a [&'a str]>,
+    /// Whether the bundle lists a CSV, whose rows are then rendered to be compared with it.
+    csv: bool,
+}
+
+/// What checking one run of consecutive events found.
+struct Checked {
+    /// The leaf hashes of the events before `failure`.
+    leaves: Vec<Hash>,
+    /// The CSV rows those events must have (when the bundle lists a CSV), concatenated.
+    rows: String,
+    /// The first event that failed.
+    failure: Option<Failure>,
 }
 
 impl EventCheck<'_> {
-    /// Checks the events `part`, which start at index `start`; returns their leaf hashes.
-    fn check(&self, start: usize, part: &[&[u8]]) -> Result<Vec<Hash>, Failure> {
-        let mut leaves = Vec::with_capacity(part.len());
-        let mut row = String::with_capacity(512);
+    /// Checks the events `part`, which start at index `start` of the bundle's events.
+    fn check(&self, start: usize, part: &[&[u8]]) -> Checked {
+        let mut out = Checked {
+            leaves: Vec::with_capacity(part.len()),
+            rows: String::new(),
+            failure: None,
+        };
         for (k, line) in part.iter().enumerate() {
-            let i = start + k;
-            let want_seq = self.from + i as u64;
-            let place = || format!("{} line {} (seq {want_seq})", files::EVENTS, i + 1);
-            // One pass over the bytes: canonical form, and the members read below.
-            let Some(ev) = canonical::object(line) else {
-                return Err(fail(
-                    place(),
-                    "is not canonical JSON (altered or re-encoded)",
-                ));
-            };
-            let raw = |key: &str| ev.get(key).map_or("null", |m| m.raw);
-            if raw("v") != "1" {
-                return Err(fail(place(), format!("unknown event version {}", raw("v"))));
-            }
-            if raw("seq").parse::<u64>().ok() != Some(want_seq) {
-                return Err(fail(
-                    place(),
-                    format!(
-                        "has seq {} (events dropped, duplicated or reordered)",
-                        raw("seq")
-                    ),
-                ));
-            }
-            let text = |key: &str| {
-                ev.get(key)
-                    .filter(|m| m.kind == canonical::Kind::String)
-                    .map(|m| m.text())
-            };
-            if text("tenant").as_deref() != Some(self.tenant) {
-                return Err(fail(
-                    place(),
-                    format!("belongs to tenant {}", raw("tenant")),
-                ));
-            }
-            let ty = text("type").unwrap_or_default();
-            if !EVENT_TYPES.contains(&ty.as_ref()) {
-                return Err(fail(place(), format!("unknown event type {ty:?}")));
-            }
-            if let Some(rows) = self.csv_rows {
-                row.clear();
-                push_csv_row(&mut row, &ev);
-                if rows.get(i).copied() != Some(row.as_str()) {
-                    return Err(fail(files::CSV, "does not match events.jsonl"));
+            match self.check_one(start + k, line, &mut out.rows) {
+                Ok(()) => out.leaves.push(leaf_hash(line)),
+                Err(f) => {
+                    out.failure = Some(f);
+                    break;
                 }
             }
-            leaves.push(leaf_hash(line));
         }
-        Ok(leaves)
+        out
+    }
+
+    /// Checks event `i`, and appends its CSV row to `rows` if it passes.
+    fn check_one(&self, i: usize, line: &[u8], rows: &mut String) -> Result<(), Failure> {
+        let want_seq = self.from + i as u64;
+        let place = || format!("{} line {} (seq {want_seq})", files::EVENTS, i + 1);
+        // One pass over the bytes: canonical form, and the members read below.
+        let Some(ev) = canonical::object(line) else {
+            return Err(fail(
+                place(),
+                "is not canonical JSON (altered or re-encoded)",
+            ));
+        };
+        let raw = |key: &str| ev.get(key).map_or("null", |m| m.raw);
+        if raw("v") != "1" {
+            return Err(fail(place(), format!("unknown event version {}", raw("v"))));
+        }
+        if raw("seq").parse::<u64>().ok() != Some(want_seq) {
+            return Err(fail(
+                place(),
+                format!(
+                    "has seq {} (events dropped, duplicated or reordered)",
+                    raw("seq")
+                ),
+            ));
+        }
+        let text = |key: &str| {
+            ev.get(key)
+                .filter(|m| m.kind == canonical::Kind::String)
+                .map(|m| m.text())
+        };
+        if text("tenant").as_deref() != Some(self.tenant) {
+            return Err(fail(
+                place(),
+                format!("belongs to tenant {}", raw("tenant")),
+            ));
+        }
+        let ty = text("type").unwrap_or_default();
+        if !EVENT_TYPES.contains(&ty.as_ref()) {
+            return Err(fail(place(), format!("unknown event type {ty:?}")));
+        }
+        if self.csv {
+            push_csv_row(rows, &ev);
+        }
+        Ok(())
     }
 }
 
@@ -426,9 +536,186 @@ fn fail(place: impl Into<String>, why: impl Into<String>) -> Failure {
     }
 }
 
+/// Bytes of `events.jsonl` checked at a time, and of every streamed file read at a time. With the
+/// leaf hashes (32 bytes an event) this bounds what [`verify`] holds in memory: a few chunks per
+/// file in flight, whatever the size of the bundle.
+pub const CHUNK_BYTES: usize = 2 << 20;
+
+/// Most bytes of one event line [`verify`] buffers while looking for its end (twice the audit
+/// log's largest record, 16 MiB): past it the line is refused, so that a hostile file without
+/// newlines cannot make it buffer without bound.
+const MAX_LINE_BYTES: usize = 32 << 20;
+
+/// Files small enough to be read whole, and parsed: everything else is only hashed, or streamed.
+const READ_WHOLE: [&str; 4] = [
+    files::CHECKPOINT,
+    files::KEYRING,
+    files::PROOFS,
+    files::SINCE,
+];
+
 fn read(dir: &Path, name: &str) -> Result<Vec<u8>, Failure> {
     fs::read(dir.join(name)).map_err(|e| fail(name, format!("cannot be read: {e}")))
 }
+
+fn cannot_read(name: &str, e: &std::io::Error) -> Failure {
+    fail(name, format!("cannot be read: {e}"))
+}
+
+/// Reads `file` in blocks of `block` bytes, computing its SHA-256 and handing each block to
+/// `blocks`; once the receiver hangs up (the checks are done, or never wanted the blocks) it goes
+/// on hashing alone. Returns the digest, or the read failure.
+fn stream(
+    mut file: fs::File,
+    name: &str,
+    block: usize,
+    blocks: std::sync::mpsc::SyncSender<Vec<u8>>,
+) -> Result<String, Failure> {
+    use std::io::Read;
+    let mut hasher = Sha256::new();
+    let mut blocks = Some(blocks);
+    let mut spare = Vec::new();
+    loop {
+        let mut buf = if blocks.is_some() {
+            vec![0; block]
+        } else {
+            std::mem::take(&mut spare)
+        };
+        buf.resize(block, 0);
+        let mut n = 0;
+        while n < block {
+            match file.read(&mut buf[n..]) {
+                Ok(0) => break,
+                Ok(k) => n += k,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(cannot_read(name, &e)),
+            }
+        }
+        if n == 0 {
+            return Ok(hex::encode(hasher.finalize()));
+        }
+        buf.truncate(n);
+        hasher.update(&buf);
+        match &blocks {
+            Some(tx) => {
+                if let Err(back) = tx.send(buf) {
+                    blocks = None;
+                    spare = back.0;
+                }
+            }
+            None => spare = buf,
+        }
+    }
+}
+
+/// Whole lines of `events.jsonl`, about a chunk at a time, put together from its reader's blocks.
+struct LineChunks {
+    blocks: std::sync::mpsc::Receiver<Vec<u8>>,
+    pending: Vec<u8>,
+    /// Where in `pending` its last newline is; each block is searched once, when it arrives.
+    last_newline: Option<usize>,
+    chunk: usize,
+    done: bool,
+}
+
+impl LineChunks {
+    /// The next run of whole lines, each ending in `\n`, or `None` at the end of the file; `seen`
+    /// is how many lines came before, to name a line that fails.
+    fn next(&mut self, seen: u64) -> Result<Option<Vec<u8>>, Failure> {
+        loop {
+            if self.pending.len() >= self.chunk || self.done {
+                if let Some(nl) = self.last_newline.take() {
+                    let rest = self.pending.split_off(nl + 1);
+                    return Ok(Some(std::mem::replace(&mut self.pending, rest)));
+                }
+                if self.done {
+                    return match self.pending.is_empty() {
+                        true => Ok(None),
+                        false => Err(fail(
+                            files::EVENTS,
+                            "the last line is not terminated (truncated?)",
+                        )),
+                    };
+                }
+                if self.pending.len() > MAX_LINE_BYTES {
+                    return Err(fail(
+                        files::EVENTS,
+                        format!(
+                            "line {} is longer than {MAX_LINE_BYTES} bytes, more than any event",
+                            seen + 1
+                        ),
+                    ));
+                }
+            }
+            match self.blocks.recv() {
+                Ok(b) => {
+                    let base = self.pending.len();
+                    if let Some(i) = b.iter().rposition(|c| *c == b'\n') {
+                        self.last_newline = Some(base + i);
+                    }
+                    if base == 0 {
+                        self.pending = b;
+                    } else {
+                        self.pending.extend_from_slice(&b);
+                    }
+                }
+                Err(_) => self.done = true,
+            }
+        }
+    }
+}
+
+/// `events.csv` as its reader hands it over, compared with the rows the events must have.
+struct CsvStream {
+    blocks: std::sync::mpsc::Receiver<Vec<u8>>,
+    buf: Vec<u8>,
+    pos: usize,
+}
+
+impl CsvStream {
+    /// Consumes `want` from the file, or fails if the file does not go on with exactly it. Rows are
+    /// compared as bytes, not split at newlines, so a quoted field may hold one.
+    fn expect(&mut self, want: &[u8]) -> Result<(), Failure> {
+        let mut at = 0;
+        while at < want.len() {
+            if self.pos == self.buf.len() && !self.refill() {
+                return Err(fail(files::CSV, CSV_DIFFERS));
+            }
+            let n = (self.buf.len() - self.pos).min(want.len() - at);
+            if self.buf[self.pos..self.pos + n] != want[at..at + n] {
+                // Bytes that are not even text get a plainer reason.
+                let here = &self.buf[self.pos..];
+                return Err(match std::str::from_utf8(here) {
+                    Err(e) if e.error_len().is_some() => fail(files::CSV, "is not UTF-8"),
+                    _ => fail(files::CSV, CSV_DIFFERS),
+                });
+            }
+            self.pos += n;
+            at += n;
+        }
+        Ok(())
+    }
+
+    /// Whether the file has nothing left.
+    fn at_end(&mut self) -> bool {
+        self.pos == self.buf.len() && !self.refill()
+    }
+
+    /// Takes the next non-empty block; false at the end of the file.
+    fn refill(&mut self) -> bool {
+        while let Ok(b) = self.blocks.recv() {
+            if !b.is_empty() {
+                self.buf = b;
+                self.pos = 0;
+                return true;
+            }
+        }
+        false
+    }
+}
+
+/// Why the CSV failed when its rows are not the events'.
+const CSV_DIFFERS: &str = "does not match events.jsonl";
 
 fn hashes(place: &str, hexes: &[String]) -> Result<Vec<Hash>, Failure> {
     hexes
@@ -449,13 +736,30 @@ fn hashes(place: &str, hexes: &[String]) -> Result<Vec<Hash>, Failure> {
 /// deployment's key independently should pass it. `since` is a checkpoint the reader kept from an
 /// earlier export; the bundle must then prove the log grew from it by appending only.
 ///
+/// The events are read and checked a chunk at a time ([`CHUNK_BYTES`]), so memory stays bounded
+/// (32 bytes an event for the leaf hashes) however large the bundle is.
+///
 /// # Errors
-/// The first [`Failure`]: a file, an event, a signature or a proof, and why.
+/// The first [`Failure`]: a file that cannot be read, then a file whose SHA-256 differs from the
+/// manifest (which explains any later failure), then an event, a signature or a proof, and why.
 pub fn verify(
     dir: &Path,
     trusted: Option<&VerifierKey>,
     since: Option<&str>,
 ) -> Result<Verified, Failure> {
+    verify_in_chunks(dir, trusted, since, CHUNK_BYTES)
+}
+
+/// [`verify`], reading and checking `chunk_bytes` at a time; public so that tests can show that
+/// the result does not depend on where chunks end.
+#[doc(hidden)]
+pub fn verify_in_chunks(
+    dir: &Path,
+    trusted: Option<&VerifierKey>,
+    since: Option<&str>,
+    chunk_bytes: usize,
+) -> Result<Verified, Failure> {
+    let chunk_bytes = chunk_bytes.max(1);
     let manifest_bytes = read(dir, files::MANIFEST)?;
     let manifest: Manifest = serde_json::from_slice(&manifest_bytes)
         .map_err(|e| fail(files::MANIFEST, format!("is not a bundle manifest: {e}")))?;
@@ -476,8 +780,10 @@ pub fn verify(
         }
     }
     // Each listed file is read once: the bytes whose SHA-256 is checked are the bytes checked
-    // below, so a file swapped meanwhile cannot pass as the one that was hashed.
-    let mut contents = BTreeMap::new();
+    // below, so a file swapped meanwhile cannot pass as the one that was hashed. The small files
+    // are read whole; the others are opened here and streamed below.
+    let mut small = BTreeMap::new();
+    let mut opened = Vec::new();
     for name in manifest.files.keys() {
         if name.contains('/') || name.contains('\\') || name.starts_with('.') {
             return Err(fail(
@@ -485,39 +791,74 @@ pub fn verify(
                 format!("lists a file outside the bundle: {name}"),
             ));
         }
-        contents.insert(name.as_str(), read(dir, name)?);
+        if READ_WHOLE.contains(&name.as_str()) {
+            small.insert(name.as_str(), read(dir, name)?);
+        } else {
+            let file = fs::File::open(dir.join(name)).map_err(|e| cannot_read(name, &e))?;
+            opened.push((name.as_str(), file));
+        }
     }
-    // The digests are computed beside the checks of the contents (about a tenth of the work at
-    // 10^6 events), and a mismatch is reported first, as it explains any later failure.
     std::thread::scope(|scope| {
-        let digests = scope.spawn(|| {
-            for (name, want) in &manifest.files {
-                if &sha256_hex(&contents[name.as_str()]) != want {
-                    return Err(fail(
-                        name.as_str(),
-                        "its SHA-256 differs from the manifest (the file was altered)",
-                    ));
-                }
+        // One reader per streamed file, hashing as it reads, beside the checks (about a tenth of
+        // the work at 10^6 events). Only the events and the CSV are handed on to the checks.
+        let mut events = None;
+        let mut csv = None;
+        let mut readers = BTreeMap::new();
+        for (name, file) in opened {
+            let (tx, rx) = std::sync::mpsc::sync_channel(2);
+            match name {
+                files::EVENTS => events = Some(rx),
+                files::CSV => csv = Some(rx),
+                _ => drop(rx),
             }
-            Ok(())
-        });
-        let checked = verify_contents(&manifest, &contents, trusted, since);
-        digests.join().expect("hashing does not panic")?;
-        checked
+            readers.insert(
+                name,
+                scope.spawn(move || stream(file, name, chunk_bytes, tx)),
+            );
+        }
+        let events = events.expect("events.jsonl is listed, so it was opened");
+        let checked = verify_contents(&manifest, &small, trusted, since, events, csv, chunk_bytes);
+        // The receivers are gone with `verify_contents`, so the readers finish hashing alone.
+        let mut digests = BTreeMap::new();
+        for (name, reader) in readers {
+            digests.insert(name, reader.join().expect("a reader does not panic"));
+        }
+        // A file that could not be read, then one that was altered, explain any later failure.
+        let mut altered = None;
+        for (name, want) in &manifest.files {
+            let got = match digests.remove(name.as_str()) {
+                Some(d) => d?,
+                None => sha256_hex(&small[name.as_str()]),
+            };
+            if &got != want && altered.is_none() {
+                altered = Some(fail(
+                    name.as_str(),
+                    "its SHA-256 differs from the manifest (the file was altered)",
+                ));
+            }
+        }
+        match altered {
+            Some(f) => Err(f),
+            None => checked,
+        }
     })
 }
 
-/// The checks of [`verify`] after the manifest's files are read: everything but their digests.
+/// The checks of [`verify`] once the manifest is read: everything but the files' digests. The
+/// events and the CSV come as blocks from their readers.
 fn verify_contents(
     manifest: &Manifest,
-    contents: &BTreeMap<&str, Vec<u8>>,
+    small: &BTreeMap<&str, Vec<u8>>,
     trusted: Option<&VerifierKey>,
     since: Option<&str>,
+    events: std::sync::mpsc::Receiver<Vec<u8>>,
+    csv: Option<std::sync::mpsc::Receiver<Vec<u8>>>,
+    chunk_bytes: usize,
 ) -> Result<Verified, Failure> {
-    // Every file read below is listed (the required ones were checked, the others are looked up
-    // only when listed), so each is in `contents`.
+    // Every small file read below is listed (the required ones were checked, the others are
+    // looked up only when listed), so each is in `small`.
     let bytes = |name: &str| -> Result<&[u8], Failure> {
-        contents
+        small
             .get(name)
             .map(Vec::as_slice)
             .ok_or_else(|| fail(files::MANIFEST, format!("does not list {name}")))
@@ -561,96 +902,96 @@ fn verify_contents(
         ));
     }
 
-    // The events: canonical, in order, of this tenant, of known types.
-    let events = bytes(files::EVENTS)?;
-    if !events.is_empty() && !events.ends_with(b"\n") {
-        return Err(fail(
-            files::EVENTS,
-            "the last line is not terminated (truncated?)",
-        ));
-    }
-    // Every line ends in a newline; the file is exactly the lines, nothing before or after. The
-    // vector grows with the file, never with a number a (possibly hostile) manifest claims.
-    let body = events.strip_suffix(b"\n").unwrap_or(events);
-    let lines: Vec<&[u8]> = if events.is_empty() {
-        Vec::new()
-    } else {
-        body.split(|b| *b == b'\n').collect()
-    };
+    // The events: canonical, in order, of this tenant, of known types; every line ends in a
+    // newline, and the file is exactly the lines. The leaf hashes grow with the file, never with a
+    // number a (possibly hostile) manifest claims.
     let want = manifest.to - manifest.from;
     // The CSV is a convenience copy, but a reader may trust it: it must say what the events say.
-    // It is compared row by row as the events are checked, so each event is parsed once.
-    let csv_text = match manifest.files.contains_key(files::CSV) {
-        true => Some(text(files::CSV)?),
-        false => None,
-    };
-    // The CSV's rows, after its header; it must have exactly one per event.
-    let csv_rows: Option<Vec<&str>> = match csv_text {
-        None => None,
-        Some(t) => {
-            let mut rows = t.split_inclusive('\n');
-            if rows.next() != Some(csv_header().as_str()) {
-                return Err(fail(files::CSV, "does not match events.jsonl"));
-            }
-            Some(rows.collect())
-        }
-    };
-    // Events are checked in parallel chunks: each event is independent of the others, and the
-    // first failure in line order is the one reported.
-    let threads = std::thread::available_parallelism()
-        .map_or(1, usize::from)
-        .min(8);
-    let in_range = &lines[..lines.len().min(usize::try_from(want).unwrap_or(usize::MAX))];
-    let chunk = in_range.len().div_ceil(threads).max(1);
+    // Each chunk's rows are rendered as its events are checked, so each event is parsed once.
+    let mut csv = csv.map(|blocks| CsvStream {
+        blocks,
+        buf: Vec::new(),
+        pos: 0,
+    });
+    if let Some(c) = &mut csv {
+        c.expect(csv_header().as_bytes())?;
+    }
     let ctx = EventCheck {
         from: manifest.from,
         tenant: &manifest.tenant,
-        csv_rows: csv_rows.as_deref(),
+        csv: csv.is_some(),
     };
-    let results: Vec<Result<Vec<Hash>, Failure>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = in_range
-            .chunks(chunk)
-            .enumerate()
-            .map(|(c, part)| {
-                let ctx = &ctx;
-                scope.spawn(move || ctx.check(c * chunk, part))
+    // A chunk's events are checked in parallel parts: each event is independent of the others,
+    // and the first failure in line order is the one reported.
+    let threads = std::thread::available_parallelism()
+        .map_or(1, usize::from)
+        .min(8);
+    let mut chunks = LineChunks {
+        blocks: events,
+        pending: Vec::new(),
+        last_newline: None,
+        chunk: chunk_bytes,
+        done: false,
+    };
+    let mut seen: usize = 0;
+    let mut leaves = Vec::new();
+    while let Some(chunk) = chunks.next(seen as u64)? {
+        let lines: Vec<&[u8]> = chunk[..chunk.len() - 1].split(|b| *b == b'\n').collect();
+        let room = usize::try_from(want)
+            .unwrap_or(usize::MAX)
+            .saturating_sub(seen);
+        let in_range = &lines[..lines.len().min(room)];
+        let part = in_range.len().div_ceil(threads).max(64);
+        let results: Vec<Checked> = if in_range.len() <= part {
+            vec![ctx.check(seen, in_range)]
+        } else {
+            std::thread::scope(|scope| {
+                let handles: Vec<_> = in_range
+                    .chunks(part)
+                    .enumerate()
+                    .map(|(c, events)| {
+                        let ctx = &ctx;
+                        scope.spawn(move || ctx.check(seen + c * part, events))
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().expect("a verifier thread does not panic"))
+                    .collect()
             })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("a verifier thread does not panic"))
-            .collect()
-    });
-    let mut leaves = Vec::with_capacity(in_range.len());
-    for r in results {
-        leaves.extend(r?);
+        };
+        for r in results {
+            // The rows stop before a failed event, so a CSV difference here came first.
+            if let Some(c) = &mut csv {
+                c.expect(r.rows.as_bytes())?;
+            }
+            leaves.extend(r.leaves);
+            if let Some(f) = r.failure {
+                return Err(f);
+            }
+        }
+        if lines.len() > in_range.len() {
+            let i = seen + in_range.len();
+            return Err(fail(
+                format!(
+                    "{} line {} (seq {})",
+                    files::EVENTS,
+                    i + 1,
+                    manifest.from + i as u64
+                ),
+                "more events than the manifest's range",
+            ));
+        }
+        seen += lines.len();
     }
-    if lines.len() > in_range.len() {
-        let i = in_range.len();
-        return Err(fail(
-            format!(
-                "{} line {} (seq {})",
-                files::EVENTS,
-                i + 1,
-                manifest.from + i as u64
-            ),
-            "more events than the manifest's range",
-        ));
-    }
-    if (lines.len() as u64) < want {
+    if (seen as u64) < want {
         return Err(fail(
             files::EVENTS,
-            format!(
-                "holds {} events but the manifest's range has {want}",
-                lines.len()
-            ),
+            format!("holds {seen} events but the manifest's range has {want}"),
         ));
     }
-    if csv_rows
-        .as_ref()
-        .is_some_and(|rows| rows.len() != lines.len())
-    {
-        return Err(fail(files::CSV, "does not match events.jsonl"));
+    if csv.as_mut().is_some_and(|c| !c.at_end()) {
+        return Err(fail(files::CSV, CSV_DIFFERS));
     }
 
     // The events must rebuild the signed root.
@@ -715,6 +1056,102 @@ fn verify_contents(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Writes a bundle of `events` claimed to be the range `0..to`.
+    fn write_from(
+        dir: &Path,
+        to: u64,
+        events: &mut dyn Iterator<Item = Result<Vec<u8>, EventSourceError>>,
+    ) -> Result<Manifest, WriteError> {
+        let key = super::super::checkpoint::SigningKey::generate("test").unwrap();
+        let ring = Keyring::from_keys([key.verifier()]).unwrap();
+        write(
+            dir,
+            Contents {
+                tenant: "t",
+                origin: "example.test/audit/t",
+                from: 0,
+                to,
+                events,
+                checkpoint: "",
+                tree_size: to,
+                keyring: &ring,
+                range_proof: &[],
+                since: None,
+            },
+        )
+    }
+
+    fn event(seq: u64) -> Vec<u8> {
+        format!(r#"{{"seq":{seq},"type":"role.granted","v":1}}"#).into_bytes()
+    }
+
+    /// The writer streams the events into both files and hashes what it wrote; an event source
+    /// that fails, ends early or runs on is an error, not a bundle that claims the range.
+    #[test]
+    fn write_streams_the_events_and_refuses_a_short_long_or_failing_source() {
+        let scratch = tempfile::tempdir().unwrap();
+        let ok = scratch.path().join("ok");
+        let m = write_from(&ok, 3, &mut (0..3).map(|i| Ok(event(i)))).unwrap();
+        let events = fs::read(ok.join(files::EVENTS)).unwrap();
+        assert_eq!(
+            events,
+            [event(0), event(1), event(2)]
+                .join(&b'\n')
+                .into_iter()
+                .chain([b'\n'])
+                .collect::<Vec<u8>>()
+        );
+        assert_eq!(m.files[files::EVENTS], sha256_hex(&events));
+        let csv_text = fs::read(ok.join(files::CSV)).unwrap();
+        assert_eq!(csv_text, csv(&[event(0), event(1), event(2)]).into_bytes());
+        assert_eq!(m.files[files::CSV], sha256_hex(&csv_text));
+
+        let short = write_from(
+            &scratch.path().join("short"),
+            3,
+            &mut (0..2).map(|i| Ok(event(i))),
+        );
+        assert!(
+            matches!(
+                short,
+                Err(WriteError::EventCount {
+                    from: 0,
+                    to: 3,
+                    got: 2
+                })
+            ),
+            "{short:?}"
+        );
+        let long = write_from(
+            &scratch.path().join("long"),
+            3,
+            &mut (0..4).map(|i| Ok(event(i))),
+        );
+        assert!(
+            matches!(long, Err(WriteError::EventCount { got: 4, .. })),
+            "{long:?}"
+        );
+        let failing = write_from(
+            &scratch.path().join("failing"),
+            3,
+            &mut (0..3).map(|i| match i {
+                1 => Err("segment unreadable".into()),
+                i => Ok(event(i)),
+            }),
+        );
+        match failing {
+            Err(WriteError::Events(e)) => assert_eq!(e.to_string(), "segment unreadable"),
+            other => panic!("{other:?}"),
+        }
+        // None of the failed ones has a manifest, so none passes for a bundle.
+        for name in ["short", "long", "failing"] {
+            assert!(
+                !scratch.path().join(name).join(files::MANIFEST).exists(),
+                "{name}"
+            );
+        }
+    }
 
     #[test]
     fn csv_quotes_and_defuses() {

@@ -1191,22 +1191,36 @@ impl AuditLog {
             };
             (range, consistency)
         };
-        let events = log.events.read_range(from, to)?;
-        let contents = bundle::Contents {
-            tenant: log.tenant.as_str(),
-            origin: &log.origin,
-            from,
-            events: &events,
-            checkpoint: &note,
-            tree_size: cp.size,
-            keyring: &self.inner.keyring,
-            range_proof: &range,
-            since: since
-                .as_ref()
-                .zip(consistency.as_deref())
-                .map(|((n, old), p)| (*n, old.size, p)),
-        };
-        Ok(bundle::write(out, &contents)?)
+        // Writing the bundle reads every exported event and writes twice as much: seconds for a
+        // large tenant, so it runs on a blocking thread, not on one of the runtime's workers,
+        // streaming one event at a time.
+        let audit = self.clone();
+        let out = out.to_owned();
+        let since = since.map(|(n, old)| (n.to_owned(), old.size));
+        tokio::task::spawn_blocking(move || {
+            let mut events = log
+                .events
+                .iter_range(from, to)?
+                .map(|r| r.map(|(_, payload)| payload).map_err(Into::into));
+            let contents = bundle::Contents {
+                tenant: log.tenant.as_str(),
+                origin: &log.origin,
+                from,
+                to,
+                events: &mut events,
+                checkpoint: &note,
+                tree_size: cp.size,
+                keyring: &audit.inner.keyring,
+                range_proof: &range,
+                since: since
+                    .as_ref()
+                    .zip(consistency.as_deref())
+                    .map(|((n, size), p)| (n.as_str(), *size, p)),
+            };
+            Ok(bundle::write(&out, contents)?)
+        })
+        .await
+        .map_err(|e| AuditError::Export(format!("the export's writer stopped: {e}")))?
     }
 
     /// The C2SP tlog-proof of event `seq`: its inclusion proof in the latest checkpoint (signed now

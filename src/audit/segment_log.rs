@@ -737,7 +737,12 @@ impl SegmentLog {
             .collect()
     }
 
-    fn iter_range(&self, from: u64, to: u64) -> Result<Iter, Error> {
+    /// Iterates over `(seq, payload)` of records `from..to`, reading one record at a time.
+    ///
+    /// # Errors
+    ///
+    /// As [`SegmentLog::read_range`]; read errors come from the iterator.
+    pub fn iter_range(&self, from: u64, to: u64) -> Result<Iter, Error> {
         if from > to {
             return Err(Error::BadRange { from, to });
         }
