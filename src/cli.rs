@@ -676,9 +676,18 @@ async fn audit_command(services: &Services, cmd: AuditCommand) -> anyhow::Result
                 })
                 .transpose()?;
             eprintln!("exporting tenant {tenant} to {}", out.display());
+            let progress = ProgressLine::new("exported");
             let m = services
                 .audit
-                .export(&ctx, repo, from, to, since.as_deref(), &out)
+                .export_with_progress(
+                    &ctx,
+                    repo,
+                    from,
+                    to,
+                    since.as_deref(),
+                    &out,
+                    Some(std::sync::Arc::new(move |n| progress.tell(n))),
+                )
                 .await?;
             println!(
                 "exported events {}..{} of tenant {} (checkpoint size {}) to {}",
@@ -787,6 +796,36 @@ fn read_verifier_key(arg: &str) -> anyhow::Result<VerifierKey> {
         .map_err(|e| anyhow::anyhow!("--trusted-key is not a verifier key: {e}"))
 }
 
+/// A progress line on stderr for long work (`exported 1200000 events so far`): nothing for the
+/// first two seconds, then at most one line every two seconds, so short runs stay quiet.
+struct ProgressLine {
+    verb: &'static str,
+    next: std::sync::Mutex<std::time::Instant>,
+}
+
+impl ProgressLine {
+    const EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+
+    fn new(verb: &'static str) -> Self {
+        ProgressLine {
+            verb,
+            next: std::sync::Mutex::new(std::time::Instant::now() + Self::EVERY),
+        }
+    }
+
+    fn tell(&self, events: u64) {
+        let mut next = self
+            .next
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let now = std::time::Instant::now();
+        if now >= *next {
+            eprintln!("{} {events} events so far", self.verb);
+            *next = now + Self::EVERY;
+        }
+    }
+}
+
 fn audit_verify(
     path: &std::path::Path,
     trusted: Option<&str>,
@@ -806,7 +845,9 @@ fn audit_verify(
             return ExitCode::from(2);
         }
     };
-    match bundle::verify(path, trusted.as_ref(), since.as_deref()) {
+    let progress = ProgressLine::new("checked");
+    let tell = |n| progress.tell(n);
+    match bundle::verify_with_progress(path, trusted.as_ref(), since.as_deref(), &tell) {
         Ok(v) => {
             println!("{v}");
             if !v.trusted_key {

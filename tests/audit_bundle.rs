@@ -39,7 +39,7 @@ fn verify(
     let result = bundle::verify(dir, trusted, since);
     for chunk in [5, 97, 4096] {
         assert_eq!(
-            bundle::verify_in_chunks(dir, trusted, since, chunk),
+            bundle::verify_in_chunks(dir, trusted, since, chunk, None),
             result,
             "chunks of {chunk} bytes give another answer for {}",
             dir.display()
@@ -1037,6 +1037,23 @@ async fn dropped_duplicated_reordered_truncated_or_extra_events_are_caught() {
 /// Spec (docs/AUDIT-FORMAT.md section 5 step 6): `events.jsonl` must hold exactly `to - from`
 /// lines. A blank line after the last expected event is one line too many, and so is anything
 /// after it (here a whole extra event): nothing in the file goes unchecked.
+/// A verification tells its progress after every chunk: the events checked so far, rising to
+/// all of them.
+#[tokio::test]
+async fn verification_tells_its_progress() {
+    let d = Deployment::open().await;
+    let t = tenant(&d, "TPROGRESS", &["U1", "U2", "U3"]).await;
+    let out = export_ok(&d, &t, 0, None, "progress").await;
+    let told = std::sync::Mutex::new(Vec::new());
+    let tell = |n| told.lock().unwrap().push(n);
+    let v = bundle::verify_in_chunks(&out, None, None, 97, Some(&tell)).unwrap();
+    let told = told.into_inner().unwrap();
+    assert!(told.len() > 1, "one report per chunk: {told:?}");
+    assert!(told.windows(2).all(|w| w[0] < w[1]), "{told:?}");
+    assert_eq!(told.last().copied(), Some(v.events));
+    d.close().await;
+}
+
 /// A line longer than any event (a file without newlines, say) is refused once it passes the
 /// limit, instead of being buffered whole; the hash check still comes first for a raw edit.
 #[tokio::test]
@@ -1058,7 +1075,7 @@ async fn an_over_long_event_line_is_refused_without_buffering_it() {
     assert!(raw.why.contains(HASH_DIFFERS), "{raw}");
     rehash(&dir);
     for chunk in [bundle::CHUNK_BYTES, 1 << 20] {
-        let err = bundle::verify_in_chunks(&dir, None, None, chunk).unwrap_err();
+        let err = bundle::verify_in_chunks(&dir, None, None, chunk, None).unwrap_err();
         assert_eq!(err.place, files::EVENTS, "{err}");
         assert!(
             err.why.contains("line 2 is longer than 33554432 bytes"),

@@ -118,7 +118,15 @@ pub struct Contents<'a> {
     pub range_proof: &'a [Hash],
     /// The earlier checkpoint and the consistency proof from it.
     pub since: Option<(&'a str, u64, &'a [Hash])>,
+    /// Told how many events are written so far, every [`PROGRESS_EVERY`] events.
+    pub progress: Option<Progress<'a>>,
 }
+
+/// Told how many events an export wrote, or a verification checked, so far.
+pub type Progress<'a> = &'a (dyn Fn(u64) + Sync);
+
+/// How many events an export writes between two calls of its [`Progress`].
+pub const PROGRESS_EVERY: u64 = 1 << 16;
 
 /// Why the events of an export could not be read, from whatever [`Contents::events`] reads.
 pub type EventSourceError = Box<dyn std::error::Error + Send + Sync>;
@@ -347,6 +355,11 @@ pub fn write(dir: &Path, c: Contents<'_>) -> Result<Manifest, WriteError> {
         push_csv_event(&mut row, &e);
         csv.write(row.as_bytes())?;
         got += 1;
+        if got % PROGRESS_EVERY == 0 {
+            if let Some(p) = c.progress {
+                p(got);
+            }
+        }
     }
     if got != c.to.saturating_sub(c.from) {
         return Err(WriteError::EventCount {
@@ -608,6 +621,9 @@ fn stream(
     }
 }
 
+/// The blocks of one file, from its reader.
+type Blocks = std::sync::mpsc::Receiver<Vec<u8>>;
+
 /// Whole lines of `events.jsonl`, about a chunk at a time, put together from its reader's blocks.
 struct LineChunks {
     blocks: std::sync::mpsc::Receiver<Vec<u8>>,
@@ -747,7 +763,20 @@ pub fn verify(
     trusted: Option<&VerifierKey>,
     since: Option<&str>,
 ) -> Result<Verified, Failure> {
-    verify_in_chunks(dir, trusted, since, CHUNK_BYTES)
+    verify_in_chunks(dir, trusted, since, CHUNK_BYTES, None)
+}
+
+/// [`verify`], telling `progress` how many events passed their checks after each chunk.
+///
+/// # Errors
+/// As [`verify`].
+pub fn verify_with_progress(
+    dir: &Path,
+    trusted: Option<&VerifierKey>,
+    since: Option<&str>,
+    progress: Progress<'_>,
+) -> Result<Verified, Failure> {
+    verify_in_chunks(dir, trusted, since, CHUNK_BYTES, Some(progress))
 }
 
 /// [`verify`], reading and checking `chunk_bytes` at a time; public so that tests can show that
@@ -758,6 +787,7 @@ pub fn verify_in_chunks(
     trusted: Option<&VerifierKey>,
     since: Option<&str>,
     chunk_bytes: usize,
+    progress: Option<Progress<'_>>,
 ) -> Result<Verified, Failure> {
     let chunk_bytes = chunk_bytes.max(1);
     let manifest_bytes = read(dir, files::MANIFEST)?;
@@ -817,7 +847,14 @@ pub fn verify_in_chunks(
             );
         }
         let events = events.expect("events.jsonl is listed, so it was opened");
-        let checked = verify_contents(&manifest, &small, trusted, since, events, csv, chunk_bytes);
+        let checked = verify_contents(
+            &manifest,
+            &small,
+            (trusted, since),
+            (events, csv),
+            chunk_bytes,
+            progress,
+        );
         // The receivers are gone with `verify_contents`, so the readers finish hashing alone.
         let mut digests = BTreeMap::new();
         for (name, reader) in readers {
@@ -849,11 +886,10 @@ pub fn verify_in_chunks(
 fn verify_contents(
     manifest: &Manifest,
     small: &BTreeMap<&str, Vec<u8>>,
-    trusted: Option<&VerifierKey>,
-    since: Option<&str>,
-    events: std::sync::mpsc::Receiver<Vec<u8>>,
-    csv: Option<std::sync::mpsc::Receiver<Vec<u8>>>,
+    (trusted, since): (Option<&VerifierKey>, Option<&str>),
+    (events, csv): (Blocks, Option<Blocks>),
     chunk_bytes: usize,
+    progress: Option<Progress<'_>>,
 ) -> Result<Verified, Failure> {
     // Every small file read below is listed (the required ones were checked, the others are
     // looked up only when listed), so each is in `small`.
@@ -983,6 +1019,9 @@ fn verify_contents(
             ));
         }
         seen += lines.len();
+        if let Some(p) = progress {
+            p(seen as u64);
+        }
     }
     if (seen as u64) < want {
         return Err(fail(
@@ -1078,8 +1117,38 @@ mod tests {
                 keyring: &ring,
                 range_proof: &[],
                 since: None,
+                progress: None,
             },
         )
+    }
+
+    /// An export tells its progress every `PROGRESS_EVERY` events, with the count written.
+    #[test]
+    fn write_tells_its_progress() {
+        let scratch = tempfile::tempdir().unwrap();
+        let key = super::super::checkpoint::SigningKey::generate("test").unwrap();
+        let ring = Keyring::from_keys([key.verifier()]).unwrap();
+        let told = std::sync::Mutex::new(Vec::new());
+        let tell = |n| told.lock().unwrap().push(n);
+        let n = 2 * PROGRESS_EVERY + 5;
+        write(
+            &scratch.path().join("b"),
+            Contents {
+                tenant: "t",
+                origin: "example.test/audit/t",
+                from: 0,
+                to: n,
+                events: &mut (0..n).map(|i| Ok(event(i))),
+                checkpoint: "",
+                tree_size: n,
+                keyring: &ring,
+                range_proof: &[],
+                since: None,
+                progress: Some(&tell),
+            },
+        )
+        .unwrap();
+        assert_eq!(*told.lock().unwrap(), [PROGRESS_EVERY, 2 * PROGRESS_EVERY]);
     }
 
     fn event(seq: u64) -> Vec<u8> {

@@ -1146,6 +1146,26 @@ impl AuditLog {
         since: Option<&str>,
         out: &std::path::Path,
     ) -> Result<bundle::Manifest, AuditError> {
+        self.export_with_progress(ctx, repo, from, to, since, out, None)
+            .await
+    }
+
+    /// [`AuditLog::export`], telling `progress` how many events are written so far, every
+    /// [`bundle::PROGRESS_EVERY`] events.
+    ///
+    /// # Errors
+    /// As [`AuditLog::export`].
+    #[allow(clippy::too_many_arguments)] // the export's own arguments, and where to report
+    pub async fn export_with_progress(
+        &self,
+        ctx: &TenantContext,
+        repo: TenantStore,
+        from: u64,
+        to: Option<u64>,
+        since: Option<&str>,
+        out: &std::path::Path,
+        progress: Option<std::sync::Arc<dyn Fn(u64) + Send + Sync>>,
+    ) -> Result<bundle::Manifest, AuditError> {
         let log = self.log_for(ctx.tenant_id(), repo).await?;
         let size = log.events.len();
         let to = to.unwrap_or(size);
@@ -1216,6 +1236,7 @@ impl AuditLog {
                     .as_ref()
                     .zip(consistency.as_deref())
                     .map(|((n, size), p)| (n.as_str(), *size, p)),
+                progress: progress.as_deref().map(|p| p as bundle::Progress<'_>),
             };
             Ok(bundle::write(&out, contents)?)
         })
