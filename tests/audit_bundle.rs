@@ -1054,6 +1054,34 @@ async fn verification_tells_its_progress() {
     d.close().await;
 }
 
+/// A listed file that is not a regular file (a device that never ends) is refused before it is
+/// read, and a small file too large for any bundle is refused without being read whole.
+#[tokio::test]
+async fn a_device_or_an_oversized_small_file_is_refused() {
+    let d = Deployment::open().await;
+    let t = tenant(&d, "TDEVICE", &["U1"]).await;
+    let out = export_ok(&d, &t, 0, None, "device").await;
+    for name in [files::EVENTS, files::README, files::PROOFS] {
+        let scratch = tempfile::tempdir().unwrap();
+        let dir = scratch.path().join("bundle");
+        copy_bundle(&out, &dir);
+        fs::remove_file(dir.join(name)).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", dir.join(name)).unwrap();
+        let err = bundle::verify(&dir, None, None).unwrap_err();
+        assert_eq!(err.place, name, "{err}");
+        assert!(err.why.contains("is not a regular file"), "{name}: {err}");
+    }
+    let scratch = tempfile::tempdir().unwrap();
+    let dir = scratch.path().join("bundle");
+    copy_bundle(&out, &dir);
+    fs::write(dir.join(files::PROOFS), vec![b' '; (16 << 20) + 1]).unwrap();
+    rehash(&dir);
+    let err = bundle::verify(&dir, None, None).unwrap_err();
+    assert_eq!(err.place, files::PROOFS, "{err}");
+    assert!(err.why.contains("is larger than 16777216 bytes"), "{err}");
+    d.close().await;
+}
+
 /// A line longer than any event (a file without newlines, say) is refused once it passes the
 /// limit, instead of being buffered whole; the hash check still comes first for a raw edit.
 #[tokio::test]
@@ -1080,6 +1108,20 @@ async fn an_over_long_event_line_is_refused_without_buffering_it() {
         assert!(
             err.why.contains("line 2 is longer than 33554432 bytes"),
             "chunks of {chunk}: {err}"
+        );
+    }
+    // One byte over the limit, newline and all, is refused the same at any chunk size (the end
+    // may arrive in the block that crosses the limit, or after it).
+    bytes.truncate(first_end);
+    bytes.extend(std::iter::repeat_n(b'a', (32 << 20) + 1));
+    bytes.push(b'\n');
+    fs::write(dir.join(files::EVENTS), &bytes).unwrap();
+    rehash(&dir);
+    for chunk in [bundle::CHUNK_BYTES, 1 << 20, 3 << 20] {
+        let err = bundle::verify_in_chunks(&dir, None, None, chunk, None).unwrap_err();
+        assert!(
+            err.why.contains("line 2 is longer than 33554432 bytes"),
+            "terminated, chunks of {chunk}: {err}"
         );
     }
     d.close().await;
@@ -1322,7 +1364,7 @@ async fn an_altered_or_stale_events_csv_under_a_rewritten_manifest_is_caught() {
         r,
         |dir| fs::write(dir.join(files::CSV), b"seq\xff\n").unwrap(),
         files::CSV,
-        "is not UTF-8",
+        CSV_DIFFERS,
     );
     check_tamper(
         "the CSV deleted, still listed",

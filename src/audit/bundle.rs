@@ -455,6 +455,11 @@ impl EventCheck<'_> {
 
     /// Checks event `i`, and appends its CSV row to `rows` if it passes.
     fn check_one(&self, i: usize, line: &[u8], rows: &mut String) -> Result<(), Failure> {
+        // The same rule as for a line whose end was not found, so that where chunks end does not
+        // decide which failure a long line gets.
+        if line.len() > MAX_LINE_BYTES {
+            return Err(too_long(i));
+        }
         let want_seq = self.from + i as u64;
         let place = || format!("{} line {} (seq {want_seq})", files::EVENTS, i + 1);
         // One pass over the bytes: canonical form, and the members read below.
@@ -554,9 +559,10 @@ fn fail(place: impl Into<String>, why: impl Into<String>) -> Failure {
 /// file in flight, whatever the size of the bundle.
 pub const CHUNK_BYTES: usize = 2 << 20;
 
-/// Most bytes of one event line [`verify`] buffers while looking for its end (twice the audit
-/// log's largest record, 16 MiB): past it the line is refused, so that a hostile file without
-/// newlines cannot make it buffer without bound.
+/// Longest event line [`verify`] accepts, and about the most it buffers while looking for a line's
+/// end: twice the audit log's default largest record (16 MiB), so that a hostile file without
+/// newlines cannot make it buffer without bound. A deployment that raised
+/// `segment_log::Options::max_record_bytes` past it would write bundles this verifier refuses.
 const MAX_LINE_BYTES: usize = 32 << 20;
 
 /// Files small enough to be read whole, and parsed: everything else is only hashed, or streamed.
@@ -567,8 +573,35 @@ const READ_WHOLE: [&str; 4] = [
     files::SINCE,
 ];
 
+/// Largest manifest or small file [`verify`] reads whole; those of a real bundle are a few KiB.
+const MAX_SMALL_BYTES: u64 = 16 << 20;
+
+/// Opens a listed file, which must be a regular file: a device or a pipe (`/dev/zero`, say) would
+/// never end, or never answer.
+fn open_regular(dir: &Path, name: &str) -> Result<fs::File, Failure> {
+    let file = fs::File::open(dir.join(name)).map_err(|e| cannot_read(name, &e))?;
+    match file.metadata() {
+        Ok(m) if m.is_file() => Ok(file),
+        Ok(_) => Err(fail(name, "is not a regular file")),
+        Err(e) => Err(cannot_read(name, &e)),
+    }
+}
+
+/// Reads a small listed file whole, refusing one over [`MAX_SMALL_BYTES`].
 fn read(dir: &Path, name: &str) -> Result<Vec<u8>, Failure> {
-    fs::read(dir.join(name)).map_err(|e| fail(name, format!("cannot be read: {e}")))
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    open_regular(dir, name)?
+        .take(MAX_SMALL_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| cannot_read(name, &e))?;
+    if bytes.len() as u64 > MAX_SMALL_BYTES {
+        return Err(fail(
+            name,
+            format!("is larger than {MAX_SMALL_BYTES} bytes, more than any bundle writes"),
+        ));
+    }
+    Ok(bytes)
 }
 
 fn cannot_read(name: &str, e: &std::io::Error) -> Failure {
@@ -644,6 +677,11 @@ impl LineChunks {
                     let rest = self.pending.split_off(nl + 1);
                     return Ok(Some(std::mem::replace(&mut self.pending, rest)));
                 }
+                // `pending` is now one line without its newline. Too long is too long whether its
+                // end was found or not (as `EventCheck` rules for a terminated line).
+                if self.pending.len() > MAX_LINE_BYTES {
+                    return Err(too_long(seen as usize));
+                }
                 if self.done {
                     return match self.pending.is_empty() {
                         true => Ok(None),
@@ -652,15 +690,6 @@ impl LineChunks {
                             "the last line is not terminated (truncated?)",
                         )),
                     };
-                }
-                if self.pending.len() > MAX_LINE_BYTES {
-                    return Err(fail(
-                        files::EVENTS,
-                        format!(
-                            "line {} is longer than {MAX_LINE_BYTES} bytes, more than any event",
-                            seen + 1
-                        ),
-                    ));
                 }
             }
             match self.blocks.recv() {
@@ -681,6 +710,17 @@ impl LineChunks {
     }
 }
 
+/// The failure of event line `i` (0-based) for being longer than [`MAX_LINE_BYTES`].
+fn too_long(i: usize) -> Failure {
+    fail(
+        files::EVENTS,
+        format!(
+            "line {} is longer than {MAX_LINE_BYTES} bytes, more than any event",
+            i + 1
+        ),
+    )
+}
+
 /// `events.csv` as its reader hands it over, compared with the rows the events must have.
 struct CsvStream {
     blocks: std::sync::mpsc::Receiver<Vec<u8>>,
@@ -699,12 +739,7 @@ impl CsvStream {
             }
             let n = (self.buf.len() - self.pos).min(want.len() - at);
             if self.buf[self.pos..self.pos + n] != want[at..at + n] {
-                // Bytes that are not even text get a plainer reason.
-                let here = &self.buf[self.pos..];
-                return Err(match std::str::from_utf8(here) {
-                    Err(e) if e.error_len().is_some() => fail(files::CSV, "is not UTF-8"),
-                    _ => fail(files::CSV, CSV_DIFFERS),
-                });
+                return Err(fail(files::CSV, CSV_DIFFERS));
             }
             self.pos += n;
             at += n;
@@ -824,8 +859,12 @@ pub fn verify_in_chunks(
         if READ_WHOLE.contains(&name.as_str()) {
             small.insert(name.as_str(), read(dir, name)?);
         } else {
-            let file = fs::File::open(dir.join(name)).map_err(|e| cannot_read(name, &e))?;
-            opened.push((name.as_str(), file));
+            // Only the events and the CSV stay open; the others (the README, names this verifier
+            // does not know) are opened again one at a time to be hashed, so that a manifest
+            // listing thousands of files costs neither thousands of descriptors nor threads.
+            let file = open_regular(dir, name)?;
+            let keep = [files::EVENTS, files::CSV].contains(&name.as_str());
+            opened.push((name.as_str(), keep.then_some(file)));
         }
     }
     std::thread::scope(|scope| {
@@ -834,18 +873,34 @@ pub fn verify_in_chunks(
         let mut events = None;
         let mut csv = None;
         let mut readers = BTreeMap::new();
+        let mut others = Vec::new();
         for (name, file) in opened {
+            let Some(file) = file else {
+                others.push(name);
+                continue;
+            };
             let (tx, rx) = std::sync::mpsc::sync_channel(2);
             match name {
                 files::EVENTS => events = Some(rx),
-                files::CSV => csv = Some(rx),
-                _ => drop(rx),
+                _ => csv = Some(rx),
             }
             readers.insert(
                 name,
                 scope.spawn(move || stream(file, name, chunk_bytes, tx)),
             );
         }
+        let others = scope.spawn(move || {
+            others
+                .into_iter()
+                .map(|name| {
+                    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+                    drop(rx);
+                    let digest = open_regular(dir, name)
+                        .and_then(|file| stream(file, name, chunk_bytes.max(64 << 10), tx));
+                    (name, digest)
+                })
+                .collect::<Vec<_>>()
+        });
         let events = events.expect("events.jsonl is listed, so it was opened");
         let checked = verify_contents(
             &manifest,
@@ -860,6 +915,7 @@ pub fn verify_in_chunks(
         for (name, reader) in readers {
             digests.insert(name, reader.join().expect("a reader does not panic"));
         }
+        digests.extend(others.join().expect("a reader does not panic"));
         // A file that could not be read, then one that was altered, explain any later failure.
         let mut altered = None;
         for (name, want) in &manifest.files {

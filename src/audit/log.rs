@@ -1241,7 +1241,7 @@ impl AuditLog {
             Ok(bundle::write(&out, contents)?)
         })
         .await
-        .map_err(|e| AuditError::Export(format!("the export's writer stopped: {e}")))?
+        .map_err(|e| AuditError::ExportWriter(e.to_string()))?
     }
 
     /// The C2SP tlog-proof of event `seq`: its inclusion proof in the latest checkpoint (signed now

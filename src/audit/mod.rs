@@ -50,6 +50,9 @@ pub enum AuditError {
     /// The export bundle could not be written.
     #[error(transparent)]
     Bundle(#[from] bundle::WriteError),
+    /// The thread writing an export bundle stopped without an answer (it panicked).
+    #[error("the export's writer stopped: {0}")]
+    ExportWriter(String),
     /// A log does not agree with itself after a restart (its tree, its checkpoint or its records).
     #[error("audit log of tenant {tenant} cannot be recovered: {why}")]
     Recovery {

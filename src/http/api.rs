@@ -22,6 +22,13 @@ use crate::store::{TenantStore, WebhookTool};
 use crate::tenant::{is_live, KeyError, KeyRole, PrincipalId, Role, TenantContext};
 
 /// The API's routes.
+/// The routes that may take longer than the request timeout before they answer: an export writes
+/// the whole bundle first, minutes for a large tenant.
+pub fn untimed_router() -> Router<AppState> {
+    Router::new().route("/api/v1/audit/export", post(audit_export))
+}
+
+/// The API's routes, under the request timeout.
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/api/v1/openapi.json", get(openapi))
@@ -48,7 +55,6 @@ pub fn router() -> Router<AppState> {
         .route("/api/v1/audit/head", get(audit_head))
         .route("/api/v1/audit/proof/{seq}", get(audit_proof))
         .route("/api/v1/audit/consistency", get(audit_consistency))
-        .route("/api/v1/audit/export", post(audit_export))
         .route("/api/v1/keys", get(list_keys).post(create_key))
         .route("/api/v1/keys/{id}", axum::routing::delete(revoke_key))
         .route("/api/v1/keys/{id}/rotate", post(rotate_key))
@@ -593,21 +599,31 @@ async fn audit_export(
     auth: ApiContext,
     JsonBodyOrDefault(b): JsonBodyOrDefault<ExportBody>,
 ) -> Res {
-    let ctx = auth.require("audit:read")?;
+    let ctx = auth.require("audit:read")?.clone();
     let dir = tempfile::tempdir().map_err(|e| ApiError::Internal(e.into()))?;
     let out = dir.path().join("bundle");
-    state
-        .audit
-        .export(
-            ctx,
-            repo(&state, ctx)?,
-            b.from,
-            b.to,
-            b.since_checkpoint.as_deref(),
-            &out,
-        )
+    let repo = repo(&state, &ctx)?;
+    // The export runs in a task of its own, which owns the temporary directory: if the client
+    // goes away meanwhile, the export (already on record) still finishes and its directory is
+    // removed after it, rather than under the writer's feet.
+    let audit = state.audit.clone();
+    let export = tokio::spawn(async move {
+        let written = audit
+            .export(
+                &ctx,
+                repo,
+                b.from,
+                b.to,
+                b.since_checkpoint.as_deref(),
+                &out,
+            )
+            .await;
+        (dir, out, written)
+    });
+    let (dir, out, written) = export
         .await
-        .map_err(audit_err)?;
+        .map_err(|e| ApiError::Internal(anyhow::anyhow!("the export task stopped: {e}")))?;
+    written.map_err(audit_err)?;
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(8);
     tokio::task::spawn_blocking(move || {
         // Keep the temporary directory alive until the archive is written.

@@ -48,12 +48,14 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
         // Unknown paths and methods answer in the API's JSON too, not with an empty body.
         .fallback(|| async { ApiError::NotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
-        .layer(middleware::from_fn(log_error_cause))
-        .layer(TraceLayer::new_for_http())
         .layer(TimeoutLayer::with_status_code(
             axum::http::StatusCode::REQUEST_TIMEOUT,
             request_timeout,
         ))
+        // After the timeout, so that these routes are not under it (see `untimed_router`).
+        .merge(api::untimed_router())
+        .layer(middleware::from_fn(log_error_cause))
+        .layer(TraceLayer::new_for_http())
         .with_state(state)
 }
 

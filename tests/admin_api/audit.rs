@@ -5,7 +5,7 @@ use std::path::Path;
 
 use serde_json::{json, Value};
 
-use crate::helpers::{spawn, TestApp};
+use crate::helpers::{spawn, spawn_with_timeout, TestApp};
 
 /// Finds, at or after `from`, the first event `want` matches; returns the index after it.
 fn expect_after(events: &[Value], from: usize, want: &Value, principal: &str) -> usize {
@@ -197,6 +197,22 @@ fn vkey(app: &TestApp) -> String {
 
 fn unpack(tar_bytes: &[u8], into: &Path) {
     tar::Archive::new(tar_bytes).unpack(into).unwrap();
+}
+
+/// An export writes the whole bundle before it answers, which can outlast the request timeout
+/// for a large tenant: it is not under it. With a timeout of zero, a route that waits at all
+/// answers 408 (the export waits for its task); the export still answers with its bundle.
+#[tokio::test]
+async fn an_export_is_not_cut_by_the_request_timeout() {
+    let app = spawn_with_timeout(std::time::Duration::ZERO).await;
+    let r = app
+        .post("/api/v1/audit/export", &app.a.compliance.token, json!({}))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.content_type, "application/x-tar");
+    let out = tempfile::tempdir().unwrap();
+    unpack(&r.bytes, out.path());
+    agentgate::audit::bundle::verify(&out.path().join("bundle"), None, None).unwrap();
 }
 
 #[tokio::test]

@@ -96,6 +96,15 @@ pub async fn spawn() -> TestApp {
 
 /// Starts the application with `api_requests_per_minute` = `per_minute`.
 pub async fn spawn_with_limit(per_minute: u32) -> TestApp {
+    spawn_with(per_minute, Duration::from_secs(10)).await
+}
+
+/// Starts the application with a request timeout of `timeout`.
+pub async fn spawn_with_timeout(timeout: Duration) -> TestApp {
+    spawn_with(100_000, timeout).await
+}
+
+async fn spawn_with(per_minute: u32, request_timeout: Duration) -> TestApp {
     let dir = tempfile::tempdir().unwrap();
     let config = Config {
         data_dir: dir.path().to_owned(),
@@ -103,7 +112,7 @@ pub async fn spawn_with_limit(per_minute: u32) -> TestApp {
         bind: IpAddr::V4(Ipv4Addr::LOCALHOST),
         port: 0,
         master_key: Some("42".repeat(32).into()),
-        request_timeout: Duration::from_secs(10),
+        request_timeout,
         audit: AuditOptions::default(),
         agent: agentgate::agent::AgentConfig::default(),
         api_requests_per_minute: NonZeroU32::new(per_minute).unwrap(),
