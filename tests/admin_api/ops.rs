@@ -26,14 +26,22 @@ async fn the_rate_limit_is_per_tenant() {
     assert_eq!(r.json()["name"], app.b.name.as_str());
 }
 
-/// `(path, methods)` of every `.route(…)` in src/http/api.rs, read from the source.
+/// `(path, methods)` of every `.route(…)` in src/http/api.rs's router functions (the timed
+/// routes and the untimed ones), read from the source.
 fn routes_in_source() -> BTreeMap<String, BTreeSet<String>> {
     let src =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/src/http/api.rs")).unwrap();
-    let start = src.find("pub fn router()").expect("the router function");
-    let body = &src[start..];
-    let body = &body[..body.find("\n}\n").expect("the end of the router function")];
     let mut out = BTreeMap::new();
+    for function in ["pub fn router()", "pub fn untimed_router()"] {
+        let start = src.find(function).expect("the router function");
+        let body = &src[start..];
+        let body = &body[..body.find("\n}\n").expect("the end of the router function")];
+        routes_in(body, &mut out);
+    }
+    out
+}
+
+fn routes_in(body: &str, out: &mut BTreeMap<String, BTreeSet<String>>) {
     for chunk in body.split(".route(").skip(1) {
         let path = chunk.split('"').nth(1).expect("a quoted path").to_owned();
         let rest = &chunk[chunk.find(',').expect("a method router")..];
@@ -51,7 +59,6 @@ fn routes_in_source() -> BTreeMap<String, BTreeSet<String>> {
         assert!(!methods.is_empty(), "no method found for {path}");
         out.insert(path, methods);
     }
-    out
 }
 
 #[tokio::test]
