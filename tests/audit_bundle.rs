@@ -307,6 +307,14 @@ fn snapshot(dir: &Path) -> BTreeMap<String, Vec<u8>> {
         .collect()
 }
 
+/// A copy of the bundle `out` in a new temporary directory (kept while the guard lives).
+fn copy_of(out: &Path) -> (tempfile::TempDir, PathBuf) {
+    let scratch = tempfile::tempdir().unwrap();
+    let dir = scratch.path().join("bundle");
+    copy_bundle(out, &dir);
+    (scratch, dir)
+}
+
 fn copy_bundle(from: &Path, to: &Path) {
     fs::create_dir_all(to).unwrap();
     for (name, bytes) in snapshot(from) {
@@ -1062,18 +1070,14 @@ async fn a_device_or_an_oversized_small_file_is_refused() {
     let t = tenant(&d, "TDEVICE", &["U1"]).await;
     let out = export_ok(&d, &t, 0, None, "device").await;
     for name in [files::EVENTS, files::README, files::PROOFS] {
-        let scratch = tempfile::tempdir().unwrap();
-        let dir = scratch.path().join("bundle");
-        copy_bundle(&out, &dir);
+        let (_scratch, dir) = copy_of(&out);
         fs::remove_file(dir.join(name)).unwrap();
         std::os::unix::fs::symlink("/dev/zero", dir.join(name)).unwrap();
         let err = bundle::verify(&dir, None, None).unwrap_err();
         assert_eq!(err.place, name, "{err}");
         assert!(err.why.contains("is not a regular file"), "{name}: {err}");
     }
-    let scratch = tempfile::tempdir().unwrap();
-    let dir = scratch.path().join("bundle");
-    copy_bundle(&out, &dir);
+    let (_scratch, dir) = copy_of(&out);
     fs::write(dir.join(files::PROOFS), vec![b' '; (16 << 20) + 1]).unwrap();
     rehash(&dir);
     let err = bundle::verify(&dir, None, None).unwrap_err();
@@ -1089,9 +1093,7 @@ async fn an_over_long_event_line_is_refused_without_buffering_it() {
     let d = Deployment::open().await;
     let t = tenant(&d, "TLONG", &["U1"]).await;
     let out = export_ok(&d, &t, 0, None, "long").await;
-    let scratch = tempfile::tempdir().unwrap();
-    let dir = scratch.path().join("bundle");
-    copy_bundle(&out, &dir);
+    let (_scratch, dir) = copy_of(&out);
     // 40 MiB after the first line, never a newline.
     let mut bytes = fs::read(dir.join(files::EVENTS)).unwrap();
     let first_end = bytes.iter().position(|b| *b == b'\n').unwrap() + 1;

@@ -205,6 +205,12 @@ fn unpack(tar_bytes: &[u8], into: &Path) {
 #[tokio::test]
 async fn an_export_is_not_cut_by_the_request_timeout() {
     let app = spawn_with_timeout(std::time::Duration::ZERO).await;
+    let out = export_all(&app).await;
+    agentgate::audit::bundle::verify(&out.path().join("bundle"), None, None).unwrap();
+}
+
+/// Exports all of A's log over HTTP, as its compliance officer, and unpacks the tar.
+async fn export_all(app: &TestApp) -> tempfile::TempDir {
     let r = app
         .post("/api/v1/audit/export", &app.a.compliance.token, json!({}))
         .await;
@@ -212,7 +218,7 @@ async fn an_export_is_not_cut_by_the_request_timeout() {
     assert_eq!(r.content_type, "application/x-tar");
     let out = tempfile::tempdir().unwrap();
     unpack(&r.bytes, out.path());
-    agentgate::audit::bundle::verify(&out.path().join("bundle"), None, None).unwrap();
+    out
 }
 
 #[tokio::test]
@@ -226,13 +232,7 @@ async fn the_export_over_http_verifies_offline_with_the_cli() {
         .await;
     let size = app.events(&app.a.id).await.len() as u64;
 
-    let r = app
-        .post("/api/v1/audit/export", &app.a.compliance.token, json!({}))
-        .await;
-    assert_eq!(r.status, 200, "{}", r.text());
-    assert_eq!(r.content_type, "application/x-tar");
-    let out = tempfile::tempdir().unwrap();
-    unpack(&r.bytes, out.path());
+    let out = export_all(&app).await;
     let bundle = out.path().join("bundle");
     for f in [
         "manifest.json",
