@@ -1062,8 +1062,9 @@ async fn verification_tells_its_progress() {
     d.close().await;
 }
 
-/// A listed file that is not a regular file (a device that never ends) is refused before it is
-/// read, and a small file too large for any bundle is refused without being read whole.
+/// A listed file that is not a regular file (a device that never ends, a named pipe) is refused
+/// before it is read, and a small file too large for any bundle is refused without being read
+/// whole.
 #[tokio::test]
 async fn a_device_or_an_oversized_small_file_is_refused() {
     let d = Deployment::open().await;
@@ -1074,6 +1075,28 @@ async fn a_device_or_an_oversized_small_file_is_refused() {
         fs::remove_file(dir.join(name)).unwrap();
         std::os::unix::fs::symlink("/dev/zero", dir.join(name)).unwrap();
         let err = bundle::verify(&dir, None, None).unwrap_err();
+        assert_eq!(err.place, name, "{err}");
+        assert!(err.why.contains("is not a regular file"), "{name}: {err}");
+    }
+    // A named pipe nobody writes to would block the open itself: it must be refused unopened
+    // (checked on a thread, so that a regression fails here instead of hanging the suite).
+    for name in [files::EVENTS, files::CHECKPOINT] {
+        let (scratch, dir) = copy_of(&out);
+        fs::remove_file(dir.join(name)).unwrap();
+        let made = std::process::Command::new("mkfifo")
+            .arg(dir.join(name))
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _keep = scratch;
+            let _ = tx.send(bundle::verify(&dir, None, None));
+        });
+        let err = rx
+            .recv_timeout(std::time::Duration::from_secs(20))
+            .expect("verify does not hang on a named pipe")
+            .unwrap_err();
         assert_eq!(err.place, name, "{err}");
         assert!(err.why.contains("is not a regular file"), "{name}: {err}");
     }

@@ -576,15 +576,20 @@ const READ_WHOLE: [&str; 4] = [
 /// Largest manifest or small file [`verify`] reads whole; those of a real bundle are a few KiB.
 const MAX_SMALL_BYTES: u64 = 16 << 20;
 
-/// Opens a listed file, which must be a regular file: a device or a pipe (`/dev/zero`, say) would
-/// never end, or never answer.
+/// Opens a listed file, which must be a regular file: a device (`/dev/zero`, say) would never end,
+/// and a named pipe would not even open until something wrote to it. So it is looked at before it
+/// is opened, and the opened handle again, in case the name was swapped in between.
 fn open_regular(dir: &Path, name: &str) -> Result<fs::File, Failure> {
-    let file = fs::File::open(dir.join(name)).map_err(|e| cannot_read(name, &e))?;
-    match file.metadata() {
-        Ok(m) if m.is_file() => Ok(file),
+    let path = dir.join(name);
+    let regular = |m: std::io::Result<fs::Metadata>| match m {
+        Ok(m) if m.is_file() => Ok(()),
         Ok(_) => Err(fail(name, "is not a regular file")),
         Err(e) => Err(cannot_read(name, &e)),
-    }
+    };
+    regular(fs::metadata(&path))?;
+    let file = fs::File::open(&path).map_err(|e| cannot_read(name, &e))?;
+    regular(file.metadata())?;
+    Ok(file)
 }
 
 /// Reads a small listed file whole, refusing one over [`MAX_SMALL_BYTES`].
@@ -609,24 +614,20 @@ fn cannot_read(name: &str, e: &std::io::Error) -> Failure {
 }
 
 /// Reads `file` in blocks of `block` bytes, computing its SHA-256 and handing each block to
-/// `blocks`; once the receiver hangs up (the checks are done, or never wanted the blocks) it goes
-/// on hashing alone. Returns the digest, or the read failure.
+/// `blocks`, if given; once the receiver hangs up (the checks are done) it goes on hashing alone.
+/// Returns the digest, or the read failure.
 fn stream(
     mut file: fs::File,
     name: &str,
     block: usize,
-    blocks: std::sync::mpsc::SyncSender<Vec<u8>>,
+    mut blocks: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
 ) -> Result<String, Failure> {
     use std::io::Read;
     let mut hasher = Sha256::new();
-    let mut blocks = Some(blocks);
+    // Hashing alone, one buffer serves every block; handed on, each block is a new one.
     let mut spare = Vec::new();
     loop {
-        let mut buf = if blocks.is_some() {
-            vec![0; block]
-        } else {
-            std::mem::take(&mut spare)
-        };
+        let mut buf = std::mem::take(&mut spare);
         buf.resize(block, 0);
         let mut n = 0;
         while n < block {
@@ -659,7 +660,7 @@ type Blocks = std::sync::mpsc::Receiver<Vec<u8>>;
 
 /// Whole lines of `events.jsonl`, about a chunk at a time, put together from its reader's blocks.
 struct LineChunks {
-    blocks: std::sync::mpsc::Receiver<Vec<u8>>,
+    blocks: Blocks,
     pending: Vec<u8>,
     /// Where in `pending` its last newline is; each block is searched once, when it arrives.
     last_newline: Option<usize>,
@@ -723,7 +724,7 @@ fn too_long(i: usize) -> Failure {
 
 /// `events.csv` as its reader hands it over, compared with the rows the events must have.
 struct CsvStream {
-    blocks: std::sync::mpsc::Receiver<Vec<u8>>,
+    blocks: Blocks,
     buf: Vec<u8>,
     pos: usize,
 }
@@ -886,17 +887,15 @@ pub fn verify_in_chunks(
             }
             readers.insert(
                 name,
-                scope.spawn(move || stream(file, name, chunk_bytes, tx)),
+                scope.spawn(move || stream(file, name, chunk_bytes, Some(tx))),
             );
         }
         let others = scope.spawn(move || {
             others
                 .into_iter()
                 .map(|name| {
-                    let (tx, rx) = std::sync::mpsc::sync_channel(1);
-                    drop(rx);
                     let digest = open_regular(dir, name)
-                        .and_then(|file| stream(file, name, chunk_bytes.max(64 << 10), tx));
+                        .and_then(|file| stream(file, name, chunk_bytes.max(64 << 10), None));
                     (name, digest)
                 })
                 .collect::<Vec<_>>()
