@@ -561,9 +561,9 @@ pub const CHUNK_BYTES: usize = 2 << 20;
 
 /// Longest event line [`verify`] accepts, and about the most it buffers while looking for a line's
 /// end: twice the audit log's default largest record (16 MiB), so that a hostile file without
-/// newlines cannot make it buffer without bound. A deployment that raised
-/// `segment_log::Options::max_record_bytes` past it would write bundles this verifier refuses.
-const MAX_LINE_BYTES: usize = 32 << 20;
+/// newlines cannot make it buffer without bound. The audit log refuses a longer event whatever
+/// `segment_log::Options::max_record_bytes` says, so that every bundle it writes can pass.
+pub(crate) const MAX_LINE_BYTES: usize = 32 << 20;
 
 /// Files small enough to be read whole, and parsed: everything else is only hashed, or streamed.
 const READ_WHOLE: [&str; 4] = [
@@ -577,19 +577,22 @@ const READ_WHOLE: [&str; 4] = [
 const MAX_SMALL_BYTES: u64 = 16 << 20;
 
 /// Opens a listed file, which must be a regular file: a device (`/dev/zero`, say) would never end,
-/// and a named pipe would not even open until something wrote to it. So it is looked at before it
-/// is opened, and the opened handle again, in case the name was swapped in between.
+/// and a named pipe would not even open until something wrote to it. So the file is opened
+/// without waiting (`O_NONBLOCK`, which a regular file's reads ignore) and without becoming a
+/// controlling terminal, and then the opened handle is looked at. Looking at the name first
+/// instead would leave a gap in which the name could be swapped for a pipe.
 fn open_regular(dir: &Path, name: &str) -> Result<fs::File, Failure> {
-    let path = dir.join(name);
-    let regular = |m: std::io::Result<fs::Metadata>| match m {
-        Ok(m) if m.is_file() => Ok(()),
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(dir.join(name))
+        .map_err(|e| cannot_read(name, &e))?;
+    match file.metadata() {
+        Ok(m) if m.is_file() => Ok(file),
         Ok(_) => Err(fail(name, "is not a regular file")),
         Err(e) => Err(cannot_read(name, &e)),
-    };
-    regular(fs::metadata(&path))?;
-    let file = fs::File::open(&path).map_err(|e| cannot_read(name, &e))?;
-    regular(file.metadata())?;
-    Ok(file)
+    }
 }
 
 /// Reads a small listed file whole, refusing one over [`MAX_SMALL_BYTES`].
