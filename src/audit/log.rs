@@ -181,8 +181,13 @@ impl TenantLog {
             .enumerate()
             .map(|(i, event)| event.place_at(first + i as u64, &now))
             .collect();
-        // Refused before the tree is touched, so an oversized event leaves the log as it was.
-        let max = self.events.max_record_bytes();
+        // Refused before the tree is touched, so an oversized event leaves the log as it was. The
+        // bundle verifier's line limit caps it too: an event the log took but no export of it
+        // could pass would be worse than one refused.
+        let max = self
+            .events
+            .max_record_bytes()
+            .min(u32::try_from(super::bundle::MAX_LINE_BYTES).unwrap_or(u32::MAX));
         if let Some(big) = records.iter().find(|r| r.len() > max as usize) {
             return Err(segment_log::Error::RecordTooLarge {
                 len: big.len(),
@@ -1769,6 +1774,32 @@ mod tests {
             audit.append_with(&ctx, repo, command()).await.unwrap(),
             before
         );
+    }
+
+    /// A segment limit raised past what the bundle verifier reads does not let through an event
+    /// that no export of it could pass.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn no_event_is_taken_that_a_bundle_could_not_carry() {
+        let dir = tempfile::tempdir().unwrap();
+        let segments = segment_log::Options {
+            max_record_bytes: 64 << 20,
+            ..segment_log::Options::default()
+        };
+        let (audit, ctx, repo, log) = one_tenant_with(dir.path(), segments).await;
+        let before = log.events.len();
+        let huge = EventBody::RoleGranted {
+            principal: "x".repeat(super::super::bundle::MAX_LINE_BYTES),
+            role: "member".into(),
+        };
+        let err = audit
+            .append_with(&ctx, repo.clone(), huge)
+            .await
+            .unwrap_err();
+        let AuditError::Segment(segment_log::Error::RecordTooLarge { max, .. }) = err else {
+            panic!("{err:?}");
+        };
+        assert_eq!(max as usize, super::super::bundle::MAX_LINE_BYTES);
+        assert_eq!(log.events.len(), before);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
