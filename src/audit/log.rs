@@ -1296,7 +1296,6 @@ impl AuditLog {
     }
 }
 
-/// The principal and role of a role event.
 /// What one event does to the usage and run projections.
 #[derive(Debug, PartialEq, Eq)]
 struct Folded {
@@ -1400,6 +1399,7 @@ impl<'de> serde::Deserialize<'de> for FoldData {
     }
 }
 
+/// The principal and role of a role event.
 fn role_event(
     tenant: &TenantId,
     seq: u64,
@@ -1870,6 +1870,37 @@ mod tests {
             .sum();
         assert_eq!(tokens(&repo), expected);
         assert!(log.unfolded.lock().unwrap().is_empty());
+    }
+
+    /// An append that fails after it was placed (here its writer panics on it) takes its kept
+    /// bytes out of the map, so that no fold could take them for what the files hold.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_append_that_fails_after_it_was_placed_leaves_no_kept_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (audit, ctx, repo, log) = one_tenant(dir.path()).await;
+        audit
+            .append_batch_with(&ctx, repo.clone(), &[model(4)])
+            .await
+            .unwrap();
+        let before = (log.events.len(), tokens(&repo));
+        let marker = String::from_utf8(segment_log::tests::PANIC_PAYLOAD.to_vec()).unwrap();
+        let doomed = EventBody::ModelCalled {
+            provider: "openai".into(),
+            model: marker,
+            tokens_in: 100,
+            tokens_out: 1,
+            cost_microcents: 1,
+        };
+        let err = tokio::time::timeout(
+            Duration::from_secs(10),
+            audit.append_batch_with(&ctx, repo.clone(), &[command(), doomed]),
+        )
+        .await
+        .expect("the failed append is answered")
+        .unwrap_err();
+        assert!(matches!(err, AuditError::Segment(_)), "{err:?}");
+        assert!(log.unfolded.lock().unwrap().is_empty());
+        assert_eq!((log.events.len(), tokens(&repo)), before);
     }
 
     /// An append whose caller stops waiting before it is durable takes its kept bytes out of the
