@@ -1078,9 +1078,9 @@ async fn a_device_or_an_oversized_small_file_is_refused() {
         assert_eq!(err.place, name, "{err}");
         assert!(err.why.contains("is not a regular file"), "{name}: {err}");
     }
-    // A named pipe nobody writes to would block an ordinary open itself: the verifier must open
-    // it without waiting and then refuse it (checked on a thread, so that a regression fails
-    // here instead of hanging the suite).
+    // A named pipe nobody writes to would block an ordinary open itself: it must be refused
+    // unopened (checked on a thread, so that a regression fails here instead of hanging the
+    // suite; a pipe swapped in after the look is a unit test of `open_regular`).
     for name in [files::EVENTS, files::CHECKPOINT] {
         let (scratch, dir) = copy_of(&out);
         fs::remove_file(dir.join(name)).unwrap();

@@ -577,22 +577,35 @@ const READ_WHOLE: [&str; 4] = [
 const MAX_SMALL_BYTES: u64 = 16 << 20;
 
 /// Opens a listed file, which must be a regular file: a device (`/dev/zero`, say) would never end,
-/// and a named pipe would not even open until something wrote to it. So the file is opened
-/// without waiting (`O_NONBLOCK`, which a regular file's reads ignore) and without becoming a
-/// controlling terminal, and then the opened handle is looked at. Looking at the name first
-/// instead would leave a gap in which the name could be swapped for a pipe.
+/// and a named pipe would not even open until something wrote to it.
+///
+/// So the name is looked at first, and anything else is refused unopened (opening some devices
+/// acts on its own: a watchdog starts, a tape rewinds). The name could still be swapped between
+/// that look and the open, so the open does not wait (`O_NONBLOCK`) nor take a terminal
+/// (`O_NOCTTY`), and what it opened must be the regular file that was looked at. Reads of a
+/// regular file ignore `O_NONBLOCK` on Linux's local filesystems; where one honours it (some
+/// FUSE filesystems), a read that would wait fails as "cannot be read", never hangs.
 fn open_regular(dir: &Path, name: &str) -> Result<fs::File, Failure> {
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let regular = |m: std::io::Result<fs::Metadata>| match m {
+        Ok(m) if m.is_file() => Ok(m),
+        Ok(_) => Err(fail(name, "is not a regular file")),
+        Err(e) => Err(cannot_read(name, &e)),
+    };
+    let path = dir.join(name);
+    let looked = regular(fs::metadata(&path))?;
+    #[cfg(test)]
+    tests::AFTER_LOOK.with(|hook| hook.borrow_mut().as_mut().map(|f| f(&path)));
     let file = fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
-        .open(dir.join(name))
+        .open(&path)
         .map_err(|e| cannot_read(name, &e))?;
-    match file.metadata() {
-        Ok(m) if m.is_file() => Ok(file),
-        Ok(_) => Err(fail(name, "is not a regular file")),
-        Err(e) => Err(cannot_read(name, &e)),
+    let opened = regular(file.metadata())?;
+    if (opened.dev(), opened.ino()) != (looked.dev(), looked.ino()) {
+        return Err(fail(name, "was replaced while it was being opened"));
     }
+    Ok(file)
 }
 
 /// Reads a small listed file whole, refusing one over [`MAX_SMALL_BYTES`].
@@ -1153,6 +1166,62 @@ fn verify_contents(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    type Hook = Box<dyn FnMut(&Path)>;
+
+    thread_local! {
+        /// Runs in [`open_regular`] between its look at a name and its open, on this thread.
+        pub(super) static AFTER_LOOK: std::cell::RefCell<Option<Hook>> =
+            std::cell::RefCell::new(None);
+    }
+
+    /// `open_regular(dir, "f")` on a thread of its own, with `swap` run between its look at the
+    /// regular file `f` and its open; `None` if it has not returned after 20 s.
+    fn open_swapped(swap: fn(&Path)) -> Option<Result<(), Failure>> {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("f"), b"listed").unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let path = dir.path().to_owned();
+        std::thread::spawn(move || {
+            AFTER_LOOK.with(|hook| *hook.borrow_mut() = Some(Box::new(swap)));
+            let _ = tx.send(open_regular(&path, "f").map(|_| ()));
+        });
+        let got = rx.recv_timeout(std::time::Duration::from_secs(20)).ok();
+        if got.is_none() {
+            // Unblock the open so that the thread can end.
+            let _ = fs::write(dir.path().join("f"), b"x");
+        }
+        got
+    }
+
+    /// A name swapped for a named pipe after the look neither blocks the open (no writer ever
+    /// comes) nor passes; one swapped for another regular file is refused too.
+    #[test]
+    fn a_name_swapped_between_the_look_and_the_open_is_refused() {
+        let to_pipe = |path: &Path| {
+            fs::remove_file(path).unwrap();
+            let made = std::process::Command::new("mkfifo")
+                .arg(path)
+                .status()
+                .unwrap();
+            assert!(made.success());
+        };
+        let err = open_swapped(to_pipe)
+            .expect("the open does not wait for a writer")
+            .unwrap_err();
+        assert!(err.why.contains("is not a regular file"), "{err}");
+        let to_other_file = |path: &Path| {
+            // Moved aside, not removed, so that the new file cannot reuse its inode number.
+            fs::rename(path, path.with_extension("old")).unwrap();
+            fs::write(path, b"other").unwrap();
+        };
+        let err = open_swapped(to_other_file).unwrap().unwrap_err();
+        assert!(
+            err.why.contains("was replaced while it was being opened"),
+            "{err}"
+        );
+        assert!(open_swapped(|_| {}).unwrap().is_ok());
+    }
 
     /// Writes a bundle of `events` claimed to be the range `0..to`.
     fn write_from(
