@@ -47,9 +47,11 @@ pub struct Embedded {
 /// reads it and the head once a fold; from sled each read was a lookup and a JSON decode (5% of
 /// the agent loop's CPU at 8 concurrent runs).
 ///
-/// It never says what sled does not hold: it is filled from sled or from a write sled took, under
-/// its lock, which a fold holds from its first read to its last write (so that a read of sled
-/// cannot put back a value the fold has just replaced), and it is emptied when a write fails.
+/// It never says what sled does not hold: it is filled from sled (a reader holds its lock from
+/// the lookup to the fill) or from a fold's writes once sled took them all, and it is emptied
+/// when a write fails. Only the fold writes these keys, and one at a time, so its update, made
+/// after its writes, is the last word: a reader that refilled a value from sled meanwhile read
+/// either the value before the fold or the one the fold is about to put there.
 #[derive(Default)]
 struct Folded {
     head: Option<u64>,
@@ -421,7 +423,13 @@ impl ToolGrantRepo for SledTenant {
 
 impl SledTenant {
     fn folded(&self) -> MutexGuard<'_, Folded> {
-        self.folded.lock().unwrap_or_else(|e| e.into_inner())
+        self.folded.lock().unwrap_or_else(|poisoned| {
+            // A panic while it was held may have left it half updated: start again from sled.
+            let mut folded = poisoned.into_inner();
+            *folded = Folded::default();
+            self.folded.clear_poison();
+            folded
+        })
     }
 
     fn head_in(&self, folded: &mut Folded) -> Result<u64> {
@@ -456,29 +464,30 @@ impl SledTenant {
         Ok(kept)
     }
 
+    /// Writes a fold to sled, given the usage records of its months as they stand; returns the
+    /// months' new usage.
     fn write_projection(
         &self,
-        folded: &mut Folded,
+        prior: Vec<(String, Usage, u64)>,
         usage: &UsageDeltas,
         runs: &[(String, RunState)],
         members: &[(PrincipalId, Option<Role>)],
         head: u64,
-    ) -> Result<()> {
+    ) -> Result<Vec<(String, Usage)>> {
         let mut writes: Vec<(String, Option<Vec<u8>>)> = Vec::new();
         let mut months = Vec::new();
-        for month in usage.months() {
-            let (mut total, through) = self.usage_record(folded, month)?;
+        for (month, mut total, through) in prior {
             if through >= head {
                 continue;
             }
-            total.add(&usage.since(month, through));
+            total.add(&usage.since(&month, through));
             let rec = UsageRecord {
                 v: 1,
                 value: total,
                 through: head,
             };
-            writes.push((self.key("usage", month), Some(encode(&rec))));
-            months.push((month.to_owned(), total));
+            writes.push((self.key("usage", &month), Some(encode(&rec))));
+            months.push((month, total));
         }
         for (run, state) in runs {
             let rec = encode(&Versioned { v: 1, value: state });
@@ -517,11 +526,7 @@ impl SledTenant {
             }
             self.tree.apply_batch(batch).map_err(engine)?;
         }
-        for (month, total) in months {
-            folded.usage.insert(month, (total, head));
-        }
-        folded.head = Some(head);
-        Ok(())
+        Ok(months)
     }
 }
 
@@ -538,15 +543,36 @@ impl ProjectionRepo for SledTenant {
         head: u64,
     ) -> Result<()> {
         // The audit log folds events in under its own lock, so read-modify-write here is not
-        // racing another fold; the kept values' lock keeps readers from refilling them with what
-        // this fold is replacing.
+        // racing another fold. The kept values' lock is not held across the writes, so that no
+        // quota check waits for them: meanwhile readers see the usage from before this fold
+        // (whose reservations are still held) or, refilling a value from sled, after it; either
+        // way the update below comes last.
+        let prior = {
+            let mut folded = self.folded();
+            usage
+                .months()
+                .map(|month| {
+                    let (total, through) = self.usage_record(&mut folded, month)?;
+                    Ok((month.to_owned(), total, through))
+                })
+                .collect::<Result<Vec<_>>>()?
+        };
+        let written = self.write_projection(prior, usage, runs, members, head);
         let mut folded = self.folded();
-        let written = self.write_projection(&mut folded, usage, runs, members, head);
-        if written.is_err() {
-            // Some writes may have landed and others not: read sled again next time.
-            *folded = Folded::default();
+        match written {
+            Ok(months) => {
+                for (month, total) in months {
+                    folded.usage.insert(month, (total, head));
+                }
+                folded.head = Some(head);
+                Ok(())
+            }
+            Err(e) => {
+                // Some writes may have landed and others not: read sled again next time.
+                *folded = Folded::default();
+                Err(e)
+            }
         }
-        written
     }
 
     fn usage_in(&self, month: &str) -> Result<Usage> {
