@@ -356,6 +356,11 @@ impl Envelope {
     pub fn tenant(&self) -> &str {
         &self.tenant
     }
+
+    /// The run the event belongs to.
+    pub fn run_id(&self) -> &str {
+        &self.run_id
+    }
 }
 
 /// Encodes one event as its canonical leaf bytes.
