@@ -418,5 +418,21 @@ proptest! {
             let shifted = root_from_range(from + 1, range, size, &proof);
             prop_assert!(shifted.is_err() || shifted.unwrap() != root);
         }
+        // Taken one leaf at a time (as a verifier streams them): the same root, a changed last
+        // leaf changes it, and one leaf too few or too many is refused.
+        use agentgate::audit::merkle::RangeHasher;
+        let streamed = |leaves: &[agentgate::audit::merkle::Hash]| {
+            let mut h = RangeHasher::new(from, to, size).unwrap();
+            for l in leaves { h.push(*l); }
+            h.finish(&proof)
+        };
+        prop_assert_eq!(streamed(range).unwrap(), root);
+        let mut bad_last = range.to_vec();
+        bad_last.last_mut().unwrap()[31] ^= 1;
+        prop_assert_ne!(streamed(&bad_last).unwrap(), root);
+        prop_assert!(streamed(&range[1..]).is_err());
+        let mut extra = range.to_vec();
+        extra.push(leaves[0]);
+        prop_assert!(streamed(&extra).is_err());
     }
 }

@@ -16,7 +16,7 @@ use sha2::{Digest, Sha256};
 use super::canonical;
 use super::checkpoint::{open_checkpoint, Checkpoint, Keyring, VerifierKey};
 use super::keys::{keyring_text, parse_keyring};
-use super::merkle::{leaf_hash, root_from_range, verify_consistency, Hash};
+use super::merkle::{leaf_hash, verify_consistency, Hash, RangeHasher};
 
 /// The bundle format written into every manifest.
 pub const FORMAT: &str = "agentgate-audit-bundle/1";
@@ -554,9 +554,9 @@ fn fail(place: impl Into<String>, why: impl Into<String>) -> Failure {
     }
 }
 
-/// Bytes of `events.jsonl` checked at a time, and of every streamed file read at a time. With the
-/// leaf hashes (32 bytes an event) this bounds what [`verify`] holds in memory: a few chunks per
-/// file in flight, whatever the size of the bundle.
+/// Bytes of `events.jsonl` checked at a time, and of every streamed file read at a time. This
+/// bounds what [`verify`] holds in memory: a few chunks per file in flight and a few hashes per
+/// level of the tree ([`RangeHasher`]), whatever the size of the bundle.
 pub const CHUNK_BYTES: usize = 2 << 20;
 
 /// Longest event line [`verify`] accepts, and about the most it buffers while looking for a line's
@@ -804,8 +804,8 @@ fn hashes(place: &str, hexes: &[String]) -> Result<Vec<Hash>, Failure> {
 /// deployment's key independently should pass it. `since` is a checkpoint the reader kept from an
 /// earlier export; the bundle must then prove the log grew from it by appending only.
 ///
-/// The events are read and checked a chunk at a time ([`CHUNK_BYTES`]), so memory stays bounded
-/// (32 bytes an event for the leaf hashes) however large the bundle is.
+/// The events are read and checked a chunk at a time ([`CHUNK_BYTES`]) and their leaf hashes go
+/// straight into the range's root, so memory stays bounded however large the bundle is.
 ///
 /// # Errors
 /// The first [`Failure`]: a file that cannot be read, then a file whose SHA-256 differs from the
@@ -1041,7 +1041,10 @@ fn verify_contents(
         done: false,
     };
     let mut seen: usize = 0;
-    let mut leaves = Vec::new();
+    // The leaf hashes go into the range's root as they are checked, so that the verifier holds a
+    // few hashes per tree level and not one per event. A range the checkpoint cannot hold is
+    // reported where the root is checked, after the events, as it always was.
+    let mut ranged = RangeHasher::new(manifest.from, manifest.to, cp.size);
     while let Some(chunk) = chunks.next(seen as u64)? {
         let lines: Vec<&[u8]> = chunk[..chunk.len() - 1].split(|b| *b == b'\n').collect();
         let room = usize::try_from(want)
@@ -1072,7 +1075,11 @@ fn verify_contents(
             if let Some(c) = &mut csv {
                 c.expect(r.rows.as_bytes())?;
             }
-            leaves.extend(r.leaves);
+            if let Ok(hasher) = &mut ranged {
+                for leaf in r.leaves {
+                    hasher.push(leaf);
+                }
+            }
             if let Some(f) = r.failure {
                 return Err(f);
             }
@@ -1108,7 +1115,8 @@ fn verify_contents(
     let proofs: Proofs = serde_json::from_slice(bytes(files::PROOFS)?)
         .map_err(|e| fail(files::PROOFS, format!("does not parse: {e}")))?;
     let range = hashes(files::PROOFS, &proofs.range_proof)?;
-    let root = root_from_range(manifest.from, &leaves, cp.size, &range)
+    let root = ranged
+        .and_then(|hasher| hasher.finish(&range))
         .map_err(|e| fail(files::PROOFS, format!("range proof: {e}")))?;
     if root != cp.root {
         return Err(fail(
@@ -1153,7 +1161,7 @@ fn verify_contents(
     }
 
     Ok(Verified {
-        events: leaves.len() as u64,
+        events: seen as u64,
         tenant: manifest.tenant.clone(),
         root,
         signed_by: signers.iter().map(VerifierKey::to_vkey_text).collect(),

@@ -852,19 +852,138 @@ pub fn root_from_range<P: AsRef<[u8]>>(
     size: u64,
     proof: &[P],
 ) -> Result<Hash, VerifyError> {
-    let to = from + leaves.len() as u64;
-    if leaves.is_empty() || to > size {
-        return Err(VerifyError::IndexOutOfRange { index: to, size });
+    let mut hasher = RangeHasher::new(from, from + leaves.len() as u64, size)?;
+    for leaf in leaves {
+        hasher.push(*leaf);
     }
-    let mut next = 0usize;
-    let root = range_root_rec(0, size, from, to, leaves, proof, &mut next)?;
-    if next != proof.len() {
-        return Err(VerifyError::WrongProofSize {
-            got: proof.len(),
-            want: next,
-        });
+    hasher.finish(proof)
+}
+
+/// [`root_from_range`] with the range's leaf hashes given one at a time, in order: it holds a few
+/// hashes per level of the tree instead of every leaf's, so that a verifier's memory does not grow
+/// with the bundle.
+///
+/// The range splits into maximal subtrees that lie wholly inside it (at most two a level). Each
+/// one's hash is built as its leaves arrive, on a stack of perfect subtrees merged like a binary
+/// counter; at its last leaf the stack folds from the right, which is RFC 9162's split at the
+/// largest power of two. [`RangeHasher::finish`] then walks the tree as [`root_from_range`] always
+/// did, taking those hashes, and the proof's for the subtrees outside the range, in order.
+#[derive(Debug)]
+pub struct RangeHasher {
+    from: u64,
+    to: u64,
+    size: u64,
+    /// Leaf counts of the subtrees wholly inside the range, left to right.
+    segments: Vec<u64>,
+    /// The hashes of the segments completed so far.
+    done: Vec<Hash>,
+    /// The segment being built: perfect subtrees with their leaf counts, larger first.
+    stack: Vec<(u64, Hash)>,
+    /// Leaves taken into the current segment.
+    in_segment: u64,
+    /// Leaves taken in all.
+    taken: u64,
+}
+
+impl RangeHasher {
+    /// A hasher for the leaves `from..to` of a tree of `size` leaves.
+    ///
+    /// # Errors
+    /// [`VerifyError::IndexOutOfRange`] when the range is empty or ends beyond `size`.
+    pub fn new(from: u64, to: u64, size: u64) -> Result<Self, VerifyError> {
+        if from >= to || to > size {
+            return Err(VerifyError::IndexOutOfRange { index: to, size });
+        }
+        let mut segments = Vec::new();
+        plan_segments(0, size, from, to, &mut segments);
+        Ok(RangeHasher {
+            from,
+            to,
+            size,
+            segments,
+            done: Vec::new(),
+            stack: Vec::new(),
+            in_segment: 0,
+            taken: 0,
+        })
     }
-    Ok(root)
+
+    /// Takes the next leaf hash of the range; leaves past its end are counted, and make
+    /// [`RangeHasher::finish`] fail.
+    pub fn push(&mut self, leaf: Hash) {
+        self.taken += 1;
+        let Some(&want) = self.segments.get(self.done.len()) else {
+            return;
+        };
+        let mut top = (1u64, leaf);
+        while let Some(&(n, left)) = self.stack.last() {
+            if n != top.0 {
+                break;
+            }
+            self.stack.pop();
+            top = (2 * n, node_hash(&left, &top.1));
+        }
+        self.stack.push(top);
+        self.in_segment += 1;
+        if self.in_segment == want {
+            let mut parts = std::mem::take(&mut self.stack).into_iter().rev();
+            let (_, mut hash) = parts.next().expect("a segment holds a leaf");
+            for (_, left) in parts {
+                hash = node_hash(&left, &hash);
+            }
+            self.done.push(hash);
+            self.in_segment = 0;
+        }
+    }
+
+    /// The root of the tree from the range's leaves and `proof`, the hashes of the subtrees outside
+    /// the range in left-to-right order.
+    ///
+    /// # Errors
+    /// [`VerifyError::IndexOutOfRange`] when more or fewer leaves than the range holds were given;
+    /// [`VerifyError::WrongProofSize`] when the proof has more or fewer hashes than the range needs;
+    /// [`VerifyError::MalformedHash`] when a proof entry is not 32 bytes.
+    pub fn finish<P: AsRef<[u8]>>(self, proof: &[P]) -> Result<Hash, VerifyError> {
+        if self.taken != self.to - self.from {
+            return Err(VerifyError::IndexOutOfRange {
+                index: self.from.saturating_add(self.taken),
+                size: self.to,
+            });
+        }
+        let mut next = 0usize;
+        let mut segments = self.done.into_iter();
+        let root = range_root_rec(
+            0,
+            self.size,
+            self.from,
+            self.to,
+            &mut segments,
+            proof,
+            &mut next,
+        )?;
+        if next != proof.len() {
+            return Err(VerifyError::WrongProofSize {
+                got: proof.len(),
+                want: next,
+            });
+        }
+        Ok(root)
+    }
+}
+
+/// Appends to `out` the leaf counts of the maximal subtrees of `[begin, end)` wholly inside
+/// `[from, to)`, left to right.
+fn plan_segments(begin: u64, end: u64, from: u64, to: u64, out: &mut Vec<u64>) {
+    if end <= from || begin >= to {
+        return;
+    }
+    if from <= begin && end <= to {
+        out.push(end - begin);
+        return;
+    }
+    let k = split_point(end - begin);
+    plan_segments(begin, begin + k, from, to, out);
+    plan_segments(begin + k, end, from, to, out);
 }
 
 fn range_root_rec<P: AsRef<[u8]>>(
@@ -872,7 +991,7 @@ fn range_root_rec<P: AsRef<[u8]>>(
     end: u64,
     from: u64,
     to: u64,
-    leaves: &[Hash],
+    segments: &mut impl Iterator<Item = Hash>,
     proof: &[P],
     next: &mut usize,
 ) -> Result<Hash, VerifyError> {
@@ -889,13 +1008,13 @@ fn range_root_rec<P: AsRef<[u8]>>(
                 len: entry.as_ref().len(),
             });
     }
-    if end - begin == 1 {
-        // The index is inside [from, to) here, so the subtraction and the lookup are in range.
-        return Ok(leaves[(begin - from) as usize]);
+    if from <= begin && end <= to {
+        // The segments were planned by the same walk, so there is one for every such subtree.
+        return Ok(segments.next().expect("one hash per planned segment"));
     }
     let k = split_point(end - begin);
-    let left = range_root_rec(begin, begin + k, from, to, leaves, proof, next)?;
-    let right = range_root_rec(begin + k, end, from, to, leaves, proof, next)?;
+    let left = range_root_rec(begin, begin + k, from, to, segments, proof, next)?;
+    let right = range_root_rec(begin + k, end, from, to, segments, proof, next)?;
     Ok(node_hash(&left, &right))
 }
 
