@@ -197,8 +197,9 @@ pub fn current_month() -> String {
 }
 
 /// The `YYYY-MM` key of `t`, as [`crate::audit::projection::month_of`] reads it off an event's
-/// time (for the years 0 to 9999, which are all a clock gives). Not `format("%Y-%m")`: that parses its pattern on every call, and this runs before every
-/// model and tool call (1% of the loop's CPU at 8 runs).
+/// time (for the years 0 to 9999, which are all a clock gives). Not `format("%Y-%m")`: that
+/// parses its pattern on every call, and this runs before every model and tool call (1% of the
+/// loop's CPU at 8 runs).
 fn month_key(t: chrono::DateTime<chrono::Utc>) -> String {
     use chrono::Datelike;
     format!("{:04}-{:02}", t.year(), t.month())

@@ -1010,8 +1010,8 @@ fn verify_contents(
     }
 
     // The events: canonical, in order, of this tenant, of known types; every line ends in a
-    // newline, and the file is exactly the lines. The leaf hashes grow with the file, never with a
-    // number a (possibly hostile) manifest claims.
+    // newline, and the file is exactly the lines. Nothing held grows with a number a (possibly
+    // hostile) manifest claims.
     let want = manifest.to - manifest.from;
     // The CSV is a convenience copy, but a reader may trust it: it must say what the events say.
     // Each chunk's rows are rendered as its events are checked, so each event is parsed once.
@@ -1042,9 +1042,10 @@ fn verify_contents(
     };
     let mut seen: usize = 0;
     // The leaf hashes go into the range's root as they are checked, so that the verifier holds a
-    // few hashes per tree level and not one per event. A range the checkpoint cannot hold is
-    // reported where the root is checked, after the events, as it always was.
-    let mut ranged = RangeHasher::new(manifest.from, manifest.to, cp.size);
+    // few hashes per tree level and not one per event. The range was checked against the
+    // checkpoint above, so this cannot fail; were it to, the range proof is what is wrong.
+    let mut ranged = RangeHasher::new(manifest.from, manifest.to, cp.size)
+        .map_err(|e| fail(files::PROOFS, format!("range proof: {e}")))?;
     while let Some(chunk) = chunks.next(seen as u64)? {
         let lines: Vec<&[u8]> = chunk[..chunk.len() - 1].split(|b| *b == b'\n').collect();
         let room = usize::try_from(want)
@@ -1075,10 +1076,8 @@ fn verify_contents(
             if let Some(c) = &mut csv {
                 c.expect(r.rows.as_bytes())?;
             }
-            if let Ok(hasher) = &mut ranged {
-                for leaf in r.leaves {
-                    hasher.push(leaf);
-                }
+            for leaf in r.leaves {
+                ranged.push(leaf);
             }
             if let Some(f) = r.failure {
                 return Err(f);
@@ -1116,7 +1115,7 @@ fn verify_contents(
         .map_err(|e| fail(files::PROOFS, format!("does not parse: {e}")))?;
     let range = hashes(files::PROOFS, &proofs.range_proof)?;
     let root = ranged
-        .and_then(|hasher| hasher.finish(&range))
+        .finish(&range)
         .map_err(|e| fail(files::PROOFS, format!("range proof: {e}")))?;
     if root != cp.root {
         return Err(fail(
@@ -1215,7 +1214,7 @@ mod tests {
             assert!(made.success());
         };
         let err = open_swapped(to_pipe)
-            .expect("the open does not wait for a writer")
+            .expect("the open returned, without waiting for a writer")
             .unwrap_err();
         assert!(err.why.contains("is not a regular file"), "{err}");
         let to_other_file = |path: &Path| {

@@ -811,6 +811,14 @@ pub enum VerifyError {
         /// The length that was given.
         len: usize,
     },
+    /// More or fewer leaves were given than the range holds.
+    #[error("{got} leaves given for a range of {want}")]
+    WrongLeafCount {
+        /// The number of leaves given.
+        got: u64,
+        /// The number the range holds.
+        want: u64,
+    },
     /// The proof does not have the number of hashes the sizes call for, so it was truncated,
     /// padded, or made for other sizes.
     #[error("proof has {got} hashes, want {want}")]
@@ -852,7 +860,10 @@ pub fn root_from_range<P: AsRef<[u8]>>(
     size: u64,
     proof: &[P],
 ) -> Result<Hash, VerifyError> {
-    let mut hasher = RangeHasher::new(from, from + leaves.len() as u64, size)?;
+    let to = from
+        .checked_add(leaves.len() as u64)
+        .ok_or(VerifyError::IndexOutOfRange { index: from, size })?;
+    let mut hasher = RangeHasher::new(from, to, size)?;
     for leaf in leaves {
         hasher.push(*leaf);
     }
@@ -940,14 +951,14 @@ impl RangeHasher {
     /// the range in left-to-right order.
     ///
     /// # Errors
-    /// [`VerifyError::IndexOutOfRange`] when more or fewer leaves than the range holds were given;
+    /// [`VerifyError::WrongLeafCount`] when more or fewer leaves than the range holds were given;
     /// [`VerifyError::WrongProofSize`] when the proof has more or fewer hashes than the range needs;
     /// [`VerifyError::MalformedHash`] when a proof entry is not 32 bytes.
     pub fn finish<P: AsRef<[u8]>>(self, proof: &[P]) -> Result<Hash, VerifyError> {
         if self.taken != self.to - self.from {
-            return Err(VerifyError::IndexOutOfRange {
-                index: self.from.saturating_add(self.taken),
-                size: self.to,
+            return Err(VerifyError::WrongLeafCount {
+                got: self.taken,
+                want: self.to - self.from,
             });
         }
         let mut next = 0usize;

@@ -38,8 +38,18 @@ pub struct Embedded {
     cipher: Cipher,
     /// Checkpoints of unfinished runs, beside sled (see `run_files` for why).
     runs: Arc<RunFiles>,
-    /// Each tenant's [`Folded`], shared by every handle on that tenant.
-    folded: Mutex<HashMap<TenantId, Arc<Mutex<Folded>>>>,
+    /// Each tenant's [`Projected`], shared by every handle on that tenant.
+    folded: Mutex<HashMap<TenantId, Arc<Projected>>>,
+}
+
+/// A tenant's kept projection values, and the lock that keeps its folds one at a time.
+#[derive(Default)]
+struct Projected {
+    values: Mutex<Folded>,
+    /// Held across a whole `apply_projection`; readers never take it. The audit log folds under
+    /// its own lock already; this keeps the kept values right even if two folds ever met (two
+    /// logs of one tenant opened around a close, say).
+    fold: Mutex<()>,
 }
 
 /// What the projection fold last wrote of one tenant: its head and the usage of the months it
@@ -273,7 +283,7 @@ struct SledTenant {
     tree: sled::Tree,
     cipher: Cipher,
     runs: Arc<RunFiles>,
-    folded: Arc<Mutex<Folded>>,
+    folded: Arc<Projected>,
 }
 
 impl SledTenant {
@@ -423,11 +433,12 @@ impl ToolGrantRepo for SledTenant {
 
 impl SledTenant {
     fn folded(&self) -> MutexGuard<'_, Folded> {
-        self.folded.lock().unwrap_or_else(|poisoned| {
+        let values = &self.folded.values;
+        values.lock().unwrap_or_else(|poisoned| {
             // A panic while it was held may have left it half updated: start again from sled.
             let mut folded = poisoned.into_inner();
             *folded = Folded::default();
-            self.folded.clear_poison();
+            values.clear_poison();
             folded
         })
     }
@@ -530,6 +541,17 @@ impl SledTenant {
     }
 }
 
+/// Empties a tenant's kept projection values when dropped still holding it.
+struct EmptyOnDrop<'a>(Option<&'a SledTenant>);
+
+impl Drop for EmptyOnDrop<'_> {
+    fn drop(&mut self) {
+        if let Some(t) = self.0 {
+            *t.folded() = Folded::default();
+        }
+    }
+}
+
 impl ProjectionRepo for SledTenant {
     fn projection_head(&self) -> Result<u64> {
         self.head_in(&mut self.folded())
@@ -547,6 +569,7 @@ impl ProjectionRepo for SledTenant {
         // quota check waits for them: meanwhile readers see the usage from before this fold
         // (whose reservations are still held) or, refilling a value from sled, after it; either
         // way the update below comes last.
+        let _one_fold = self.folded.fold.lock().unwrap_or_else(|e| e.into_inner());
         let prior = {
             let mut folded = self.folded();
             usage
@@ -557,22 +580,17 @@ impl ProjectionRepo for SledTenant {
                 })
                 .collect::<Result<Vec<_>>>()?
         };
-        let written = self.write_projection(prior, usage, runs, members, head);
+        // Some writes may land and others not, if one fails or panics: then the kept values are
+        // emptied, and read from sled again next time.
+        let mut unsure = EmptyOnDrop(Some(self));
+        let months = self.write_projection(prior, usage, runs, members, head)?;
+        unsure.0 = None;
         let mut folded = self.folded();
-        match written {
-            Ok(months) => {
-                for (month, total) in months {
-                    folded.usage.insert(month, (total, head));
-                }
-                folded.head = Some(head);
-                Ok(())
-            }
-            Err(e) => {
-                // Some writes may have landed and others not: read sled again next time.
-                *folded = Folded::default();
-                Err(e)
-            }
+        for (month, total) in months {
+            folded.usage.insert(month, (total, head));
         }
+        folded.head = Some(head);
+        Ok(())
     }
 
     fn usage_in(&self, month: &str) -> Result<Usage> {
