@@ -1656,50 +1656,7 @@ mod tests {
             c in proptest::num::u64::ANY, secs in 0i64..253_402_300_799,
             seq in proptest::num::u64::ANY, text in "[a-z\"\\\n é]{0,12}",
         ) {
-            let totals = event::RunTotals {
-                tokens_in: a, tokens_out: b, tool_calls: c, walltime_ms: a, cost_microcents: b,
-            };
-            let bodies = [
-                EventBody::RunStarted { prompt_sha256: text.clone() },
-                EventBody::ModelCalled {
-                    provider: text.clone(), model: text.clone(),
-                    tokens_in: a, tokens_out: b, cost_microcents: c,
-                },
-                EventBody::ToolInvoked {
-                    capability: text.clone(), arguments_sha256: text.clone(),
-                    result_sha256: text.clone(), latency_ms: a, cost_microcents: b,
-                },
-                EventBody::RunCompleted { totals: totals.clone() },
-                EventBody::RunFailed { totals, reason: text.clone() },
-                EventBody::RoleGranted { principal: text.clone(), role: text.clone() },
-                EventBody::RoleRevoked { principal: text.clone(), role: text.clone() },
-                // A step's batch keeps these too, beside the events above.
-                EventBody::TenantProvisioned { name: text.clone(), plan: text.clone() },
-                EventBody::InstallationCreated {
-                    installation_id: text.clone(), platform: text.clone(),
-                    workspace: text.clone(), source: text.clone(),
-                },
-                EventBody::InstallationUpdated {
-                    installation_id: text.clone(), changed: vec![text.clone()],
-                },
-                EventBody::InstallationRevoked {
-                    installation_id: text.clone(), reason: text.clone(),
-                },
-                EventBody::SettingsChanged { fields: vec![text.clone()] },
-                EventBody::CommandReceived {
-                    platform: text.clone(), kind: text.clone(), text_sha256: text.clone(),
-                },
-                EventBody::ToolAuthorized {
-                    capability: text.clone(), arguments_sha256: text.clone(),
-                    idempotency_key: text.clone(), policy_ids: vec![text.clone()],
-                },
-                EventBody::ToolRefused {
-                    capability: text.clone(), reason: text.clone(), policy_ids: vec![],
-                },
-                EventBody::BudgetExceeded { ceiling: text.clone(), limit: a, attempted: b },
-                EventBody::ExportCreated { from: a, to: b },
-                EventBody::CheckpointSigned { size: a, root: text.clone() },
-            ];
+            let bodies = event::one_of_every_type(a, b, c, &text);
             let tenant = TenantId::generate();
             let env = Envelope::system(&tenant);
             let time = event::format_time(chrono::DateTime::from_timestamp(secs, 0).unwrap());
