@@ -6,7 +6,7 @@
 use std::io::Write as _;
 
 use chrono::{DateTime, SecondsFormat, Utc};
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use crate::tenant::{Initiator, PrincipalKind, RunId, TenantContext, TenantId};
 
@@ -181,18 +181,6 @@ pub struct RunTotals {
     pub cost_microcents: u64,
 }
 
-impl RunTotals {
-    fn to_json(&self) -> Value {
-        json!({
-            "tokens_in": self.tokens_in,
-            "tokens_out": self.tokens_out,
-            "tool_calls": self.tool_calls,
-            "walltime_ms": self.walltime_ms,
-            "cost_microcents": self.cost_microcents,
-        })
-    }
-}
-
 impl EventBody {
     /// The event's type name in the log, such as `tenant.provisioned`.
     pub fn type_name(&self) -> &'static str {
@@ -218,94 +206,14 @@ impl EventBody {
         }
     }
 
-    /// The event's `data` object.
+    /// The event's `data` object, as a value (the log writes it with [`EventBody::write_data`]).
     pub fn data(&self) -> Value {
-        match self {
-            EventBody::TenantProvisioned { name, plan } => json!({ "name": name, "plan": plan }),
-            EventBody::InstallationCreated {
-                installation_id,
-                platform,
-                workspace,
-                source,
-            } => json!({
-                "installation_id": installation_id,
-                "platform": platform,
-                "workspace": workspace,
-                "source": source,
-            }),
-            EventBody::InstallationUpdated {
-                installation_id,
-                changed,
-            } => json!({ "installation_id": installation_id, "changed": changed }),
-            EventBody::InstallationRevoked {
-                installation_id,
-                reason,
-            } => json!({ "installation_id": installation_id, "reason": reason }),
-            EventBody::SettingsChanged { fields } => json!({ "fields": fields }),
-            EventBody::RoleGranted { principal, role }
-            | EventBody::RoleRevoked { principal, role } => {
-                json!({ "principal": principal, "role": role })
-            }
-            EventBody::CommandReceived {
-                platform,
-                kind,
-                text_sha256,
-            } => json!({ "platform": platform, "kind": kind, "text_sha256": text_sha256 }),
-            EventBody::RunStarted { prompt_sha256 } => json!({ "prompt_sha256": prompt_sha256 }),
-            EventBody::ModelCalled {
-                provider,
-                model,
-                tokens_in,
-                tokens_out,
-                cost_microcents,
-            } => json!({
-                "provider": provider,
-                "model": model,
-                "tokens_in": tokens_in,
-                "tokens_out": tokens_out,
-                "cost_microcents": cost_microcents,
-            }),
-            EventBody::ToolAuthorized {
-                capability,
-                arguments_sha256,
-                idempotency_key,
-                policy_ids,
-            } => json!({
-                "capability": capability,
-                "arguments_sha256": arguments_sha256,
-                "idempotency_key": idempotency_key,
-                "policy_ids": policy_ids,
-            }),
-            EventBody::ToolInvoked {
-                capability,
-                arguments_sha256,
-                result_sha256,
-                latency_ms,
-                cost_microcents,
-            } => json!({
-                "capability": capability,
-                "arguments_sha256": arguments_sha256,
-                "result_sha256": result_sha256,
-                "latency_ms": latency_ms,
-                "cost_microcents": cost_microcents,
-            }),
-            EventBody::ToolRefused {
-                capability,
-                reason,
-                policy_ids,
-            } => json!({ "capability": capability, "reason": reason, "policy_ids": policy_ids }),
-            EventBody::BudgetExceeded {
-                ceiling,
-                limit,
-                attempted,
-            } => json!({ "ceiling": ceiling, "limit": limit, "attempted": attempted }),
-            EventBody::RunCompleted { totals } => json!({ "totals": totals.to_json() }),
-            EventBody::RunFailed { totals, reason } => {
-                json!({ "totals": totals.to_json(), "reason": reason })
-            }
-            EventBody::ExportCreated { from, to } => json!({ "from": from, "to": to }),
-            EventBody::CheckpointSigned { size, root } => json!({ "size": size, "root": root }),
-        }
+        Value::Object(
+            self.fields()
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v.to_value()))
+                .collect(),
+        )
     }
 }
 
@@ -317,16 +225,57 @@ enum Field<'a> {
     Totals(&'a RunTotals),
 }
 
-/// Writes `fields` as a canonical JSON object: keys sorted by their bytes, no whitespace.
-fn write_object(out: &mut Vec<u8>, fields: &mut [(&str, Field<'_>)]) {
-    fields.sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+impl Field<'_> {
+    fn to_value(&self) -> Value {
+        match self {
+            Field::Str(s) => Value::from(*s),
+            Field::Num(n) => Value::from(*n),
+            Field::Strs(items) => Value::from(items.to_vec()),
+            Field::Totals(t) => Value::Object(
+                totals_fields(t)
+                    .into_iter()
+                    .map(|(k, v)| (k.to_owned(), v.to_value()))
+                    .collect(),
+            ),
+        }
+    }
+}
+
+fn totals_fields(t: &RunTotals) -> [(&'static str, Field<'static>); 5] {
+    [
+        ("tokens_in", Field::Num(t.tokens_in)),
+        ("tokens_out", Field::Num(t.tokens_out)),
+        ("tool_calls", Field::Num(t.tool_calls)),
+        ("walltime_ms", Field::Num(t.walltime_ms)),
+        ("cost_microcents", Field::Num(t.cost_microcents)),
+    ]
+}
+
+/// Writes `entries` as a JSON object with its keys sorted by their bytes and no whitespace, each
+/// value written by `write`; `None` if `write` refuses one.
+fn write_sorted<T>(
+    out: &mut Vec<u8>,
+    entries: &mut [(&str, T)],
+    mut write: impl FnMut(&T, &mut Vec<u8>) -> Option<()>,
+) -> Option<()> {
+    // Keys are unique (a JSON map's, or one event type's fields), so the order is total.
+    entries.sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
     out.push(b'{');
-    for (i, (key, value)) in fields.iter().enumerate() {
+    for (i, (key, value)) in entries.iter().enumerate() {
         if i > 0 {
             out.push(b',');
         }
         put_str(out, key);
         out.push(b':');
+        write(value, out)?;
+    }
+    out.push(b'}');
+    Some(())
+}
+
+/// Writes `fields` as a canonical JSON object.
+fn write_object(out: &mut Vec<u8>, fields: &mut [(&str, Field<'_>)]) {
+    let _ = write_sorted(out, fields, |value, out| {
         match value {
             Field::Str(s) => put_str(out, s),
             // Writing into a Vec cannot fail.
@@ -343,19 +292,10 @@ fn write_object(out: &mut Vec<u8>, fields: &mut [(&str, Field<'_>)]) {
                 }
                 out.push(b']');
             }
-            Field::Totals(t) => write_object(
-                out,
-                &mut [
-                    ("tokens_in", Field::Num(t.tokens_in)),
-                    ("tokens_out", Field::Num(t.tokens_out)),
-                    ("tool_calls", Field::Num(t.tool_calls)),
-                    ("walltime_ms", Field::Num(t.walltime_ms)),
-                    ("cost_microcents", Field::Num(t.cost_microcents)),
-                ],
-            ),
+            Field::Totals(t) => write_object(out, &mut totals_fields(t)),
         }
-    }
-    out.push(b'}');
+        Some(())
+    });
 }
 
 impl EventBody {
@@ -364,154 +304,118 @@ impl EventBody {
     /// `preserve_order`: 8% of an appender's CPU at 64 writers). A test holds the two equal for
     /// every event type.
     fn write_data(&self, out: &mut Vec<u8>) {
+        write_object(out, &mut self.fields());
+    }
+
+    /// The members of the event's `data`, in any order: the one list both renderings take.
+    fn fields(&self) -> Vec<(&'static str, Field<'_>)> {
         use Field::{Num, Str, Strs, Totals};
         match self {
             EventBody::TenantProvisioned { name, plan } => {
-                write_object(out, &mut [("name", Str(name)), ("plan", Str(plan))]);
+                vec![("name", Str(name)), ("plan", Str(plan))]
             }
             EventBody::InstallationCreated {
                 installation_id,
                 platform,
                 workspace,
                 source,
-            } => write_object(
-                out,
-                &mut [
-                    ("installation_id", Str(installation_id)),
-                    ("platform", Str(platform)),
-                    ("workspace", Str(workspace)),
-                    ("source", Str(source)),
-                ],
-            ),
+            } => vec![
+                ("installation_id", Str(installation_id)),
+                ("platform", Str(platform)),
+                ("workspace", Str(workspace)),
+                ("source", Str(source)),
+            ],
             EventBody::InstallationUpdated {
                 installation_id,
                 changed,
-            } => write_object(
-                out,
-                &mut [
-                    ("installation_id", Str(installation_id)),
-                    ("changed", Strs(changed)),
-                ],
-            ),
+            } => vec![
+                ("installation_id", Str(installation_id)),
+                ("changed", Strs(changed)),
+            ],
             EventBody::InstallationRevoked {
                 installation_id,
                 reason,
-            } => write_object(
-                out,
-                &mut [
-                    ("installation_id", Str(installation_id)),
-                    ("reason", Str(reason)),
-                ],
-            ),
-            EventBody::SettingsChanged { fields } => {
-                write_object(out, &mut [("fields", Strs(fields))]);
-            }
+            } => vec![
+                ("installation_id", Str(installation_id)),
+                ("reason", Str(reason)),
+            ],
+            EventBody::SettingsChanged { fields } => vec![("fields", Strs(fields))],
             EventBody::RoleGranted { principal, role }
             | EventBody::RoleRevoked { principal, role } => {
-                write_object(
-                    out,
-                    &mut [("principal", Str(principal)), ("role", Str(role))],
-                );
+                vec![("principal", Str(principal)), ("role", Str(role))]
             }
             EventBody::CommandReceived {
                 platform,
                 kind,
                 text_sha256,
-            } => write_object(
-                out,
-                &mut [
-                    ("platform", Str(platform)),
-                    ("kind", Str(kind)),
-                    ("text_sha256", Str(text_sha256)),
-                ],
-            ),
-            EventBody::RunStarted { prompt_sha256 } => {
-                write_object(out, &mut [("prompt_sha256", Str(prompt_sha256))]);
-            }
+            } => vec![
+                ("platform", Str(platform)),
+                ("kind", Str(kind)),
+                ("text_sha256", Str(text_sha256)),
+            ],
+            EventBody::RunStarted { prompt_sha256 } => vec![("prompt_sha256", Str(prompt_sha256))],
             EventBody::ModelCalled {
                 provider,
                 model,
                 tokens_in,
                 tokens_out,
                 cost_microcents,
-            } => write_object(
-                out,
-                &mut [
-                    ("provider", Str(provider)),
-                    ("model", Str(model)),
-                    ("tokens_in", Num(*tokens_in)),
-                    ("tokens_out", Num(*tokens_out)),
-                    ("cost_microcents", Num(*cost_microcents)),
-                ],
-            ),
+            } => vec![
+                ("provider", Str(provider)),
+                ("model", Str(model)),
+                ("tokens_in", Num(*tokens_in)),
+                ("tokens_out", Num(*tokens_out)),
+                ("cost_microcents", Num(*cost_microcents)),
+            ],
             EventBody::ToolAuthorized {
                 capability,
                 arguments_sha256,
                 idempotency_key,
                 policy_ids,
-            } => write_object(
-                out,
-                &mut [
-                    ("capability", Str(capability)),
-                    ("arguments_sha256", Str(arguments_sha256)),
-                    ("idempotency_key", Str(idempotency_key)),
-                    ("policy_ids", Strs(policy_ids)),
-                ],
-            ),
+            } => vec![
+                ("capability", Str(capability)),
+                ("arguments_sha256", Str(arguments_sha256)),
+                ("idempotency_key", Str(idempotency_key)),
+                ("policy_ids", Strs(policy_ids)),
+            ],
             EventBody::ToolInvoked {
                 capability,
                 arguments_sha256,
                 result_sha256,
                 latency_ms,
                 cost_microcents,
-            } => write_object(
-                out,
-                &mut [
-                    ("capability", Str(capability)),
-                    ("arguments_sha256", Str(arguments_sha256)),
-                    ("result_sha256", Str(result_sha256)),
-                    ("latency_ms", Num(*latency_ms)),
-                    ("cost_microcents", Num(*cost_microcents)),
-                ],
-            ),
+            } => vec![
+                ("capability", Str(capability)),
+                ("arguments_sha256", Str(arguments_sha256)),
+                ("result_sha256", Str(result_sha256)),
+                ("latency_ms", Num(*latency_ms)),
+                ("cost_microcents", Num(*cost_microcents)),
+            ],
             EventBody::ToolRefused {
                 capability,
                 reason,
                 policy_ids,
-            } => write_object(
-                out,
-                &mut [
-                    ("capability", Str(capability)),
-                    ("reason", Str(reason)),
-                    ("policy_ids", Strs(policy_ids)),
-                ],
-            ),
+            } => vec![
+                ("capability", Str(capability)),
+                ("reason", Str(reason)),
+                ("policy_ids", Strs(policy_ids)),
+            ],
             EventBody::BudgetExceeded {
                 ceiling,
                 limit,
                 attempted,
-            } => write_object(
-                out,
-                &mut [
-                    ("ceiling", Str(ceiling)),
-                    ("limit", Num(*limit)),
-                    ("attempted", Num(*attempted)),
-                ],
-            ),
-            EventBody::RunCompleted { totals } => {
-                write_object(out, &mut [("totals", Totals(totals))]);
-            }
+            } => vec![
+                ("ceiling", Str(ceiling)),
+                ("limit", Num(*limit)),
+                ("attempted", Num(*attempted)),
+            ],
+            EventBody::RunCompleted { totals } => vec![("totals", Totals(totals))],
             EventBody::RunFailed { totals, reason } => {
-                write_object(
-                    out,
-                    &mut [("totals", Totals(totals)), ("reason", Str(reason))],
-                );
+                vec![("totals", Totals(totals)), ("reason", Str(reason))]
             }
-            EventBody::ExportCreated { from, to } => {
-                write_object(out, &mut [("from", Num(*from)), ("to", Num(*to))]);
-            }
+            EventBody::ExportCreated { from, to } => vec![("from", Num(*from)), ("to", Num(*to))],
             EventBody::CheckpointSigned { size, root } => {
-                write_object(out, &mut [("size", Num(*size)), ("root", Str(root))]);
+                vec![("size", Num(*size)), ("root", Str(root))]
             }
         }
     }
@@ -688,18 +592,9 @@ fn write_canonical(value: &Value, out: &mut Vec<u8>) -> Option<()> {
             out.push(b']');
         }
         Value::Object(map) => {
-            let mut entries: Vec<(&String, &Value)> = map.iter().collect();
-            entries.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
-            out.push(b'{');
-            for (i, (k, v)) in entries.into_iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
-                put_str(out, k);
-                out.push(b':');
-                write_canonical(v, out)?;
-            }
-            out.push(b'}');
+            let mut entries: Vec<(&str, &Value)> =
+                map.iter().map(|(k, v)| (k.as_str(), v)).collect();
+            write_sorted(out, &mut entries, |v, out| write_canonical(v, out))?;
         }
     }
     Some(())
@@ -831,6 +726,7 @@ pub(crate) fn one_of_every_type(a: u64, b: u64, c: u64, text: &str) -> Vec<Event
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     proptest::proptest! {
         /// The data written directly is the canonical encoding of the data built as a value, for
