@@ -748,6 +748,69 @@ mod tests {
         }
     }
 
+    /// docs/AUDIT-FORMAT.md's table of types and `data` members is what the log writes: an
+    /// independent verifier is written from it.
+    #[test]
+    fn every_type_writes_the_data_members_the_format_documents() {
+        let doc = include_str!("../../docs/AUDIT-FORMAT.md");
+        let table = doc
+            .split("**Types and `data` members.**")
+            .nth(1)
+            .expect("the format lists the types")
+            .split("\n\n")
+            .nth(1)
+            .expect("in a table after the heading");
+        let mut documented = std::collections::BTreeMap::new();
+        for row in table.lines().filter(|l| l.starts_with("| `")) {
+            let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+            let ty = cells[1].trim_matches('`');
+            // The members are the names in backticks outside parentheses (which give examples,
+            // values, or a nested object's members).
+            let mut outside = String::new();
+            let mut depth = 0;
+            for ch in cells[2].chars() {
+                match ch {
+                    '(' => depth += 1,
+                    ')' => depth -= 1,
+                    _ if depth == 0 => outside.push(ch),
+                    _ => {}
+                }
+            }
+            let members: Vec<String> = outside
+                .split('`')
+                .skip(1)
+                .step_by(2)
+                .map(str::to_owned)
+                .collect();
+            documented.insert(ty.to_owned(), members);
+        }
+        let bodies = one_of_every_type(1, 2, 3, "x");
+        assert_eq!(documented.len(), bodies.len(), "{documented:?}");
+        for body in &bodies {
+            let mut written: Vec<String> =
+                body.fields().iter().map(|(k, _)| (*k).to_owned()).collect();
+            let mut listed = documented[body.type_name()].clone();
+            written.sort();
+            listed.sort();
+            assert_eq!(written, listed, "{}", body.type_name());
+        }
+        let totals: Vec<&str> = totals_fields(&RunTotals::default())
+            .iter()
+            .map(|(k, _)| *k)
+            .collect();
+        assert!(
+            doc.contains(&format!(
+                "`totals` ({})",
+                totals
+                    .iter()
+                    .map(|k| format!("`{k}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )),
+            "{totals:?}"
+        );
+    }
+
     #[test]
     fn canonical_form_sorts_keys_at_every_depth_and_refuses_fractions() {
         let v = json!({"b": 1, "a": {"z": [true, null, "x\n\u{e9}"], "y": -2}, "A": "é"});
