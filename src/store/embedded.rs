@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use serde::{Deserialize, Serialize};
 use sled::transaction::{ConflictableTransactionError, TransactionError};
@@ -38,8 +38,9 @@ pub struct Embedded {
     cipher: Cipher,
     /// Checkpoints of unfinished runs, beside sled (see `run_files` for why).
     runs: Arc<RunFiles>,
-    /// Each tenant's [`Projected`], shared by every handle on that tenant.
-    folded: Mutex<HashMap<TenantId, Arc<Projected>>>,
+    /// Each tenant's [`Projected`], shared by every handle on that tenant while any is held (the
+    /// audit log holds one for as long as it keeps the tenant's log open); then it goes.
+    folded: Mutex<HashMap<TenantId, Weak<Projected>>>,
 }
 
 /// A tenant's kept projection values, and the lock that keeps its folds one at a time.
@@ -90,6 +91,22 @@ impl Embedded {
     }
 }
 
+impl Embedded {
+    /// The tenant's kept projection values: those of its live handles, or new ones, which start
+    /// empty and read sled.
+    fn projected(&self, tenant: &TenantId) -> Arc<Projected> {
+        let mut all = self.folded.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(live) = all.get(tenant).and_then(Weak::upgrade) {
+            return live;
+        }
+        // Rare (a tenant's first handle since its last went), so this sweep is cheap overall.
+        all.retain(|_, kept| kept.strong_count() > 0);
+        let new = Arc::new(Projected::default());
+        all.insert(tenant.clone(), Arc::downgrade(&new));
+        new
+    }
+}
+
 impl Backend for Embedded {
     fn tenant(&self, tenant: &TenantId) -> Result<Arc<dyn TenantRepos>> {
         let tree = self
@@ -102,13 +119,7 @@ impl Backend for Embedded {
             tree,
             cipher: self.cipher.clone(),
             runs: Arc::clone(&self.runs),
-            folded: Arc::clone(
-                self.folded
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .entry(tenant.clone())
-                    .or_default(),
-            ),
+            folded: self.projected(tenant),
         }))
     }
 
@@ -1091,6 +1102,16 @@ mod tests {
         // Another tenant's fold and kept values are its own.
         assert_eq!(other_tenant.usage_in("2026-05").unwrap(), Usage::default());
         assert_eq!(other_tenant.projection_head().unwrap(), 0);
+        // Once no handle holds them, a tenant's kept values go, and a new handle reads sled.
+        drop((reader, other_tenant));
+        let again = store.tenant(&tenant).unwrap();
+        assert_eq!(
+            store.folded.lock().unwrap().len(),
+            1,
+            "the other tenant's entry went"
+        );
+        assert_eq!(again.usage_in("2026-05").unwrap(), two);
+        assert_eq!(again.projection_head().unwrap(), 1);
     }
 
     #[test]
