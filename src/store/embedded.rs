@@ -531,6 +531,11 @@ impl SledTenant {
             // runs ahead of what it covers, and a usage record written again is not counted twice
             // (see `ProjectionRepo::apply_projection`).
             for (key, value) in writes {
+                #[cfg(test)]
+                assert!(
+                    !key.ends_with(tests::PANIC_RUN),
+                    "test: a fold's write panics here"
+                );
                 match value {
                     Some(v) => self.tree.insert(key.as_bytes(), v).map_err(engine)?,
                     None => self.tree.remove(key.as_bytes()).map_err(engine)?,
@@ -1074,6 +1079,35 @@ mod tests {
         repos.apply_projection(&deltas(7..9), &[], &[], 9).unwrap();
         assert_eq!(repos.usage_in("2026-05").unwrap().tool_calls, 9);
         assert_eq!(repos.projection_head().unwrap(), 9);
+    }
+
+    /// A run id whose projection write panics, standing in for a failure inside sled.
+    pub(super) const PANIC_RUN: &str = "test-panics-on-write";
+
+    /// A fold whose writes stop half way (here a panic after its usage landed in sled, before its
+    /// head) leaves no kept value behind that differs from sled: the next read goes to sled.
+    #[test]
+    fn a_fold_that_stops_half_way_leaves_no_kept_value_behind() {
+        let (_dir, store) = open();
+        let repos = store.tenant(&TenantId::generate()).unwrap();
+        let one = Usage {
+            tool_calls: 1,
+            ..Usage::default()
+        };
+        let mut first = UsageDeltas::default();
+        first.push("2026-05", 0, one);
+        repos.apply_projection(&first, &[], &[], 1).unwrap();
+        assert_eq!(repos.usage_in("2026-05").unwrap().tool_calls, 1);
+        let mut second = UsageDeltas::default();
+        second.push("2026-05", 1, one);
+        let runs = [(PANIC_RUN.to_owned(), RunState::Running)];
+        let stopped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            repos.apply_projection(&second, &runs, &[], 2)
+        }));
+        assert!(stopped.is_err());
+        // sled took the usage record and not the head; the kept values must say the same.
+        assert_eq!(repos.usage_in("2026-05").unwrap().tool_calls, 2);
+        assert_eq!(repos.projection_head().unwrap(), 1);
     }
 
     /// Every handle on a tenant sees a fold made through another at once, including one that read
