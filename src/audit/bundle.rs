@@ -347,7 +347,10 @@ pub fn write(dir: &Path, c: Contents<'_>) -> Result<Manifest, WriteError> {
     csv.write(csv_header().as_bytes())?;
     let mut row = String::new();
     let mut got = 0;
-    for e in &mut *c.events {
+    // One event past the range at most: a source that runs on is an error, not written out.
+    let want = c.to.saturating_sub(c.from);
+    let limit = usize::try_from(want).map_or(usize::MAX, |n| n.saturating_add(1));
+    for e in c.events.take(limit) {
         let e = e.map_err(WriteError::Events)?;
         events.write(&e)?;
         events.write(b"\n")?;
@@ -361,7 +364,7 @@ pub fn write(dir: &Path, c: Contents<'_>) -> Result<Manifest, WriteError> {
             }
         }
     }
-    if got != c.to.saturating_sub(c.from) {
+    if got != want {
         return Err(WriteError::EventCount {
             from: c.from,
             to: c.to,
@@ -1236,6 +1239,16 @@ mod tests {
         to: u64,
         events: &mut dyn Iterator<Item = Result<Vec<u8>, EventSourceError>>,
     ) -> Result<Manifest, WriteError> {
+        write_telling(dir, to, events, None)
+    }
+
+    /// [`write_from`], telling `progress`.
+    fn write_telling(
+        dir: &Path,
+        to: u64,
+        events: &mut dyn Iterator<Item = Result<Vec<u8>, EventSourceError>>,
+        progress: Option<Progress<'_>>,
+    ) -> Result<Manifest, WriteError> {
         let key = super::super::checkpoint::SigningKey::generate("test").unwrap();
         let ring = Keyring::from_keys([key.verifier()]).unwrap();
         write(
@@ -1251,7 +1264,7 @@ mod tests {
                 keyring: &ring,
                 range_proof: &[],
                 since: None,
-                progress: None,
+                progress,
             },
         )
     }
@@ -1260,26 +1273,14 @@ mod tests {
     #[test]
     fn write_tells_its_progress() {
         let scratch = tempfile::tempdir().unwrap();
-        let key = super::super::checkpoint::SigningKey::generate("test").unwrap();
-        let ring = Keyring::from_keys([key.verifier()]).unwrap();
         let told = std::sync::Mutex::new(Vec::new());
         let tell = |n| told.lock().unwrap().push(n);
         let n = 2 * PROGRESS_EVERY + 5;
-        write(
+        write_telling(
             &scratch.path().join("b"),
-            Contents {
-                tenant: "t",
-                origin: "example.test/audit/t",
-                from: 0,
-                to: n,
-                events: &mut (0..n).map(|i| Ok(event(i))),
-                checkpoint: "",
-                tree_size: n,
-                keyring: &ring,
-                range_proof: &[],
-                since: None,
-                progress: Some(&tell),
-            },
+            n,
+            &mut (0..n).map(|i| Ok(event(i))),
+            Some(&tell),
         )
         .unwrap();
         assert_eq!(*told.lock().unwrap(), [PROGRESS_EVERY, 2 * PROGRESS_EVERY]);
@@ -1335,6 +1336,19 @@ mod tests {
             matches!(long, Err(WriteError::EventCount { got: 4, .. })),
             "{long:?}"
         );
+        // A source that would never end is read one event past the range, no further.
+        let endless = write_from(
+            &scratch.path().join("endless"),
+            3,
+            &mut (0u64..).map(|i| {
+                assert!(i < 4, "read past the range and one more");
+                Ok(event(i))
+            }),
+        );
+        assert!(
+            matches!(endless, Err(WriteError::EventCount { got: 4, .. })),
+            "{endless:?}"
+        );
         let failing = write_from(
             &scratch.path().join("failing"),
             3,
@@ -1348,7 +1362,7 @@ mod tests {
             other => panic!("{other:?}"),
         }
         // None of the failed ones has a manifest, so none passes for a bundle.
-        for name in ["short", "long", "failing"] {
+        for name in ["short", "long", "endless", "failing"] {
             assert!(
                 !scratch.path().join(name).join(files::MANIFEST).exists(),
                 "{name}"

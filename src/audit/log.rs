@@ -598,18 +598,21 @@ impl AuditLog {
         let mut usage = UsageDeltas::default();
         let mut runs = Vec::new();
         let mut members = Vec::new();
-        let mut fold = |seq: u64, kept: Option<Folded>, bytes: &[u8]| -> Result<(), AuditError> {
-            // The common case reads only the fields it needs, borrowed; anything else (a role
-            // event, a field of an unexpected type) goes the general way, which gives the same
-            // answer wherever both apply (tested).
-            let (f, v) = match kept.or_else(|| fold_fast(bytes)) {
-                Some(f) => (f, None),
-                None => {
-                    let v: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| {
-                        recovery(&log.tenant, format!("event {seq} does not parse: {e}"))
-                    })?;
-                    (fold_value(&v), Some(v))
-                }
+        let mut fold = |seq: u64, event: Kept| -> Result<(), AuditError> {
+            // A kept event comes read already. Of bytes, the common case reads only the fields it
+            // needs, borrowed; anything else (a role event, a field of an unexpected type) goes
+            // the general way, which gives the same answer wherever both apply (tested).
+            let (f, v) = match event {
+                Kept::Folded(f) => (f, None),
+                Kept::Bytes(bytes) => match fold_fast(&bytes) {
+                    Some(f) => (f, None),
+                    None => {
+                        let v: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
+                            recovery(&log.tenant, format!("event {seq} does not parse: {e}"))
+                        })?;
+                        (fold_value(&v), Some(v))
+                    }
+                },
             };
             if let Some((month, delta)) = f.usage {
                 usage.push(&month, seq, delta);
@@ -643,10 +646,7 @@ impl AuditLog {
             if let Some((first, records)) = kept.next_if(|(first, _)| *first == seq) {
                 let n = records.len() as u64;
                 for (i, record) in records.into_iter().enumerate() {
-                    match record {
-                        Kept::Folded(f) => fold(first + i as u64, Some(f), &[])?,
-                        Kept::Bytes(bytes) => fold(first + i as u64, None, &bytes)?,
-                    }
+                    fold(first + i as u64, record)?;
                 }
                 seq = first + n;
                 continue;
@@ -654,7 +654,7 @@ impl AuditLog {
             let stop = kept.peek().map_or(end, |(first, _)| (*first).min(end));
             for rec in log.events.iter_from(seq)?.take((stop - seq) as usize) {
                 let (at, bytes) = rec?;
-                fold(at, None, &bytes)?;
+                fold(at, Kept::Bytes(bytes))?;
             }
             seq = stop;
         }
@@ -1359,7 +1359,7 @@ impl Prefold {
     }
 }
 
-/// One kept event of the tenant's `unfolded` map.
+/// One event for the fold: from the tenant's `unfolded` map, or (as bytes) from the files.
 #[derive(Debug, PartialEq, Eq)]
 enum Kept {
     Folded(Folded),

@@ -21,7 +21,6 @@ use crate::audit::EventBody;
 use crate::store::{TenantStore, WebhookTool};
 use crate::tenant::{is_live, KeyError, KeyRole, PrincipalId, Role, TenantContext};
 
-/// The API's routes.
 /// The routes that may take longer than the request timeout before they answer: an export writes
 /// the whole bundle first, minutes for a large tenant.
 pub fn untimed_router() -> Router<AppState> {
