@@ -4,8 +4,8 @@
 //! A call first reserves what it may use (the model's worst case, or one tool call). The reservation
 //! is checked against the month's committed usage (the projection folded from the audit log) plus
 //! every other reservation in flight, under one lock per process, so concurrent runs of a tenant can
-//! never together pass its quota. The reservation is released after the call's event is appended,
-//! which is when its actual usage becomes committed.
+//! never together pass its quota. After the call the reservation is settled to what the call used,
+//! and released once the call's event is appended, which is when that usage becomes committed.
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
@@ -142,11 +142,12 @@ pub struct Amounts {
 }
 
 impl Amounts {
+    // Saturating: a provider's usage fields are whatever it sends.
     fn add(&mut self, o: &Amounts) {
-        self.tokens += o.tokens;
-        self.tool_calls += o.tool_calls;
-        self.cost_microcents += o.cost_microcents;
-        self.runs += o.runs;
+        self.tokens = self.tokens.saturating_add(o.tokens);
+        self.tool_calls = self.tool_calls.saturating_add(o.tool_calls);
+        self.cost_microcents = self.cost_microcents.saturating_add(o.cost_microcents);
+        self.runs = self.runs.saturating_add(o.runs);
     }
 
     fn sub(&mut self, o: &Amounts) {
@@ -180,6 +181,20 @@ pub struct Reservation {
     ledger: Arc<Ledger>,
     tenant: TenantId,
     amounts: Amounts,
+}
+
+impl Reservation {
+    /// Holds what the call actually used instead of what was reserved for it, from the moment its
+    /// event is queued until that event is counted: a run reserves its next model call before the
+    /// barrier that counts the previous step's events, and must see their real usage, not the
+    /// estimates made before them.
+    pub fn settle(&mut self, used: Amounts) {
+        let mut held = self.ledger.held.lock().unwrap_or_else(|e| e.into_inner());
+        let h = held.entry(self.tenant.clone()).or_default();
+        h.sub(&self.amounts);
+        h.add(&used);
+        self.amounts = used;
+    }
 }
 
 impl Drop for Reservation {

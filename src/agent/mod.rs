@@ -182,15 +182,17 @@ fn next_step(st: &RunState) -> Step {
     Step::Plan
 }
 
-/// A run's events since its last durability barrier, and the quota reservations that stand for
-/// their usage until they are folded into the tenant's usage projection.
+/// A run's events since its last durability barrier, and the quota reservations (settled to what
+/// each call used) that stand for their usage until they are folded into the tenant's usage
+/// projection.
 ///
 /// Events whose effect stays inside the process (a model's answer not yet acted on, a read-only
 /// tool's result not yet shown to anyone, a refusal) are held here; the run appends all of them,
-/// as one batch committed by one sync, at its next barrier, which comes before every model call,
-/// before every tool call that changes something, and before the run's end. So every effect that
-/// leaves the process is preceded by the durable record of everything that led to it, and a step
-/// costs one sync instead of one per event.
+/// as one batch committed by one sync, at its next barrier, which comes before every model call
+/// (with that call's `model.requested` last), before every tool call that changes something, and
+/// before the run's end. So every effect that leaves the process, the model call included, is
+/// preceded by the durable record of itself and of everything that led to it, and a step costs
+/// one sync instead of one per event.
 #[derive(Default)]
 struct Unsettled {
     events: Vec<EventBody>,
@@ -716,20 +718,26 @@ impl Agent {
             };
             return Ok(());
         }
-        // The model will see everything the run did so far: that must be on record first. This is
-        // also the checkpoint that ends the previous step, and the quota below is then reserved
-        // against usage that includes it.
-        self.checkpoint(ctx, repo, st, un).await?;
-        let req = PlanRequest {
-            system: SYSTEM_PROMPT,
-            messages: &st.messages,
-            tools: specs,
-            llm: &settings.llm,
-            caller,
+        let (est_tokens, est_cost, requested) = {
+            let req = PlanRequest {
+                system: SYSTEM_PROMPT,
+                messages: &st.messages,
+                tools: specs,
+                llm: &settings.llm,
+                caller,
+            };
+            let est_tokens = planner.estimate_tokens(&req);
+            let model = planner.model(&req);
+            let est_cost =
+                pricing::cost(&model, est_tokens, 0).max(pricing::cost(&model, 0, est_tokens));
+            let requested = EventBody::ModelRequested {
+                provider: planner.provider().to_owned(),
+                model,
+                step: u64::from(st.step),
+                prompt_sha256: st.messages.sha256_hex().expect("run state serialises"),
+            };
+            (est_tokens, est_cost, requested)
         };
-        let est_tokens = planner.estimate_tokens(&req);
-        let est_cost = pricing::cost(&settings.llm.default_model, est_tokens, 0)
-            .max(pricing::cost(&settings.llm.default_model, 0, est_tokens));
         if let Err(b) = budget::check_model(
             ctx.budget(),
             &st.usage,
@@ -740,7 +748,9 @@ impl Agent {
             Self::stop(st, un, b);
             return Ok(());
         }
-        let hold = match self.inner.ledger.reserve(
+        // Reserved before the barrier below has counted the previous step's events: their
+        // reservations, settled to what they used, stand for them until it has.
+        let mut hold = match self.inner.ledger.reserve(
             repo,
             &settings.quota,
             Amounts {
@@ -755,6 +765,18 @@ impl Agent {
                 return Ok(());
             }
             Err(QuotaError::Store(e)) => return Err(e.into()),
+        };
+        // The model will see everything the run did so far, and the call itself is data sent out
+        // of the process: both must be on record first. One barrier for both, which also ends the
+        // previous step.
+        un.events.push(requested);
+        self.checkpoint(ctx, repo, st, un).await?;
+        let req = PlanRequest {
+            system: SYSTEM_PROMPT,
+            messages: &st.messages,
+            tools: specs,
+            llm: &settings.llm,
+            caller,
         };
         let left = ctx
             .budget()
@@ -798,7 +820,12 @@ impl Agent {
             tokens_out,
             cost_microcents: cost,
         });
-        // The estimate stands for the call's usage until the event above is counted.
+        // The reservation stands for the call's usage until the event above is counted.
+        hold.settle(Amounts {
+            tokens: tokens_in.saturating_add(tokens_out),
+            cost_microcents: cost,
+            ..Amounts::default()
+        });
         un.holds.push(hold);
         st.usage.tokens_in += tokens_in;
         st.usage.tokens_out += tokens_out;
@@ -929,7 +956,7 @@ impl Agent {
         if let Err(b) = budget::check_tool(ctx.budget(), &st.usage, Self::walltime_ms(st)) {
             return Ok(Err(b));
         }
-        let hold = match self.inner.ledger.reserve(
+        let mut hold = match self.inner.ledger.reserve(
             repo,
             &settings.quota,
             Amounts {
@@ -998,6 +1025,11 @@ impl Agent {
             result_sha256: sha256_hex(content.as_bytes()),
             latency_ms,
             cost_microcents: cost,
+        });
+        hold.settle(Amounts {
+            tool_calls: 1,
+            cost_microcents: cost,
+            ..Amounts::default()
         });
         un.holds.push(hold);
         st.usage.tool_calls += 1;

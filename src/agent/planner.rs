@@ -137,6 +137,11 @@ pub enum PlannerError {
 pub trait Planner: Send + Sync {
     /// The provider's name, as audited.
     fn provider(&self) -> &str;
+    /// The model the next call asks for, as `model.requested` records it before the call (the
+    /// model that answers is in the plan).
+    fn model(&self, req: &PlanRequest<'_>) -> String {
+        req.llm.default_model.clone()
+    }
     /// A conservative estimate of the tokens the next call may use, for the budget check before it.
     fn estimate_tokens(&self, req: &PlanRequest<'_>) -> u64;
     /// Plans one step.

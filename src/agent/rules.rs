@@ -87,10 +87,17 @@ fn reply(req: &PlanRequest<'_>) -> Reply {
     }
 }
 
+/// The rules' model name, whatever the tenant's default model is: they never ask a model.
+const MODEL: &str = "rules-v1";
+
 #[async_trait::async_trait]
 impl Planner for Rules {
     fn provider(&self) -> &str {
         "rules"
+    }
+
+    fn model(&self, _req: &PlanRequest<'_>) -> String {
+        MODEL.into()
     }
 
     fn estimate_tokens(&self, _req: &PlanRequest<'_>) -> u64 {
@@ -103,7 +110,7 @@ impl Planner for Rules {
             tokens_in: 0,
             tokens_out: 0,
             provider: "rules".into(),
-            model: "rules-v1".into(),
+            model: MODEL.into(),
         })
     }
 }

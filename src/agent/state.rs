@@ -4,6 +4,7 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
+use sha2::{Digest, Sha256};
 
 use super::budget::RunUsage;
 use super::planner::{Message, ToolCall};
@@ -80,8 +81,28 @@ pub struct RunState {
 #[derive(Default)]
 pub struct Transcript {
     messages: Vec<Message>,
-    /// The JSON of each message serialised so far (a prefix of `messages`).
-    json: std::sync::Mutex<Vec<Box<RawValue>>>,
+    /// The JSON of each message serialised so far (a prefix of `messages`), and its digest.
+    json: std::sync::Mutex<Kept>,
+}
+
+/// A transcript's messages serialised so far, and the SHA-256 of the JSON array they open (`[`,
+/// then the messages with `,` between them), kept as they are added so that the hash of the
+/// transcript sent with each model call costs only its new messages.
+#[derive(Clone)]
+struct Kept {
+    raw: Vec<Box<RawValue>>,
+    digest: Sha256,
+}
+
+impl Default for Kept {
+    fn default() -> Self {
+        let mut digest = Sha256::new();
+        digest.update(b"[");
+        Kept {
+            raw: Vec::new(),
+            digest,
+        }
+    }
 }
 
 impl Transcript {
@@ -99,16 +120,33 @@ impl Transcript {
     /// raw value a message and not one joined array: `RawValue::from_string` parses what it is
     /// given again to check it, and the joined array was copied each time (together 3% of the
     /// loop's CPU at 8 runs); `to_raw_value` wraps what serde_json itself just wrote.
-    fn json(&self) -> Result<std::sync::MutexGuard<'_, Vec<Box<RawValue>>>, serde_json::Error> {
+    fn json(&self) -> Result<std::sync::MutexGuard<'_, Kept>, serde_json::Error> {
         let mut kept = self
             .json
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let done = kept.len();
+        let done = kept.raw.len();
         for m in &self.messages[done..] {
-            kept.push(serde_json::value::to_raw_value(m)?);
+            let raw = serde_json::value::to_raw_value(m)?;
+            if !kept.raw.is_empty() {
+                kept.digest.update(b",");
+            }
+            kept.digest.update(raw.get().as_bytes());
+            kept.raw.push(raw);
         }
         Ok(kept)
+    }
+
+    /// The SHA-256, in hex, of the transcript's JSON (exactly what a checkpoint stores as the
+    /// run's `messages`): what `model.requested` records of the prompt.
+    ///
+    /// # Errors
+    /// When a message cannot be serialised (it always can: they are strings and JSON values).
+    pub fn sha256_hex(&self) -> Result<String, serde_json::Error> {
+        let kept = self.json()?;
+        let mut digest = kept.digest.clone();
+        digest.update(b"]");
+        Ok(hex::encode(digest.finalize()))
     }
 }
 
@@ -159,7 +197,7 @@ impl PartialEq for Transcript {
 impl Serialize for Transcript {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let kept = self.json().map_err(serde::ser::Error::custom)?;
-        s.collect_seq(kept.iter())
+        s.collect_seq(kept.raw.iter())
     }
 }
 
@@ -187,7 +225,9 @@ mod tests {
     fn the_kept_json_is_the_messages_json_after_every_push() {
         let mut t = Transcript::from(vec![Message::User { text: "hi".into() }]);
         let fresh = |t: &Transcript| serde_json::to_string(t.as_slice()).unwrap();
+        let hashed = |t: &Transcript| hex::encode(Sha256::digest(fresh(t).as_bytes()));
         assert_eq!(serde_json::to_string(&t).unwrap(), fresh(&t));
+        assert_eq!(t.sha256_hex().unwrap(), hashed(&t));
         for i in 0..5 {
             t.push(Message::Assistant {
                 text: None,
@@ -197,12 +237,18 @@ mod tests {
                     arguments: serde_json::json!({"i": i}),
                 }],
             });
+            // Hashed between the two pushes too, so the digest is taken of a transcript whose
+            // JSON was kept only in part.
+            assert_eq!(t.sha256_hex().unwrap(), hashed(&t), "after {i}");
             t.push(tool(i));
             assert_eq!(serde_json::to_string(&t).unwrap(), fresh(&t), "after {i}");
+            assert_eq!(t.sha256_hex().unwrap(), hashed(&t), "after {i}");
         }
         let mut other = t.clone();
         other.push(tool(99));
         assert_eq!(serde_json::to_string(&other).unwrap(), fresh(&other));
+        assert_eq!(other.sha256_hex().unwrap(), hashed(&other));
+        assert_eq!(t.sha256_hex().unwrap(), hashed(&t));
         assert_eq!(serde_json::to_string(&t).unwrap(), fresh(&t));
         assert_ne!(other, t);
         let back: Transcript =
@@ -212,5 +258,6 @@ mod tests {
         // Empty, too.
         let empty = Transcript::default();
         assert_eq!(serde_json::to_string(&empty).unwrap(), "[]");
+        assert_eq!(empty.sha256_hex().unwrap(), hashed(&empty));
     }
 }

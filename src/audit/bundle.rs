@@ -32,6 +32,7 @@ pub const EVENT_TYPES: &[&str] = &[
     "role.revoked",
     "command.received",
     "run.started",
+    "model.requested",
     "model.called",
     "tool.authorized",
     "tool.invoked",

@@ -83,6 +83,19 @@ pub enum EventBody {
         /// SHA-256 of the prompt, in hex.
         prompt_sha256: String,
     },
+    /// A model call is about to be made; appended, with everything the run did before it, before
+    /// anything is sent, so that a call a crash interrupts is still on record.
+    ModelRequested {
+        /// The provider.
+        provider: String,
+        /// The model asked for.
+        model: String,
+        /// The run's planning step (from 0).
+        step: u64,
+        /// SHA-256 of the messages sent, in hex: the JSON array the run's checkpoint stores as
+        /// its transcript at this step.
+        prompt_sha256: String,
+    },
     /// A model was called.
     ModelCalled {
         /// The provider.
@@ -194,6 +207,7 @@ impl EventBody {
             EventBody::RoleRevoked { .. } => "role.revoked",
             EventBody::CommandReceived { .. } => "command.received",
             EventBody::RunStarted { .. } => "run.started",
+            EventBody::ModelRequested { .. } => "model.requested",
             EventBody::ModelCalled { .. } => "model.called",
             EventBody::ToolAuthorized { .. } => "tool.authorized",
             EventBody::ToolInvoked { .. } => "tool.invoked",
@@ -354,6 +368,17 @@ impl EventBody {
                 ("text_sha256", Str(text_sha256)),
             ],
             EventBody::RunStarted { prompt_sha256 } => vec![("prompt_sha256", Str(prompt_sha256))],
+            EventBody::ModelRequested {
+                provider,
+                model,
+                step,
+                prompt_sha256,
+            } => vec![
+                ("provider", Str(provider)),
+                ("model", Str(model)),
+                ("step", Num(*step)),
+                ("prompt_sha256", Str(prompt_sha256)),
+            ],
             EventBody::ModelCalled {
                 provider,
                 model,
@@ -654,6 +679,12 @@ pub(crate) fn one_of_every_type(a: u64, b: u64, c: u64, text: &str) -> Vec<Event
             text_sha256: t(),
         },
         EventBody::RunStarted { prompt_sha256: t() },
+        EventBody::ModelRequested {
+            provider: t(),
+            model: t(),
+            step: a,
+            prompt_sha256: t(),
+        },
         EventBody::ModelCalled {
             provider: t(),
             model: t(),
@@ -707,6 +738,7 @@ pub(crate) fn one_of_every_type(a: u64, b: u64, c: u64, text: &str) -> Vec<Event
             | EventBody::RoleRevoked { .. }
             | EventBody::CommandReceived { .. }
             | EventBody::RunStarted { .. }
+            | EventBody::ModelRequested { .. }
             | EventBody::ModelCalled { .. }
             | EventBody::ToolAuthorized { .. }
             | EventBody::ToolInvoked { .. }
@@ -719,7 +751,7 @@ pub(crate) fn one_of_every_type(a: u64, b: u64, c: u64, text: &str) -> Vec<Event
         }
     }
     let types: std::collections::BTreeSet<_> = all.iter().map(EventBody::type_name).collect();
-    assert_eq!(types.len(), 18);
+    assert_eq!(types.len(), 19);
     all
 }
 

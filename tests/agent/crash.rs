@@ -15,7 +15,6 @@ use crate::{
 };
 
 const CHILD_ENV: &str = "AGENTGATE_TEST_AGENT_CRASH_CHILD";
-const TEST_NAME: &str = "crash::a_run_killed_mid_call_resumes_without_repeating_a_step";
 
 async fn child(dir: &Path) {
     let model = std::env::var("AGENTGATE_TEST_MODEL_URL").unwrap();
@@ -34,6 +33,29 @@ async fn child(dir: &Path) {
         .await;
     // The parent kills this process before the run can end.
     println!("UNEXPECTED END {out:?}");
+}
+
+/// Runs the test `test` again in a child process that runs [`child`] on `dir`.
+fn spawn_child(test: &str, dir: &Path, model_url: &str) -> std::process::Child {
+    Command::new(std::env::current_exe().unwrap())
+        .args([test, "--exact", "--nocapture", "--test-threads=1"])
+        .env(CHILD_ENV, dir)
+        .env("AGENTGATE_TEST_MODEL_URL", model_url)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// Installs `T0CRASH` in `dir` with the OpenAI planner at `model` and a webhook tool at `hooks`.
+async fn crash_tenant(dir: &Path, model: &str, hooks: &str) -> TenantId {
+    let s = open(dir, config(Some(model), None));
+    let t = install(&s, "T0CRASH").await;
+    settings(&s, &t, |st| st.llm.provider = "openai".into());
+    let owner = user(&s, "T0CRASH", "U0OWNER");
+    declare_and_grant(&s, &owner, webhook(hooks, "whsec-crash")).await;
+    s.close().await.unwrap();
+    t
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -58,24 +80,13 @@ async fn a_run_killed_mid_call_resumes_without_repeating_a_step() {
     )
     .await;
 
-    let tenant: TenantId = {
-        let s = open(dir.path(), config(Some(&model.url), None));
-        let t = install(&s, "T0CRASH").await;
-        settings(&s, &t, |st| st.llm.provider = "openai".into());
-        let owner = user(&s, "T0CRASH", "U0OWNER");
-        declare_and_grant(&s, &owner, webhook(&hooks.url, "whsec-crash")).await;
-        s.close().await.unwrap();
-        t
-    };
+    let tenant = crash_tenant(dir.path(), &model.url, &hooks.url).await;
 
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args([TEST_NAME, "--exact", "--nocapture", "--test-threads=1"])
-        .env(CHILD_ENV, dir.path())
-        .env("AGENTGATE_TEST_MODEL_URL", &model.url)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_child(
+        "crash::a_run_killed_mid_call_resumes_without_repeating_a_step",
+        dir.path(),
+        &model.url,
+    );
     let deadline = Instant::now() + Duration::from_secs(60);
     while hooks.hooks().len() < 2 {
         assert!(
@@ -146,6 +157,98 @@ async fn a_run_killed_mid_call_resumes_without_repeating_a_step() {
     assert!(
         told[1].contains("interrupted") && told[1].contains(&got[1].idempotency_key),
         "{told:?}"
+    );
+    s.close().await.unwrap();
+}
+
+/// A child process is killed while a run's model call is in flight (the provider has the request
+/// and has not answered): the call is on record although it never completed, and the restart asks
+/// again for the same step, with the same prompt, and finishes the run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_call_cut_off_by_a_crash_is_on_record() {
+    if let Ok(dir) = std::env::var(CHILD_ENV) {
+        child(Path::new(&dir)).await;
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let hooks = hook_server("whsec-crash", |n| {
+        (Duration::ZERO, format!("ticket {n} created"))
+    })
+    .await;
+    let model = openai_server(
+        vec![
+            Scripted::Tools(vec![("webhook__create_ticket", json!({"title": "one"}))]),
+            Scripted::Hang,
+            Scripted::Final("Filed one."),
+        ],
+        (10, 5),
+        Duration::ZERO,
+    )
+    .await;
+    let tenant = crash_tenant(dir.path(), &model.url, &hooks.url).await;
+    let mut child = spawn_child(
+        "crash::a_model_call_cut_off_by_a_crash_is_on_record",
+        dir.path(),
+        &model.url,
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while model.seen().bodies.len() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the child never made the second model call"
+        );
+        assert!(child.try_wait().unwrap().is_none(), "the child ended early");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    child.kill().unwrap(); // SIGKILL on Unix
+    child.wait().unwrap();
+
+    let s = open(dir.path(), config(Some(&model.url), None));
+    let op = s.tenants.operator_context(&tenant).unwrap();
+    let requested = |ev: &[serde_json::Value]| -> Vec<serde_json::Value> {
+        ev.iter()
+            .filter(|e| e["type"] == "model.requested")
+            .cloned()
+            .collect()
+    };
+    let before = requested(&events(&s, &op).await);
+    assert_eq!(
+        before.len(),
+        2,
+        "the call in flight at the kill is on record: {before:?}"
+    );
+    assert_eq!(before[1]["data"]["step"], 1);
+
+    assert_eq!(s.agent.resume_unfinished().await.unwrap(), 1);
+    let seen = model.seen().bodies;
+    assert_eq!(seen.len(), 3, "the step was asked for again");
+    assert_eq!(
+        seen[1]["messages"], seen[2]["messages"],
+        "with the same messages"
+    );
+    let ev = events(&s, &op).await;
+    let after = requested(&ev);
+    assert_eq!(after.len(), 3);
+    assert_eq!(after[2]["data"]["step"], 1);
+    assert_eq!(
+        after[2]["data"]["prompt_sha256"], after[1]["data"]["prompt_sha256"],
+        "the same prompt, so the same hash"
+    );
+    let count = |t: &str| ev.iter().filter(|e| e["type"] == t).count();
+    assert_eq!(count("model.called"), 2, "the cut-off call has no usage");
+    assert_eq!(count("run.completed"), 1);
+    assert_eq!(
+        hooks.hooks().len(),
+        1,
+        "the completed tool call was not repeated"
+    );
+    // The cut-off call lies between its request and the next request of the same step.
+    let at = |e: &serde_json::Value| ev.iter().position(|x| x == e).unwrap();
+    assert!(
+        !ev[at(&after[1])..at(&after[2])]
+            .iter()
+            .any(|e| e["type"] == "model.called"),
+        "nothing answered the cut-off call"
     );
     s.close().await.unwrap();
 }

@@ -13,7 +13,7 @@ use agentgate::config::AuditOptions;
 use agentgate::installation::{InstallSource, NewInstallation, PlatformIdentity, Workspace};
 use agentgate::store::WebhookTool;
 use agentgate::tenant::{
-    Budget, Initiator, PrincipalId, Role, TenantContext, TenantId, WorkspaceRequest,
+    Budget, Initiator, MonthlyQuota, PrincipalId, Role, TenantContext, TenantId, WorkspaceRequest,
 };
 use secrecy::SecretString;
 use serde_json::{json, Value};
@@ -166,13 +166,36 @@ async fn the_rules_planner_runs_commands_through_the_gate_and_the_log() {
         t,
         [
             "run.started",
+            "model.requested",
             "model.called",
             "tool.authorized",
             "tool.invoked",
+            "model.requested",
             "model.called",
             "run.completed"
         ],
         "{t:?}"
+    );
+    // Each model call's request is recorded with the hash of exactly the messages it was sent, as
+    // docs/AUDIT-FORMAT.md defines it: the first is the user's text alone (no history yet).
+    let requested: Vec<&Value> = of_run(&ev, &ctx)
+        .into_iter()
+        .filter(|e| e["type"] == "model.requested")
+        .collect();
+    let first_prompt = br#"[{"role":"user","text":"remember Dog: is called Rex"}]"#;
+    assert_eq!(
+        requested[0]["data"],
+        json!({
+            "provider": "rules",
+            "model": "rules-v1",
+            "step": 0,
+            "prompt_sha256": hex::encode(<sha2::Sha256 as sha2::Digest>::digest(first_prompt)),
+        })
+    );
+    assert_eq!(requested[1]["data"]["step"], 1);
+    assert_ne!(
+        requested[1]["data"]["prompt_sha256"], requested[0]["data"]["prompt_sha256"],
+        "the second call was sent the tool's result as well"
     );
     let started = of_run(&ev, &ctx)[0];
     assert_eq!(
@@ -187,7 +210,7 @@ async fn the_rules_planner_runs_commands_through_the_gate_and_the_log() {
             .contains("is called Rex"),
         "prompts are logged as hashes only"
     );
-    let authorized = of_run(&ev, &ctx)[2];
+    let authorized = of_run(&ev, &ctx)[3];
     assert_eq!(
         authorized["data"]["policy_ids"],
         json!(["default.granted-role"])
@@ -382,23 +405,29 @@ async fn an_anthropic_model_uses_tools_through_the_same_gate() {
         t,
         [
             "run.started",
+            "model.requested",
             "model.called",
             "tool.authorized",
             "tool.invoked",
+            "model.requested",
             "model.called",
             "run.completed"
         ]
     );
+    let requested = of_run(&ev, &ctx)[1];
+    assert_eq!(requested["data"]["provider"], "anthropic");
+    assert_eq!(requested["data"]["model"], "claude-3-5-haiku-latest");
     s.close().await.unwrap();
 }
 
 /// Runs one scripted OpenAI run under `ceilings` and returns the outcome and the budget event.
 async fn budget_case(
     ceilings: Budget,
+    quota: Option<MonthlyQuota>,
     script: Vec<Scripted>,
     usage: (u64, u64),
     delay: Duration,
-) -> (RunOutcome, Vec<Value>) {
+) -> (RunOutcome, Vec<Value>, usize) {
     let dir = tempfile::tempdir().unwrap();
     let model = openai_server(script, usage, delay).await;
     let s = open(dir.path(), config(Some(&model.url), None));
@@ -408,6 +437,9 @@ async fn budget_case(
         st.llm.default_model = "gpt-4o-mini".into();
         st.llm.default_max_tokens = 100;
         st.run_ceilings = ceilings;
+        if let Some(q) = quota {
+            st.quota = q;
+        }
     });
     let ctx = user(&s, "T0BUDGET", "U0M");
     let out = run(&s, &ctx, "go").await;
@@ -418,7 +450,7 @@ async fn budget_case(
         .cloned()
         .collect();
     s.close().await.unwrap();
-    (out, stops)
+    (out, stops, model.seen().bodies.len())
 }
 
 #[tokio::test]
@@ -440,11 +472,12 @@ async fn every_ceiling_stops_the_run_before_the_call_that_would_breach_it() {
         assert_eq!(stops[1]["type"], "run.failed");
     };
     // Tokens: the first call fits, its usage (900) leaves too little for the second's estimate.
-    let (out, stops) = budget_case(
+    let (out, stops, _) = budget_case(
         Budget {
             tokens: 1_000,
             ..roomy.clone()
         },
+        None,
         vec![save(), Scripted::Final("x")],
         (800, 100),
         Duration::ZERO,
@@ -456,11 +489,12 @@ async fn every_ceiling_stops_the_run_before_the_call_that_would_breach_it() {
         ("memory__save", json!({"subject": "a", "fact": "b"})),
         ("memory__save", json!({"subject": "c", "fact": "d"})),
     ]);
-    let (out, stops) = budget_case(
+    let (out, stops, _) = budget_case(
         Budget {
             tool_calls: 1,
             ..roomy.clone()
         },
+        None,
         vec![two, Scripted::Final("x")],
         (10, 10),
         Duration::ZERO,
@@ -468,11 +502,12 @@ async fn every_ceiling_stops_the_run_before_the_call_that_would_breach_it() {
     .await;
     check(&out, &stops, "tool_calls");
     // Cost: the estimate of the very first call is already too dear.
-    let (out, stops) = budget_case(
+    let (out, stops, _) = budget_case(
         Budget {
             cost_microcents: 100,
             ..roomy.clone()
         },
+        None,
         vec![Scripted::Final("x")],
         (10, 10),
         Duration::ZERO,
@@ -480,17 +515,39 @@ async fn every_ceiling_stops_the_run_before_the_call_that_would_breach_it() {
     .await;
     check(&out, &stops, "cost_microcents");
     // Wall time: the model takes longer than the run may.
-    let (out, stops) = budget_case(
+    let (out, stops, _) = budget_case(
         Budget {
             walltime_ms: 300,
             ..roomy.clone()
         },
+        None,
         vec![Scripted::Final("x")],
         (10, 10),
         Duration::from_millis(1500),
     )
     .await;
     check(&out, &stops, "walltime_ms");
+    // The monthly token quota, with room in the run: the first call's usage (900) leaves too little
+    // of the quota for the second's estimate. A read-only call lies between them, so the first
+    // call's event is not yet counted when the second is reserved: what it used must stand in.
+    let (out, stops, calls) = budget_case(
+        roomy.clone(),
+        Some(MonthlyQuota {
+            tokens: 1_000,
+            tool_calls: 100,
+            runs: 100,
+            cost_microcents: 1_000_000_000,
+        }),
+        vec![
+            Scripted::Tools(vec![("budget__status", json!({}))]),
+            Scripted::Final("x"),
+        ],
+        (800, 100),
+        Duration::ZERO,
+    )
+    .await;
+    check(&out, &stops, "quota.tokens");
+    assert_eq!(calls, 1, "the second model call was never sent");
 }
 
 #[tokio::test]
@@ -860,8 +917,10 @@ struct OnRecord {
     store: agentgate::store::Store,
     op: TenantContext,
     calls: usize,
-    /// Per plan: tool results in the transcript, and `model.called` / `tool.invoked` durable then.
-    seen: std::sync::Mutex<Vec<(usize, usize, usize)>>,
+    /// Per plan: tool results in the transcript, `model.called` / `tool.invoked` durable then,
+    /// and whether this very call's `model.requested` (its step and the hash of the messages it
+    /// was given) was durable.
+    seen: std::sync::Mutex<Vec<(usize, usize, usize, bool)>>,
 }
 
 #[async_trait::async_trait]
@@ -893,10 +952,20 @@ impl agentgate::agent::planner::Planner for OnRecord {
             .iter()
             .filter(|m| matches!(m, Message::Tool { .. }))
             .count();
-        self.seen
-            .lock()
-            .unwrap()
-            .push((results, count("model.called"), count("tool.invoked")));
+        let prompt = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(
+            serde_json::to_vec(req.messages).unwrap(),
+        ));
+        let requested = durable.iter().any(|e| {
+            e["type"] == "model.requested"
+                && e["data"]["step"] == results
+                && e["data"]["prompt_sha256"] == prompt.as_str()
+        });
+        self.seen.lock().unwrap().push((
+            results,
+            count("model.called"),
+            count("tool.invoked"),
+            requested,
+        ));
         let reply = if results >= self.calls {
             Reply::Final("done".into())
         } else {
@@ -920,7 +989,8 @@ impl agentgate::agent::planner::Planner for OnRecord {
 }
 
 /// Read-only calls do not wait for their events one by one, but the model is never shown a result
-/// (nor asked again after a call) before the records of everything up to it are durable.
+/// (nor asked again after a call) before the records of everything up to it, and of the call
+/// itself, are durable.
 #[tokio::test]
 async fn the_model_sees_nothing_that_is_not_durably_on_record() {
     let dir = tempfile::tempdir().unwrap();
@@ -954,8 +1024,12 @@ async fn the_model_sees_nothing_that_is_not_durably_on_record() {
     assert_eq!(out, RunOutcome::Answered("done".into()));
     let seen = planner.seen.lock().unwrap().clone();
     assert_eq!(seen.len(), 7, "six tool steps and the answer");
-    for (i, &(results, models, invoked)) in seen.iter().enumerate() {
+    for (i, &(results, models, invoked, requested)) in seen.iter().enumerate() {
         assert_eq!(results, i);
+        assert!(
+            requested,
+            "plan {i}: its model.requested was not durable before the call"
+        );
         assert!(
             models >= i && invoked >= results,
             "plan {i}: the model was shown {results} results with {models} model calls and {invoked} tool calls durable"

@@ -18,6 +18,8 @@ pub enum Scripted {
     Tools(Vec<(&'static str, Value)>),
     /// Answer with text.
     Final(&'static str),
+    /// Take the request and answer nothing for a minute (a call a crash interrupts), then fail.
+    Hang,
 }
 
 /// What a stand-in saw.
@@ -65,6 +67,14 @@ fn record(state: &ModelState, headers: HeaderMap, body: &Value) -> Option<Script
     state.script.lock().unwrap().pop_front()
 }
 
+async fn hang() -> (StatusCode, Json<Value>) {
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        Json(json!({"error": {"message": "hung"}})),
+    )
+}
+
 async fn openai(
     State(state): State<ModelState>,
     headers: HeaderMap,
@@ -78,6 +88,7 @@ async fn openai(
         );
     };
     let message = match next {
+        Scripted::Hang => return hang().await,
         Scripted::Final(text) => json!({"role": "assistant", "content": text}),
         Scripted::Tools(calls) => json!({
             "role": "assistant",
@@ -113,6 +124,7 @@ async fn anthropic(
         );
     };
     let content = match next {
+        Scripted::Hang => return hang().await,
         Scripted::Final(text) => vec![json!({"type": "text", "text": text})],
         Scripted::Tools(calls) => calls
             .iter()
