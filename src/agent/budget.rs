@@ -63,9 +63,9 @@ pub struct RunUsage {
 }
 
 impl RunUsage {
-    /// Tokens in and out.
+    /// Tokens in and out (saturating: they are what providers report).
     pub fn tokens(&self) -> u64 {
-        self.tokens_in + self.tokens_out
+        self.tokens_in.saturating_add(self.tokens_out)
     }
 }
 
@@ -141,20 +141,46 @@ pub struct Amounts {
     pub runs: u64,
 }
 
-impl Amounts {
-    // Saturating: a provider's usage fields are whatever it sends.
+/// The sum of a tenant's reservations in flight. Wider than [`Amounts`], so that adding and
+/// taking away are exact whatever the amounts: a settled reservation holds what the provider
+/// reported, which may be anything up to `u64::MAX`, and a sum that saturated could not give back
+/// the other reservations when that one goes.
+#[derive(Clone, Copy, Debug, Default)]
+struct Held {
+    tokens: u128,
+    tool_calls: u128,
+    cost_microcents: u128,
+    runs: u128,
+}
+
+impl Held {
     fn add(&mut self, o: &Amounts) {
-        self.tokens = self.tokens.saturating_add(o.tokens);
-        self.tool_calls = self.tool_calls.saturating_add(o.tool_calls);
-        self.cost_microcents = self.cost_microcents.saturating_add(o.cost_microcents);
-        self.runs = self.runs.saturating_add(o.runs);
+        self.tokens += u128::from(o.tokens);
+        self.tool_calls += u128::from(o.tool_calls);
+        self.cost_microcents += u128::from(o.cost_microcents);
+        self.runs += u128::from(o.runs);
     }
 
+    // Every amount taken away was added before, so this never saturates; if a bug made it, the
+    // ledger would hold too little rather than panic in a `Drop`.
     fn sub(&mut self, o: &Amounts) {
-        self.tokens = self.tokens.saturating_sub(o.tokens);
-        self.tool_calls = self.tool_calls.saturating_sub(o.tool_calls);
-        self.cost_microcents = self.cost_microcents.saturating_sub(o.cost_microcents);
-        self.runs = self.runs.saturating_sub(o.runs);
+        self.tokens = self.tokens.saturating_sub(u128::from(o.tokens));
+        self.tool_calls = self.tool_calls.saturating_sub(u128::from(o.tool_calls));
+        self.cost_microcents = self
+            .cost_microcents
+            .saturating_sub(u128::from(o.cost_microcents));
+        self.runs = self.runs.saturating_sub(u128::from(o.runs));
+    }
+
+    /// The sum, each amount capped at `u64::MAX` (which passes every quota).
+    fn amounts(&self) -> Amounts {
+        let cap = |n: u128| u64::try_from(n).unwrap_or(u64::MAX);
+        Amounts {
+            tokens: cap(self.tokens),
+            tool_calls: cap(self.tool_calls),
+            cost_microcents: cap(self.cost_microcents),
+            runs: cap(self.runs),
+        }
     }
 }
 
@@ -172,7 +198,7 @@ pub enum QuotaError {
 /// Reservations in flight, per tenant.
 #[derive(Debug, Default)]
 pub struct Ledger {
-    held: Mutex<HashMap<TenantId, Amounts>>,
+    held: Mutex<HashMap<TenantId, Held>>,
 }
 
 /// Amounts held for one call; released when dropped.
@@ -220,19 +246,25 @@ fn month_key(t: chrono::DateTime<chrono::Utc>) -> String {
     format!("{:04}-{:02}", t.year(), t.month())
 }
 
-/// What remains of `quota` after `committed` usage and `held` reservations.
+/// What remains of `quota` after `committed` usage and `held` reservations. Saturating: usage
+/// comes from what providers report, so a sum may pass `u64::MAX`, and then nothing remains.
 pub fn remaining(quota: &MonthlyQuota, committed: &Usage, held: &Amounts) -> Amounts {
+    let used = |parts: &[u64]| parts.iter().fold(0u64, |a, &b| a.saturating_add(b));
     Amounts {
-        tokens: quota
-            .tokens
-            .saturating_sub(committed.tokens_in + committed.tokens_out + held.tokens),
+        tokens: quota.tokens.saturating_sub(used(&[
+            committed.tokens_in,
+            committed.tokens_out,
+            held.tokens,
+        ])),
         tool_calls: quota
             .tool_calls
-            .saturating_sub(committed.tool_calls + held.tool_calls),
+            .saturating_sub(used(&[committed.tool_calls, held.tool_calls])),
         cost_microcents: quota
             .cost_microcents
-            .saturating_sub(committed.cost_microcents + held.cost_microcents),
-        runs: quota.runs.saturating_sub(committed.runs + held.runs),
+            .saturating_sub(used(&[committed.cost_microcents, held.cost_microcents])),
+        runs: quota
+            .runs
+            .saturating_sub(used(&[committed.runs, held.runs])),
     }
 }
 
@@ -252,7 +284,7 @@ impl Ledger {
         // Read committed usage under the lock, so that no other reservation slips in between.
         let committed = repo.projections().usage_in(&current_month())?;
         let h = held.entry(tenant.clone()).or_default();
-        let left = remaining(quota, &committed, h);
+        let left = remaining(quota, &committed, &h.amounts());
         let checks = [
             ("quota.tokens", want.tokens, left.tokens, quota.tokens),
             (
@@ -296,7 +328,10 @@ impl Ledger {
         Ok(remaining(
             quota,
             &committed,
-            &held.get(repo.tenant_id()).copied().unwrap_or_default(),
+            &held
+                .get(repo.tenant_id())
+                .map(Held::amounts)
+                .unwrap_or_default(),
         ))
     }
 }
@@ -372,6 +407,49 @@ mod tests {
         let b = check_tool(&c, &used, 0).unwrap_err();
         assert_eq!((b.ceiling, b.limit, b.attempted), ("tool_calls", 2, 3));
         assert!(b.message().contains("tool-call budget"));
+    }
+
+    /// A reservation settled to whatever a provider reported, however large, is given back
+    /// exactly, leaving the others; and a quota check over such sums says nothing remains
+    /// instead of overflowing.
+    #[test]
+    fn huge_reported_usage_neither_overflows_nor_loses_other_reservations() {
+        let huge = Amounts {
+            tokens: u64::MAX,
+            tool_calls: 0,
+            cost_microcents: u64::MAX,
+            runs: 0,
+        };
+        let small = Amounts {
+            tokens: 5,
+            tool_calls: 1,
+            cost_microcents: 7,
+            runs: 1,
+        };
+        let mut h = Held::default();
+        h.add(&small);
+        h.add(&huge);
+        h.add(&huge);
+        assert_eq!(h.amounts().tokens, u64::MAX, "capped, not wrapped");
+        h.sub(&huge);
+        h.sub(&huge);
+        assert_eq!(h.amounts(), small);
+        let q = MonthlyQuota {
+            tokens: 100,
+            tool_calls: 10,
+            runs: 5,
+            cost_microcents: 1000,
+        };
+        let committed = Usage {
+            runs: 1,
+            tokens_in: u64::MAX,
+            tokens_out: u64::MAX,
+            tool_calls: 4,
+            cost_microcents: u64::MAX,
+        };
+        let left = remaining(&q, &committed, &huge);
+        assert_eq!((left.tokens, left.cost_microcents), (0, 0));
+        assert_eq!((left.tool_calls, left.runs), (6, 4));
     }
 
     #[test]
