@@ -489,15 +489,16 @@ impl Agent {
             Err(QuotaError::Store(e)) => return Err(e.into()),
         };
         crate::metrics::inc(&crate::metrics::RUNS);
-        let started_seq = self
-            .append(
-                ctx,
-                EventBody::RunStarted {
-                    prompt_sha256: sha256_hex(req.text.as_bytes()),
-                },
-            )
-            .await?;
-        drop(hold);
+        // `run.started` waits for the run's first barrier (before its first model call, or its
+        // end), with the run's reservation standing for it until then: nothing of the run leaves
+        // the process before that, and so the first call costs one sync, not two. A crash before
+        // it leaves neither the run's record nor its checkpoint, so nothing to resume.
+        let un = Unsettled {
+            events: vec![EventBody::RunStarted {
+                prompt_sha256: sha256_hex(req.text.as_bytes()),
+            }],
+            holds: vec![hold],
+        };
         let mut messages: Vec<Message> = repo
             .conversations()
             .history(ctx.principal().as_str(), &req.conversation)?
@@ -529,10 +530,9 @@ impl Agent {
             usage: RunUsage::default(),
             status: Status::Running,
             reply_to,
-            last_seq: Some(started_seq),
+            last_seq: None,
         };
-        save(&repo, &st)?;
-        self.drive(ctx, &repo, &settings, st, false).await
+        self.drive(ctx, &repo, &settings, st, Some(un)).await
     }
 
     /// Resumes every unfinished run of every tenant from its own checkpoint. Returns how many.
@@ -603,7 +603,7 @@ impl Agent {
         )?;
         let settings = repo.settings().get()?.ok_or(AgentError::NotProvisioned)?;
         tracing::info!(tenant = %tenant, run = %run_id, step = st.step, "resuming run");
-        self.drive(&ctx, &repo, &settings, st, true).await.map(Some)
+        self.drive(&ctx, &repo, &settings, st, None).await.map(Some)
     }
 
     /// Claims `run_id` for this driver, or `None` when another driver has it.
@@ -626,7 +626,7 @@ impl Agent {
         repo: &TenantStore,
         settings: &TenantSettings,
         mut st: RunState,
-        resumed: bool,
+        started: Option<Unsettled>,
     ) -> Result<RunOutcome, AgentError> {
         let resolved = tools::resolve(ctx, repo, &self.inner.webhooks)?;
         let specs: Vec<ToolSpec> = resolved.iter().map(|r| r.spec.clone()).collect();
@@ -636,8 +636,10 @@ impl Agent {
             role: ctx.role().to_string(),
             tenant_name: settings.name.clone(),
         };
-        let mut un = Unsettled::default();
-        // A resumed run never sends a call whose authorisation is on record, nor ends twice.
+        // A new run comes with its start not yet on record; a resumed run never sends a call
+        // whose authorisation is on record, nor ends twice.
+        let resumed = started.is_none();
+        let mut un = started.unwrap_or_default();
         let since = if resumed {
             self.on_record_since(ctx, repo, &st).await?
         } else {
@@ -651,6 +653,14 @@ impl Agent {
         let ended = since
             .iter()
             .any(|v| matches!(v["type"].as_str(), Some("run.completed" | "run.failed")));
+        if ended && st.status == Status::Running {
+            // Its end is on record, but its checkpoint is older than that (lost in a power loss):
+            // it must not plan or call again after its end, and its answer is gone with the
+            // checkpoint, so it is stored as finished and the user is told.
+            st.status = Status::Failed {
+                message: "This request finished before the gateway restarted, but its answer was lost; please ask again.".into(),
+            };
+        }
         loop {
             match next_step(&st) {
                 Step::Plan => {
@@ -827,9 +837,9 @@ impl Agent {
             ..Amounts::default()
         });
         un.holds.push(hold);
-        st.usage.tokens_in += tokens_in;
-        st.usage.tokens_out += tokens_out;
-        st.usage.cost_microcents += cost;
+        st.usage.tokens_in = st.usage.tokens_in.saturating_add(tokens_in);
+        st.usage.tokens_out = st.usage.tokens_out.saturating_add(tokens_out);
+        st.usage.cost_microcents = st.usage.cost_microcents.saturating_add(cost);
         st.step += 1;
         match reply {
             Reply::Final(answer) => {
@@ -1032,8 +1042,8 @@ impl Agent {
             ..Amounts::default()
         });
         un.holds.push(hold);
-        st.usage.tool_calls += 1;
-        st.usage.cost_microcents += cost;
+        st.usage.tool_calls = st.usage.tool_calls.saturating_add(1);
+        st.usage.cost_microcents = st.usage.cost_microcents.saturating_add(cost);
         Ok(Ok((content, !read_only)))
     }
 

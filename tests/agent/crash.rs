@@ -459,6 +459,79 @@ async fn resuming_at_start_never_drives_a_live_run_twice() {
     s.close().await.unwrap();
 }
 
+/// Damages the latest checkpoint of `run_id`, the tenant's first run, as a power loss can (run
+/// checkpoints are not synced): the one before it is read instead.
+fn lose_latest_checkpoint(dir: &Path, tenant: &TenantId, run_id: &str) {
+    let runs = dir.join("runs").join(tenant.as_str());
+    // The tenant's first run took its first lane.
+    let slot = |i: u8| runs.join(format!("lane.0.{i}"));
+    let generation =
+        |b: &[u8]| u64::from_le_bytes(b.get(4..12).unwrap_or(&[0; 8]).try_into().unwrap());
+    let (a, b) = (
+        std::fs::read(slot(0)).unwrap(),
+        std::fs::read(slot(1)).unwrap(),
+    );
+    let (newest, mut bytes) = if generation(&a) > generation(&b) {
+        (slot(0), a)
+    } else {
+        (slot(1), b)
+    };
+    assert_eq!(
+        bytes.get(21..21 + run_id.len()),
+        Some(run_id.as_bytes()),
+        "the lane's latest frame is the run's"
+    );
+    bytes[30] ^= 0xff;
+    std::fs::write(&newest, &bytes).unwrap();
+}
+
+/// After a power loss took the checkpoint that said how a run ended, the one before says it is
+/// still running although its end is on record: the restart must not plan or call anything after
+/// that end, and tells the user the answer was lost.
+#[tokio::test]
+async fn a_run_whose_end_outlived_its_checkpoint_does_nothing_after_its_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path(), config(None, None));
+    let tenant = install(&s, "T0LOST").await;
+    let ctx = user(&s, "T0LOST", "U0M");
+    let run_id = ctx.audit().run_id.to_string();
+    let crashing = run_that_crashes_after_its_end(&s, &ctx, "slack:C0LOST").await;
+    drop(crashing);
+    s.close().await.unwrap();
+    drop(s);
+    lose_latest_checkpoint(dir.path(), &tenant, &run_id);
+
+    let s = open(dir.path(), config(None, None));
+    let op = s.tenants.operator_context(&tenant).unwrap();
+    let stale: serde_json::Value = serde_json::from_slice(
+        &s.store
+            .for_tenant(&op)
+            .unwrap()
+            .runs()
+            .get_run(&run_id)
+            .unwrap()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        stale["status"]["status"], "running",
+        "the checkpoint left is from before the end"
+    );
+    let before = events(&s, &op).await.len();
+    let out = s.agent.resume(&tenant, &run_id).await.unwrap().unwrap();
+    assert!(
+        matches!(&out, agentgate::agent::RunOutcome::Failed(m) if m.contains("answer was lost")),
+        "{out:?}"
+    );
+    assert_eq!(
+        events(&s, &op).await.len(),
+        before,
+        "nothing was appended after the run's end"
+    );
+    assert_eq!(s.agent.resume_unfinished().await.unwrap(), 0);
+    s.close().await.unwrap();
+}
+
 /// After a power loss the latest checkpoint may be gone while the synced log still records the
 /// authorisation of a call that was then sent. The resumed run reads its own events after its
 /// checkpoint and does not send that call again.
@@ -511,27 +584,7 @@ async fn a_call_on_record_as_authorised_is_not_sent_again_when_its_checkpoint_wa
     };
     // The power loss takes the latest checkpoint (the second call in flight) with it; the slot
     // before it says the first call is done and the second is next.
-    let runs = dir.path().join("runs").join(tenant.as_str());
-    // The tenant's first run took its first lane.
-    let slot = |i: u8| runs.join(format!("lane.0.{i}"));
-    let generation =
-        |b: &[u8]| u64::from_le_bytes(b.get(4..12).unwrap_or(&[0; 8]).try_into().unwrap());
-    let (a, b) = (
-        std::fs::read(slot(0)).unwrap(),
-        std::fs::read(slot(1)).unwrap(),
-    );
-    let (newest, mut bytes) = if generation(&a) > generation(&b) {
-        (slot(0), a)
-    } else {
-        (slot(1), b)
-    };
-    assert_eq!(
-        bytes.get(21..21 + run_id.len()),
-        Some(run_id.as_bytes()),
-        "the lane's latest frame is the run's"
-    );
-    bytes[30] ^= 0xff;
-    std::fs::write(&newest, &bytes).unwrap();
+    lose_latest_checkpoint(dir.path(), &tenant, &run_id);
 
     let s = open(dir.path(), config(Some(&model.url), None));
     assert_eq!(s.agent.resume_unfinished().await.unwrap(), 1);

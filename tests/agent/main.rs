@@ -427,7 +427,7 @@ async fn budget_case(
     script: Vec<Scripted>,
     usage: (u64, u64),
     delay: Duration,
-) -> (RunOutcome, Vec<Value>, usize) {
+) -> BudgetCase {
     let dir = tempfile::tempdir().unwrap();
     let model = openai_server(script, usage, delay).await;
     let s = open(dir.path(), config(Some(&model.url), None));
@@ -444,13 +444,34 @@ async fn budget_case(
     let ctx = user(&s, "T0BUDGET", "U0M");
     let out = run(&s, &ctx, "go").await;
     let ev = events(&s, &ctx).await;
-    let stops: Vec<Value> = of_run(&ev, &ctx)
-        .into_iter()
+    let mine = of_run(&ev, &ctx);
+    let stops: Vec<Value> = mine
+        .iter()
         .filter(|e| e["type"] == "budget.exceeded" || e["type"] == "run.failed")
-        .cloned()
+        .map(|e| (*e).clone())
         .collect();
+    let count = |t: &str| mine.iter().filter(|e| e["type"] == t).count();
+    let case = BudgetCase {
+        out,
+        stops,
+        sent: model.seen().bodies.len(),
+        requested: count("model.requested"),
+        called: count("model.called"),
+    };
     s.close().await.unwrap();
-    (out, stops, model.seen().bodies.len())
+    case
+}
+
+/// What [`budget_case`] saw.
+struct BudgetCase {
+    out: RunOutcome,
+    /// The run's `budget.exceeded` and `run.failed` events.
+    stops: Vec<Value>,
+    /// Model calls the stand-in answered.
+    sent: usize,
+    /// The run's `model.requested` and `model.called` events.
+    requested: usize,
+    called: usize,
 }
 
 #[tokio::test]
@@ -462,17 +483,30 @@ async fn every_ceiling_stops_the_run_before_the_call_that_would_breach_it() {
         cost_microcents: 1_000_000_000,
     };
     let save = || Scripted::Tools(vec![("memory__save", json!({"subject": "a", "fact": "b"}))]);
-    let check = |out: &RunOutcome, stops: &[Value], ceiling: &str| {
-        assert!(matches!(out, RunOutcome::Stopped(_)), "{ceiling}: {out:?}");
+    let check = |c: &BudgetCase, ceiling: &str| {
+        let stops = &c.stops;
+        assert!(
+            matches!(c.out, RunOutcome::Stopped(_)),
+            "{ceiling}: {:?}",
+            c.out
+        );
         assert_eq!(stops[0]["data"]["ceiling"], ceiling, "{stops:?}");
         assert!(
             stops[0]["data"]["attempted"].as_u64().unwrap()
                 > stops[0]["data"]["limit"].as_u64().unwrap()
         );
         assert_eq!(stops[1]["type"], "run.failed");
+        if ceiling == "walltime_ms" {
+            // Sent and cut off: requested, never answered.
+            assert_eq!(c.requested, c.called + 1, "{ceiling}");
+        } else {
+            // Every call sent is on record as requested and as made; the one a ceiling
+            // prevented is neither sent nor recorded as requested.
+            assert_eq!((c.requested, c.called), (c.sent, c.sent), "{ceiling}");
+        }
     };
     // Tokens: the first call fits, its usage (900) leaves too little for the second's estimate.
-    let (out, stops, _) = budget_case(
+    let c = budget_case(
         Budget {
             tokens: 1_000,
             ..roomy.clone()
@@ -483,13 +517,13 @@ async fn every_ceiling_stops_the_run_before_the_call_that_would_breach_it() {
         Duration::ZERO,
     )
     .await;
-    check(&out, &stops, "tokens");
+    check(&c, "tokens");
     // Tool calls: one allowed, the model asks for two.
     let two = Scripted::Tools(vec![
         ("memory__save", json!({"subject": "a", "fact": "b"})),
         ("memory__save", json!({"subject": "c", "fact": "d"})),
     ]);
-    let (out, stops, _) = budget_case(
+    let c = budget_case(
         Budget {
             tool_calls: 1,
             ..roomy.clone()
@@ -500,9 +534,9 @@ async fn every_ceiling_stops_the_run_before_the_call_that_would_breach_it() {
         Duration::ZERO,
     )
     .await;
-    check(&out, &stops, "tool_calls");
+    check(&c, "tool_calls");
     // Cost: the estimate of the very first call is already too dear.
-    let (out, stops, _) = budget_case(
+    let c = budget_case(
         Budget {
             cost_microcents: 100,
             ..roomy.clone()
@@ -513,9 +547,9 @@ async fn every_ceiling_stops_the_run_before_the_call_that_would_breach_it() {
         Duration::ZERO,
     )
     .await;
-    check(&out, &stops, "cost_microcents");
+    check(&c, "cost_microcents");
     // Wall time: the model takes longer than the run may.
-    let (out, stops, _) = budget_case(
+    let c = budget_case(
         Budget {
             walltime_ms: 300,
             ..roomy.clone()
@@ -526,11 +560,11 @@ async fn every_ceiling_stops_the_run_before_the_call_that_would_breach_it() {
         Duration::from_millis(1500),
     )
     .await;
-    check(&out, &stops, "walltime_ms");
+    check(&c, "walltime_ms");
     // The monthly token quota, with room in the run: the first call's usage (900) leaves too little
     // of the quota for the second's estimate. A read-only call lies between them, so the first
     // call's event is not yet counted when the second is reserved: what it used must stand in.
-    let (out, stops, calls) = budget_case(
+    let c = budget_case(
         roomy.clone(),
         Some(MonthlyQuota {
             tokens: 1_000,
@@ -546,8 +580,8 @@ async fn every_ceiling_stops_the_run_before_the_call_that_would_breach_it() {
         Duration::ZERO,
     )
     .await;
-    check(&out, &stops, "quota.tokens");
-    assert_eq!(calls, 1, "the second model call was never sent");
+    check(&c, "quota.tokens");
+    assert_eq!(c.sent, 1, "the second model call was never sent");
 }
 
 #[tokio::test]
