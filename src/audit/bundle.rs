@@ -586,9 +586,9 @@ const MAX_SMALL_BYTES: u64 = 16 << 20;
 /// So the name is looked at first, and anything else is refused unopened (opening some devices
 /// acts on its own: a watchdog starts, a tape rewinds). The name could still be swapped between
 /// that look and the open, so the open does not wait (`O_NONBLOCK`) nor take a terminal
-/// (`O_NOCTTY`), and what it opened must be the regular file that was looked at. Reads of a
-/// regular file ignore `O_NONBLOCK` on Linux's local filesystems; where one honours it (some
-/// FUSE filesystems), a read that would wait fails as "cannot be read", never hangs.
+/// (`O_NOCTTY`), and what it opened must be the regular file that was looked at. Then reads wait
+/// again (`O_NONBLOCK` cleared): Linux's local filesystems ignore it for regular files, but some
+/// FUSE filesystems honour it, and there a read that had to wait would fail.
 fn open_regular(dir: &Path, name: &str) -> Result<fs::File, Failure> {
     use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
     let regular = |m: std::io::Result<fs::Metadata>| match m {
@@ -609,6 +609,9 @@ fn open_regular(dir: &Path, name: &str) -> Result<fs::File, Failure> {
     if (opened.dev(), opened.ino()) != (looked.dev(), looked.ino()) {
         return Err(fail(name, "was replaced while it was being opened"));
     }
+    let flags = rustix::fs::fcntl_getfl(&file).map_err(|e| cannot_read(name, &e.into()))?;
+    rustix::fs::fcntl_setfl(&file, flags - rustix::fs::OFlags::NONBLOCK)
+        .map_err(|e| cannot_read(name, &e.into()))?;
     Ok(file)
 }
 
@@ -1232,6 +1235,17 @@ mod tests {
             "{err}"
         );
         assert!(open_swapped(|_| {}).unwrap().is_ok());
+    }
+
+    /// The opened file's reads wait again: the `O_NONBLOCK` that kept the open from waiting is
+    /// cleared, so a filesystem that honours it for regular files cannot fail a read midway.
+    #[test]
+    fn an_opened_listed_file_reads_blocking() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("f"), b"listed").unwrap();
+        let file = open_regular(dir.path(), "f").unwrap();
+        let flags = rustix::fs::fcntl_getfl(&file).unwrap();
+        assert!(!flags.contains(rustix::fs::OFlags::NONBLOCK), "{flags:?}");
     }
 
     /// Writes a bundle of `events` claimed to be the range `0..to`.
