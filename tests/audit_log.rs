@@ -335,9 +335,34 @@ async fn replay_rebuilds_the_projections_and_finds_drift() {
             Role::Admin,
         )
         .unwrap();
-    let diff = s.audit.replay(&ctx, repo).await.unwrap();
+    let diff = s.audit.replay(&ctx, repo.clone()).await.unwrap();
     assert_eq!(diff.len(), 1, "{diff:?}");
     assert!(diff[0].contains("slack:U0SNEAK"), "{diff:?}");
+
+    // So is a run the log never started, in the run states and in the index of running runs
+    // that a restart reads to end lost runs.
+    let head = repo.projections().projection_head().unwrap();
+    repo.projections()
+        .apply_projection(
+            &agentgate::audit::projection::UsageDeltas::default(),
+            &[(
+                "01SNEAKYRUN".into(),
+                agentgate::audit::projection::RunState::Running,
+            )],
+            &[],
+            head,
+        )
+        .unwrap();
+    assert_eq!(repo.projections().running_runs().unwrap(), ["01SNEAKYRUN"]);
+    let diff = s.audit.replay(&ctx, repo).await.unwrap();
+    let sneaky: Vec<&String> = diff.iter().filter(|d| d.contains("01SNEAKYRUN")).collect();
+    assert_eq!(sneaky.len(), 2, "{diff:?}");
+    assert!(
+        sneaky
+            .iter()
+            .any(|d| d.starts_with("running index 01SNEAKYRUN")),
+        "{diff:?}"
+    );
     s.close().await.unwrap();
 }
 

@@ -703,7 +703,28 @@ impl AuditLog {
             usage: log.repo.projections().usage()?,
             runs: log.repo.projections().runs()?,
         };
-        Ok(rebuilt.diff(&live))
+        let mut out = rebuilt.diff(&live);
+        // The index of running runs, which a restart reads to find runs it must end.
+        let indexed: std::collections::BTreeSet<String> =
+            log.repo.projections().running_runs()?.into_iter().collect();
+        for (run, state) in &rebuilt.runs {
+            if (*state == RunState::Running) != indexed.contains(run) {
+                out.push(format!(
+                    "running index {run}: the log says {state:?}, live {} it as running",
+                    if indexed.contains(run) {
+                        "lists"
+                    } else {
+                        "does not list"
+                    }
+                ));
+            }
+        }
+        for run in indexed.iter().filter(|r| !rebuilt.runs.contains_key(*r)) {
+            out.push(format!(
+                "running index {run}: live lists it as running, the log says nothing"
+            ));
+        }
+        Ok(out)
     }
 
     async fn append_env(

@@ -514,6 +514,10 @@ impl SledTenant {
         for (run, state) in runs {
             let rec = encode(&Versioned { v: 1, value: state });
             writes.push((self.key("run", run), Some(rec)));
+            // The index of running runs, set and cleared with the state (a later write of the
+            // same run in this fold wins, as for the state).
+            let running = (*state == RunState::Running).then(Vec::new);
+            writes.push((self.key("running", run), running));
         }
         for (principal, role) in members {
             let key = self.key("member", principal.as_str());
@@ -631,6 +635,10 @@ impl ProjectionRepo for SledTenant {
                 Ok((run, rec.value))
             })
             .collect()
+    }
+
+    fn running_runs(&self) -> Result<Vec<String>> {
+        self.scan("running").map(|kv| Ok(kv?.0)).collect()
     }
 }
 

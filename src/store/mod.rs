@@ -172,6 +172,12 @@ pub trait ProjectionRepo {
     /// # Errors
     /// [`StoreError`] on an engine failure or a corrupt record.
     fn runs(&self) -> Result<BTreeMap<String, RunState>>;
+    /// The ids of the runs whose state is running, from an index the fold keeps beside the run
+    /// states, so that listing them does not read every run the tenant ever had.
+    ///
+    /// # Errors
+    /// [`StoreError`] on an engine failure.
+    fn running_runs(&self) -> Result<Vec<String>>;
 }
 
 /// One remembered fact.

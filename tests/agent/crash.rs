@@ -651,3 +651,152 @@ async fn a_tenant_whose_runs_cannot_be_listed_does_not_stop_the_others() {
     assert_eq!(stored["status"]["status"], "completed");
     s.close().await.unwrap();
 }
+
+/// A power loss took a run's only checkpoint (its first, which is not synced) while its start is
+/// on record: nothing can resume it, so the restart ends it on record, once, and the projections
+/// still agree with the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_lost_before_its_first_checkpoint_is_ended_on_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = openai_server(vec![Scripted::Hang], (10, 5), Duration::ZERO).await;
+    let (tenant, run_id) = {
+        let s = open(dir.path(), config(Some(&model.url), None));
+        let t = install(&s, "T0GONE").await;
+        settings(&s, &t, |st| st.llm.provider = "openai".into());
+        let ctx = user(&s, "T0GONE", "U0M");
+        let run_id = ctx.audit().run_id.to_string();
+        let agent = s.agent.clone();
+        let live = tokio::spawn(async move {
+            let req = RunRequest {
+                text: "anything".into(),
+                conversation: "slack:C0GONE".into(),
+            };
+            agent.run(&ctx, req).await
+        });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while model.seen().bodies.is_empty() {
+            assert!(Instant::now() < deadline, "the model call never started");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        live.abort();
+        let _ = live.await;
+        s.close().await.unwrap();
+        (t, run_id)
+    };
+    // The tenant's only run checkpoint goes with the power.
+    std::fs::remove_dir_all(dir.path().join("runs").join(tenant.as_str())).unwrap();
+
+    let s = open(dir.path(), config(Some(&model.url), None));
+    let op = s.tenants.operator_context(&tenant).unwrap();
+    assert_eq!(
+        s.agent.resume_unfinished().await.unwrap(),
+        0,
+        "nothing to resume"
+    );
+    let ev = events(&s, &op).await;
+    let mine: Vec<&serde_json::Value> = ev
+        .iter()
+        .filter(|e| e["run_id"] == run_id.as_str())
+        .collect();
+    let types: Vec<&str> = mine.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(types, ["run.started", "model.requested", "run.failed"]);
+    let end = mine[2];
+    assert!(
+        end["data"]["reason"].as_str().unwrap().starts_with("lost:"),
+        "{end}"
+    );
+    assert_eq!(end["principal"], "system:agent");
+    assert_eq!(end["data"]["totals"]["tokens_in"], 0);
+
+    assert_eq!(s.agent.resume_unfinished().await.unwrap(), 0);
+    assert_eq!(events(&s, &op).await.len(), ev.len(), "ended once");
+    let repo = s.store.for_tenant(&op).unwrap();
+    assert!(repo.projections().running_runs().unwrap().is_empty());
+    assert_eq!(
+        s.audit.replay(&op, repo).await.unwrap(),
+        Vec::<String>::new()
+    );
+    s.close().await.unwrap();
+}
+
+/// Passes appends through, and right after the batch that records a run's start (before the run
+/// can store its first checkpoint) asks the agent to end lost runs: a live run has no checkpoint
+/// yet then, and must not be taken for lost.
+struct EndLostAfterStart {
+    inner: agentgate::audit::log::LogSink,
+    agent: std::sync::OnceLock<agentgate::agent::Agent>,
+    ended: std::sync::Mutex<Vec<usize>>,
+}
+
+#[async_trait::async_trait]
+impl agentgate::audit::AuditSink for EndLostAfterStart {
+    async fn append(
+        &self,
+        ctx: &agentgate::tenant::TenantContext,
+        body: agentgate::audit::EventBody,
+    ) -> Result<u64, agentgate::audit::AuditError> {
+        self.inner.append(ctx, body).await
+    }
+
+    async fn append_batch(
+        &self,
+        ctx: &agentgate::tenant::TenantContext,
+        bodies: &[agentgate::audit::EventBody],
+    ) -> Result<std::ops::Range<u64>, agentgate::audit::AuditError> {
+        let range = self.inner.append_batch(ctx, bodies).await?;
+        let starts = bodies
+            .iter()
+            .any(|b| matches!(b, agentgate::audit::EventBody::RunStarted { .. }));
+        if starts {
+            let agent = self.agent.get().expect("set before the run").clone();
+            let n = agent.end_lost_runs(ctx.tenant_id()).await.unwrap();
+            self.ended.lock().unwrap().push(n);
+        }
+        Ok(range)
+    }
+}
+
+#[tokio::test]
+async fn a_live_run_before_its_first_checkpoint_is_not_taken_for_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path(), config(None, None));
+    install(&s, "T0LIVE").await;
+    let sink = std::sync::Arc::new(EndLostAfterStart {
+        inner: agentgate::audit::log::LogSink::new(s.audit.clone(), s.store.clone()),
+        agent: std::sync::OnceLock::new(),
+        ended: Default::default(),
+    });
+    let agent = agentgate::agent::Agent::new(
+        s.tenants.clone(),
+        s.audit.clone(),
+        sink.clone(),
+        config(None, None),
+    );
+    assert!(sink.agent.set(agent.clone()).is_ok());
+    let ctx = user(&s, "T0LIVE", "U0M");
+    let out = agent
+        .run(
+            &ctx,
+            RunRequest {
+                text: "whoami".into(),
+                conversation: "slack:C0LIVE".into(),
+            },
+        )
+        .await
+        .unwrap();
+    assert!(
+        matches!(out, agentgate::agent::RunOutcome::Answered(_)),
+        "{out:?}"
+    );
+    assert_eq!(
+        *sink.ended.lock().unwrap(),
+        [0],
+        "asked once, ended nothing"
+    );
+    let ev = events(&s, &ctx).await;
+    assert!(
+        !ev.iter().any(|e| e["principal"] == "system:agent"),
+        "the live run was not ended for it"
+    );
+    s.close().await.unwrap();
+}
