@@ -788,13 +788,7 @@ impl Agent {
             return Ok(());
         }
         let (est_tokens, est_cost, requested) = {
-            let req = PlanRequest {
-                system: SYSTEM_PROMPT,
-                messages: &st.messages,
-                tools: specs,
-                llm: &settings.llm,
-                caller,
-            };
+            let req = plan_request(st, specs, settings, caller);
             let est_tokens = planner.estimate_tokens(&req);
             let model = planner.model(&req);
             let est_cost =
@@ -840,13 +834,7 @@ impl Agent {
         // previous step.
         un.events.push(requested);
         self.checkpoint(ctx, repo, st, un).await?;
-        let req = PlanRequest {
-            system: SYSTEM_PROMPT,
-            messages: &st.messages,
-            tools: specs,
-            llm: &settings.llm,
-            caller,
-        };
+        let req = plan_request(st, specs, settings, caller);
         let left = ctx
             .budget()
             .walltime_ms
@@ -1308,6 +1296,22 @@ fn plan_name(settings: &TenantSettings) -> &'static str {
         crate::tenant::Plan::Free => "free",
         crate::tenant::Plan::Team => "team",
         crate::tenant::Plan::Enterprise => "enterprise",
+    }
+}
+
+/// What the planner is given for the run's next step.
+fn plan_request<'a>(
+    st: &'a RunState,
+    specs: &'a [ToolSpec],
+    settings: &'a TenantSettings,
+    caller: &'a Caller,
+) -> PlanRequest<'a> {
+    PlanRequest {
+        system: SYSTEM_PROMPT,
+        messages: &st.messages,
+        tools: specs,
+        llm: &settings.llm,
+        caller,
     }
 }
 

@@ -47,6 +47,19 @@ fn spawn_child(test: &str, dir: &Path, model_url: &str) -> std::process::Child {
         .unwrap()
 }
 
+/// Kills `child` with SIGKILL as soon as `reached` holds, failing if it ends first or has not
+/// `what` within a minute.
+async fn kill_when(child: &mut std::process::Child, what: &str, reached: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !reached() {
+        assert!(Instant::now() < deadline, "the child never {what}");
+        assert!(child.try_wait().unwrap().is_none(), "the child ended early");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    child.kill().unwrap(); // SIGKILL on Unix
+    child.wait().unwrap();
+}
+
 /// Installs `T0CRASH` in `dir` with the OpenAI planner at `model` and a webhook tool at `hooks`.
 async fn crash_tenant(dir: &Path, model: &str, hooks: &str) -> TenantId {
     let s = open(dir, config(Some(model), None));
@@ -87,17 +100,10 @@ async fn a_run_killed_mid_call_resumes_without_repeating_a_step() {
         dir.path(),
         &model.url,
     );
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while hooks.hooks().len() < 2 {
-        assert!(
-            Instant::now() < deadline,
-            "the child never reached the second call"
-        );
-        assert!(child.try_wait().unwrap().is_none(), "the child ended early");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    child.kill().unwrap(); // SIGKILL on Unix
-    child.wait().unwrap();
+    kill_when(&mut child, "reached the second call", || {
+        hooks.hooks().len() >= 2
+    })
+    .await;
 
     // Restart: the unfinished run resumes from its own checkpoint.
     let s = open(dir.path(), config(Some(&model.url), None));
@@ -191,17 +197,10 @@ async fn a_model_call_cut_off_by_a_crash_is_on_record() {
         dir.path(),
         &model.url,
     );
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while model.seen().bodies.len() < 2 {
-        assert!(
-            Instant::now() < deadline,
-            "the child never made the second model call"
-        );
-        assert!(child.try_wait().unwrap().is_none(), "the child ended early");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    child.kill().unwrap(); // SIGKILL on Unix
-    child.wait().unwrap();
+    kill_when(&mut child, "made the second model call", || {
+        model.seen().bodies.len() >= 2
+    })
+    .await;
 
     let s = open(dir.path(), config(Some(&model.url), None));
     let op = s.tenants.operator_context(&tenant).unwrap();
