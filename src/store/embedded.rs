@@ -80,6 +80,7 @@ impl Embedded {
             .path(dir.join("store"))
             .open()
             .map_err(engine)?;
+        index_running_runs(&db)?;
         Ok(Embedded {
             directory: db.open_tree(DIRECTORY_TREE).map_err(engine)?,
             tenants: db.open_tree(TENANTS_TREE).map_err(engine)?,
@@ -89,6 +90,42 @@ impl Embedded {
             folded: Mutex::default(),
         })
     }
+}
+
+/// Marks a tenant tree whose index of running runs covers every run state in it.
+const RUNNING_INDEXED: &str = "meta/running-index";
+
+/// Migration: builds the index of running runs (`<tenant>/running/<run>`) from the run states of
+/// every tenant tree not marked as indexed (stores written before the fold kept it), so that a
+/// restart finds the runs it must end. Once per tree: the fold keeps the index from then on (a
+/// tree made since the last open is indexed by its folds already, so building it changes nothing).
+fn index_running_runs(db: &sled::Db) -> Result<()> {
+    for name in db.tree_names() {
+        let Some(tenant) = name.strip_prefix(b"tenant/".as_slice()) else {
+            continue;
+        };
+        let prefix = format!("{}/", String::from_utf8_lossy(tenant));
+        let tree = db.open_tree(&name).map_err(engine)?;
+        let marker = format!("{prefix}{RUNNING_INDEXED}");
+        if tree.contains_key(&marker).map_err(engine)? {
+            continue;
+        }
+        let states = format!("{prefix}run/");
+        let mut batch = sled::Batch::default();
+        for kv in tree.scan_prefix(states.as_bytes()) {
+            let (k, v) = kv.map_err(engine)?;
+            let rec: Versioned<RunState> = decode(&k, &v)?;
+            if rec.value == RunState::Running {
+                let run = &k[states.len()..];
+                let mut key = format!("{prefix}running/").into_bytes();
+                key.extend_from_slice(run);
+                batch.insert(key, Vec::new());
+            }
+        }
+        batch.insert(marker.as_bytes(), Vec::new());
+        tree.apply_batch(batch).map_err(engine)?;
+    }
+    Ok(())
 }
 
 impl Embedded {
@@ -637,6 +674,12 @@ impl ProjectionRepo for SledTenant {
             .collect()
     }
 
+    fn run_state(&self, run_id: &str) -> Result<Option<RunState>> {
+        Ok(self
+            .get_json::<Versioned<RunState>>(&self.key("run", run_id))?
+            .map(|rec| rec.value))
+    }
+
     fn running_runs(&self) -> Result<Vec<String>> {
         self.scan("running").map(|kv| Ok(kv?.0)).collect()
     }
@@ -1039,6 +1082,56 @@ mod tests {
         assert_eq!(repos.usage_in("2026-05").unwrap().tool_calls, 6);
         assert_eq!(repos.usage_in("2026-06").unwrap(), Usage::default());
         assert_eq!(repos.usage().unwrap()["2026-05"].tool_calls, 6);
+    }
+
+    /// The fold keeps the index of running runs with their states, in one fold or across folds;
+    /// a store written before the index existed gets it built from its run states when opened.
+    #[test]
+    fn the_running_index_follows_run_states_and_is_built_for_older_stores() {
+        let dir = tempfile::tempdir().unwrap();
+        let cipher = Cipher::new(&MasterKey::parse(&"33".repeat(32)).unwrap());
+        let tenant = TenantId::generate();
+        let store = Embedded::open(dir.path(), cipher.clone()).unwrap();
+        let repos = store.tenant(&tenant).unwrap();
+        let run = |id: &str, s: RunState| (id.to_owned(), s);
+        repos
+            .apply_projection(
+                &UsageDeltas::default(),
+                &[
+                    run("A", RunState::Running),
+                    run("B", RunState::Running),
+                    run("B", RunState::Completed),
+                    run("C", RunState::Running),
+                ],
+                &[],
+                4,
+            )
+            .unwrap();
+        assert_eq!(repos.running_runs().unwrap(), ["A", "C"]);
+        // The member change takes the batch path.
+        let admin = PrincipalId::qualified("slack", "U0ADMIN").unwrap();
+        repos
+            .apply_projection(
+                &UsageDeltas::default(),
+                &[run("C", RunState::Failed), run("D", RunState::Running)],
+                &[(admin, Some(Role::Admin))],
+                6,
+            )
+            .unwrap();
+        assert_eq!(repos.running_runs().unwrap(), ["A", "D"]);
+        drop(repos);
+        // As an older store has it: run states, no index, no marker (a tree made since the
+        // store was opened has none yet either; the next open indexes it, which changes nothing).
+        let tree = store.db.open_tree(format!("tenant/{tenant}")).unwrap();
+        for key in [format!("{tenant}/running/A"), format!("{tenant}/running/D")] {
+            assert!(tree.remove(key.as_bytes()).unwrap().is_some(), "{key}");
+        }
+        tree.remove(format!("{tenant}/{RUNNING_INDEXED}").as_bytes())
+            .unwrap();
+        drop((tree, store));
+        let store = Embedded::open(dir.path(), cipher).unwrap();
+        let repos = store.tenant(&tenant).unwrap();
+        assert_eq!(repos.running_runs().unwrap(), ["A", "D"]);
     }
 
     #[test]

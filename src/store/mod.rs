@@ -172,6 +172,11 @@ pub trait ProjectionRepo {
     /// # Errors
     /// [`StoreError`] on an engine failure or a corrupt record.
     fn runs(&self) -> Result<BTreeMap<String, RunState>>;
+    /// One run's state, if the log has started it.
+    ///
+    /// # Errors
+    /// [`StoreError`] on an engine failure or a corrupt record.
+    fn run_state(&self, run_id: &str) -> Result<Option<RunState>>;
     /// The ids of the runs whose state is running, from an index the fold keeps beside the run
     /// states, so that listing them does not read every run the tenant ever had.
     ///

@@ -356,6 +356,7 @@ impl Tenants {
         run_id: &str,
         correlation_id: Option<&str>,
         started_at: chrono::DateTime<Utc>,
+        initiator: Initiator,
     ) -> Result<TenantContext, ResolveError> {
         let malformed = |e: super::ids::IdError| {
             ResolveError::Store(StoreError::Corrupt {
@@ -398,7 +399,7 @@ impl Tenants {
                 run_id,
                 correlation_id,
                 initiated_at: started_at,
-                initiator: Initiator::User,
+                initiator,
             },
             features: settings.features,
         }))

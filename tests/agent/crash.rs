@@ -486,7 +486,7 @@ fn lose_latest_checkpoint(dir: &Path, tenant: &TenantId, run_id: &str) {
 
 /// After a power loss took the checkpoint that said how a run ended, the one before says it is
 /// still running although its end is on record: the restart must not plan or call anything after
-/// that end, and tells the user the answer was lost.
+/// that end, and tells the user to ask again if the answer did not arrive.
 #[tokio::test]
 async fn a_run_whose_end_outlived_its_checkpoint_does_nothing_after_its_end() {
     let dir = tempfile::tempdir().unwrap();
@@ -518,8 +518,9 @@ async fn a_run_whose_end_outlived_its_checkpoint_does_nothing_after_its_end() {
     );
     let before = events(&s, &op).await.len();
     let out = s.agent.resume(&tenant, &run_id).await.unwrap().unwrap();
+    // It ended as completed (its `run.completed` is on record), and its answer is gone.
     assert!(
-        matches!(&out, agentgate::agent::RunOutcome::Failed(m) if m.contains("answer was lost")),
+        matches!(&out, agentgate::agent::RunOutcome::Answered(m) if m.contains("did not reach you")),
         "{out:?}"
     );
     assert_eq!(
@@ -705,6 +706,7 @@ async fn a_run_lost_before_its_first_checkpoint_is_ended_on_record() {
         "{end}"
     );
     assert_eq!(end["principal"], "system:agent");
+    assert_eq!(end["initiator"], "cron");
     assert_eq!(end["data"]["totals"]["tokens_in"], 0);
 
     assert_eq!(s.agent.resume_unfinished().await.unwrap(), 0);
