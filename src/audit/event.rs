@@ -843,6 +843,20 @@ mod tests {
         );
     }
 
+    /// The verifier knows exactly the types the log writes: one it did not know would fail every
+    /// bundle holding it, one the log cannot write would pass unchecked.
+    #[test]
+    fn the_verifier_knows_every_type_the_log_writes_and_no_other() {
+        let written: std::collections::BTreeSet<&str> = one_of_every_type(1, 2, 3, "x")
+            .iter()
+            .map(EventBody::type_name)
+            .collect();
+        let known: std::collections::BTreeSet<&str> =
+            super::super::bundle::EVENT_TYPES.iter().copied().collect();
+        assert_eq!(written, known);
+        assert_eq!(known.len(), super::super::bundle::EVENT_TYPES.len());
+    }
+
     #[test]
     fn canonical_form_sorts_keys_at_every_depth_and_refuses_fractions() {
         let v = json!({"b": 1, "a": {"z": [true, null, "x\n\u{e9}"], "y": -2}, "A": "é"});

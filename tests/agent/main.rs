@@ -251,6 +251,25 @@ async fn the_rules_planner_runs_commands_through_the_gate_and_the_log() {
     );
     let audit = run(&s, &user(&s, "T0RULES", "U0OWNER"), "audit status").await;
     assert!(audit.text().starts_with("Audit log: "), "{audit:?}");
+
+    // The runs' events, every type the loop writes among them, verify offline.
+    let op = s.tenants.operator_context(ctx.tenant_id()).unwrap();
+    let out = dir.path().join("bundle");
+    s.audit
+        .export(&op, s.store.for_tenant(&op).unwrap(), 0, None, None, &out)
+        .await
+        .unwrap();
+    let verified = agentgate::audit::bundle::verify(&out, None, None).unwrap();
+    let exported = std::fs::read_to_string(out.join("events.jsonl")).unwrap();
+    for ty in [
+        "model.requested",
+        "model.called",
+        "tool.invoked",
+        "run.completed",
+    ] {
+        assert!(exported.contains(&format!("\"type\":\"{ty}\"")), "{ty}");
+    }
+    assert!(verified.events > 0);
     s.close().await.unwrap();
 }
 
