@@ -623,7 +623,7 @@ impl Agent {
                 // As the gateway's other own events (`system:audit-log`) are.
                 crate::tenant::Initiator::Cron,
             )?;
-            tracing::warn!(tenant = %tenant, run = %run_id, "ending a run that was lost before its first checkpoint");
+            tracing::warn!(tenant = %tenant, run = %run_id, "ending a run whose checkpoints were lost");
             self.append(
                 &ctx,
                 EventBody::RunFailed {
