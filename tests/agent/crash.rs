@@ -60,6 +60,30 @@ async fn kill_when(child: &mut std::process::Child, what: &str, reached: impl Fn
     child.wait().unwrap();
 }
 
+/// Runs `text` for `ctx` in a task of its own and aborts it (its driver dies, as in a crash of
+/// this process) as soon as `reached` holds, failing if it has not `what` within 10 s.
+async fn abort_run_when(
+    s: &agentgate::app::Services,
+    ctx: agentgate::tenant::TenantContext,
+    text: &str,
+    what: &str,
+    reached: impl Fn() -> bool,
+) {
+    let agent = s.agent.clone();
+    let req = RunRequest {
+        text: text.into(),
+        conversation: "slack:C0ABORTED".into(),
+    };
+    let live = tokio::spawn(async move { agent.run(&ctx, req).await });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !reached() {
+        assert!(Instant::now() < deadline, "the run never {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    live.abort();
+    let _ = live.await;
+}
+
 /// Installs `T0CRASH` in `dir` with the OpenAI planner at `model` and a webhook tool at `hooks`.
 async fn crash_tenant(dir: &Path, model: &str, hooks: &str) -> TenantId {
     let s = open(dir, config(Some(model), None));
@@ -563,22 +587,11 @@ async fn a_call_on_record_as_authorised_is_not_sent_again_when_its_checkpoint_wa
         declare_and_grant(&s, &owner, webhook(&hooks.url, "whsec-power")).await;
         let ctx = user(&s, "T0POWER", "U0M");
         let run_id = ctx.audit().run_id.to_string();
-        let agent = s.agent.clone();
-        let live = tokio::spawn(async move {
-            let req = RunRequest {
-                text: "file two".into(),
-                conversation: "slack:C0POWER".into(),
-            };
-            agent.run(&ctx, req).await
-        });
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while hooks.hooks().len() < 2 {
-            assert!(Instant::now() < deadline, "the second call never started");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
         // The driver dies with the second call in flight.
-        live.abort();
-        let _ = live.await;
+        abort_run_when(&s, ctx, "file two", "started the second call", || {
+            hooks.hooks().len() >= 2
+        })
+        .await;
         s.close().await.unwrap();
         (t, run_id)
     };
@@ -665,21 +678,10 @@ async fn a_run_lost_before_its_first_checkpoint_is_ended_on_record() {
         settings(&s, &t, |st| st.llm.provider = "openai".into());
         let ctx = user(&s, "T0GONE", "U0M");
         let run_id = ctx.audit().run_id.to_string();
-        let agent = s.agent.clone();
-        let live = tokio::spawn(async move {
-            let req = RunRequest {
-                text: "anything".into(),
-                conversation: "slack:C0GONE".into(),
-            };
-            agent.run(&ctx, req).await
-        });
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while model.seen().bodies.is_empty() {
-            assert!(Instant::now() < deadline, "the model call never started");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        live.abort();
-        let _ = live.await;
+        abort_run_when(&s, ctx, "anything", "started the model call", || {
+            !model.seen().bodies.is_empty()
+        })
+        .await;
         s.close().await.unwrap();
         (t, run_id)
     };
