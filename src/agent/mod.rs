@@ -955,10 +955,14 @@ impl Agent {
             st.pending.clear();
             st.next_call = 0;
         }
-        // A call that changed something is checkpointed as done at once, so that a crash from here
-        // on does not report it as interrupted; a read-only call waits for the step's checkpoint
-        // (a crash before it runs the step again, and a read-only call has nothing to repeat).
-        if changed {
+        // A call that changed something is checkpointed as done before anything else is awaited,
+        // so that a crash from here on does not report it as interrupted: at once when more calls
+        // of the step follow (a read-only one would not checkpoint), and otherwise by the barrier
+        // the run reaches next without awaiting anything else (before its next model call, or its
+        // end), which saves a sync a step. A read-only call waits for the step's checkpoint (a
+        // crash before it runs the step again, and a read-only call has nothing to repeat).
+        let step_done = st.pending.is_empty();
+        if changed && !step_done {
             self.checkpoint(ctx, repo, st, un).await?;
         }
         Ok(())

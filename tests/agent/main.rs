@@ -1162,3 +1162,91 @@ async fn webhooks_cannot_reach_private_addresses_unless_the_operator_allows_them
     );
     s.close().await.unwrap();
 }
+
+/// Records the types of each batch a run appends, passing them on.
+struct Batches {
+    inner: agentgate::audit::log::LogSink,
+    seen: std::sync::Mutex<Vec<Vec<&'static str>>>,
+}
+
+#[async_trait::async_trait]
+impl agentgate::audit::AuditSink for Batches {
+    async fn append(
+        &self,
+        ctx: &TenantContext,
+        body: agentgate::audit::EventBody,
+    ) -> Result<u64, agentgate::audit::AuditError> {
+        self.seen.lock().unwrap().push(vec![body.type_name()]);
+        self.inner.append(ctx, body).await
+    }
+
+    async fn append_batch(
+        &self,
+        ctx: &TenantContext,
+        bodies: &[agentgate::audit::EventBody],
+    ) -> Result<std::ops::Range<u64>, agentgate::audit::AuditError> {
+        let types = bodies.iter().map(|b| b.type_name()).collect();
+        self.seen.lock().unwrap().push(types);
+        self.inner.append_batch(ctx, bodies).await
+    }
+}
+
+/// A call that changes something and ends its step is recorded as done by the barrier before
+/// the next model call, in one sync with that call's request, not by a sync of its own; one
+/// followed by another call of the same step is recorded at once.
+#[tokio::test]
+async fn a_changing_call_that_ends_its_step_shares_the_next_barrier() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = openai_server(
+        vec![
+            Scripted::Tools(vec![
+                ("memory__save", json!({"subject": "a", "fact": "one"})),
+                ("memory__save", json!({"subject": "b", "fact": "two"})),
+            ]),
+            Scripted::Final("Saved both."),
+        ],
+        (10, 5),
+        Duration::ZERO,
+    )
+    .await;
+    let s = open(dir.path(), config(Some(&model.url), None));
+    let t = install(&s, "T0BATCH").await;
+    settings(&s, &t, |st| st.llm.provider = "openai".into());
+    let sink = std::sync::Arc::new(Batches {
+        inner: agentgate::audit::log::LogSink::new(s.audit.clone(), s.store.clone()),
+        seen: Default::default(),
+    });
+    let agent = agentgate::agent::Agent::new(
+        s.tenants.clone(),
+        s.audit.clone(),
+        sink.clone(),
+        config(Some(&model.url), None),
+    );
+    let ctx = user(&s, "T0BATCH", "U0M");
+    let out = agent
+        .run(
+            &ctx,
+            RunRequest {
+                text: "save both".into(),
+                conversation: "slack:C0BATCH".into(),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(out, RunOutcome::Answered("Saved both.".into()));
+    let batches = sink.seen.lock().unwrap().clone();
+    assert_eq!(
+        batches,
+        [
+            vec!["run.started", "model.requested"],
+            vec!["model.called", "tool.authorized"],
+            vec!["tool.invoked"],
+            vec!["tool.authorized"],
+            vec!["tool.invoked", "model.requested"],
+            vec!["model.called"],
+            vec!["run.completed"],
+        ]
+    );
+    drop(agent);
+    s.close().await.unwrap();
+}
