@@ -346,16 +346,24 @@ impl Agent {
         self.inner.tenants.store().for_tenant(ctx)
     }
 
-    fn planner_for(&self, llm: &LlmSettings) -> Arc<dyn Planner> {
+    fn planner_for(&self, ctx: &TenantContext, llm: &LlmSettings) -> Arc<dyn Planner> {
         if let Some(p) = &self.inner.planner_override {
             return Arc::clone(p);
         }
         let e = &self.inner.config.llm;
         let key = |deployment: &Option<SecretString>| {
-            // A tenant's key reference names an environment variable; the key itself is never stored.
-            llm.key_ref
-                .as_deref()
-                .and_then(|var| std::env::var(var).ok())
+            // A tenant's key reference names an environment variable; the key itself is never
+            // stored. Only one of the tenant's own is read (the API refuses others; this holds
+            // for settings stored before it did): any other could be the gateway's own secret
+            // or another tenant's key, sent to a provider.
+            let own = llm.key_ref.as_deref().filter(|var| {
+                let allowed = crate::tenant::tenant_key_ref(ctx.tenant_id(), var);
+                if !allowed {
+                    tracing::warn!(tenant = %ctx.tenant_id(), variable = %var, "ignoring a key_ref that is not one of the tenant's own variables");
+                }
+                allowed
+            });
+            own.and_then(|var| std::env::var(var).ok())
                 .map(SecretString::from)
                 .or_else(|| deployment.clone())
         };
@@ -696,7 +704,7 @@ impl Agent {
     ) -> Result<RunOutcome, AgentError> {
         let resolved = tools::resolve(ctx, repo, &self.inner.webhooks)?;
         let specs: Vec<ToolSpec> = resolved.iter().map(|r| r.spec.clone()).collect();
-        let planner = self.planner_for(&settings.llm);
+        let planner = self.planner_for(ctx, &settings.llm);
         let caller = Caller {
             principal: ctx.principal().to_string(),
             role: ctx.role().to_string(),

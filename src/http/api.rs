@@ -242,6 +242,15 @@ async fn patch_llm(
                 "key_ref names an environment variable (A-Z, 0-9, _), never a key".into(),
             ));
         }
+        if let Some(k) = v.as_deref() {
+            if !crate::tenant::tenant_key_ref(ctx.tenant_id(), k) {
+                return Err(ApiError::BadRequest(format!(
+                    "key_ref must name this tenant's own variable: {} or {}_<NAME>",
+                    crate::tenant::tenant_key_prefix(ctx.tenant_id()),
+                    crate::tenant::tenant_key_prefix(ctx.tenant_id()),
+                )));
+            }
+        }
         s.llm.key_ref = v;
         fields.push("llm.key_ref");
     }

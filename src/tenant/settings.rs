@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use super::context::Role;
+use super::ids::TenantId;
 
 /// Ceilings for one run. The agent loop checks them before every model and tool call.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -46,8 +47,32 @@ pub struct LlmSettings {
     pub default_temperature_milli: u32,
     /// Upper bound on tokens the model may produce per call.
     pub default_max_tokens: u32,
-    /// The name of the environment variable or stored credential that holds the key; never the key.
+    /// The name of the environment variable that holds the key; never the key. Only a name
+    /// [`tenant_key_ref`] allows for the tenant is ever read.
     pub key_ref: Option<String>,
+}
+
+/// The start of every environment variable name a tenant's `key_ref` may give:
+/// `AGENTGATE_LLM_KEY_` and the tenant id in capitals, e.g. `AGENTGATE_LLM_KEY_T_01J…`.
+pub fn tenant_key_prefix(tenant: &TenantId) -> String {
+    format!("AGENTGATE_LLM_KEY_{}", tenant.as_str().to_ascii_uppercase())
+}
+
+/// Whether `var` may hold `tenant`'s model provider key: the tenant's prefix alone, or followed
+/// by `_` and capitals, digits or `_`. So a tenant admin can name only variables the operator
+/// set for that tenant, never the gateway's own secrets (`AGENTGATE_MASTER_KEY`, a bot token)
+/// nor another tenant's key (tenant ids all have the same length, so no prefix is another's).
+pub fn tenant_key_ref(tenant: &TenantId, var: &str) -> bool {
+    let Some(rest) = var.strip_prefix(&tenant_key_prefix(tenant)) else {
+        return false;
+    };
+    rest.is_empty()
+        || rest.strip_prefix('_').is_some_and(|suffix| {
+            !suffix.is_empty()
+                && suffix
+                    .bytes()
+                    .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
+        })
 }
 
 /// The subscription tier, which chooses the default quotas and ceilings.
@@ -136,4 +161,34 @@ pub fn default_tool_grants() -> Vec<ToolGrant> {
         min_role,
     })
     .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A tenant may name its own variables only: not the gateway's secrets, not another
+    /// tenant's, not a name that merely starts like its own.
+    #[test]
+    fn a_key_ref_names_only_the_tenants_own_variables() {
+        let a = TenantId::generate();
+        let b = TenantId::generate();
+        let own = tenant_key_prefix(&a);
+        assert!(own.starts_with("AGENTGATE_LLM_KEY_T_"), "{own}");
+        assert!(tenant_key_ref(&a, &own));
+        assert!(tenant_key_ref(&a, &format!("{own}_OPENAI_2")));
+        for refused in [
+            "AGENTGATE_MASTER_KEY".to_owned(),
+            "AGENTGATE_DISCORD_BOT_TOKEN".to_owned(),
+            "OPENAI_API_KEY".to_owned(),
+            tenant_key_prefix(&b),
+            format!("{}_OPENAI", tenant_key_prefix(&b)),
+            format!("{own}_"),
+            format!("{own}X"),
+            format!("{own}_lower"),
+            own[..own.len() - 1].to_owned(),
+        ] {
+            assert!(!tenant_key_ref(&a, &refused), "{refused}");
+        }
+    }
 }

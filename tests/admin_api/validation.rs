@@ -244,6 +244,16 @@ async fn malformed_bodies_bad_policies_and_bad_llm_settings_are_400() {
             "never a key",
         ),
         (
+            "the gateway's own secret as key_ref",
+            json!({"key_ref": "AGENTGATE_MASTER_KEY"}),
+            "this tenant's own variable",
+        ),
+        (
+            "another tenant's variable as key_ref",
+            json!({"key_ref": agentgate::tenant::tenant_key_prefix(&app.b.id)}),
+            "this tenant's own variable",
+        ),
+        (
             "zero max tokens",
             json!({"default_max_tokens": 0}),
             "between 1 and 200000",
@@ -274,8 +284,9 @@ async fn malformed_bodies_bad_policies_and_bad_llm_settings_are_400() {
         assert_refused(&app, r, needle, n, what).await;
     }
     assert_eq!(app.get("/api/v1/settings/llm", a).await.json(), llm_before);
+    let own = format!("{}_OPENAI", agentgate::tenant::tenant_key_prefix(&app.a.id));
     let patch = json!({"provider": "openai", "default_model": "gpt-4o-mini",
-        "default_temperature": 0.7, "default_max_tokens": 1024, "key_ref": "OPENAI_API_KEY"});
+        "default_temperature": 0.7, "default_max_tokens": 1024, "key_ref": own});
     let r = app.patch("/api/v1/settings/llm", a, patch.clone()).await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json(), patch);
@@ -291,17 +302,14 @@ async fn malformed_bodies_bad_policies_and_bad_llm_settings_are_400() {
 async fn a_null_key_ref_clears_it() {
     let app = spawn().await;
     let a = &app.a.admin.token;
+    let own = agentgate::tenant::tenant_key_prefix(&app.a.id);
     let r = app
-        .patch(
-            "/api/v1/settings/llm",
-            a,
-            json!({"key_ref": "OPENAI_API_KEY"}),
-        )
+        .patch("/api/v1/settings/llm", a, json!({"key_ref": own}))
         .await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(
         app.settings(&app.a.id).llm.key_ref.as_deref(),
-        Some("OPENAI_API_KEY")
+        Some(own.as_str())
     );
     let r = app
         .patch("/api/v1/settings/llm", a, json!({"key_ref": null}))

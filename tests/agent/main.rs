@@ -1250,3 +1250,38 @@ async fn a_changing_call_that_ends_its_step_shares_the_next_barrier() {
     drop(agent);
     s.close().await.unwrap();
 }
+
+/// A tenant's `key_ref` is read only when it names one of the tenant's own variables: one naming
+/// any other (the gateway's master key, another tenant's key), stored before the API refused
+/// such names, is ignored, and the provider never sees its value.
+#[tokio::test]
+async fn a_key_ref_is_read_only_from_the_tenants_own_variables() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = openai_server(
+        vec![Scripted::Final("one"), Scripted::Final("two")],
+        (1, 1),
+        Duration::ZERO,
+    )
+    .await;
+    let s = open(dir.path(), config(Some(&model.url), None));
+    let t = install(&s, "T0KEYREF").await;
+    let foreign = "AGENTGATE_TEST_NOT_THE_TENANTS_SECRET";
+    let own = format!("{}_OPENAI", agentgate::tenant::tenant_key_prefix(&t));
+    // Unique names: no other test reads them.
+    std::env::set_var(foreign, "sk-gateway-secret");
+    std::env::set_var(&own, "sk-tenants-own");
+    for var in [foreign, own.as_str()] {
+        settings(&s, &t, |st| {
+            st.llm.provider = "openai".into();
+            st.llm.key_ref = Some(var.to_owned());
+        });
+        run(&s, &user(&s, "T0KEYREF", "U0M"), "hello").await;
+    }
+    let seen = model.seen();
+    assert_eq!(
+        seen.headers[0]["authorization"], "Bearer sk-test-openai",
+        "the deployment's key, not the foreign variable's"
+    );
+    assert_eq!(seen.headers[1]["authorization"], "Bearer sk-tenants-own");
+    s.close().await.unwrap();
+}
