@@ -134,6 +134,38 @@ fn token_from_env(var: Option<&str>, missing: &mut Vec<String>) -> Option<Secret
     }
 }
 
+/// The parser's message and where in the file, without the values it quotes. toml's own text
+/// shows the offending line, and serde's names a value of the wrong type in quotes; either may
+/// be a token written where it does not belong (`bot_tokn = "xoxb-…"`, or unquoted), and this
+/// message reaches the terminal and the logs.
+fn syntax_message(text: &str, e: &toml::de::Error) -> String {
+    let mut message = String::new();
+    let mut quoted = false;
+    for ch in e.message().chars() {
+        match ch {
+            '"' if quoted => {
+                quoted = false;
+                message.push_str("…\"");
+            }
+            '"' => {
+                quoted = true;
+                message.push('"');
+            }
+            _ if quoted => {}
+            _ => message.push(ch),
+        }
+    }
+    if quoted {
+        message.push('…');
+    }
+    if let Some(before) = e.span().and_then(|span| text.get(..span.start)) {
+        let line = before.matches('\n').count() + 1;
+        let column = before.chars().rev().take_while(|&c| c != '\n').count() + 1;
+        message.push_str(&format!(" (line {line}, column {column})"));
+    }
+    message
+}
+
 /// Parses one declarative file's text. `path` names it in errors and in the install source.
 ///
 /// # Errors
@@ -141,7 +173,7 @@ fn token_from_env(var: Option<&str>, missing: &mut Vec<String>) -> Option<Secret
 pub fn parse(path: &Path, text: &str) -> Result<Manifest, ManifestError> {
     let dto: FileDto = toml::from_str(text).map_err(|e| ManifestError::Syntax {
         path: path.to_owned(),
-        message: e.to_string(),
+        message: syntax_message(text, &e),
     })?;
     let file_name = path
         .file_name()
@@ -346,8 +378,32 @@ mod tests {
         check_err("[tenant]\nname=\"a\"\n[[installation]]\nplatform=\"discord\"\nguild_id=\"x\"\napp_id=\"1\"\ninstaller=\"2\"\n", "snowflake");
         check_err("[tenant]\nname=\"a\"\nextra=1\n", "unknown field");
         check_err("not toml at all [", "x.toml");
+        check_err("[tenant]\nname=\"a\"\nextra=1\n", "line 3");
         check_err("[tenant]\nname=\"a\"\n[[installation]]\nplatform=\"slack\"\nteam_id=\"T1\"\napp_id=\"A\"\ninstaller=\"U 1\"\n", "principal");
         check_err("[tenant]\nname=\"a\"\n[[installation]]\nplatform=\"slack\"\nteam_id=\"T1\"\napp_id=\"A\"\ninstaller=\"U1\"\n[members]\n\"slack:U2\"=\"god\"\n", "unknown variant");
+    }
+
+    /// A token written where the format does not expect one (under a misspelt key, in a field
+    /// of another type, or unquoted) is not repeated in the error, which says where it is.
+    #[test]
+    fn a_syntax_error_does_not_repeat_what_the_file_says() {
+        let head = "[tenant]\nname=\"a\"\n[[installation]]\nplatform=\"slack\"\nteam_id=\"T1\"\napp_id=\"A\"\ninstaller=\"U1\"\n";
+        for (line, why) in [
+            ("bot_token = xoxb-1234-SECRET", "unquoted"),
+            (
+                "scopes = \"xoxb-1234-SECRET\"",
+                "a string where a list goes",
+            ),
+            (
+                "bot_token_env = [\"xoxb-1234-SECRET\"]",
+                "a list where a name goes",
+            ),
+        ] {
+            let text = format!("{head}{line}\n");
+            let err = parse(Path::new("x.toml"), &text).unwrap_err().to_string();
+            assert!(!err.contains("SECRET"), "{why}: {err}");
+            assert!(err.contains("line 8"), "{why}: {err}");
+        }
     }
 
     #[test]
