@@ -121,7 +121,9 @@ pub enum PlannerError {
     Status {
         /// The HTTP status.
         status: u16,
-        /// The provider's message, truncated.
+        /// What kind of error the provider named (its `error.type` and `error.code`), never its
+        /// free text: a provider or a proxy may quote the request, prompt included, and this
+        /// goes to the logs.
         message: String,
     },
     /// The provider's answer did not have the expected shape.
@@ -184,8 +186,33 @@ pub fn capability_from_wire(name: &str) -> String {
     name.replace("__", ".")
 }
 
+/// The identifiers of a provider's error answer (OpenAI's `{"error": {"type", "code"}}`,
+/// Anthropic's `{"error": {"type"}}`), each only if it looks like one (up to 64 of letters,
+/// digits, `_ . -`); the message beside them, which may quote the request, is left out.
+fn error_kind(body: &str) -> String {
+    let v: Value = serde_json::from_str(body).unwrap_or(Value::Null);
+    let ident = |v: &Value| {
+        v.as_str()
+            .filter(|s| {
+                (1..=64).contains(&s.len())
+                    && s.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+            })
+            .map(str::to_owned)
+    };
+    let kinds: Vec<String> = [&v["error"]["type"], &v["error"]["code"]]
+        .into_iter()
+        .filter_map(ident)
+        .collect();
+    if kinds.is_empty() {
+        format!("an answer of {} bytes without an error type", body.len())
+    } else {
+        kinds.join(", ")
+    }
+}
+
 /// Sends a provider request and reads its JSON answer; a non-2xx status is an error carrying the
-/// provider's message (truncated). `parse` turns the answer into a plan; a plan that names no
+/// kind of error the provider named. `parse` turns the answer into a plan; a plan that names no
 /// model gets the requested one.
 ///
 /// # Errors
@@ -202,7 +229,7 @@ pub async fn send_and_parse(
     if !status.is_success() {
         return Err(PlannerError::Status {
             status: status.as_u16(),
-            message: text.chars().take(300).collect(),
+            message: error_kind(&text),
         });
     }
     let v: Value =
@@ -212,4 +239,30 @@ pub async fn send_and_parse(
         plan.model = default_model.to_owned();
     }
     Ok(plan)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Of a provider's error answer only its identifiers are kept: its message, which may quote
+    /// the prompt, and anything that is not an identifier, are not.
+    #[test]
+    fn an_error_answer_keeps_its_kind_and_drops_its_text() {
+        let openai = r#"{"error": {"message": "Your prompt 'the plan is ship friday' is too long", "type": "invalid_request_error", "code": "context_length_exceeded"}}"#;
+        assert_eq!(
+            error_kind(openai),
+            "invalid_request_error, context_length_exceeded"
+        );
+        let anthropic =
+            r#"{"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}"#;
+        assert_eq!(error_kind(anthropic), "overloaded_error");
+        let sly = r#"{"error": {"type": "the plan is ship friday", "code": null}}"#;
+        assert!(!error_kind(sly).contains("ship friday"));
+        let html = "<html>the plan is ship friday</html>";
+        assert_eq!(
+            error_kind(html),
+            format!("an answer of {} bytes without an error type", html.len())
+        );
+    }
 }
