@@ -996,7 +996,7 @@ impl Agent {
         let refuse = |reason: &str, policy_ids: Vec<String>| {
             crate::metrics::inc(&crate::metrics::REFUSALS);
             EventBody::ToolRefused {
-                capability: call.name.clone(),
+                capability: audited_capability(&call.name),
                 reason: reason.to_owned(),
                 policy_ids,
             }
@@ -1321,6 +1321,22 @@ fn plan_name(settings: &TenantSettings) -> &'static str {
         crate::tenant::Plan::Free => "free",
         crate::tenant::Plan::Team => "team",
         crate::tenant::Plan::Enterprise => "enterprise",
+    }
+}
+
+/// The capability a refused call asked for, as the audit log records it. The name is the model's
+/// to choose, so one that is not a capability's shape (up to 64 of `a-z 0-9 _ . -`) is recorded
+/// as `sha256:<hex>` of it: whatever a prompt injection or a loose model puts there (prompt text,
+/// a tool's result) never reaches the permanent log in the clear.
+fn audited_capability(name: &str) -> String {
+    let shaped = (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"_.-".contains(&b));
+    if shaped {
+        name.to_owned()
+    } else {
+        format!("sha256:{}", sha256_hex(name.as_bytes()))
     }
 }
 
