@@ -211,6 +211,27 @@ pub fn parse(path: &Path, text: &str) -> Result<Manifest, ManifestError> {
                 key: "refresh_token",
             });
         }
+        // A token pasted where its variable's name goes would otherwise be logged as a name.
+        for (key, var) in [
+            ("bot_token_env", &inst.bot_token_env),
+            ("refresh_token_env", &inst.refresh_token_env),
+        ] {
+            let is_name = |v: &str| {
+                !v.is_empty()
+                    && v.len() <= 128
+                    && v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+                    && !v.as_bytes()[0].is_ascii_digit()
+            };
+            if var.as_deref().is_some_and(|v| !is_name(v)) {
+                return Err(ManifestError::Invalid {
+                    path: path.to_owned(),
+                    index,
+                    message: format!(
+                        "{key} must name an environment variable (letters, digits and _), not hold a token"
+                    ),
+                });
+            }
+        }
         let ws_err = |source| ManifestError::Workspace {
             path: path.to_owned(),
             index,
@@ -404,6 +425,11 @@ mod tests {
             assert!(!err.contains("SECRET"), "{why}: {err}");
             assert!(err.contains("line 8"), "{why}: {err}");
         }
+        // A token pasted where its variable's name goes is refused, not repeated.
+        let text = format!("{head}bot_token_env = \"xoxb-1234-SECRET\"\n");
+        let err = parse(Path::new("x.toml"), &text).unwrap_err().to_string();
+        assert!(err.contains("must name an environment variable"), "{err}");
+        assert!(!err.contains("SECRET"), "{err}");
     }
 
     #[test]
