@@ -135,28 +135,42 @@ fn token_from_env(var: Option<&str>, missing: &mut Vec<String>) -> Option<Secret
 }
 
 /// The parser's message and where in the file, without the values it quotes. toml's own text
-/// shows the offending line, and serde's names a value of the wrong type in quotes; either may
-/// be a token written where it does not belong (`bot_tokn = "xoxb-…"`, or unquoted), and this
-/// message reaches the terminal and the logs.
+/// shows the offending line, and serde's quotes a value of the wrong type (`string "…"`) or an
+/// unknown one (``unknown variant `…` ``); any of them may be a token written where it does not
+/// belong (`bot_tokn = "xoxb-…"`, a token as a role, or unquoted), and this message reaches the
+/// terminal and the logs. So every double-quoted part goes, and a backticked part stays only when
+/// it is a lower-case field name or a single punctuation mark (``expected `"` ``).
 fn syntax_message(text: &str, e: &toml::de::Error) -> String {
     let mut message = String::new();
-    let mut quoted = false;
-    for ch in e.message().chars() {
+    let mut chars = e.message().chars();
+    while let Some(ch) = chars.next() {
         match ch {
-            '"' if quoted => {
-                quoted = false;
-                message.push_str("…\"");
+            '`' => {
+                let inner: String = chars.by_ref().take_while(|&c| c != '`').collect();
+                let mut one = inner.chars();
+                let punctuation =
+                    matches!((one.next(), one.next()), (Some(c), None) if !c.is_alphanumeric());
+                let field = (1..=24).contains(&inner.len())
+                    && inner.bytes().all(|b| b.is_ascii_lowercase() || b == b'_');
+                message.push('`');
+                message.push_str(if punctuation || field { &inner } else { "…" });
+                message.push('`');
             }
             '"' => {
-                quoted = true;
-                message.push('"');
+                // To the closing quote, past escaped ones (serde writes the value with `{:?}`).
+                while let Some(c) = chars.next() {
+                    match c {
+                        '\\' => {
+                            chars.next();
+                        }
+                        '"' => break,
+                        _ => {}
+                    }
+                }
+                message.push_str("\"…\"");
             }
-            _ if quoted => {}
             _ => message.push(ch),
         }
-    }
-    if quoted {
-        message.push('…');
     }
     if let Some(before) = e.span().and_then(|span| text.get(..span.start)) {
         let line = before.matches('\n').count() + 1;
@@ -405,7 +419,8 @@ mod tests {
     }
 
     /// A token written where the format does not expect one (under a misspelt key, in a field
-    /// of another type, or unquoted) is not repeated in the error, which says where it is.
+    /// of another type, as a role, as a key, or unquoted) is not repeated in the error, which
+    /// says where it is; what names the problem (field names, expected punctuation) stays.
     #[test]
     fn a_syntax_error_does_not_repeat_what_the_file_says() {
         let head = "[tenant]\nname=\"a\"\n[[installation]]\nplatform=\"slack\"\nteam_id=\"T1\"\napp_id=\"A\"\ninstaller=\"U1\"\n";
@@ -415,16 +430,28 @@ mod tests {
                 "scopes = \"xoxb-1234-SECRET\"",
                 "a string where a list goes",
             ),
+            ("scopes = 'ab\"cd-SECRET'", "a string with a quote in it"),
             (
                 "bot_token_env = [\"xoxb-1234-SECRET\"]",
                 "a list where a name goes",
             ),
+            (
+                "[members]\n\"slack:U2\" = \"xoxb-1234-SECRET\"",
+                "a token as a role",
+            ),
+            ("xoxb-1234-SECRET = 1", "a token as a key"),
         ] {
             let text = format!("{head}{line}\n");
             let err = parse(Path::new("x.toml"), &text).unwrap_err().to_string();
             assert!(!err.contains("SECRET"), "{why}: {err}");
-            assert!(err.contains("line 8"), "{why}: {err}");
+            assert!(err.contains("(line "), "{why}: {err}");
         }
+        let text = format!("{head}bot_tokn = 1\n");
+        let err = parse(Path::new("x.toml"), &text).unwrap_err().to_string();
+        assert!(
+            err.contains("`bot_tokn`") && err.contains("`bot_token_env`"),
+            "{err}"
+        );
         // A token pasted where its variable's name goes is refused, not repeated.
         let text = format!("{head}bot_token_env = \"xoxb-1234-SECRET\"\n");
         let err = parse(Path::new("x.toml"), &text).unwrap_err().to_string();

@@ -45,15 +45,28 @@ impl FromStr for Platform {
     }
 }
 
+/// An offending value as an error shows it: quoted when it is short enough to be the id it was
+/// meant to be, and only its length when longer, since a value that long may be a token pasted
+/// into the wrong field (Slack and Discord tokens run from about 50 characters up), and these
+/// messages reach the terminal and the logs.
+fn shown(value: &str) -> String {
+    if value.chars().count() <= 32 {
+        format!("{value:?}")
+    } else {
+        format!("(a value of {} characters)", value.chars().count())
+    }
+}
+
 /// Why a workspace identity did not parse.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum WorkspaceError {
     /// The platform is neither slack nor discord.
-    #[error("unknown platform {0:?}: expected slack or discord")]
+    #[error("unknown platform {}: expected slack or discord", shown(.0))]
     UnknownPlatform(String),
     /// A Slack id was not upper-case alphanumeric starting with the expected letter.
     #[error(
-        "{what} {value:?} is not a Slack id (expected {prefix} followed by letters and digits)"
+        "{what} {} is not a Slack id (expected {prefix} followed by letters and digits)",
+        shown(.value)
     )]
     BadSlackId {
         /// team_id or enterprise_id.
@@ -64,7 +77,7 @@ pub enum WorkspaceError {
         prefix: char,
     },
     /// A Discord id was not a decimal snowflake.
-    #[error("{what} {value:?} is not a Discord snowflake (decimal digits)")]
+    #[error("{what} {} is not a Discord snowflake (decimal digits)", shown(.value))]
     BadSnowflake {
         /// guild_id, application id or user id.
         what: &'static str,
@@ -394,6 +407,29 @@ mod tests {
             "18446744073709551616",
         ] {
             assert!(Workspace::discord_guild(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    /// An id that is wrong but short is shown, so the operator sees the typo; a value as long as
+    /// a token is shown only by its length.
+    #[test]
+    fn a_bad_id_is_shown_only_when_it_is_short() {
+        let typo = Workspace::slack_team(None, "t0123")
+            .unwrap_err()
+            .to_string();
+        assert!(typo.contains("\"t0123\""), "{typo}");
+        let token = "xoxb-1234567890-0987654321-SECRETSECRETSECRET";
+        for err in [
+            Workspace::slack_team(None, token).unwrap_err(),
+            Workspace::discord_guild(token).unwrap_err(),
+            token.parse::<Platform>().unwrap_err(),
+        ] {
+            let err = err.to_string();
+            assert!(!err.contains("SECRET"), "{err}");
+            assert!(
+                err.contains(&format!("{} characters", token.len())),
+                "{err}"
+            );
         }
     }
 
