@@ -848,7 +848,12 @@ impl Agent {
                 Self::stop(st, un, b);
                 return Ok(());
             }
-            Err(QuotaError::Store(e)) => return Err(e.into()),
+            Err(QuotaError::Store(e)) => {
+                // The run's held events go on record first, as its next barrier would have put
+                // them: the result of a call that changed something may be among them.
+                self.checkpoint(ctx, repo, st, un).await?;
+                return Err(e.into());
+            }
         };
         // The model will see everything the run did so far, and the call itself is data sent out
         // of the process: both must be on record first. One barrier for both, which also ends the
