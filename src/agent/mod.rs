@@ -1283,6 +1283,13 @@ impl Agent {
         if !matches!(url.scheme(), "https" | "http") {
             return Err(bad("the URL must be http or https"));
         }
+        // The URL is stored and listed back as it is; a credential in it would be a secret kept
+        // in the clear. The tool's own secret (sealed) signs every call instead.
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err(bad(
+                "the URL must not carry a user name or password; the receiver checks the signature made with the tool's secret",
+            ));
+        }
         // A name is checked again each time it resolves; an address literal can be judged now.
         if self.inner.webhooks.egress.check_url(&url).is_err() {
             return Err(bad(

@@ -1303,3 +1303,34 @@ async fn a_key_ref_is_read_only_from_the_tenants_own_variables() {
     assert_eq!(seen.headers[1]["authorization"], "Bearer sk-tenants-own");
     s.close().await.unwrap();
 }
+
+/// A webhook URL that carries a credential is refused when declared: it would be stored and listed
+/// back in the clear, and the tool's own sealed secret signs its calls instead.
+#[tokio::test]
+async fn a_webhook_url_with_a_credential_in_it_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path(), config(None, None));
+    install(&s, "T0CRED").await;
+    let owner = user(&s, "T0CRED", "U0OWNER");
+    for url in [
+        "https://hook-user:hunter2@hooks.example.com/ticket",
+        "https://token-only@hooks.example.com/ticket",
+    ] {
+        let err = s
+            .agent
+            .declare_webhook(&owner, webhook(url, "whsec-cred"))
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("user name or password"),
+            "{url}: {err}"
+        );
+        assert!(!err.to_string().contains("hunter2"), "{err}");
+    }
+    let repo = s.store.for_tenant(&owner).unwrap();
+    assert!(
+        repo.webhooks().webhooks().unwrap().is_empty(),
+        "nothing was stored"
+    );
+    s.close().await.unwrap();
+}
