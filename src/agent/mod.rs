@@ -544,7 +544,10 @@ impl Agent {
             in_flight: None,
             usage: RunUsage::default(),
             status: Status::Running,
-            reply_to,
+            reply_to: None,
+            reply_sealed: reply_to
+                .as_ref()
+                .map(|t| repo.runs().seal_reply(&run_id, t)),
             last_seq: None,
         };
         self.drive(ctx, &repo, &settings, st, Some(un)).await
@@ -1198,8 +1201,21 @@ impl Agent {
             &serde_json::to_vec(&st).expect("run state serialises"),
             true,
         )?;
-        if let (Some(target), Some(sink)) = (&st.reply_to, self.inner.replies.get()) {
-            sink.deliver(ctx, target, &outcome).await;
+        if let Some(sink) = self.inner.replies.get() {
+            let target = match &st.reply_sealed {
+                Some(sealed) => match repo.runs().open_reply(&st.run_id, sealed) {
+                    Ok(target) => Some(target),
+                    Err(e) => {
+                        // The run is finished and on record; only its answer cannot be sent.
+                        tracing::error!(tenant = %ctx.tenant_id(), run = %st.run_id, error = %e, "cannot open where the run's answer goes");
+                        None
+                    }
+                },
+                None => st.reply_to.clone(),
+            };
+            if let Some(target) = target {
+                sink.deliver(ctx, &target, &outcome).await;
+            }
         }
         Ok(outcome)
     }

@@ -64,9 +64,14 @@ pub struct RunState {
     pub usage: RunUsage,
     /// Where it stands.
     pub status: Status,
-    /// Where its answer goes, written by the transport that accepted the command.
-    #[serde(default)]
+    /// Where its answer goes, as checkpoints before the seventh session kept it, in the clear;
+    /// read for those, never written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reply_to: Option<serde_json::Value>,
+    /// Where its answer goes, written by the transport that accepted the command, sealed by the
+    /// store for this tenant and run (`RunRepo::seal_reply`): it holds reply credentials.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply_sealed: Option<String>,
     /// The sequence number of the last event this run appended before this checkpoint. A run
     /// resumed after it reached its end looks for its end event only after this point.
     #[serde(default)]

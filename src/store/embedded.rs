@@ -866,7 +866,36 @@ impl PolicyRepo for SledTenant {
     }
 }
 
+impl SledTenant {
+    fn reply_seal_context(&self, run_id: &str) -> String {
+        format!("{}/run/{run_id}/reply_to", self.tenant)
+    }
+}
+
 impl RunRepo for SledTenant {
+    fn seal_reply(&self, run_id: &str, target: &serde_json::Value) -> String {
+        self.cipher.seal(
+            &self.reply_seal_context(run_id),
+            &secrecy::SecretString::from(target.to_string()),
+        )
+    }
+
+    fn open_reply(&self, run_id: &str, sealed: &str) -> Result<serde_json::Value> {
+        use secrecy::ExposeSecret;
+        let key = self.reply_seal_context(run_id);
+        let text = self
+            .cipher
+            .open(&key, sealed)
+            .map_err(|source| StoreError::Sealed {
+                key: key.clone(),
+                source,
+            })?;
+        serde_json::from_str(text.expose_secret()).map_err(|e| StoreError::Corrupt {
+            key,
+            why: e.to_string(),
+        })
+    }
+
     fn put_run(&self, run_id: &str, state: &[u8], finished: bool) -> Result<()> {
         if finished {
             // One write, not a batch: sled writes out its buffer for every batch. The state is

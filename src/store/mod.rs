@@ -309,6 +309,15 @@ pub trait RunRepo {
     /// # Errors
     /// [`StoreError`] on an engine failure.
     fn get_run(&self, run_id: &str) -> Result<Option<Vec<u8>>>;
+    /// Seals where a run's answer goes (a Slack `response_url`, a Discord interaction token: reply
+    /// credentials), bound to the tenant and the run, for the run's checkpoint to keep.
+    fn seal_reply(&self, run_id: &str, target: &serde_json::Value) -> String;
+    /// Opens what [`RunRepo::seal_reply`] sealed for the same run.
+    ///
+    /// # Errors
+    /// [`StoreError::Sealed`] when it does not open (another key, run or tenant), or
+    /// [`StoreError::Corrupt`] when what opens is not JSON.
+    fn open_reply(&self, run_id: &str, sealed: &str) -> Result<serde_json::Value>;
     /// The ids of every run with a checkpoint, oldest first.
     ///
     /// # Errors

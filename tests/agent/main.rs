@@ -1334,3 +1334,60 @@ async fn a_webhook_url_with_a_credential_in_it_is_refused() {
     );
     s.close().await.unwrap();
 }
+
+/// Records where answers were delivered.
+#[derive(Default)]
+struct Delivered(std::sync::Mutex<Vec<Value>>);
+
+#[async_trait::async_trait]
+impl agentgate::agent::ReplySink for Delivered {
+    async fn deliver(&self, _ctx: &TenantContext, target: &Value, _outcome: &RunOutcome) {
+        self.0.lock().unwrap().push(target.clone());
+    }
+}
+
+/// Where a run's answer goes holds reply credentials (a Slack `response_url`, a Discord
+/// interaction token): the checkpoints keep it sealed, so no file of the store holds it in the
+/// clear, and the answer still reaches it.
+#[tokio::test]
+async fn a_runs_reply_target_is_sealed_at_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path(), config(None, None));
+    install(&s, "T0SEAL").await;
+    let delivered = std::sync::Arc::new(Delivered::default());
+    s.agent.set_reply_sink(delivered.clone());
+    let target = json!({"platform": "slack", "kind": "response_url",
+        "url": "https://hooks.slack.com/commands/T0SEAL/1234/REPLYCREDENTIAL"});
+    let ctx = user(&s, "T0SEAL", "U0M");
+    let req = RunRequest {
+        text: "whoami".into(),
+        conversation: "slack:C0SEAL".into(),
+    };
+    let out = s
+        .agent
+        .run_with_reply(&ctx, req, Some(target.clone()))
+        .await
+        .unwrap();
+    assert!(matches!(out, RunOutcome::Answered(_)), "{out:?}");
+    assert_eq!(*delivered.0.lock().unwrap(), [target]);
+    let stored = s
+        .store
+        .for_tenant(&ctx)
+        .unwrap()
+        .runs()
+        .get_run(&ctx.audit().run_id.to_string())
+        .unwrap()
+        .expect("the finished state");
+    let stored: Value = serde_json::from_slice(&stored).unwrap();
+    assert!(stored["reply_sealed"].is_string(), "{stored}");
+    s.close().await.unwrap();
+    drop(s);
+    for file in walk(dir.path()) {
+        let bytes = std::fs::read(&file).unwrap();
+        assert!(
+            !bytes.windows(15).any(|w| w == b"REPLYCREDENTIAL"),
+            "{} holds the reply credential in the clear",
+            file.display()
+        );
+    }
+}

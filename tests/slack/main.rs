@@ -739,9 +739,11 @@ async fn a_run_interrupted_by_a_crash_is_resumed_at_start_and_still_answers() {
             in_flight: None,
             usage: Default::default(),
             status: Status::Running,
+            // As a checkpoint written before reply targets were sealed has it (still read).
             reply_to: Some(
                 json!({"platform": "slack", "kind": "response_url", "url": format!("{stand_in}/respond")}),
             ),
+            reply_sealed: None,
             last_seq: None,
         };
         s.store
