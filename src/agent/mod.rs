@@ -416,11 +416,22 @@ impl Agent {
         repo: &TenantStore,
         st: &RunState,
     ) -> Result<Vec<serde_json::Value>, AgentError> {
+        let from = st.last_seq.map_or(0, |s| s + 1);
+        self.events_of_run(ctx, repo, &st.run_id, from).await
+    }
+
+    /// The run's own events from log position `from` on.
+    async fn events_of_run(
+        &self,
+        ctx: &TenantContext,
+        repo: &TenantStore,
+        run_id: &str,
+        mut from: u64,
+    ) -> Result<Vec<serde_json::Value>, AgentError> {
         // Read in chunks: a run whose checkpoint is old may have a long log after it, of which
         // only its own few events are kept.
         const CHUNK: u64 = 4096;
         let size = self.inner.audit.head(ctx, repo.clone()).await?.size;
-        let mut from = st.last_seq.map_or(0, |s| s + 1);
         let mut mine = Vec::new();
         while from < size {
             let to = size.min(from + CHUNK);
@@ -433,7 +444,7 @@ impl Agent {
                 events
                     .iter()
                     .filter_map(|bytes| serde_json::from_slice::<serde_json::Value>(bytes).ok())
-                    .filter(|v| v["run_id"] == st.run_id.as_str()),
+                    .filter(|v| v["run_id"] == run_id),
             );
             from = to;
         }
@@ -599,8 +610,9 @@ impl Agent {
     /// checkpoint and no driver: a run whose checkpoints a power loss took (they are not synced),
     /// or whose driver failed before storing its first. Nothing can resume such a run,
     /// so without this its `run.started` would never be followed by an end. Its `run.failed` is
-    /// appended by the gateway itself (principal `system:agent`, the run's id) with zero totals:
-    /// what the run used is in its own `model.called` and `tool.invoked` events. Returns how many.
+    /// appended by the gateway itself (principal `system:agent`, the run's id) with the totals its
+    /// own events on record add up to (zero for a run indexed from an older store, whose events'
+    /// place is not known). Returns how many.
     ///
     /// # Errors
     /// [`AgentError`] when the tenant's log or store cannot be read, or an end not appended.
@@ -635,10 +647,15 @@ impl Agent {
                 crate::tenant::Initiator::Cron,
             )?;
             tracing::warn!(tenant = %tenant, run = %run_id, "ending a run whose checkpoints were lost");
+            let totals = match repo.projections().running_since(&run_id)? {
+                Some(from) => totals_of(&self.events_of_run(&op, &repo, &run_id, from).await?),
+                // Indexed from an older store: where its events lie is not known.
+                None => RunTotals::default(),
+            };
             self.append(
                 &ctx,
                 EventBody::RunFailed {
-                    totals: RunTotals::default(),
+                    totals,
                     reason: LOST_RUN_REASON.into(),
                 },
             )
@@ -1366,6 +1383,36 @@ fn audited_capability(name: &str) -> String {
     } else {
         format!("sha256:{}", sha256_hex(name.as_bytes()))
     }
+}
+
+/// A run's totals as its own events on record add up: model calls' tokens and cost, tool calls
+/// and their cost, and the time from its first event to its last.
+fn totals_of(events: &[serde_json::Value]) -> RunTotals {
+    let mut t = RunTotals::default();
+    let n = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
+    for e in events {
+        let d = &e["data"];
+        match e["type"].as_str() {
+            Some("model.called") => {
+                t.tokens_in = t.tokens_in.saturating_add(n(&d["tokens_in"]));
+                t.tokens_out = t.tokens_out.saturating_add(n(&d["tokens_out"]));
+                t.cost_microcents = t.cost_microcents.saturating_add(n(&d["cost_microcents"]));
+            }
+            Some("tool.invoked") => {
+                t.tool_calls = t.tool_calls.saturating_add(1);
+                t.cost_microcents = t.cost_microcents.saturating_add(n(&d["cost_microcents"]));
+            }
+            _ => {}
+        }
+    }
+    let time = |e: Option<&serde_json::Value>| {
+        e.and_then(|e| e["time"].as_str())
+            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+    };
+    if let (Some(first), Some(last)) = (time(events.first()), time(events.last())) {
+        t.walltime_ms = u64::try_from((last - first).num_milliseconds()).unwrap_or(0);
+    }
+    t
 }
 
 /// What the planner is given for the run's next step.

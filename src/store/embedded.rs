@@ -98,7 +98,8 @@ const RUNNING_INDEXED: &str = "meta/running-index";
 /// Migration: builds the index of running runs (`<tenant>/running/<run>`) from the run states of
 /// every tenant tree not marked as indexed (stores written before the fold kept it), so that a
 /// restart finds the runs it must end. Once per tree: the fold keeps the index from then on (a
-/// tree made since the last open is indexed by its folds already, so building it changes nothing).
+/// tree made since the last open is indexed by its folds already, and their entries, which say
+/// where each run's events begin, are kept).
 fn index_running_runs(db: &sled::Db) -> Result<()> {
     for name in db.tree_names() {
         let Some(tenant) = name.strip_prefix(b"tenant/".as_slice()) else {
@@ -119,7 +120,10 @@ fn index_running_runs(db: &sled::Db) -> Result<()> {
                 let run = &k[states.len()..];
                 let mut key = format!("{prefix}running/").into_bytes();
                 key.extend_from_slice(run);
-                batch.insert(key, Vec::new());
+                // An entry the fold wrote knows where the run's events begin; keep it.
+                if !tree.contains_key(&key).map_err(engine)? {
+                    batch.insert(key, Vec::new());
+                }
             }
         }
         batch.insert(marker.as_bytes(), Vec::new());
@@ -531,7 +535,7 @@ impl SledTenant {
         usage: &UsageDeltas,
         runs: &[(String, RunState)],
         members: &[(PrincipalId, Option<Role>)],
-        head: u64,
+        (from, head): (u64, u64),
     ) -> Result<Vec<(String, Usage)>> {
         let mut writes: Vec<(String, Option<Vec<u8>>)> = Vec::new();
         let mut months = Vec::new();
@@ -552,8 +556,9 @@ impl SledTenant {
             let rec = encode(&Versioned { v: 1, value: state });
             writes.push((self.key("run", run), Some(rec)));
             // The index of running runs, set and cleared with the state (a later write of the
-            // same run in this fold wins, as for the state).
-            let running = (*state == RunState::Running).then(Vec::new);
+            // same run in this fold wins, as for the state). Its value is where this fold began,
+            // so the run's events all lie at or after it.
+            let running = (*state == RunState::Running).then(|| from.to_be_bytes().to_vec());
             writes.push((self.key("running", run), running));
         }
         for (principal, role) in members {
@@ -627,20 +632,21 @@ impl ProjectionRepo for SledTenant {
         // (whose reservations are still held) or, refilling a value from sled, after it; either
         // way the update below comes last.
         let _one_fold = self.folded.fold.lock().unwrap_or_else(|e| e.into_inner());
-        let prior = {
+        let (prior, from) = {
             let mut folded = self.folded();
-            usage
+            let prior = usage
                 .months()
                 .map(|month| {
                     let (total, through) = self.usage_record(&mut folded, month)?;
                     Ok((month.to_owned(), total, through))
                 })
-                .collect::<Result<Vec<_>>>()?
+                .collect::<Result<Vec<_>>>()?;
+            (prior, self.head_in(&mut folded)?)
         };
         // Some writes may land and others not, if one fails or panics: then the kept values are
         // emptied, and read from sled again next time.
         let mut unsure = EmptyOnDrop(Some(self));
-        let months = self.write_projection(prior, usage, runs, members, head)?;
+        let months = self.write_projection(prior, usage, runs, members, (from, head))?;
         unsure.0 = None;
         let mut folded = self.folded();
         for (month, total) in months {
@@ -682,6 +688,11 @@ impl ProjectionRepo for SledTenant {
 
     fn running_runs(&self) -> Result<Vec<String>> {
         self.scan("running").map(|kv| Ok(kv?.0)).collect()
+    }
+
+    fn running_since(&self, run_id: &str) -> Result<Option<u64>> {
+        let v = self.tree.get(self.key("running", run_id)).map_err(engine)?;
+        Ok(v.and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes)))
     }
 }
 
@@ -1148,19 +1159,24 @@ mod tests {
             )
             .unwrap();
         assert_eq!(repos.running_runs().unwrap(), ["A", "D"]);
+        // Each entry says where the fold that started the run began.
+        assert_eq!(repos.running_since("A").unwrap(), Some(0));
+        assert_eq!(repos.running_since("D").unwrap(), Some(4));
+        assert_eq!(repos.running_since("C").unwrap(), None);
         drop(repos);
-        // As an older store has it: run states, no index, no marker (a tree made since the
-        // store was opened has none yet either; the next open indexes it, which changes nothing).
+        // As an older store has it: run states, no index entry for A, no marker (a tree made
+        // since the store was opened has no marker either, and keeps the entries it has).
         let tree = store.db.open_tree(format!("tenant/{tenant}")).unwrap();
-        for key in [format!("{tenant}/running/A"), format!("{tenant}/running/D")] {
-            assert!(tree.remove(key.as_bytes()).unwrap().is_some(), "{key}");
-        }
+        let key = format!("{tenant}/running/A");
+        assert!(tree.remove(key.as_bytes()).unwrap().is_some(), "{key}");
         tree.remove(format!("{tenant}/{RUNNING_INDEXED}").as_bytes())
             .unwrap();
         drop((tree, store));
         let store = Embedded::open(dir.path(), cipher).unwrap();
         let repos = store.tenant(&tenant).unwrap();
         assert_eq!(repos.running_runs().unwrap(), ["A", "D"]);
+        assert_eq!(repos.running_since("A").unwrap(), None, "not known");
+        assert_eq!(repos.running_since("D").unwrap(), Some(4), "kept");
     }
 
     #[test]

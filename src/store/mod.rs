@@ -183,6 +183,12 @@ pub trait ProjectionRepo {
     /// # Errors
     /// [`StoreError`] on an engine failure.
     fn running_runs(&self) -> Result<Vec<String>>;
+    /// For a running run, a log position at or before its first event, where the index knows
+    /// one (not for runs indexed by the migration from an older store).
+    ///
+    /// # Errors
+    /// [`StoreError`] on an engine failure.
+    fn running_since(&self, run_id: &str) -> Result<Option<u64>>;
 }
 
 /// One remembered fact.

@@ -665,21 +665,29 @@ async fn a_tenant_whose_runs_cannot_be_listed_does_not_stop_the_others() {
     s.close().await.unwrap();
 }
 
-/// A power loss took a run's only checkpoint (its first, which is not synced) while its start is
-/// on record: nothing can resume it, so the restart ends it on record, once, and the projections
-/// still agree with the log.
+/// A power loss took a run's checkpoints (they are not synced) while its events are on record:
+/// nothing can resume it, so the restart ends it on record, once, with the totals its events add
+/// up to, and the projections still agree with the log.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_lost_before_its_first_checkpoint_is_ended_on_record() {
     let dir = tempfile::tempdir().unwrap();
-    let model = openai_server(vec![Scripted::Hang], (10, 5), Duration::ZERO).await;
+    let model = openai_server(
+        vec![
+            Scripted::Tools(vec![("budget__status", json!({}))]),
+            Scripted::Hang,
+        ],
+        (10, 5),
+        Duration::ZERO,
+    )
+    .await;
     let (tenant, run_id) = {
         let s = open(dir.path(), config(Some(&model.url), None));
         let t = install(&s, "T0GONE").await;
         settings(&s, &t, |st| st.llm.provider = "openai".into());
         let ctx = user(&s, "T0GONE", "U0M");
         let run_id = ctx.audit().run_id.to_string();
-        abort_run_when(&s, ctx, "anything", "started the model call", || {
-            !model.seen().bodies.is_empty()
+        abort_run_when(&s, ctx, "anything", "started the second model call", || {
+            model.seen().bodies.len() >= 2
         })
         .await;
         s.close().await.unwrap();
@@ -701,15 +709,36 @@ async fn a_run_lost_before_its_first_checkpoint_is_ended_on_record() {
         .filter(|e| e["run_id"] == run_id.as_str())
         .collect();
     let types: Vec<&str> = mine.iter().map(|e| e["type"].as_str().unwrap()).collect();
-    assert_eq!(types, ["run.started", "model.requested", "run.failed"]);
-    let end = mine[2];
+    assert_eq!(
+        types,
+        [
+            "run.started",
+            "model.requested",
+            "model.called",
+            "tool.authorized",
+            "tool.invoked",
+            "model.requested",
+            "run.failed"
+        ]
+    );
+    let end = mine[6];
     assert!(
         end["data"]["reason"].as_str().unwrap().starts_with("lost:"),
         "{end}"
     );
     assert_eq!(end["principal"], "system:agent");
     assert_eq!(end["initiator"], "cron");
-    assert_eq!(end["data"]["totals"]["tokens_in"], 0);
+    // Its totals are what its own events on record add up to.
+    let totals = &end["data"]["totals"];
+    assert_eq!(
+        (totals["tokens_in"].as_u64(), totals["tokens_out"].as_u64()),
+        (Some(10), Some(5))
+    );
+    assert_eq!(totals["tool_calls"], 1);
+    assert_eq!(
+        totals["cost_microcents"],
+        mine[2]["data"]["cost_microcents"]
+    );
 
     assert_eq!(s.agent.resume_unfinished().await.unwrap(), 0);
     assert_eq!(events(&s, &op).await.len(), ev.len(), "ended once");
