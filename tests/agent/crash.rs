@@ -806,16 +806,7 @@ async fn a_live_run_before_its_first_checkpoint_is_not_taken_for_lost() {
     );
     assert!(sink.agent.set(agent.clone()).is_ok());
     let ctx = user(&s, "T0LIVE", "U0M");
-    let out = agent
-        .run(
-            &ctx,
-            RunRequest {
-                text: "whoami".into(),
-                conversation: "slack:C0LIVE".into(),
-            },
-        )
-        .await
-        .unwrap();
+    let out = crate::run_on(&agent, &ctx, "whoami").await;
     assert!(
         matches!(out, agentgate::agent::RunOutcome::Answered(_)),
         "{out:?}"

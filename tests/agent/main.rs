@@ -138,7 +138,16 @@ fn types(events: &[&Value]) -> Vec<String> {
 }
 
 async fn run(s: &Services, ctx: &TenantContext, text: &str) -> RunOutcome {
-    s.agent
+    run_on(&s.agent, ctx, text).await
+}
+
+/// Runs `text` for `ctx` through `agent` (one a test built around its own planner or sink).
+pub async fn run_on(
+    agent: &agentgate::agent::Agent,
+    ctx: &TenantContext,
+    text: &str,
+) -> RunOutcome {
+    agent
         .run(
             ctx,
             RunRequest {
@@ -1082,16 +1091,7 @@ async fn the_model_sees_nothing_that_is_not_durably_on_record() {
         planner.clone(),
     );
     let ctx = user(&s, "T0RECORD", "U0M");
-    let out = agent
-        .run(
-            &ctx,
-            RunRequest {
-                text: "go".into(),
-                conversation: "slack:C0REC".into(),
-            },
-        )
-        .await
-        .unwrap();
+    let out = run_on(&agent, &ctx, "go").await;
     assert_eq!(out, RunOutcome::Answered("done".into()));
     let seen = planner.seen.lock().unwrap().clone();
     assert_eq!(seen.len(), 7, "six tool steps and the answer");
@@ -1241,16 +1241,7 @@ async fn a_changing_call_that_ends_its_step_shares_the_next_barrier() {
         config(Some(&model.url), None),
     );
     let ctx = user(&s, "T0BATCH", "U0M");
-    let out = agent
-        .run(
-            &ctx,
-            RunRequest {
-                text: "save both".into(),
-                conversation: "slack:C0BATCH".into(),
-            },
-        )
-        .await
-        .unwrap();
+    let out = run_on(&agent, &ctx, "save both").await;
     assert_eq!(out, RunOutcome::Answered("Saved both.".into()));
     let batches = sink.seen.lock().unwrap().clone();
     assert_eq!(
