@@ -64,8 +64,8 @@ pub struct RunState {
     pub usage: RunUsage,
     /// Where it stands.
     pub status: Status,
-    /// Where its answer goes, as checkpoints before the seventh session kept it, in the clear;
-    /// read for those, never written.
+    /// Where its answer goes, in the clear, as checkpoints written before reply targets were
+    /// sealed keep it; read for those, never written.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reply_to: Option<serde_json::Value>,
     /// Where its answer goes, written by the transport that accepted the command, sealed by the
