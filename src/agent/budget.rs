@@ -216,9 +216,12 @@ impl Reservation {
     /// estimates made before them.
     pub fn settle(&mut self, used: Amounts) {
         let mut held = self.ledger.held.lock().unwrap_or_else(|e| e.into_inner());
-        let h = held.entry(self.tenant.clone()).or_default();
-        h.sub(&self.amounts);
-        h.add(&used);
+        // The reservation made the tenant's entry and nothing removes one, so there is no key
+        // to clone here (this runs after every model and tool call).
+        if let Some(h) = held.get_mut(&self.tenant) {
+            h.sub(&self.amounts);
+            h.add(&used);
+        }
         self.amounts = used;
     }
 }
