@@ -1124,6 +1124,39 @@ mod tests {
         assert_eq!(repos.usage().unwrap()["2026-05"].tool_calls, 6);
     }
 
+    /// A sealed reply target opens only for the run and tenant it was sealed for, and a blob that
+    /// is not one is refused, never read as a target.
+    #[test]
+    fn a_sealed_reply_target_opens_only_for_its_own_run_and_tenant() {
+        let (_dir, store) = open();
+        let (a, b) = (TenantId::generate(), TenantId::generate());
+        let ra = store.tenant(&a).unwrap();
+        let rb = store.tenant(&b).unwrap();
+        let target =
+            serde_json::json!({"kind": "response_url", "url": "https://hooks.slack.com/x"});
+        let sealed = ra.seal_reply("RUN1", &target);
+        assert!(!sealed.contains("hooks.slack.com"));
+        assert_eq!(ra.open_reply("RUN1", &sealed).unwrap(), target);
+        assert!(matches!(
+            ra.open_reply("RUN2", &sealed),
+            Err(StoreError::Sealed { .. })
+        ));
+        assert!(matches!(
+            rb.open_reply("RUN1", &sealed),
+            Err(StoreError::Sealed { .. })
+        ));
+        assert!(ra.open_reply("RUN1", "not sealed at all").is_err());
+        // Sealed text that is not JSON is refused too.
+        let text = store.cipher.seal(
+            &format!("{a}/run/RUN3/reply_to"),
+            &secrecy::SecretString::from("not json".to_owned()),
+        );
+        assert!(matches!(
+            ra.open_reply("RUN3", &text),
+            Err(StoreError::Corrupt { .. })
+        ));
+    }
+
     /// The fold keeps the index of running runs with their states, in one fold or across folds;
     /// a store written before the index existed gets it built from its run states when opened.
     #[test]
