@@ -708,9 +708,8 @@ async fn a_run_lost_before_its_first_checkpoint_is_ended_on_record() {
         .iter()
         .filter(|e| e["run_id"] == run_id.as_str())
         .collect();
-    let types: Vec<&str> = mine.iter().map(|e| e["type"].as_str().unwrap()).collect();
     assert_eq!(
-        types,
+        crate::types(&mine),
         [
             "run.started",
             "model.requested",
