@@ -822,3 +822,132 @@ async fn a_live_run_before_its_first_checkpoint_is_not_taken_for_lost() {
     );
     s.close().await.unwrap();
 }
+
+/// Passes appends through, but holds the first lost run's end until another lost run's end is on
+/// record, so that a second `end_lost_runs` started meanwhile ends the other run first.
+struct HoldFirstLostEnd {
+    inner: agentgate::audit::log::LogSink,
+    held: tokio::sync::Notify,
+    other_ended: tokio::sync::Notify,
+    lost_ends: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl agentgate::audit::AuditSink for HoldFirstLostEnd {
+    async fn append(
+        &self,
+        ctx: &agentgate::tenant::TenantContext,
+        body: agentgate::audit::EventBody,
+    ) -> Result<u64, agentgate::audit::AuditError> {
+        let lost = matches!(
+            &body,
+            agentgate::audit::EventBody::RunFailed { reason, .. } if reason.starts_with("lost:")
+        );
+        if !lost {
+            return self.inner.append(ctx, body).await;
+        }
+        let nth = self
+            .lost_ends
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        if nth == 0 {
+            self.held.notify_one();
+            self.other_ended.notified().await;
+            return self.inner.append(ctx, body).await;
+        }
+        let seq = self.inner.append(ctx, body).await?;
+        self.other_ended.notify_one();
+        Ok(seq)
+    }
+
+    async fn append_batch(
+        &self,
+        ctx: &agentgate::tenant::TenantContext,
+        bodies: &[agentgate::audit::EventBody],
+    ) -> Result<std::ops::Range<u64>, agentgate::audit::AuditError> {
+        self.inner.append_batch(ctx, bodies).await
+    }
+}
+
+/// Two ends of lost runs overlap: both list the same two runs, each ends the one the other has not
+/// claimed, and the first, coming to the run the second ended meanwhile, looks again and leaves
+/// it. Each run is ended once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlapping_ends_of_lost_runs_end_each_run_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = openai_server(
+        vec![Scripted::Hang, Scripted::Hang],
+        (10, 5),
+        Duration::ZERO,
+    )
+    .await;
+    let tenant = {
+        let s = open(dir.path(), config(Some(&model.url), None));
+        let t = install(&s, "T0TWICE").await;
+        settings(&s, &t, |st| st.llm.provider = "openai".into());
+        for n in 1..=2 {
+            let ctx = user(&s, "T0TWICE", "U0M");
+            abort_run_when(&s, ctx, "anything", "called the model", || {
+                model.seen().bodies.len() >= n
+            })
+            .await;
+        }
+        s.close().await.unwrap();
+        t
+    };
+    // Both runs' checkpoints go with the power.
+    std::fs::remove_dir_all(dir.path().join("runs").join(tenant.as_str())).unwrap();
+
+    let s = open(dir.path(), config(Some(&model.url), None));
+    let sink = std::sync::Arc::new(HoldFirstLostEnd {
+        inner: agentgate::audit::log::LogSink::new(s.audit.clone(), s.store.clone()),
+        held: tokio::sync::Notify::new(),
+        other_ended: tokio::sync::Notify::new(),
+        lost_ends: Default::default(),
+    });
+    let agent = agentgate::agent::Agent::new(
+        s.tenants.clone(),
+        s.audit.clone(),
+        sink.clone(),
+        config(Some(&model.url), None),
+    );
+    let first = tokio::spawn({
+        let (agent, tenant) = (agent.clone(), tenant.clone());
+        async move { agent.end_lost_runs(&tenant).await }
+    });
+    tokio::time::timeout(Duration::from_secs(10), sink.held.notified())
+        .await
+        .expect("the first end reached the log");
+    let second = tokio::time::timeout(Duration::from_secs(10), agent.end_lost_runs(&tenant))
+        .await
+        .expect("the second end is not held")
+        .unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(10), first)
+        .await
+        .expect("the first end goes on")
+        .unwrap()
+        .unwrap();
+    assert_eq!((first, second), (1, 1), "each ended one run");
+
+    let op = s.tenants.operator_context(&tenant).unwrap();
+    let ev = events(&s, &op).await;
+    let mut ended: Vec<&str> = ev
+        .iter()
+        .filter(|e| e["type"] == "run.failed")
+        .map(|e| e["run_id"].as_str().unwrap())
+        .collect();
+    ended.sort_unstable();
+    let mut started: Vec<&str> = ev
+        .iter()
+        .filter(|e| e["type"] == "run.started")
+        .map(|e| e["run_id"].as_str().unwrap())
+        .collect();
+    started.sort_unstable();
+    assert_eq!(started.len(), 2);
+    assert_eq!(ended, started, "each run ended once");
+    let repo = s.store.for_tenant(&op).unwrap();
+    assert_eq!(
+        s.audit.replay(&op, repo).await.unwrap(),
+        Vec::<String>::new()
+    );
+    s.close().await.unwrap();
+}
