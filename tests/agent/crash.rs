@@ -951,3 +951,98 @@ async fn overlapping_ends_of_lost_runs_end_each_run_once() {
     );
     s.close().await.unwrap();
 }
+
+/// A run whose checkpoint is there but cannot be read (damaged, or written by another version)
+/// cannot be resumed: the restart reports it, ends it on record once, with the totals its events
+/// add up to, and keeps the checkpoint for the operator. The next start reports it again and adds
+/// nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_whose_checkpoint_cannot_be_read_is_ended_on_record_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = openai_server(
+        vec![
+            Scripted::Tools(vec![("budget__status", json!({}))]),
+            Scripted::Hang,
+        ],
+        (10, 5),
+        Duration::ZERO,
+    )
+    .await;
+    let (tenant, run_id) = {
+        let s = open(dir.path(), config(Some(&model.url), None));
+        let t = install(&s, "T0DAMAGE").await;
+        settings(&s, &t, |st| st.llm.provider = "openai".into());
+        let ctx = user(&s, "T0DAMAGE", "U0M");
+        let run_id = ctx.audit().run_id.to_string();
+        abort_run_when(&s, ctx, "anything", "started the second model call", || {
+            model.seen().bodies.len() >= 2
+        })
+        .await;
+        // What a later version, or damage the files' checks cannot see, could leave.
+        let op = s.tenants.operator_context(&t).unwrap();
+        let repo = s.store.for_tenant(&op).unwrap();
+        repo.runs()
+            .put_run(&run_id, br#"{"format":"from another version"}"#, false)
+            .unwrap();
+        s.close().await.unwrap();
+        (t, run_id)
+    };
+
+    let s = open(dir.path(), config(Some(&model.url), None));
+    let op = s.tenants.operator_context(&tenant).unwrap();
+    assert!(
+        matches!(
+            s.agent.resume_unfinished().await,
+            Err(agentgate::agent::AgentError::CorruptRun(r)) if r == run_id
+        ),
+        "the unreadable checkpoint is reported"
+    );
+    let ev = events(&s, &op).await;
+    let mine: Vec<&serde_json::Value> = ev
+        .iter()
+        .filter(|e| e["run_id"] == run_id.as_str())
+        .collect();
+    assert_eq!(
+        crate::types(&mine),
+        [
+            "run.started",
+            "model.requested",
+            "model.called",
+            "tool.authorized",
+            "tool.invoked",
+            "model.requested",
+            "run.failed"
+        ]
+    );
+    let end = mine[6];
+    assert!(
+        end["data"]["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("unreadable:"),
+        "{end}"
+    );
+    assert_eq!(end["principal"], "system:agent");
+    assert_eq!(end["initiator"], "cron");
+    let totals = &end["data"]["totals"];
+    assert_eq!(
+        (totals["tokens_in"].as_u64(), totals["tokens_out"].as_u64()),
+        (Some(10), Some(5))
+    );
+    assert_eq!(totals["tool_calls"], 1);
+
+    // Reported again, not ended again; the checkpoint is still there.
+    assert!(s.agent.resume_unfinished().await.is_err());
+    assert_eq!(events(&s, &op).await.len(), ev.len(), "ended once");
+    let repo = s.store.for_tenant(&op).unwrap();
+    assert_eq!(
+        repo.runs().get_run(&run_id).unwrap().as_deref(),
+        Some(&br#"{"format":"from another version"}"#[..])
+    );
+    assert!(repo.projections().running_runs().unwrap().is_empty());
+    assert_eq!(
+        s.audit.replay(&op, repo).await.unwrap(),
+        Vec::<String>::new()
+    );
+    s.close().await.unwrap();
+}
