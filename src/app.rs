@@ -249,7 +249,7 @@ impl Application {
                 self.config.api_requests_per_minute,
             )),
         };
-        let mut app = router(state, self.config.request_timeout);
+        let mut transports = Vec::new();
         let slack_state = match self.config.slack.clone() {
             Some(slack) => Some(
                 SlackState::new(
@@ -265,7 +265,7 @@ impl Application {
             None => None,
         };
         if let Some(s) = &slack_state {
-            app = app.merge(crate::transport::slack::router(s.clone()));
+            transports.push(crate::transport::slack::router(s.clone()));
             tracing::info!("Slack routes enabled");
         }
         // The Discord Gateway runs in this process when a bot token is configured (the embedded
@@ -311,9 +311,10 @@ impl Application {
             )
         });
         if let Some(d) = &discord_state {
-            app = app.merge(crate::transport::discord::router(d.clone()));
+            transports.push(crate::transport::discord::router(d.clone()));
             tracing::info!("Discord routes enabled");
         }
+        let app = router(state, self.config.request_timeout, transports);
         // Answers go back to where their commands came from, also for runs resumed below.
         self.services
             .agent

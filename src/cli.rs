@@ -287,8 +287,14 @@ pub struct ServeArgs {
         default_value = "./installations"
     )]
     pub installations_dir: PathBuf,
-    /// Seconds a request may take before it is answered 408.
-    #[arg(long, env = "AGENTGATE_REQUEST_TIMEOUT_SECS", default_value_t = 30)]
+    /// Seconds a request may take before it is answered 408 (at least 1: with 0 every request
+    /// would be).
+    #[arg(
+        long,
+        env = "AGENTGATE_REQUEST_TIMEOUT_SECS",
+        default_value_t = 30,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
     pub request_timeout_secs: u64,
     /// Admin API requests one tenant may make per minute.
     #[arg(long, env = "AGENTGATE_API_REQUESTS_PER_MINUTE", default_value_t = 600)]

@@ -130,6 +130,31 @@ fn bad_input_gets_a_clear_error_and_a_failing_exit() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("32 bytes"));
+    // A zero timeout would answer every request 408: refused before anything starts.
+    let mut serve = agentgate(&data)
+        .env("AGENTGATE_REQUEST_TIMEOUT_SECS", "0")
+        .env("AGENTGATE_BIND", "127.0.0.1")
+        .env("PORT", "0")
+        .args(["serve"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = serve.try_wait().unwrap() {
+            break Some(status);
+        }
+        if Instant::now() > deadline {
+            serve.kill().unwrap();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let out = serve.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(status.and_then(|s| s.code()), Some(2), "{err}");
+    assert!(err.contains("request-timeout-secs"), "{err}");
 }
 
 #[test]

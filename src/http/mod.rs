@@ -38,9 +38,15 @@ pub struct AppState {
     pub api_limiter: std::sync::Arc<crate::agent::budget::RunLimiter>,
 }
 
-/// The whole router.
-pub fn router(state: AppState, request_timeout: Duration) -> Router {
-    Router::new()
+/// The whole router, with the platforms' routes (`transports`: Slack's, Discord's) under the same
+/// request timeout, error logging and tracing as the API's.
+///
+/// Why they are passed in rather than merged by the caller afterwards: a layer wraps only the
+/// routes its router has when it is applied, so routes merged later would have no timeout, and a
+/// client sending a body a byte a minute would hold its connection (and a graceful shutdown)
+/// forever.
+pub fn router(state: AppState, request_timeout: Duration, transports: Vec<Router>) -> Router {
+    let timed = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -48,15 +54,18 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
         // Unknown paths and methods answer in the API's JSON too, not with an empty body.
         .fallback(|| async { ApiError::NotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .with_state(state.clone());
+    transports
+        .into_iter()
+        .fold(timed, Router::merge)
         .layer(TimeoutLayer::with_status_code(
             axum::http::StatusCode::REQUEST_TIMEOUT,
             request_timeout,
         ))
         // After the timeout, so that these routes are not under it (see `untimed_router`).
-        .merge(api::untimed_router())
+        .merge(api::untimed_router().with_state(state))
         .layer(middleware::from_fn(log_error_cause))
         .layer(TraceLayer::new_for_http())
-        .with_state(state)
 }
 
 /// Liveness: the process answers.
