@@ -181,12 +181,20 @@ fn parse_expiry(text: &str) -> anyhow::Result<Option<chrono::Duration>> {
     if n <= 0 {
         anyhow::bail!("--expires must be positive");
     }
-    Ok(Some(match unit {
-        "d" => chrono::Duration::days(n),
-        "h" => chrono::Duration::hours(n),
-        "m" => chrono::Duration::minutes(n),
+    // The `try_` constructors: the plain ones panic on a number too large for a duration.
+    let d = match unit {
+        "d" => chrono::Duration::try_days(n),
+        "h" => chrono::Duration::try_hours(n),
+        "m" => chrono::Duration::try_minutes(n),
         _ => anyhow::bail!("--expires {text:?}: expected e.g. 90d, 12h, 30m or never"),
-    }))
+    };
+    // A time past what dates can hold is refused too (rather than when the key is made).
+    match d.filter(|d| chrono::Utc::now().checked_add_signed(*d).is_some()) {
+        Some(d) => Ok(Some(d)),
+        None => anyhow::bail!(
+            "--expires {text:?} is too far away; use never for a key that does not expire"
+        ),
+    }
 }
 
 /// `discord …`

@@ -117,6 +117,24 @@ fn bad_input_gets_a_clear_error_and_a_failing_exit() {
         &["installations", "import", "/no/such/file.toml"],
         "/no/such/file.toml",
     );
+    // Lifetimes too large for a duration, or for a date, are refused rather than a panic.
+    for expires in ["9999999999999999d", "99999999999d"] {
+        check(
+            &[
+                "keys",
+                "create",
+                "--tenant",
+                "t_01HZY3J5K6M7N8P9Q0R1S2T3V4",
+                "--role",
+                "admin",
+                "--name",
+                "x",
+                "--expires",
+                expires,
+            ],
+            "too far away",
+        );
+    }
     let bad = dir.path().join("inline.toml");
     std::fs::write(&bad, "[tenant]\nname=\"x\"\n[[installation]]\nplatform=\"slack\"\nteam_id=\"T1\"\napp_id=\"A\"\ninstaller=\"U1\"\nbot_token=\"xoxb-1\"\n").unwrap();
     check(

@@ -690,7 +690,10 @@ fn key_json(k: &crate::store::ApiKey) -> Value {
 
 fn key_error(e: KeyError) -> ApiError {
     match e {
-        KeyError::BadRole(_) | KeyError::BadScope(_) => ApiError::BadRequest(e.to_string()),
+        KeyError::BadRole(_)
+        | KeyError::BadScope(_)
+        | KeyError::BadExpiry
+        | KeyError::OutlivesIssuer(_) => ApiError::BadRequest(e.to_string()),
         KeyError::Forbidden => ApiError::Forbidden(e.to_string()),
         KeyError::NotFound => ApiError::NotFound,
         // The key is the caller's own (another tenant's is NotFound first), so its state may show.
@@ -726,6 +729,13 @@ async fn create_key(
 ) -> Res {
     let ctx = auth.require("admin:write")?;
     let role: KeyRole = b.role.parse().map_err(key_error)?;
+    // Keys made through the API always expire; only the operator's CLI makes keys that never do.
+    let days = b
+        .expires_in_days
+        .unwrap_or(crate::tenant::DEFAULT_API_KEY_DAYS);
+    if !(1..=crate::tenant::MAX_API_KEY_DAYS).contains(&days) {
+        return Err(key_error(KeyError::BadExpiry));
+    }
     let issued = state
         .tenants
         .create_key(
@@ -733,7 +743,7 @@ async fn create_key(
             &b.name,
             role,
             b.scopes,
-            b.expires_in_days.map(|d| Duration::days(i64::from(d))),
+            Some(Duration::days(i64::from(days))),
         )
         .await
         .map_err(key_error)?;

@@ -65,6 +65,11 @@ impl std::str::FromStr for KeyRole {
     }
 }
 
+/// The longest lifetime, in days, of a key made through the API (the CLI may make longer ones).
+pub const MAX_API_KEY_DAYS: u32 = 3650;
+/// The lifetime, in days, of a key made through the API that does not ask for one.
+pub const DEFAULT_API_KEY_DAYS: u32 = 90;
+
 /// Why a key could not be made or used. Every authentication failure reads the same to a client.
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
@@ -92,6 +97,13 @@ pub enum KeyError {
     /// The key is revoked or expired, so it has nothing left to hand over to a successor.
     #[error("the key is revoked or expired; make a new key instead")]
     NotLive,
+    /// The asked lifetime is not a number of days the API makes keys for.
+    #[error("expires_in_days must be from 1 to {MAX_API_KEY_DAYS}")]
+    BadExpiry,
+    /// The key asked for would be valid after the key asking for it expires: a short-lived key
+    /// must not be able to make itself a longer-lived one.
+    #[error("a key may not make a key that outlives it (this key expires at {0}); use a longer-lived key, or the agentgate keys command")]
+    OutlivesIssuer(String),
     /// Storage failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -199,13 +211,16 @@ impl Tenants {
         expires_in: Option<Duration>,
     ) -> Result<IssuedKey, KeyError> {
         Self::require_admin(ctx)?;
-        let issued = self.mint(
-            ctx.tenant_id(),
-            name,
-            role,
-            scopes,
-            expires_in.map(|d| Utc::now() + d),
-        )?;
+        let expires_at = match expires_in {
+            None => None,
+            Some(d) => Some(
+                Utc::now()
+                    .checked_add_signed(d)
+                    .ok_or(KeyError::BadExpiry)?,
+            ),
+        };
+        self.check_outlives_not(ctx, expires_at)?;
+        let issued = self.mint(ctx.tenant_id(), name, role, scopes, expires_at)?;
         self.audit_sink()
             .append(
                 ctx,
@@ -374,6 +389,28 @@ impl Tenants {
             },
             features: settings.features,
         }))
+    }
+
+    /// Refuses a key that would be valid after the API key asking for it (the context's
+    /// principal, `key:<id>`) expires; a person's or the operator's context has no such bound.
+    fn check_outlives_not(
+        &self,
+        ctx: &TenantContext,
+        expires_at: Option<chrono::DateTime<Utc>>,
+    ) -> Result<(), KeyError> {
+        let Some(issuer) = ctx.principal().as_str().strip_prefix("key:") else {
+            return Ok(());
+        };
+        let Some(issuer) = self.store().for_tenant(ctx)?.api_keys().get_key(issuer)? else {
+            return Ok(());
+        };
+        match (issuer.expires_at, expires_at) {
+            (Some(limit), None) => Err(KeyError::OutlivesIssuer(limit.to_rfc3339())),
+            (Some(limit), Some(at)) if at > limit => {
+                Err(KeyError::OutlivesIssuer(limit.to_rfc3339()))
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Makes a key as the operator (the CLI), for bootstrapping a tenant's first admin key.

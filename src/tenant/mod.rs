@@ -12,7 +12,7 @@ mod settings;
 
 pub use context::{AuditMeta, Initiator, PrincipalKind, Role, TenantContext, UnknownRole};
 pub use ids::{CorrelationId, IdError, PrincipalId, RunId, Scope, TenantId};
-pub use keys::{is_live, IssuedKey, KeyError, KeyRole};
+pub use keys::{is_live, IssuedKey, KeyError, KeyRole, DEFAULT_API_KEY_DAYS, MAX_API_KEY_DAYS};
 pub use service::{
     InstallOutcome, Installed, ProvisionError, ResolveError, Resolved, Tenants, WorkspaceRequest,
 };

@@ -538,3 +538,101 @@ async fn a_rotation_racing_a_revocation_never_outlives_it() {
         }
     }
 }
+
+/// Keys made through the API always expire (90 days unless asked, at most 3650), a lifetime too
+/// large for a date is a 400 rather than a dropped connection, and a key cannot make or rotate
+/// itself a successor that outlives it: a leaked short-lived admin key does not become a lasting
+/// one. Nothing refused is made or audited.
+#[tokio::test]
+async fn api_keys_always_expire_and_never_outlive_the_key_that_makes_them() {
+    let app = spawn().await;
+    let admin = app.a.admin.token.clone();
+    let r = app
+        .post(
+            "/api/v1/keys",
+            &admin,
+            json!({"name": "ci", "role": "compliance"}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    let v = r.json();
+    let made = chrono::DateTime::parse_from_rfc3339(v["created_at"].as_str().unwrap()).unwrap();
+    let expires = chrono::DateTime::parse_from_rfc3339(v["expires_at"].as_str().unwrap()).unwrap();
+    let off = (expires - made - chrono::Duration::days(90)).abs();
+    assert!(off < chrono::Duration::seconds(1), "{v}");
+
+    let brief = make_key(
+        &app.services,
+        &app.a.id,
+        "brief",
+        KeyRole::Admin,
+        vec![],
+        Some(chrono::Duration::days(2)),
+    )
+    .await;
+    let keys_before = app.get("/api/v1/keys", &admin).await.json();
+    let changes_before = key_changes(&app).await;
+    for days in [json!(0), json!(3651), json!(4_294_967_295_u64)] {
+        let r = app
+            .post(
+                "/api/v1/keys",
+                &admin,
+                json!({"name": "x", "role": "admin", "expires_in_days": days}),
+            )
+            .await;
+        assert_eq!(r.status, 400, "{days}: {}", r.text());
+        assert_eq!(
+            r.error(),
+            "expires_in_days must be from 1 to 3650",
+            "{days}"
+        );
+    }
+
+    let refused = [
+        (
+            "a longer key",
+            "/api/v1/keys".to_owned(),
+            json!({"name": "x", "role": "admin", "expires_in_days": 30}),
+        ),
+        (
+            "the default lifetime",
+            "/api/v1/keys".to_owned(),
+            json!({"name": "x", "role": "admin"}),
+        ),
+        (
+            "a rotation of a key that never expires",
+            format!("/api/v1/keys/{}/rotate", app.a.compliance.id),
+            json!({}),
+        ),
+    ];
+    for (what, path, body) in refused {
+        let r = app.post(&path, &brief.token, body).await;
+        assert_eq!(r.status, 400, "{what}: {}", r.text());
+        assert!(
+            r.error()
+                .starts_with("a key may not make a key that outlives it"),
+            "{what}: {}",
+            r.text()
+        );
+        assert!(r.json().get("token").is_none(), "{what}");
+    }
+    assert_eq!(
+        app.get("/api/v1/keys", &admin).await.json(),
+        keys_before,
+        "a refused key was made or changed"
+    );
+    assert_eq!(
+        key_changes(&app).await,
+        changes_before,
+        "a refused key was audited"
+    );
+    // One that ends before it is made.
+    let r = app
+        .post(
+            "/api/v1/keys",
+            &brief.token,
+            json!({"name": "y", "role": "service", "expires_in_days": 1}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text());
+}
