@@ -559,6 +559,41 @@ pub enum TenantsCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Show or change a tenant's plan, monthly quota and per-run ceilings. Only the operator sets
+    /// these (a tenant's admins cannot), each change is audited, and with no change given the
+    /// current limits are printed.
+    Limits {
+        /// The tenant id.
+        #[arg(long)]
+        tenant: String,
+        /// free, team or enterprise.
+        #[arg(long)]
+        plan: Option<String>,
+        /// Model tokens per calendar month (UTC).
+        #[arg(long)]
+        quota_tokens: Option<u64>,
+        /// Tool calls per calendar month.
+        #[arg(long)]
+        quota_tool_calls: Option<u64>,
+        /// Runs per calendar month.
+        #[arg(long)]
+        quota_runs: Option<u64>,
+        /// Cost per calendar month, in microcents (a millionth of a cent).
+        #[arg(long)]
+        quota_cost_microcents: Option<u64>,
+        /// Model tokens per run.
+        #[arg(long)]
+        run_tokens: Option<u64>,
+        /// Tool calls per run.
+        #[arg(long)]
+        run_tool_calls: Option<u64>,
+        /// Wall time per run, in milliseconds.
+        #[arg(long)]
+        run_walltime_ms: Option<u64>,
+        /// Cost per run, in microcents.
+        #[arg(long)]
+        run_cost_microcents: Option<u64>,
+    },
 }
 
 impl GlobalArgs {
@@ -609,6 +644,12 @@ impl Cli {
             Command::Tenants(TenantsCommand::List { json }) => {
                 let services = Services::open(&self.global.data_dir, master_key.as_ref(), &audit)?;
                 tenants_list(&services, json)
+            }
+            Command::Tenants(cmd @ TenantsCommand::Limits { .. }) => {
+                let services = Services::open(&self.global.data_dir, master_key.as_ref(), &audit)?;
+                let result = tenants_limits(&services, cmd).await;
+                services.close().await?;
+                result
             }
             Command::Discord(DiscordCommand::RegisterCommands { guild, discord }) => {
                 let (Some(app), Some(token)) = (discord.discord_application_id, discord.discord_bot_token) else {
@@ -955,6 +996,57 @@ fn tenants_list(services: &Services, as_json: bool) -> anyhow::Result<()> {
             println!("no tenants");
         }
     }
+    Ok(())
+}
+
+async fn tenants_limits(services: &Services, cmd: TenantsCommand) -> anyhow::Result<()> {
+    let TenantsCommand::Limits {
+        tenant,
+        plan,
+        quota_tokens,
+        quota_tool_calls,
+        quota_runs,
+        quota_cost_microcents,
+        run_tokens,
+        run_tool_calls,
+        run_walltime_ms,
+        run_cost_microcents,
+    } = cmd
+    else {
+        unreachable!("called for limits only")
+    };
+    let id: TenantId = tenant.parse().context("--tenant: not a tenant id")?;
+    let plan = match plan {
+        None => None,
+        Some(p) => Some(
+            serde_json::from_value::<crate::tenant::Plan>(serde_json::Value::String(p.clone()))
+                .map_err(|_| anyhow::anyhow!("--plan {p:?}: expected free, team or enterprise"))?,
+        ),
+    };
+    let change = crate::tenant::LimitsChange {
+        plan,
+        quota_tokens,
+        quota_tool_calls,
+        quota_runs,
+        quota_cost_microcents,
+        run_tokens,
+        run_tool_calls,
+        run_walltime_ms,
+        run_cost_microcents,
+    };
+    let s = services
+        .tenants
+        .set_limits_as_operator(&id, &change)
+        .await?;
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&json!({
+            "tenant": id.as_str(),
+            "plan": s.plan,
+            "quota": s.quota,
+            "run_ceilings": s.run_ceilings,
+        }))?
+    );
     Ok(())
 }
 

@@ -529,3 +529,53 @@ fn keys_are_created_listed_and_revoked_from_the_command_line() {
         );
     }
 }
+
+#[test]
+fn the_operator_shows_and_sets_a_tenants_limits() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let manifest = write_manifest(dir.path(), "T0LIMITS", "CLI_LIMITS_TOKEN");
+    run_ok(
+        agentgate(&data)
+            .env("CLI_LIMITS_TOKEN", "xoxb-limits")
+            .args(["installations", "import"])
+            .arg(&manifest),
+    );
+    let tenants: serde_json::Value = serde_json::from_str(&run_ok(
+        agentgate(&data).args(["tenants", "list", "--json"]),
+    ))
+    .unwrap();
+    let id = tenants[0]["id"].as_str().unwrap().to_owned();
+    let limits = |args: &[&str]| -> serde_json::Value {
+        serde_json::from_str(&run_ok(
+            agentgate(&data)
+                .args(["tenants", "limits", "--tenant", &id])
+                .args(args),
+        ))
+        .unwrap()
+    };
+    let shown = limits(&[]);
+    assert_eq!(shown["plan"], "free");
+    let set = limits(&[
+        "--plan",
+        "enterprise",
+        "--quota-tokens",
+        "123456",
+        "--run-walltime-ms",
+        "9000",
+    ]);
+    assert_eq!(set["plan"], "enterprise");
+    assert_eq!(set["quota"]["tokens"], 123_456);
+    assert_eq!(set["run_ceilings"]["walltime_ms"], 9000);
+    assert_eq!(set["quota"]["runs"], shown["quota"]["runs"], "kept");
+    assert_eq!(limits(&[]), set, "stored");
+
+    let out = agentgate(&data)
+        .args(["tenants", "limits", "--tenant", &id, "--plan", "platinum"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("expected free, team or enterprise"), "{err}");
+    assert_eq!(limits(&[]), set, "a refused change changes nothing");
+}

@@ -116,6 +116,23 @@ async fn patch_settings(
     JsonBody(p): JsonBody<SettingsPatch>,
 ) -> Res {
     let ctx = auth.require("admin:write")?;
+    // Refused whole, before anything changes: the limits bound what the tenant may spend, so only
+    // the operator sets them (see `tenant::limits`).
+    let limits: Vec<&str> = [
+        ("plan", p.plan.is_some()),
+        ("quota", p.quota.is_some()),
+        ("run_ceilings", p.run_ceilings.is_some()),
+    ]
+    .into_iter()
+    .filter_map(|(name, given)| given.then_some(name))
+    .collect();
+    if !limits.is_empty() {
+        return Err(ApiError::Forbidden(format!(
+            "{} can only be changed by the operator (agentgate tenants limits)",
+            limits.join(", ")
+        )));
+    }
+    let _settings = state.tenants.lock_settings(ctx.tenant_id()).await;
     let r = repo(&state, ctx)?;
     let mut s = r.settings().get()?.ok_or(ApiError::NotFound)?;
     let mut fields = Vec::new();
@@ -125,10 +142,6 @@ async fn patch_settings(
         }
         s.name = v;
         fields.push("name".to_owned());
-    }
-    if let Some(v) = p.plan {
-        s.plan = v;
-        fields.push("plan".to_owned());
     }
     if let Some(v) = p.default_role {
         if v == Role::Owner {
@@ -142,14 +155,6 @@ async fn patch_settings(
     if let Some(v) = p.features {
         s.features = v;
         fields.push("features".to_owned());
-    }
-    if let Some(v) = p.run_ceilings {
-        s.run_ceilings = v;
-        fields.push("run_ceilings".to_owned());
-    }
-    if let Some(v) = p.quota {
-        s.quota = v;
-        fields.push("quota".to_owned());
     }
     if !fields.is_empty() {
         changed(&state, ctx, fields).await?;
@@ -194,6 +199,7 @@ async fn patch_llm(
     JsonBody(p): JsonBody<LlmPatch>,
 ) -> Res {
     let ctx = auth.require("admin:write")?;
+    let _settings = state.tenants.lock_settings(ctx.tenant_id()).await;
     let r = repo(&state, ctx)?;
     let mut s = r.settings().get()?.ok_or(ApiError::NotFound)?;
     let mut fields = Vec::new();

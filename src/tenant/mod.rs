@@ -7,12 +7,14 @@
 mod context;
 mod ids;
 mod keys;
+mod limits;
 mod service;
 mod settings;
 
 pub use context::{AuditMeta, Initiator, PrincipalKind, Role, TenantContext, UnknownRole};
 pub use ids::{CorrelationId, IdError, PrincipalId, RunId, Scope, TenantId};
 pub use keys::{is_live, IssuedKey, KeyError, KeyRole, DEFAULT_API_KEY_DAYS, MAX_API_KEY_DAYS};
+pub use limits::LimitsChange;
 pub use service::{
     InstallOutcome, Installed, ProvisionError, ResolveError, Resolved, Tenants, WorkspaceRequest,
 };

@@ -124,11 +124,27 @@ pub struct Tenants {
     /// One lock per tenant for changes to its API keys (revoke, rotate), which read a key, append
     /// an audit event and write the key back: without it a rotation racing a revocation could
     /// leave a live successor of a revoked key, or move a revocation later.
-    key_locks: Arc<KeyLocks>,
+    key_locks: Arc<TenantLocks>,
+    /// One lock per tenant for changes to its settings, which read them, append an audit event and
+    /// write them back: without it two changes at once would both be audited and one lost.
+    settings_locks: Arc<TenantLocks>,
 }
 
-/// The per-tenant API key locks.
-type KeyLocks = std::sync::Mutex<std::collections::HashMap<TenantId, Arc<tokio::sync::Mutex<()>>>>;
+/// One lock per tenant, for one kind of change.
+type TenantLocks =
+    std::sync::Mutex<std::collections::HashMap<TenantId, Arc<tokio::sync::Mutex<()>>>>;
+
+/// Waits for `tenant`'s lock in `locks` and holds it until the guard drops.
+async fn lock_tenant(locks: &TenantLocks, tenant: &TenantId) -> tokio::sync::OwnedMutexGuard<()> {
+    let lock = Arc::clone(
+        locks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(tenant.clone())
+            .or_default(),
+    );
+    lock.lock_owned().await
+}
 
 /// Who a context acts for.
 struct Actor {
@@ -158,19 +174,19 @@ impl Tenants {
             audit,
             key_pepper: Arc::new(secrecy::SecretString::from(String::new())),
             key_locks: Arc::default(),
+            settings_locks: Arc::default(),
         }
     }
 
     /// Holds the tenant's API key lock until the guard drops.
     pub(super) async fn lock_keys(&self, tenant: &TenantId) -> tokio::sync::OwnedMutexGuard<()> {
-        let lock = Arc::clone(
-            self.key_locks
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .entry(tenant.clone())
-                .or_default(),
-        );
-        lock.lock_owned().await
+        lock_tenant(&self.key_locks, tenant).await
+    }
+
+    /// Holds the tenant's settings lock until the guard drops: every read, change and write back of
+    /// a tenant's settings happens under it.
+    pub async fn lock_settings(&self, tenant: &TenantId) -> tokio::sync::OwnedMutexGuard<()> {
+        lock_tenant(&self.settings_locks, tenant).await
     }
 
     /// Sets the key API key secrets are hashed under (derived from the master key).

@@ -44,7 +44,7 @@ async fn every_admin_change_is_audited_in_order_and_no_secret_is_logged() {
         app.patch(
             "/api/v1/settings",
             a,
-            json!({"name": "audited", "plan": "team"}),
+            json!({"name": "audited", "default_role": "viewer"}),
         )
         .await,
         "settings",
@@ -144,7 +144,7 @@ async fn every_admin_change_is_audited_in_order_and_no_secret_is_logged() {
     let changed = |fields: Value| json!({"type": "settings.changed", "data": {"fields": fields}});
     let mut at = start;
     for want in [
-        changed(json!(["name", "plan"])),
+        changed(json!(["name", "default_role"])),
         changed(json!(["llm.provider"])),
         json!({"type": "role.granted", "data": {"principal": "slack:U0NEW", "role": "member"}}),
         json!({"type": "role.revoked", "data": {"principal": "slack:U0NEW", "role": "member"}}),

@@ -318,3 +318,94 @@ async fn a_null_key_ref_clears_it() {
     assert_eq!(r.json()["key_ref"], Value::Null);
     assert_eq!(app.settings(&app.a.id).llm.key_ref, None);
 }
+
+/// A tenant's plan, monthly quota and run ceilings bound what it may spend (on the deployment's
+/// own model keys too), so its admins cannot change them: the whole request is refused, nothing is
+/// changed or audited, and the operator's limits stay. The refusal names every limit asked for.
+#[tokio::test]
+async fn a_tenant_admin_cannot_raise_its_own_limits() {
+    let app = spawn().await;
+    let a = &app.a.admin.token;
+    let before = app.settings(&app.a.id);
+    let n = app.events(&app.a.id).await.len();
+    let huge = json!({"tokens": u64::MAX, "tool_calls": u64::MAX, "runs": u64::MAX, "cost_microcents": u64::MAX});
+    let ceilings = json!({"tokens": u64::MAX, "tool_calls": u64::MAX, "walltime_ms": u64::MAX, "cost_microcents": u64::MAX});
+    for (body, named) in [
+        (json!({"plan": "enterprise"}), "plan"),
+        (json!({"quota": huge}), "quota"),
+        (json!({"run_ceilings": ceilings}), "run_ceilings"),
+        (
+            json!({"name": "renamed", "plan": "team", "quota": huge}),
+            "plan, quota",
+        ),
+    ] {
+        let r = app.patch("/api/v1/settings", a, body.clone()).await;
+        assert_eq!(r.status, 403, "{body}: {}", r.text());
+        assert_eq!(
+            r.error(),
+            format!("{named} can only be changed by the operator (agentgate tenants limits)"),
+            "{body}"
+        );
+    }
+    assert_eq!(app.settings(&app.a.id), before, "nothing changed");
+    assert_eq!(app.events(&app.a.id).await.len(), n, "nothing audited");
+
+    // The operator's change is audited as the operator, field by field, and stored.
+    let change = agentgate::tenant::LimitsChange {
+        plan: Some(agentgate::tenant::Plan::Team),
+        quota_runs: Some(7),
+        run_tool_calls: Some(before.run_ceilings.tool_calls),
+        ..Default::default()
+    };
+    let after = app
+        .services
+        .tenants
+        .set_limits_as_operator(&app.a.id, &change)
+        .await
+        .unwrap();
+    assert_eq!(after.plan, agentgate::tenant::Plan::Team);
+    assert_eq!(after.quota.runs, 7);
+    assert_eq!(app.settings(&app.a.id), after);
+    let events = app.events(&app.a.id).await;
+    let last = &events[events.len() - 1];
+    assert_eq!(last["type"], "settings.changed");
+    assert_eq!(last["principal"], "operator:cli");
+    // An unchanged value is not named.
+    assert_eq!(last["data"]["fields"], json!(["plan", "quota.runs"]));
+    let r = app.get("/api/v1/settings", a).await;
+    assert_eq!(r.json()["quota"]["runs"], 7);
+}
+
+/// Two settings changes at once are both kept, as both are audited: each reads, audits and writes
+/// back under the tenant's settings lock, so neither overwrites the other with what it read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_settings_changes_are_all_kept() {
+    let app = spawn().await;
+    let a = &app.a.admin.token;
+    for round in 0..5 {
+        let name = format!("renamed {round}");
+        let role = if round % 2 == 0 { "viewer" } else { "member" };
+        let (r1, r2, r3) = tokio::join!(
+            app.patch("/api/v1/settings", a, json!({ "name": name })),
+            app.patch("/api/v1/settings", a, json!({ "default_role": role })),
+            app.patch(
+                "/api/v1/settings/llm",
+                a,
+                json!({"default_max_tokens": 100 + round})
+            ),
+        );
+        for r in [&r1, &r2, &r3] {
+            assert_eq!(r.status, 200, "{}", r.text());
+        }
+        let s = app.settings(&app.a.id);
+        assert_eq!(
+            (
+                s.name.as_str(),
+                s.default_role.as_str(),
+                s.llm.default_max_tokens
+            ),
+            (name.as_str(), role, 100 + round),
+            "round {round}: a change was lost"
+        );
+    }
+}
