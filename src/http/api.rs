@@ -549,9 +549,18 @@ async fn get_run(State(state): State<AppState>, auth: ApiContext, Path(id): Path
 }
 
 fn audit_err(e: crate::audit::AuditError) -> ApiError {
+    use crate::audit::merkle::TreeError as T;
     use crate::audit::AuditError as E;
     match e {
-        E::Tree(_) | E::Export(_) => ApiError::BadRequest(e.to_string()),
+        // What the caller asked for is outside the tree; anything else the tree reports (its
+        // node store failing, a missing or mismatched node) is ours, and its cause is logged.
+        E::Tree(
+            T::SizeOutOfRange { .. }
+            | T::LeafOutOfRange { .. }
+            | T::SizeDecreased { .. }
+            | T::EmptyOldTree,
+        )
+        | E::Export(_) => ApiError::BadRequest(e.to_string()),
         other => ApiError::Internal(other.into()),
     }
 }
@@ -795,4 +804,42 @@ async fn rotate_key(
     let mut v = key_json(&issued.record);
     v["token"] = json!(secrecy::ExposeSecret::expose_secret(&issued.token));
     Ok((StatusCode::CREATED, Json(v)).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::merkle::TreeError;
+    use crate::audit::AuditError;
+
+    #[test]
+    fn only_a_tree_error_the_caller_caused_is_a_bad_request() {
+        let caller = [
+            TreeError::SizeOutOfRange {
+                requested: 9,
+                current: 3,
+            },
+            TreeError::LeafOutOfRange { leaf: 5, size: 3 },
+            TreeError::SizeDecreased { size1: 3, size2: 2 },
+            TreeError::EmptyOldTree,
+        ];
+        for e in caller {
+            assert!(
+                matches!(audit_err(AuditError::Tree(e)), ApiError::BadRequest(_)),
+                "a bad request"
+            );
+        }
+        let ours = [
+            TreeError::Store("disk".into()),
+            TreeError::Full,
+            TreeError::MissingNode(crate::audit::merkle::NodeId::new(0, 1).unwrap()),
+            TreeError::NodeMismatch(crate::audit::merkle::NodeId::new(1, 0).unwrap()),
+        ];
+        for e in ours {
+            assert!(
+                matches!(audit_err(AuditError::Tree(e)), ApiError::Internal(_)),
+                "an internal error"
+            );
+        }
+    }
 }

@@ -351,6 +351,14 @@ impl Tenants {
                     return Err(KeyError::BadActingUser);
                 }
                 let p: PrincipalId = user.parse().map_err(|_| KeyError::BadActingUser)?;
+                // Only a workspace's users: not the operator, the gateway itself (`system:…`) or
+                // another key, whose names in the audit log must mean what they say.
+                if !["slack:", "discord:"]
+                    .iter()
+                    .any(|source| p.as_str().starts_with(source))
+                {
+                    return Err(KeyError::BadActingUser);
+                }
                 let user_role = repo.members().role_of(&p)?.unwrap_or(settings.default_role);
                 // Acting for a user never grants more than the user has, nor more than the key.
                 let role = if user_role.at_least(key_role.role()) {

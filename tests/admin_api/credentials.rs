@@ -269,7 +269,17 @@ async fn only_service_keys_may_act_for_a_user() {
         assert_eq!(r.error(), "invalid acting user", "{what}");
     }
     // A malformed header is a 400 even for a service key.
-    for bad in ["U0AOWNER", "slack:", "", "slack:U0 AOWNER"] {
+    // So is one that names anyone but a workspace's user: the operator, the gateway, a key.
+    for bad in [
+        "U0AOWNER",
+        "slack:",
+        "",
+        "slack:U0 AOWNER",
+        "operator:cli",
+        "system:agent",
+        "key:01M8SY416AZ7A2E2H8YQRVH7K8",
+        "slackx:U0AOWNER",
+    ] {
         let r = app
             .get_h(
                 "/api/v1/settings",
