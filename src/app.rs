@@ -248,6 +248,7 @@ impl Application {
             api_limiter: Arc::new(crate::agent::budget::RunLimiter::new(
                 self.config.api_requests_per_minute,
             )),
+            exports: Arc::default(),
         };
         let mut transports = Vec::new();
         let slack_state = match self.config.slack.clone() {

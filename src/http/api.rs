@@ -616,6 +616,44 @@ struct ExportBody {
     since_checkpoint: Option<String>,
 }
 
+/// The tenants whose export is running (see [`AppState::exports`]).
+#[derive(Default)]
+pub struct Exporting(std::sync::Mutex<std::collections::HashSet<crate::tenant::TenantId>>);
+
+/// A tenant's place in [`Exporting`], given up when dropped: after its bundle was sent, or when
+/// the export failed or its client went away.
+struct ExportSlot {
+    all: std::sync::Arc<Exporting>,
+    tenant: crate::tenant::TenantId,
+}
+
+impl Exporting {
+    fn take(
+        all: &std::sync::Arc<Exporting>,
+        tenant: &crate::tenant::TenantId,
+    ) -> Option<ExportSlot> {
+        let fresh = all
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(tenant.clone());
+        fresh.then(|| ExportSlot {
+            all: std::sync::Arc::clone(all),
+            tenant: tenant.clone(),
+        })
+    }
+}
+
+impl Drop for ExportSlot {
+    fn drop(&mut self) {
+        self.all
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&self.tenant);
+    }
+}
+
 /// Streams the export bundle as a tar archive of the directory the CLI writes.
 async fn audit_export(
     State(state): State<AppState>,
@@ -623,6 +661,12 @@ async fn audit_export(
     JsonBodyOrDefault(b): JsonBodyOrDefault<ExportBody>,
 ) -> Res {
     let ctx = auth.require("audit:read")?.clone();
+    // Refused before anything is recorded, so a refused export leaves no `export.created`.
+    let slot = Exporting::take(&state.exports, ctx.tenant_id()).ok_or_else(|| {
+        ApiError::Conflict(
+            "an export of this tenant is running; ask again when it has been sent".into(),
+        )
+    })?;
     let dir = tempfile::tempdir().map_err(|e| ApiError::Internal(e.into()))?;
     let out = dir.path().join("bundle");
     let repo = repo(&state, &ctx)?;
@@ -641,16 +685,17 @@ async fn audit_export(
                 &out,
             )
             .await;
-        (dir, out, written)
+        (dir, out, written, slot)
     });
-    let (dir, out, written) = export
+    let (dir, out, written, slot) = export
         .await
         .map_err(|e| ApiError::Internal(anyhow::anyhow!("the export task stopped: {e}")))?;
     written.map_err(audit_err)?;
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(8);
     tokio::task::spawn_blocking(move || {
-        // Keep the temporary directory alive until the archive is written.
+        // Keep the temporary directory, and the tenant's place, until the archive is written.
         let _dir = dir;
+        let _slot = slot;
         let errors = tx.clone();
         let mut tar = tar::Builder::new(ChannelWriter(tx));
         let res = tar

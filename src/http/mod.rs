@@ -36,6 +36,10 @@ pub struct AppState {
     pub sink: std::sync::Arc<dyn crate::audit::AuditSink>,
     /// The per-tenant API rate limit.
     pub api_limiter: std::sync::Arc<crate::agent::budget::RunLimiter>,
+    /// The tenants with an export running: one at a time each, since an export writes a copy of
+    /// the whole range to the temporary directory, and a loop of them would fill the disk that
+    /// every tenant's log is on.
+    pub exports: std::sync::Arc<api::Exporting>,
 }
 
 /// The whole router, with the platforms' routes (`transports`: Slack's, Discord's) under the same

@@ -205,8 +205,97 @@ fn unpack(tar_bytes: &[u8], into: &Path) {
 #[tokio::test]
 async fn an_export_is_not_cut_by_the_request_timeout() {
     let app = spawn_with_timeout(std::time::Duration::ZERO).await;
+    // A route under the timeout is cut (this one waits for its audit event to be durable).
+    let r = app
+        .patch(
+            "/api/v1/settings",
+            &app.a.admin.token,
+            json!({"name": "late"}),
+        )
+        .await;
+    assert_eq!(r.status, 408, "{}", r.text());
     let out = export_all(&app).await;
     agentgate::audit::bundle::verify(&out.path().join("bundle"), None, None).unwrap();
+}
+
+/// How many exports A's log records.
+async fn exports_of(app: &TestApp) -> usize {
+    app.events(&app.a.id)
+        .await
+        .iter()
+        .filter(|e| e["type"] == "export.created")
+        .count()
+}
+
+/// One export per tenant at a time: each writes a copy of the whole range to the temporary
+/// directory, so a loop of them would fill the disk every tenant's log is on. A second export
+/// while the first is still being sent is refused before it is recorded; another tenant's goes
+/// ahead; once the first is sent, the next one is allowed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_export_per_tenant_at_a_time() {
+    let app = spawn().await;
+    // A bundle larger than the sockets' buffers, so the first export is still being sent while
+    // its client does not read.
+    let ctx = app.operator(&app.a.id);
+    let repo = app.services.store.for_tenant(&ctx).unwrap();
+    let bodies: Vec<agentgate::audit::EventBody> = (0..120)
+        .map(|i| agentgate::audit::EventBody::SettingsChanged {
+            fields: vec![format!("{i}:{}", "x".repeat(60_000))],
+        })
+        .collect();
+    app.services
+        .audit
+        .append_batch_with(&ctx, repo, &bodies)
+        .await
+        .unwrap();
+
+    let first = app
+        .http
+        .post(format!("{}/api/v1/audit/export", app.url))
+        .bearer_auth(&app.a.compliance.token)
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(first.status(), 200);
+    assert_eq!(exports_of(&app).await, 1);
+    let r = app
+        .post("/api/v1/audit/export", &app.a.compliance.token, json!({}))
+        .await;
+    assert_eq!(r.status, 409, "a second export of A was not refused");
+    assert_eq!(
+        r.error(),
+        "an export of this tenant is running; ask again when it has been sent"
+    );
+    assert_eq!(
+        exports_of(&app).await,
+        1,
+        "the refused export is not recorded"
+    );
+    let r = app
+        .post("/api/v1/audit/export", &app.b.compliance.token, json!({}))
+        .await;
+    assert_eq!(r.status, 200, "another tenant's export goes ahead");
+
+    let bundle = first.bytes().await.unwrap();
+    assert!(bundle.len() > 14_000_000, "{}", bundle.len());
+    // The slot is given up once the archive is written, just after its last bytes went out.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let r = app
+            .post("/api/v1/audit/export", &app.a.compliance.token, json!({}))
+            .await;
+        if r.status == 200 {
+            break;
+        }
+        assert_eq!(r.status, 409, "{}", r.error());
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the slot was not given up"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(exports_of(&app).await, 2);
 }
 
 /// Exports all of A's log over HTTP, as its compliance officer, and unpacks the tar.
