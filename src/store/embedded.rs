@@ -428,7 +428,7 @@ impl InstallationRepo for SledTenant {
     fn get(&self, id: &InstallationId) -> Result<Option<Installation>> {
         let key = self.key("installation", id.as_str());
         self.get_json::<InstallationRecord>(&key)?
-            .map(|rec| rec.open(&key, &self.cipher))
+            .map(|rec| rec.open(&key, &self.cipher, &self.tenant, id.as_str()))
             .transpose()
     }
 
@@ -451,7 +451,7 @@ impl InstallationRepo for SledTenant {
                 let (rest, v) = kv?;
                 let key = self.key("installation", &rest);
                 let rec: InstallationRecord = decode(key.as_bytes(), &v)?;
-                rec.open(&key, &self.cipher)
+                rec.open(&key, &self.cipher, &self.tenant, &rest)
             })
             .collect()
     }
@@ -1044,6 +1044,70 @@ mod tests {
         ));
         assert!(matches!(
             InstallationRepo::list(&*repos),
+            Err(StoreError::Corrupt { .. })
+        ));
+    }
+
+    /// A whole installation record copied into another tenant's tree (or under another id) does
+    /// not open there: its tokens would, as they are sealed for the names the record carries.
+    #[test]
+    fn an_installation_record_opens_only_where_it_was_written() {
+        let (_dir, store) = open();
+        let a = TenantId::generate();
+        let b = TenantId::generate();
+        let id = InstallationId::generate();
+        let installation = Installation {
+            id: id.clone(),
+            tenant: a.clone(),
+            workspace: crate::installation::Workspace::slack_team(None, "T0COPIED").unwrap(),
+            app_id: "A0".into(),
+            bot_user_id: None,
+            bot_token: Some("xoxb-copied".to_owned().into()),
+            refresh_token: None,
+            token_expires_at: None,
+            scopes: vec![],
+            installer: "slack:U0".parse().unwrap(),
+            installed_at: chrono::Utc::now(),
+            updated_at: chrono::Utc::now(),
+            status: crate::installation::InstallationStatus::Active,
+            source: crate::installation::InstallSource::OAuth,
+        };
+        let repos_a = store.tenant(&a).unwrap();
+        InstallationRepo::put(&*repos_a, &installation).unwrap();
+        let bytes = store
+            .db
+            .open_tree(format!("tenant/{a}"))
+            .unwrap()
+            .get(format!("{a}/installation/{id}"))
+            .unwrap()
+            .unwrap();
+        assert!(InstallationRepo::get(&*repos_a, &id).unwrap().is_some());
+
+        let other = InstallationId::generate();
+        let tree_b = store.db.open_tree(format!("tenant/{b}")).unwrap();
+        tree_b
+            .insert(format!("{b}/installation/{id}"), bytes.clone())
+            .unwrap();
+        let repos_b = store.tenant(&b).unwrap();
+        for result in [
+            InstallationRepo::get(&*repos_b, &id).map(|_| ()),
+            InstallationRepo::list(&*repos_b).map(|_| ()),
+        ] {
+            assert!(
+                matches!(result, Err(StoreError::Corrupt { .. })),
+                "{result:?}"
+            );
+        }
+        tree_b.clear().unwrap();
+        // Under another id of the same tenant.
+        store
+            .db
+            .open_tree(format!("tenant/{a}"))
+            .unwrap()
+            .insert(format!("{a}/installation/{other}"), bytes)
+            .unwrap();
+        assert!(matches!(
+            InstallationRepo::get(&*repos_a, &other),
             Err(StoreError::Corrupt { .. })
         ));
     }

@@ -179,8 +179,27 @@ impl InstallationRecord {
         }
     }
 
-    pub(super) fn open(self, key: &str, cipher: &Cipher) -> Result<Installation> {
+    /// Opens the record stored under `key`, in `tenant`'s tree, for installation `id` (the key's
+    /// own suffix).
+    ///
+    /// # Errors
+    /// [`StoreError::Corrupt`] when the record names another tenant or installation than where it
+    /// is stored: its tokens are sealed for the names it carries, so a whole record copied into
+    /// another tenant's tree would otherwise open there, tokens and all.
+    pub(super) fn open(
+        self,
+        key: &str,
+        cipher: &Cipher,
+        tenant: &crate::tenant::TenantId,
+        id: &str,
+    ) -> Result<Installation> {
         let bad = |e: &dyn std::fmt::Display| corrupt(key, e.to_string());
+        if self.tenant != tenant.as_str() || self.id != id {
+            return Err(corrupt(
+                key,
+                "the record names another tenant or installation than where it is stored",
+            ));
+        }
         let open = |field: &str, sealed: Option<String>| {
             sealed
                 .map(|s| {
