@@ -292,10 +292,10 @@ async fn only_service_keys_may_act_for_a_user() {
     }
 }
 
-/// A service key with extra admin scopes, acting for a viewer, holds the viewer's role but keeps
-/// the key's scopes, and the handlers that check only the scope (PATCH settings and settings/llm,
-/// DELETE grants and webhooks) let the viewer change the tenant, while those that also check the
-/// role (PUT grants, webhooks, policies, members) refuse the same request.
+/// A service key with extra admin scopes, acting for a viewer, holds the viewer's role, and its
+/// `admin:write` scope does not reach past that role: every handler that changes the tenant
+/// refuses it, those that check the role (PUT grants, members) and those that check the scope
+/// alone (PATCH settings, DELETE grants) alike.
 #[tokio::test]
 async fn acting_for_a_viewer_never_grants_admin_writes() {
     let app = spawn().await;
@@ -376,8 +376,8 @@ async fn acting_for_a_viewer_never_grants_admin_writes() {
     assert_eq!(app.settings(&app.a.id).name, app.a.name);
 }
 
-/// Only an owner may make an owner, but an admin may take the owner's role away or demote the
-/// owner: `delete_member` and `put_member` do not check the target's current role.
+/// Only an owner may make an owner, and an admin may neither demote the owner nor take the
+/// owner's role away: changing a member checks the target's current role too.
 #[tokio::test]
 async fn an_admin_cannot_demote_or_remove_the_owner() {
     let app = spawn().await;
@@ -543,8 +543,26 @@ async fn a_rotation_racing_a_revocation_never_outlives_it() {
             "round {round}: revoked at {:?}, after the revocation returned at {revoked_by}",
             old.revoked_at
         );
-        if let Err(e) = rotated {
-            assert!(e.to_string().contains("revoked or expired"), "{e}");
+        let named: Vec<_> = repo
+            .api_keys()
+            .keys()
+            .unwrap()
+            .into_iter()
+            .filter(|key| key.name == format!("race-{round}"))
+            .collect();
+        match rotated {
+            // The rotation went first: its successor is the one other key of that name, and it
+            // outlives the revocation of the key it replaced.
+            Ok(new) => {
+                assert_eq!(named.len(), 2, "round {round}: {named:?}");
+                let successor = named.iter().find(|key| key.id == new.record.id).unwrap();
+                assert!(agentgate::tenant::is_live(successor, chrono::Utc::now()));
+            }
+            // The revocation went first: no successor was made.
+            Err(e) => {
+                assert!(e.to_string().contains("revoked or expired"), "{e}");
+                assert_eq!(named.len(), 1, "round {round}: {named:?}");
+            }
         }
     }
 }
