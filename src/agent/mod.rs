@@ -1369,13 +1369,7 @@ impl Agent {
     ) -> Result<(), AgentError> {
         Self::require_admin(ctx)?;
         let bad = |why: &str| AgentError::InvalidWebhook(why.to_owned());
-        let name_ok = !tool.name.is_empty()
-            && tool.name.len() <= 48
-            && tool
-                .name
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
-        if !name_ok {
+        if !webhook_name_ok(&tool.name) {
             return Err(bad("the name must be 1 to 48 characters of a-z, 0-9 and _"));
         }
         let url = reqwest::Url::parse(&tool.url).map_err(|_| bad("the URL does not parse"))?;
@@ -1439,6 +1433,16 @@ fn plan_name(settings: &TenantSettings) -> &'static str {
 /// to choose, so one that is not a capability's shape (up to 64 of `a-z 0-9 _ . -`) is recorded
 /// as `sha256:<hex>` of it: whatever a prompt injection or a loose model puts there (prompt text,
 /// a tool's result) never reaches the permanent log in the clear.
+/// Whether `name` may name a webhook tool (and so follow `webhook.` in a capability): 1 to 48
+/// characters of a-z, 0-9 and `_`, which keeps it a valid tool name for every provider and plain
+/// text wherever it is written, the audit log included.
+pub fn webhook_name_ok(name: &str) -> bool {
+    (1..=48).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+}
+
 fn audited_capability(name: &str) -> String {
     let shaped = (1..=64).contains(&name.len())
         && name

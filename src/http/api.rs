@@ -381,7 +381,9 @@ async fn put_grant(
     let known = matches!(
         cap.as_str(),
         "memory.save" | "memory.recall" | "memory.forget" | "budget.status" | "audit.status"
-    ) || cap.strip_prefix("webhook.").is_some_and(|n| !n.is_empty());
+    ) || cap
+        .strip_prefix("webhook.")
+        .is_some_and(crate::agent::webhook_name_ok);
     if !known {
         return Err(ApiError::BadRequest(format!("unknown capability {cap:?}")));
     }

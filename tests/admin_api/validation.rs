@@ -168,6 +168,24 @@ async fn malformed_bodies_bad_policies_and_bad_llm_settings_are_400() {
         )
         .await;
     assert_refused(&app, r, "unknown capability", n, "bad capability").await;
+    // A webhook capability names a webhook by its rules: its name goes into the audit log.
+    let long = "a".repeat(49);
+    for cap in [
+        "webhook.",
+        "webhook.Upper",
+        "webhook.line%0Abreak",
+        "webhook.sp%20ace",
+        &format!("webhook.{long}"),
+    ] {
+        let r = app
+            .put(
+                &format!("/api/v1/tools/grants/{cap}"),
+                a,
+                json!({"min_role": "member"}),
+            )
+            .await;
+        assert_refused(&app, r, "unknown capability", n, cap).await;
+    }
     let r = app
         .put(
             "/api/v1/tools/webhooks/hook",
