@@ -111,8 +111,11 @@ impl Services {
             keyring,
         );
         let sink = Arc::new(LogSink::new(log.clone(), store.clone()));
-        let tenants = Tenants::new(store.clone(), sink.clone())
-            .with_key_pepper(key.derive("agentgate api key hash v1"));
+        let tenants = Tenants::new(
+            store.clone(),
+            sink.clone(),
+            key.derive("agentgate api key hash v1"),
+        );
         let agent = Agent::new(tenants.clone(), log.clone(), sink.clone(), agent);
         Ok(Services {
             store,

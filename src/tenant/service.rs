@@ -167,12 +167,14 @@ impl Actor {
 const OPERATOR: &str = "operator:cli";
 
 impl Tenants {
-    /// A service over `store`, recording events in `audit`.
-    pub fn new(store: Store, audit: Arc<dyn AuditSink>) -> Self {
+    /// A service over `store`, recording events in `audit`, hashing API key secrets under
+    /// `key_pepper` (derived from the master key). A constructor argument, not a setter, so that
+    /// no service can hash keys under an empty pepper by leaving it out.
+    pub fn new(store: Store, audit: Arc<dyn AuditSink>, key_pepper: secrecy::SecretString) -> Self {
         Tenants {
             store,
             audit,
-            key_pepper: Arc::new(secrecy::SecretString::from(String::new())),
+            key_pepper: Arc::new(key_pepper),
             key_locks: Arc::default(),
             settings_locks: Arc::default(),
         }
@@ -187,12 +189,6 @@ impl Tenants {
     /// a tenant's settings happens under it.
     pub async fn lock_settings(&self, tenant: &TenantId) -> tokio::sync::OwnedMutexGuard<()> {
         lock_tenant(&self.settings_locks, tenant).await
-    }
-
-    /// Sets the key API key secrets are hashed under (derived from the master key).
-    pub fn with_key_pepper(mut self, pepper: secrecy::SecretString) -> Self {
-        self.key_pepper = Arc::new(pepper);
-        self
     }
 
     pub(super) fn key_pepper(&self) -> &secrecy::SecretString {
