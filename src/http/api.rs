@@ -137,8 +137,10 @@ async fn patch_settings(
     let mut s = r.settings().get()?.ok_or(ApiError::NotFound)?;
     let mut fields = Vec::new();
     if let Some(v) = p.name {
-        if v.trim().is_empty() {
-            return Err(ApiError::BadRequest("name must not be empty".into()));
+        if !crate::tenant::label_ok(&v) {
+            return Err(ApiError::BadRequest(
+                "name must be 1 to 100 characters, none of them a control character".into(),
+            ));
         }
         s.name = v;
         fields.push("name".to_owned());
@@ -754,6 +756,7 @@ fn key_error(e: KeyError) -> ApiError {
     match e {
         KeyError::BadRole(_)
         | KeyError::BadScope(_)
+        | KeyError::BadName
         | KeyError::BadExpiry
         | KeyError::OutlivesIssuer(_) => ApiError::BadRequest(e.to_string()),
         KeyError::Forbidden => ApiError::Forbidden(e.to_string()),

@@ -97,6 +97,9 @@ pub enum KeyError {
     /// The key is revoked or expired, so it has nothing left to hand over to a successor.
     #[error("the key is revoked or expired; make a new key instead")]
     NotLive,
+    /// The key's name is empty, too long or holds a control character.
+    #[error("the key's name must be 1 to 100 characters, none of them a control character")]
+    BadName,
     /// The asked lifetime is not a number of days the API makes keys for.
     #[error("expires_in_days must be from 1 to {MAX_API_KEY_DAYS}")]
     BadExpiry,
@@ -165,6 +168,9 @@ impl Tenants {
         scopes: Vec<String>,
         expires_at: Option<DateTime<Utc>>,
     ) -> Result<IssuedKey, KeyError> {
+        if !super::settings::label_ok(name) {
+            return Err(KeyError::BadName);
+        }
         for s in &scopes {
             s.parse::<Scope>()
                 .map_err(|_| KeyError::BadScope(s.clone()))?;

@@ -19,6 +19,6 @@ pub use service::{
     InstallOutcome, Installed, ProvisionError, ResolveError, Resolved, Tenants, WorkspaceRequest,
 };
 pub use settings::{
-    default_tool_grants, tenant_key_prefix, tenant_key_ref, Budget, LlmSettings, MonthlyQuota,
-    Plan, TenantSettings, ToolGrant,
+    default_tool_grants, label_ok, tenant_key_prefix, tenant_key_ref, Budget, LlmSettings,
+    MonthlyQuota, Plan, TenantSettings, ToolGrant,
 };

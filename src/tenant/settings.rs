@@ -75,6 +75,13 @@ pub fn tenant_key_ref(tenant: &TenantId, var: &str) -> bool {
         })
 }
 
+/// Whether `text` may be a human label that a tenant's admin chooses (the tenant's name, an API
+/// key's name): 1 to 100 characters, none of them a control character, since operators' listings
+/// print them to a terminal, where an escape sequence would act.
+pub fn label_ok(text: &str) -> bool {
+    !text.trim().is_empty() && text.chars().count() <= 100 && !text.chars().any(char::is_control)
+}
+
 /// The subscription tier, which chooses the default quotas and ceilings.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

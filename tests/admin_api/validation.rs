@@ -138,6 +138,23 @@ async fn malformed_bodies_bad_policies_and_bad_llm_settings_are_400() {
         "malformed",
     )
     .await;
+    // Names are printed in operators' listings: no escape sequences, no endless names.
+    for name in [
+        "",
+        "   ",
+        "evil\u{1b}]0;owned\u{7}",
+        "line\nbreak",
+        &"n".repeat(101),
+    ] {
+        let r = app
+            .patch("/api/v1/settings", a, json!({ "name": name }))
+            .await;
+        assert_refused(&app, r, "1 to 100 characters", n, "bad tenant name").await;
+        let r = app
+            .post("/api/v1/keys", a, json!({"name": name, "role": "service"}))
+            .await;
+        assert_refused(&app, r, "1 to 100 characters", n, "bad key name").await;
+    }
     let r = app
         .patch("/api/v1/settings", a, json!({"nmae": "typo"}))
         .await;
