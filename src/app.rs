@@ -375,10 +375,16 @@ impl Application {
             }
         });
         tracing::info!(%addr, "agentgate listening");
-        let served = axum::serve(self.listener, app)
-            .with_graceful_shutdown(wait(stop_rx))
-            .await
-            .context("server failed");
+        let served = crate::http::serve::serve(
+            self.listener,
+            app,
+            wait(stop_rx),
+            self.config.request_timeout,
+            // Time for the requests in flight to finish (an export is not under the timeout).
+            self.config.request_timeout + std::time::Duration::from_secs(5),
+        )
+        .await
+        .context("server failed");
         if let Some((shards, task)) = gateway {
             shards.shutdown_all().await;
             let _ = task.await;

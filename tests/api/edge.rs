@@ -60,3 +60,40 @@ async fn slack_and_discord_routes_are_under_the_request_timeout() {
     }
     app.stop().await;
 }
+
+/// A client that sends its request headers slowly is cut off by the header-read timeout (the
+/// request timeout only starts once the headers are in), and does not hold up a graceful stop.
+#[tokio::test]
+async fn half_sent_headers_are_cut_off_and_do_not_hold_a_stop() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path(), &repo_installations());
+    config.request_timeout = Duration::from_millis(300);
+    let app = spawn_with(config).await;
+    let host = app.address.trim_start_matches("http://").to_owned();
+    let mut slow = tokio::net::TcpStream::connect(&host).await.unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 256];
+    let ended = tokio::time::timeout(Duration::from_secs(5), slow.read(&mut buf))
+        .await
+        .expect("the server cut the connection off");
+    // Closed, or answered with an error status and then closed: never a 200 for half a request.
+    match ended {
+        Ok(0) | Err(_) => {}
+        Ok(n) => {
+            let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+            assert!(!text.starts_with("HTTP/1.1 200"), "{text}");
+        }
+    }
+
+    // Another slow client, this time while the server stops.
+    let mut slower = tokio::net::TcpStream::connect(&host).await.unwrap();
+    slower
+        .write_all(b"GET /healthz HTTP/1.1\r\n")
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), app.stop())
+        .await
+        .expect("the stop was not held up by a slow client");
+}
