@@ -531,12 +531,44 @@ fn run_summary(bytes: &[u8]) -> Option<Value> {
     }))
 }
 
-async fn list_runs(State(state): State<AppState>, auth: ApiContext) -> Res {
+/// The most runs one page lists, and how many when not asked.
+const MAX_RUNS_PAGE: usize = 1000;
+const DEFAULT_RUNS_PAGE: usize = 100;
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RunsQuery {
+    /// List runs after this run id (the last of the previous page).
+    after: Option<String>,
+    limit: Option<usize>,
+}
+
+/// Runs oldest first (their ids sort by time), a page at a time, since each one listed is a
+/// checkpoint read.
+async fn list_runs(
+    State(state): State<AppState>,
+    auth: ApiContext,
+    Query(q): Query<RunsQuery>,
+) -> Res {
     let ctx = auth.require("admin:read")?;
+    let limit = q.limit.unwrap_or(DEFAULT_RUNS_PAGE);
+    if !(1..=MAX_RUNS_PAGE).contains(&limit) {
+        return Err(ApiError::BadRequest(format!(
+            "limit must be from 1 to {MAX_RUNS_PAGE}"
+        )));
+    }
     let r = repo(&state, ctx)?;
     let mut out = Vec::new();
-    for id in r.runs().all_runs()? {
-        if let Some(v) = r.runs().get_run(&id)?.as_deref().and_then(run_summary) {
+    let ids = r.runs().all_runs()?;
+    let start = q
+        .after
+        .as_deref()
+        .map_or(0, |after| ids.partition_point(|id| id.as_str() <= after));
+    for id in &ids[start..] {
+        if out.len() == limit {
+            break;
+        }
+        if let Some(v) = r.runs().get_run(id)?.as_deref().and_then(run_summary) {
             out.push(v);
         }
     }

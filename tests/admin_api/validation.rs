@@ -444,3 +444,67 @@ async fn concurrent_settings_changes_are_all_kept() {
         );
     }
 }
+
+/// Runs are listed a page at a time, oldest first: `limit` (1 to 1000, 100 unless asked) and
+/// `after`, the last run id of the previous page, so a tenant with many runs is not read whole.
+#[tokio::test]
+async fn runs_are_listed_a_page_at_a_time() {
+    let app = spawn().await;
+    let a = &app.a.admin.token;
+    let mut ids = Vec::new();
+    for n in 0..5 {
+        let ctx = app.user_ctx(&app.a, "U0PAGER");
+        ids.push(ctx.audit().run_id.to_string());
+        app.services
+            .agent
+            .run(
+                &ctx,
+                agentgate::agent::RunRequest {
+                    text: "whoami".into(),
+                    conversation: format!("slack:C0PAGE{n}"),
+                },
+            )
+            .await
+            .unwrap();
+    }
+    ids.sort();
+    let page = |query: String| {
+        let app = &app;
+        async move {
+            let r = app.get(&format!("/api/v1/runs{query}"), a).await;
+            assert_eq!(r.status, 200, "{query}: {}", r.text());
+            r.json()
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|run| run["run_id"].as_str().unwrap().to_owned())
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(
+        page(String::new()).await,
+        ids,
+        "all five fit one default page"
+    );
+    let mut seen = Vec::new();
+    let mut after = String::new();
+    loop {
+        let q = if after.is_empty() {
+            "?limit=2".to_owned()
+        } else {
+            format!("?limit=2&after={after}")
+        };
+        let got = page(q).await;
+        assert!(got.len() <= 2);
+        let Some(last) = got.last().cloned() else {
+            break;
+        };
+        seen.extend(got);
+        after = last;
+    }
+    assert_eq!(seen, ids, "the pages add up to every run, once, in order");
+    for bad in ["?limit=0", "?limit=1001", "?limit=x", "?page=2"] {
+        let r = app.get(&format!("/api/v1/runs{bad}"), a).await;
+        assert_eq!(r.status, 400, "{bad}: {}", r.text());
+    }
+}
