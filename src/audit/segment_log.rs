@@ -1262,6 +1262,8 @@ impl Writer {
                 acks.push((done, result));
             }
         }
+        // Counted before anyone hears, so that stats read after an acknowledgement include it.
+        Counters::add(&self.shared.counters.requests, ok_requests);
         let acks = Acks(acks);
         // Why a task: waking 30 or so appenders from this thread costs a futex wake each, while
         // the next batch waits for this thread; from a runtime worker a wake is a queue push.
@@ -1271,7 +1273,6 @@ impl Writer {
         self.acks.retain(|h| !h.is_finished());
         self.acks
             .push(self.runtime.spawn(async move { drop(acks) }));
-        Counters::add(&self.shared.counters.requests, ok_requests);
         // After the acknowledgements, so that the batch does not wait for it; the next one may.
         if failure.is_none() {
             self.preallocate();
