@@ -128,6 +128,11 @@ pub struct Tenants {
     /// One lock per tenant for changes to its settings, which read them, append an audit event and
     /// write them back: without it two changes at once would both be audited and one lost.
     settings_locks: Arc<TenantLocks>,
+    /// One lock per tenant for changes to an existing installation (an update, a revocation, a
+    /// rotated token pair), which read the record, append an audit event and write it back:
+    /// without it a token refresh that finishes after an uninstall could write the installation
+    /// back as active.
+    install_locks: Arc<TenantLocks>,
 }
 
 /// One lock per tenant, for one kind of change.
@@ -177,7 +182,13 @@ impl Tenants {
             key_pepper: Arc::new(key_pepper),
             key_locks: Arc::default(),
             settings_locks: Arc::default(),
+            install_locks: Arc::default(),
         }
+    }
+
+    /// Holds the tenant's installation lock until the guard drops.
+    async fn lock_installs(&self, tenant: &TenantId) -> tokio::sync::OwnedMutexGuard<()> {
+        lock_tenant(&self.install_locks, tenant).await
     }
 
     /// Holds the tenant's API key lock until the guard drops.
@@ -547,6 +558,7 @@ impl Tenants {
         new: NewInstallation,
         initiator: Initiator,
     ) -> Result<Installed, ProvisionError> {
+        let _guard = self.lock_installs(&entry.tenant).await;
         let lookup = Self::lookup_context(&entry.tenant, &new.installer);
         let repos = self.store.for_tenant(&lookup)?;
         let mut current = repos
@@ -629,6 +641,85 @@ impl Tenants {
         current.updated_at = Utc::now();
         self.store.for_tenant(&ctx)?.installations().put(&current)?;
         Ok(done(InstallOutcome::Updated))
+    }
+
+    /// Stores the token pair that refreshing `used` (the installation as read before the refresh)
+    /// returned, only if the installation is still active and still holds the refresh token `used`
+    /// held. The refresh is a call to the platform that an uninstall, a token revocation or another
+    /// refresh can overtake; storing its answer as an install would bring a revoked installation
+    /// back, or overwrite a newer pair. Returns false, having stored and audited nothing, when
+    /// either no longer holds. A `refresh_token` of `None` keeps the one used.
+    ///
+    /// # Errors
+    /// [`ProvisionError::UnknownInstallation`] when the tenant no longer has the installation;
+    /// audit or store failures.
+    pub async fn store_rotated_tokens(
+        &self,
+        used: &Installation,
+        bot_token: secrecy::SecretString,
+        refresh_token: Option<secrecy::SecretString>,
+        expires_at: Option<chrono::DateTime<Utc>>,
+    ) -> Result<bool, ProvisionError> {
+        let Some(used_refresh) = used.refresh_token.as_ref() else {
+            return Ok(false);
+        };
+        let tenant = &used.tenant;
+        // INVARIANT: the check and the write happen under the lock every revocation takes.
+        let _guard = self.lock_installs(tenant).await;
+        let operator: PrincipalId = OPERATOR.parse().expect("valid");
+        let repos = self
+            .store
+            .for_tenant(&Self::lookup_context(tenant, &operator))?;
+        let mut current = repos
+            .installations()
+            .get(&used.id)?
+            .ok_or_else(|| ProvisionError::UnknownInstallation(used.id.clone()))?;
+        let holds_used = current
+            .refresh_token
+            .as_ref()
+            .is_some_and(|r| r.expose_secret() == used_refresh.expose_secret());
+        if !current.is_active() || !holds_used {
+            return Ok(false);
+        }
+        let mut changed = vec!["bot_token"];
+        if refresh_token
+            .as_ref()
+            .is_some_and(|r| r.expose_secret() != used_refresh.expose_secret())
+        {
+            changed.push("refresh_token");
+        }
+        if current.token_expires_at != expires_at {
+            changed.push("token_expires_at");
+        }
+        let settings = repos.settings().get()?;
+        // Audited as the installer, like the update an OAuth reinstall makes.
+        let ctx = Self::context(
+            tenant.clone(),
+            Actor::new(current.installer.clone(), PrincipalKind::User, Role::Owner),
+            settings
+                .map(|s| s.run_ceilings)
+                .unwrap_or_else(|| TenantSettings::defaults("").run_ceilings),
+            BTreeMap::new(),
+            None,
+            Initiator::Webhook,
+        );
+        self.audit
+            .append(
+                &ctx,
+                EventBody::InstallationUpdated {
+                    installation_id: used.id.to_string(),
+                    changed: changed.iter().map(|s| s.to_string()).collect(),
+                },
+            )
+            .await?;
+        current.bot_token = Some(bot_token);
+        if let Some(r) = refresh_token {
+            current.refresh_token = Some(r);
+        }
+        current.token_expires_at = expires_at;
+        current.updated_at = Utc::now();
+        self.store.for_tenant(&ctx)?.installations().put(&current)?;
+        Ok(true)
     }
 
     /// Gives `principal` a role in the context's tenant, auditing the change first. Returns false when
@@ -736,6 +827,7 @@ impl Tenants {
         id: &InstallationId,
         reason: &str,
     ) -> Result<bool, ProvisionError> {
+        let _guard = self.lock_installs(tenant).await;
         let operator: PrincipalId = OPERATOR.parse().expect("valid");
         let ctx = Self::context(
             tenant.clone(),

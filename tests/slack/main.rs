@@ -3,6 +3,7 @@
 
 use std::collections::VecDeque;
 use std::net::{IpAddr, Ipv4Addr};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -12,13 +13,13 @@ use agentgate::installation::{InstallSource, NewInstallation, PlatformIdentity, 
 use agentgate::tenant::{Initiator, PrincipalId, ResolveError, WorkspaceRequest};
 use agentgate::transport::slack::oauth::OAuthConfig;
 use agentgate::transport::slack::signature::sign;
-use agentgate::transport::slack::SlackConfig;
+use agentgate::transport::slack::{bot_token, SlackConfig, SlackState};
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 use serde_json::{json, Value};
 
 const SECRET: &str = "test-signing-secret-0123456789";
@@ -30,6 +31,11 @@ struct Slack {
     responses: Arc<Mutex<Vec<Value>>>,
     oauth_forms: Arc<Mutex<Vec<(String, String)>>>,
     response_status: Arc<Mutex<VecDeque<u16>>>,
+    /// When set, a token refresh waits for `release_refresh` before answering.
+    hold_refresh: Arc<AtomicBool>,
+    release_refresh: Arc<tokio::sync::Notify>,
+    /// When set, a token refresh is refused.
+    refuse_refresh: Arc<AtomicBool>,
 }
 
 async fn post_message(
@@ -64,6 +70,12 @@ async fn oauth_access(State(s): State<Slack>, headers: HeaderMap, body: String) 
     let form: std::collections::HashMap<String, String> =
         serde_urlencoded::from_str(&body).unwrap();
     if form.get("grant_type").map(String::as_str) == Some("refresh_token") {
+        if s.hold_refresh.load(Ordering::SeqCst) {
+            s.release_refresh.notified().await;
+        }
+        if s.refuse_refresh.load(Ordering::SeqCst) {
+            return Json(json!({"ok": false, "error": "invalid_refresh_token"}));
+        }
         return Json(
             json!({"ok": true, "access_token": "xoxe.xoxb-rotated", "refresh_token": "xoxe-1-refresh-2", "expires_in": 43200, "token_type": "bot", "scope": "commands"}),
         );
@@ -764,4 +776,154 @@ async fn a_run_interrupted_by_a_crash_is_resumed_at_start_and_still_answers() {
         answer["text"],
         "You are slack:U0WAITING with role member in crashco."
     );
+}
+
+impl App {
+    /// Installs a workspace with token rotation on: its bot token expires `expires_in` seconds from
+    /// now (negative: already expired).
+    async fn install_rotating(&self, team: &str, expires_in: i64) {
+        self.services
+            .tenants
+            .install(
+                NewInstallation {
+                    workspace: Workspace::slack_team(None, team).unwrap(),
+                    app_id: "A0TEST".into(),
+                    bot_user_id: Some("U0BOTUSER".into()),
+                    bot_token: Some("xoxe.xoxb-old".to_owned().into()),
+                    refresh_token: Some("xoxe-1-refresh-1".to_owned().into()),
+                    token_expires_at: Some(
+                        chrono::Utc::now() + chrono::Duration::seconds(expires_in),
+                    ),
+                    scopes: vec![],
+                    installer: PrincipalId::qualified("slack", "U0OWNER").unwrap(),
+                    source: InstallSource::OAuth,
+                },
+                team,
+                None,
+            )
+            .await
+            .unwrap();
+    }
+
+    /// A Slack adapter over the application's services and this stand-in, to ask for a bot token
+    /// directly (as a reply about to be delivered does).
+    fn slack_state(&self) -> SlackState {
+        SlackState::new(
+            SlackConfig {
+                signing_secret: SecretString::from(SECRET),
+                api_url: format!("{}/api/", self.slack_url),
+                oauth: Some(OAuthConfig {
+                    client_id: "1111.2222".into(),
+                    client_secret: SecretString::from("client-secret-x"),
+                    scopes: "commands".into(),
+                    authorize_url: format!("{}/authorize", self.slack_url),
+                    redirect_url: "http://localhost/slack/oauth_redirect".into(),
+                }),
+            },
+            Arc::new(agentgate::transport::SystemClock),
+            self.services.tenants.clone(),
+            self.services.agent.clone(),
+            self.services.sink.clone(),
+            self.services.state_key.clone(),
+        )
+        .unwrap()
+    }
+
+    fn resolve(&self, team: &str) -> Result<agentgate::tenant::Resolved, ResolveError> {
+        self.services.tenants.resolve(&WorkspaceRequest {
+            identity: PlatformIdentity::Slack {
+                enterprise_id: None,
+                team_id: Some(team.into()),
+            },
+            user: PrincipalId::qualified("slack", "U0OWNER").unwrap(),
+            correlation_id: None,
+            initiator: Initiator::User,
+        })
+    }
+
+    fn refreshes(&self) -> usize {
+        self.slack
+            .oauth_forms
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, f)| f.contains("grant_type=refresh_token"))
+            .count()
+    }
+}
+
+#[tokio::test]
+async fn an_uninstall_during_a_token_refresh_is_not_undone_by_the_refresh() {
+    let app = spawn().await;
+    app.install_rotating("T0ROTREV", 60).await;
+    let state = app.slack_state();
+    let resolved = app.resolve("T0ROTREV").unwrap();
+    app.slack.hold_refresh.store(true, Ordering::SeqCst);
+    let token = tokio::spawn(async move { bot_token(&state, resolved).await });
+    wait_for("the refresh to reach Slack", || {
+        (app.refreshes() == 1).then_some(())
+    })
+    .await;
+    // Slack says the app was uninstalled while its refresh answer is still on the way.
+    let r = app
+        .event(
+            "T0ROTREV",
+            "Ev0UNINSTROT",
+            json!({"type": "app_uninstalled"}),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    app.slack.release_refresh.notify_one();
+    let token = token.await.unwrap();
+    assert!(
+        token.is_none(),
+        "no token of a revoked installation is used"
+    );
+    assert!(matches!(
+        app.resolve("T0ROTREV"),
+        Err(ResolveError::Revoked)
+    ));
+    let ev = app.events_of("T0ROTREV").await;
+    let revoked = ev
+        .iter()
+        .position(|e| e["type"] == "installation.revoked")
+        .unwrap();
+    assert!(
+        !ev[revoked..]
+            .iter()
+            .any(|e| e["type"] == "installation.updated"),
+        "nothing was stored after the revocation"
+    );
+    let t = app.services.store.admin().tenants().unwrap()[0].id.clone();
+    let op = app.services.tenants.operator_context(&t).unwrap();
+    let inst = &app
+        .services
+        .store
+        .for_tenant(&op)
+        .unwrap()
+        .installations()
+        .list()
+        .unwrap()[0];
+    assert!(!inst.is_active());
+    assert!(inst.bot_token.is_none() && inst.refresh_token.is_none());
+}
+
+#[tokio::test]
+async fn a_failed_refresh_uses_the_current_token_until_it_expires() {
+    let app = spawn().await;
+    app.slack.refuse_refresh.store(true, Ordering::SeqCst);
+    let state = app.slack_state();
+    // Within the refresh margin but not expired: the refresh fails, the current token still works.
+    app.install_rotating("T0ROTOLD", 120).await;
+    let token = bot_token(&state, app.resolve("T0ROTOLD").unwrap()).await;
+    assert_eq!(app.refreshes(), 1, "a refresh was tried");
+    assert_eq!(
+        token.as_ref().map(|t| t.expose_secret().to_owned()),
+        Some("xoxe.xoxb-old".to_owned())
+    );
+    // Expired: there is nothing to fall back on.
+    app.install_rotating("T0ROTEXP", -5).await;
+    let token = bot_token(&state, app.resolve("T0ROTEXP").unwrap()).await;
+    assert_eq!(app.refreshes(), 2);
+    assert!(token.is_none());
 }

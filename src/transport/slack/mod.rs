@@ -25,7 +25,7 @@ use self::api::SlackApi;
 use super::{accept, Clock, Command};
 use crate::agent::Agent;
 use crate::audit::AuditSink;
-use crate::installation::{Installation, NewInstallation, PlatformIdentity, Workspace};
+use crate::installation::{Installation, PlatformIdentity, Workspace};
 use crate::tenant::{Initiator, PrincipalId, ResolveError, Resolved, Tenants, WorkspaceRequest};
 
 /// The most a Slack request body may be.
@@ -322,51 +322,82 @@ async fn interactions(
 const REFRESH_MARGIN_SECS: i64 = 300;
 
 /// The installation's bot token, refreshed first when token rotation is on and it is about to
-/// expire. `None` when there is no usable token (none stored, revoked, or the refresh failed).
-async fn fresh_token(state: &SlackState, inst: Installation) -> Option<SecretString> {
+/// expire. `None` when there is no usable token (none stored, revoked, or the refresh failed after
+/// the token expired).
+async fn fresh_token(
+    state: &SlackState,
+    ctx: &crate::tenant::TenantContext,
+    inst: Installation,
+) -> Option<SecretString> {
     if !inst.is_active() {
         return None;
     }
+    let now = chrono::Utc::now();
     let soon = inst
         .token_expires_at
-        .is_some_and(|at| (at - chrono::Utc::now()).num_seconds() < REFRESH_MARGIN_SECS);
+        .is_some_and(|at| (at - now).num_seconds() < REFRESH_MARGIN_SECS);
     if !soon {
         return inst.bot_token;
     }
-    let (Some(refresh), Some(oauth)) = (inst.refresh_token.clone(), state.config.oauth.as_ref())
+    let (Some(refresh), Some(oauth)) = (inst.refresh_token.as_ref(), state.config.oauth.as_ref())
     else {
         return inst.bot_token;
     };
-    match state
+    // Refreshing starts a few minutes early: while the current token has not expired, a refresh
+    // that fails (Slack down, rate-limited) can still be answered with it.
+    let current = inst
+        .bot_token
+        .clone()
+        .filter(|_| inst.token_expires_at.is_some_and(|at| at > now));
+    let access = match state
         .api
-        .refresh(&oauth.client_id, &oauth.client_secret, &refresh)
+        .refresh(&oauth.client_id, &oauth.client_secret, refresh)
         .await
     {
-        Ok(access) => {
-            let token = access.access_token.clone().map(SecretString::from);
-            let renewed = NewInstallation {
-                workspace: inst.workspace.clone(),
-                app_id: inst.app_id.clone(),
-                bot_user_id: inst.bot_user_id.clone(),
-                bot_token: token.clone(),
-                refresh_token: access
-                    .refresh_token
-                    .map(SecretString::from)
-                    .or(Some(refresh)),
-                token_expires_at: access
-                    .expires_in
-                    .map(|s| chrono::Utc::now() + chrono::Duration::seconds(s)),
-                scopes: inst.scopes.clone(),
-                installer: inst.installer.clone(),
-                source: crate::installation::InstallSource::OAuth,
-            };
-            if let Err(e) = state.tenants.install(renewed, "", None).await {
-                tracing::error!(error = %e, "could not store a rotated Slack token");
-            }
-            token
-        }
+        Ok(a) => a,
         Err(e) => {
-            tracing::warn!(error = %e, "could not refresh a rotating Slack token");
+            tracing::warn!(error = %e, still_valid = current.is_some(), "could not refresh a rotating Slack token");
+            return current;
+        }
+    };
+    let Some(token) = access.access_token.map(SecretString::from) else {
+        tracing::warn!("Slack's token refresh answer had no access token");
+        return current;
+    };
+    let stored = state
+        .tenants
+        .store_rotated_tokens(
+            &inst,
+            token.clone(),
+            access.refresh_token.map(SecretString::from),
+            access
+                .expires_in
+                .map(|s| chrono::Utc::now() + chrono::Duration::seconds(s)),
+        )
+        .await;
+    match stored {
+        Ok(true) => Some(token),
+        // Revoked while the refresh was under way, or another refresh stored a newer pair first:
+        // what is stored now decides.
+        Ok(false) => {
+            let now_stored = state
+                .tenants
+                .store()
+                .for_tenant(ctx)
+                .ok()?
+                .installations()
+                .get(&inst.id)
+                .ok()??;
+            if now_stored.is_active() {
+                now_stored.bot_token
+            } else {
+                tracing::info!(installation = %inst.id, "a Slack token refresh finished after the installation was revoked; its tokens were dropped");
+                None
+            }
+        }
+        // Not recorded, so not known to be unrevoked: fail closed.
+        Err(e) => {
+            tracing::error!(error = %e, "could not store a rotated Slack token");
             None
         }
     }
@@ -407,7 +438,7 @@ pub async fn deliver(
                 .get(&id)
                 .map_err(|e| e.to_string())?
                 .ok_or("the installation is gone")?;
-            let token = fresh_token(state, inst)
+            let token = fresh_token(state, ctx, inst)
                 .await
                 .ok_or("no usable bot token")?;
             let channel = s("channel").ok_or("no channel")?;
@@ -433,5 +464,5 @@ fn workspace_of(access: &api::OAuthAccess) -> Option<Workspace> {
 
 /// A resolved workspace and its bot token, for callers outside the handlers (tests, tools).
 pub async fn bot_token(state: &SlackState, resolved: Resolved) -> Option<SecretString> {
-    fresh_token(state, resolved.installation).await
+    fresh_token(state, &resolved.ctx, resolved.installation).await
 }
