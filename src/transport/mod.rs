@@ -7,7 +7,8 @@ pub mod install_state;
 pub mod retry;
 pub mod slack;
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 
 use serde_json::Value;
 
@@ -15,7 +16,98 @@ use sha2::{Digest, Sha256};
 
 use crate::agent::{Agent, ReplySink, RunOutcome, RunRequest};
 use crate::audit::{AuditError, AuditSink, EventBody};
-use crate::tenant::TenantContext;
+use crate::store::{Store, StoreError};
+use crate::tenant::{TenantContext, TenantId};
+
+/// Why a command with a platform request id was not accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum AcceptError {
+    /// Whether the request was seen before could not be read or recorded.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The command could not be recorded; it may be sent again.
+    #[error(transparent)]
+    Audit(#[from] AuditError),
+}
+
+/// What [`accept_once`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Accepted {
+    /// The command was recorded and is running.
+    Started,
+    /// The platform's request id was seen before (a retry, a redelivery or a replay): nothing ran.
+    AlreadySeen,
+}
+
+/// Platform request ids seen before, per tenant: the store's durable record (`DedupeRepo`), and
+/// the ids whose command could not be recorded after they were marked, which are let through once
+/// more so that the platform's retry is not taken for a duplicate of a command that never ran.
+///
+/// The store can only mark a key, not forget it, so those ids are kept in this process: after a
+/// restart such an id stays marked and its retry is acknowledged without running.
+#[derive(Clone)]
+pub struct Dedupe {
+    store: Store,
+    released: Arc<Mutex<HashSet<(TenantId, String)>>>,
+}
+
+impl Dedupe {
+    /// Ids seen before, as recorded in `store`.
+    pub fn new(store: Store) -> Self {
+        Dedupe {
+            store,
+            released: Arc::default(),
+        }
+    }
+
+    /// True the first time `key` is claimed in the context's tenant, or when it was released since.
+    fn claim(&self, ctx: &TenantContext, key: &str) -> Result<bool, StoreError> {
+        if self.store.for_tenant(ctx)?.dedupe().first_time(key)? {
+            return Ok(true);
+        }
+        let mut released = self
+            .released
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        Ok(released.remove(&(ctx.tenant_id().clone(), key.to_owned())))
+    }
+
+    /// Lets a claimed key be claimed once more.
+    fn release(&self, ctx: &TenantContext, key: &str) {
+        self.released
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert((ctx.tenant_id().clone(), key.to_owned()));
+    }
+}
+
+/// As [`accept`], at most once per platform request id `key` (an event id, a trigger id, an
+/// interaction or message id): a request whose id was seen before runs nothing. When the command
+/// cannot be recorded, its id is released, so that the platform's retry of it can still run.
+///
+/// # Errors
+/// [`AcceptError`]; then nothing runs and the caller must not acknowledge it as accepted.
+pub async fn accept_once(
+    seen: &Dedupe,
+    key: &str,
+    sink: &Arc<dyn AuditSink>,
+    agent: &Agent,
+    ctx: TenantContext,
+    cmd: Command,
+    reply_to: Value,
+) -> Result<Accepted, AcceptError> {
+    if !seen.claim(&ctx, key)? {
+        return Ok(Accepted::AlreadySeen);
+    }
+    let claimed = ctx.clone();
+    match accept(sink, agent, ctx, cmd, reply_to).await {
+        Ok(()) => Ok(Accepted::Started),
+        Err(e) => {
+            seen.release(&claimed, key);
+            Err(e.into())
+        }
+    }
+}
 
 /// The time, injectable so that signature freshness can be tested with published examples.
 pub trait Clock: Send + Sync {

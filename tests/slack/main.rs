@@ -8,9 +8,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use agentgate::app::{Application, Services};
+use agentgate::audit::{AuditError, AuditSink, EventBody};
 use agentgate::config::{AuditOptions, Config};
 use agentgate::installation::{InstallSource, NewInstallation, PlatformIdentity, Workspace};
-use agentgate::tenant::{Initiator, PrincipalId, ResolveError, WorkspaceRequest};
+use agentgate::tenant::{Initiator, PrincipalId, ResolveError, TenantContext, WorkspaceRequest};
 use agentgate::transport::slack::oauth::OAuthConfig;
 use agentgate::transport::slack::signature::sign;
 use agentgate::transport::slack::{bot_token, SlackConfig, SlackState};
@@ -926,4 +927,123 @@ async fn a_failed_refresh_uses_the_current_token_until_it_expires() {
     let token = bot_token(&state, app.resolve("T0ROTEXP").unwrap()).await;
     assert_eq!(app.refreshes(), 2);
     assert!(token.is_none());
+}
+
+/// An audit sink that fails the first `fail` command.received appends, as a full disk would.
+struct FailingCommands {
+    inner: Arc<dyn AuditSink>,
+    fail: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl AuditSink for FailingCommands {
+    async fn append(&self, ctx: &TenantContext, body: EventBody) -> Result<u64, AuditError> {
+        if matches!(body, EventBody::CommandReceived { .. })
+            && self
+                .fail
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+        {
+            return Err(AuditError::Checkpoint("the disk is full".into()));
+        }
+        self.inner.append(ctx, body).await
+    }
+}
+
+impl App {
+    /// Serves a second Slack adapter over the application's services whose command records fail
+    /// `fail` times; returns its base URL.
+    async fn failing_adapter(&self, fail: usize) -> String {
+        let sink: Arc<dyn AuditSink> = Arc::new(FailingCommands {
+            inner: self.services.sink.clone(),
+            fail: fail.into(),
+        });
+        let config = SlackConfig {
+            signing_secret: SecretString::from(SECRET),
+            api_url: format!("{}/api/", self.slack_url),
+            oauth: None,
+        };
+        let state = SlackState::new(
+            config,
+            Arc::new(agentgate::transport::SystemClock),
+            self.services.tenants.clone(),
+            self.services.agent.clone(),
+            sink,
+            self.services.state_key.clone(),
+        )
+        .unwrap();
+        serve(agentgate::transport::slack::router(state)).await
+    }
+
+    /// POSTs a signed body to another base URL.
+    async fn signed_to(&self, base: &str, path: &str, body: String) -> reqwest::Response {
+        let ts = now();
+        self.http
+            .post(format!("{base}{path}"))
+            .header("content-type", "application/json")
+            .header("x-slack-request-timestamp", ts.to_string())
+            .header(
+                "x-slack-signature",
+                sign(SECRET.as_bytes(), ts, body.as_bytes()),
+            )
+            .body(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    async fn commands_received(&self, team: &str) -> usize {
+        self.events_of(team)
+            .await
+            .iter()
+            .filter(|e| e["type"] == "command.received")
+            .count()
+    }
+}
+
+#[tokio::test]
+async fn a_mention_that_could_not_be_recorded_runs_when_slack_retries_it() {
+    let app = spawn().await;
+    app.install("T0RETRY1", "xoxb-retry").await;
+    let adapter = app.failing_adapter(1).await;
+    let body = json!({"type": "event_callback", "team_id": "T0RETRY1", "event_id": "Ev0RETRY1", "event": {"type": "app_mention", "user": "U0M", "text": "<@U0BOTUSER> whoami", "channel": "C0R", "ts": "1.1"}}).to_string();
+    let r = app.signed_to(&adapter, "/slack/events", body.clone()).await;
+    assert_eq!(r.status(), 500, "Slack is told to retry");
+    assert_eq!(app.commands_received("T0RETRY1").await, 0);
+    // Slack's retry of the same event runs it, once.
+    let r = app.signed_to(&adapter, "/slack/events", body.clone()).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(app.commands_received("T0RETRY1").await, 1);
+    let (_, post) = wait_for("the answer", || {
+        app.slack.posts.lock().unwrap().first().cloned()
+    })
+    .await;
+    assert_eq!(
+        post["text"],
+        "You are slack:U0M with role member in T0RETRY1."
+    );
+    let r = app.signed_to(&adapter, "/slack/events", body).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        app.commands_received("T0RETRY1").await,
+        1,
+        "a later retry does not run"
+    );
+}
+
+#[tokio::test]
+async fn a_mention_without_an_event_id_is_refused() {
+    let app = spawn().await;
+    app.install("T0NOID01", "xoxb-noid").await;
+    for id in [None, Some("")] {
+        let mut body = json!({"type": "event_callback", "team_id": "T0NOID01", "event": {"type": "app_mention", "user": "U0M", "text": "<@U0BOTUSER> whoami", "channel": "C0R", "ts": "1.1"}});
+        if let Some(id) = id {
+            body["event_id"] = json!(id);
+        }
+        let r = app
+            .signed("/slack/events", "application/json", body.to_string(), now())
+            .await;
+        assert_eq!(r.status(), 400);
+    }
+    assert_eq!(app.commands_received("T0NOID01").await, 0);
 }

@@ -14,7 +14,7 @@ use crate::agent::Agent;
 use crate::audit::AuditSink;
 use crate::installation::{PlatformIdentity, Workspace};
 use crate::tenant::{Initiator, PrincipalId, Tenants, WorkspaceRequest};
-use crate::transport::{accept, Command};
+use crate::transport::{accept_once, Command, Dedupe};
 
 /// What the Gateway handler reaches.
 pub struct Handler {
@@ -22,12 +22,15 @@ pub struct Handler {
     agent: Agent,
     sink: Arc<dyn AuditSink>,
     bot: OnceLock<UserId>,
+    /// Message ids seen before, so that a redelivered message runs nothing twice.
+    seen: Dedupe,
 }
 
 impl Handler {
     /// A handler over the services.
     pub fn new(tenants: Tenants, agent: Agent, sink: Arc<dyn AuditSink>) -> Self {
         Handler {
+            seen: Dedupe::new(tenants.store().clone()),
             tenants,
             agent,
             sink,
@@ -124,18 +127,6 @@ impl EventHandler for Handler {
         let Ok(resolved) = self.tenants.resolve_with(&req, is_admin) else {
             return;
         };
-        // A reconnect can redeliver a message: run each message at most once.
-        let first = self
-            .tenants
-            .store()
-            .for_tenant(&resolved.ctx)
-            .and_then(|r| {
-                r.dedupe()
-                    .first_time(&format!("discord-message:{}", msg.id))
-            });
-        if !matches!(first, Ok(true)) {
-            return;
-        }
         let cmd = Command {
             platform: "discord",
             kind: "mention",
@@ -148,7 +139,18 @@ impl EventHandler for Handler {
             "channel": msg.channel_id.to_string(),
             "message": msg.id.to_string(),
         });
-        let accepted = accept(&self.sink, &self.agent, resolved.ctx, cmd, target).await;
+        // A reconnect can redeliver a message: run each message at most once.
+        let key = format!("discord-message:{}", msg.id);
+        let accepted = accept_once(
+            &self.seen,
+            &key,
+            &self.sink,
+            &self.agent,
+            resolved.ctx,
+            cmd,
+            target,
+        )
+        .await;
         if let Err(e) = accepted {
             tracing::error!(error = %e, "could not record a Discord mention");
         }

@@ -22,7 +22,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use self::api::SlackApi;
-use super::{accept, Clock, Command};
+use super::{accept, accept_once, Accepted, Clock, Command, Dedupe};
 use crate::agent::Agent;
 use crate::audit::AuditSink;
 use crate::installation::{Installation, PlatformIdentity, Workspace};
@@ -54,6 +54,8 @@ pub struct SlackState {
     /// Requests refused for a bad signature, for `/metrics`.
     pub signature_failures: Arc<AtomicU64>,
     state_key: Arc<SecretString>,
+    /// Event ids seen before, so that Slack's retries run nothing twice.
+    seen: Dedupe,
 }
 
 impl SlackState {
@@ -70,7 +72,9 @@ impl SlackState {
         state_key: SecretString,
     ) -> std::io::Result<Self> {
         let api = SlackApi::new(&config.api_url)?;
+        let seen = Dedupe::new(tenants.store().clone());
         Ok(SlackState {
+            seen,
             config: Arc::new(config),
             clock,
             tenants,
@@ -238,8 +242,14 @@ async fn events(State(state): State<SlackState>, headers: HeaderMap, body: Bytes
             }
         }
         Some("app_mention") => {
+            // Slack retries a delivery it thinks failed, and a signed request can be sent again
+            // within the signature's five minutes: each event runs at most once, by its id. Slack
+            // always sends one; an event without it could not be told from its own retry.
+            let Some(event_id) = v["event_id"].as_str().filter(|id| !id.is_empty()) else {
+                return (StatusCode::BAD_REQUEST, "event without event_id").into_response();
+            };
             let user = event["user"].as_str().unwrap_or_default();
-            let Some(req) = request(ident, user, v["event_id"].as_str()) else {
+            let Some(req) = request(ident, user, Some(event_id)) else {
                 return StatusCode::OK.into_response();
             };
             let resolved = match state.tenants.resolve(&req) {
@@ -247,18 +257,6 @@ async fn events(State(state): State<SlackState>, headers: HeaderMap, body: Bytes
                 // Nothing can be answered in a workspace we do not serve.
                 Err(_) => return StatusCode::OK.into_response(),
             };
-            // Slack retries a delivery it thinks failed: run each event at most once.
-            let event_id = v["event_id"].as_str().unwrap_or_default();
-            match state
-                .tenants
-                .store()
-                .for_tenant(&resolved.ctx)
-                .map(|r| r.dedupe().first_time(&format!("slack-event:{event_id}")))
-            {
-                Ok(Ok(true)) => {}
-                Ok(Ok(false)) => return StatusCode::OK.into_response(),
-                _ => return StatusCode::INTERNAL_SERVER_ERROR.into_response(),
-            }
             let channel = event["channel"].as_str().unwrap_or_default().to_owned();
             let ts = s(&event["thread_ts"]).or_else(|| s(&event["ts"]));
             let cmd = Command {
@@ -277,9 +275,23 @@ async fn events(State(state): State<SlackState>, headers: HeaderMap, body: Bytes
                 "channel": channel,
                 "thread_ts": ts,
             });
-            let accepted = accept(&state.sink, &state.agent, resolved.ctx, cmd, target).await;
-            if accepted.is_err() {
-                return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+            let accepted = accept_once(
+                &state.seen,
+                &format!("slack-event:{event_id}"),
+                &state.sink,
+                &state.agent,
+                resolved.ctx,
+                cmd,
+                target,
+            )
+            .await;
+            match accepted {
+                Ok(Accepted::Started | Accepted::AlreadySeen) => {}
+                Err(e) => {
+                    tracing::error!(error = %e, "could not record a Slack mention");
+                    // Slack retries it, and the retry runs: its id was released.
+                    return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+                }
             }
         }
         _ => {}
