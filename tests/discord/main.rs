@@ -195,9 +195,12 @@ impl App {
     }
 }
 
+/// An interaction with an id of its own.
 fn command(guild: &str, user: &str, permissions: &str, text: &str) -> Value {
+    static IDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let id = 500_000_000_000_000_001 + IDS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     json!({
-        "id": "500000000000000001", "application_id": APP_ID, "type": 2, "token": "interaction-token-abc",
+        "id": id.to_string(), "application_id": APP_ID, "type": 2, "token": "interaction-token-abc",
         "guild_id": guild, "channel_id": "600000000000000001",
         "member": {"user": {"id": user, "username": "u"}, "permissions": permissions},
         "data": {"id": "700000000000000001", "name": "agentgate", "type": 1, "options": [{"name": "text", "type": 3, "value": text}]}
@@ -474,4 +477,44 @@ fn register_commands_puts_the_definitions_with_the_bot_token() {
         .unwrap();
     assert!(!out.status.success());
     drop(rt);
+}
+
+#[tokio::test]
+async fn an_interaction_sent_again_runs_once() {
+    let app = spawn().await;
+    app.install("300000000000000004").await;
+    // The very same signed request, as a replay within the signature's five minutes sends it.
+    let body = command("300000000000000004", "400000000000000005", "0", "whoami").to_string();
+    let ts = now();
+    let first = app.interaction_at(&body, ts, &app.key).await;
+    let again = app.interaction_at(&body, ts, &app.key).await;
+    assert_eq!(first.json::<Value>().await.unwrap(), json!({"type": 5}));
+    let again: Value = again.json().await.unwrap();
+    assert_eq!(again["type"], 4, "{again}");
+    assert_eq!(
+        again["data"]["content"],
+        "This command was already received."
+    );
+    wait_for("the follow-up", || {
+        app.discord.follow_ups.lock().unwrap().first().cloned()
+    })
+    .await;
+    let tenant = app.services.store.admin().tenants().unwrap()[0].id.clone();
+    let op = app.services.tenants.operator_context(&tenant).unwrap();
+    let repo = app.services.store.for_tenant(&op).unwrap();
+    let head = app.services.audit.head(&op, repo.clone()).await.unwrap();
+    let received = app
+        .services
+        .audit
+        .read_range(&op, repo, 0, head.size)
+        .await
+        .unwrap()
+        .iter()
+        .filter(|b| serde_json::from_slice::<Value>(b).unwrap()["type"] == "command.received")
+        .count();
+    assert_eq!(received, 1);
+    // Discord sends an id with every interaction; one without cannot be told from its replay.
+    let mut no_id = command("300000000000000004", "400000000000000005", "0", "whoami");
+    no_id.as_object_mut().unwrap().remove("id");
+    assert_eq!(app.interaction(&no_id).await.status(), 400);
 }

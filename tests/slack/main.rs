@@ -226,8 +226,9 @@ impl App {
             .unwrap()
     }
 
-    async fn command(&self, team: &str, user: &str, text: &str) -> reqwest::Response {
-        let body = serde_urlencoded::to_string([
+    /// A slash command's form, as Slack posts it.
+    fn command_body(&self, team: &str, user: &str, text: &str, trigger: &str) -> String {
+        serde_urlencoded::to_string([
             ("token", "ignored"),
             ("team_id", team),
             ("team_domain", "acme"),
@@ -236,13 +237,30 @@ impl App {
             ("command", "/agentgate"),
             ("text", text),
             ("response_url", &format!("{}/respond", self.slack_url)),
-            ("trigger_id", "13345224609.738474920.8088930838d88f008e0"),
+            ("trigger_id", trigger),
         ])
-        .unwrap();
+        .unwrap()
+    }
+
+    /// Sends a slash command with a trigger id of its own.
+    async fn command(&self, team: &str, user: &str, text: &str) -> reqwest::Response {
+        static TRIGGERS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = TRIGGERS.fetch_add(1, Ordering::SeqCst);
+        self.command_with(team, user, text, &format!("13345224609.738474920.{n:x}"))
+            .await
+    }
+
+    async fn command_with(
+        &self,
+        team: &str,
+        user: &str,
+        text: &str,
+        trigger: &str,
+    ) -> reqwest::Response {
         self.signed(
             "/slack/commands",
             "application/x-www-form-urlencoded",
-            body,
+            self.command_body(team, user, text, trigger),
             now(),
         )
         .await
@@ -314,7 +332,12 @@ async fn a_slash_command_is_acknowledged_run_and_answered_through_response_url()
     let app = spawn().await;
     app.install("T0ACME01", "xoxb-acme").await;
     let r = app
-        .command("T0ACME01", "U0MEMBER", "remember dog: Rex")
+        .command_with(
+            "T0ACME01",
+            "U0MEMBER",
+            "remember dog: Rex",
+            "13345224609.738474920.8088930838d88f008e0",
+        )
         .await;
     assert_eq!(r.status(), 200);
     let body: Value = r.json().await.unwrap();
@@ -1046,4 +1069,56 @@ async fn a_mention_without_an_event_id_is_refused() {
         assert_eq!(r.status(), 400);
     }
     assert_eq!(app.commands_received("T0NOID01").await, 0);
+}
+
+#[tokio::test]
+async fn a_slash_command_sent_again_runs_once() {
+    let app = spawn().await;
+    app.install("T0REPLAY", "xoxb-replay").await;
+    // The very same signed request, as a replay within the signature's five minutes sends it.
+    let body = app.command_body("T0REPLAY", "U0M", "whoami", "1.2.replayed");
+    let ts = now();
+    let first = app
+        .signed(
+            "/slack/commands",
+            "application/x-www-form-urlencoded",
+            body.clone(),
+            ts,
+        )
+        .await;
+    let again = app
+        .signed(
+            "/slack/commands",
+            "application/x-www-form-urlencoded",
+            body,
+            ts,
+        )
+        .await;
+    assert_eq!(
+        first.json::<Value>().await.unwrap()["text"],
+        "Working on it…"
+    );
+    assert_eq!(
+        again.json::<Value>().await.unwrap()["text"],
+        "This command was already received."
+    );
+    wait_for("the answer", || {
+        app.slack.responses.lock().unwrap().first().cloned()
+    })
+    .await;
+    assert_eq!(app.commands_received("T0REPLAY").await, 1);
+    // Slack sends a trigger id with every command; one without cannot be told from its replay.
+    let body = app
+        .command_body("T0REPLAY", "U0M", "whoami", "")
+        .replace("&trigger_id=", "&other=");
+    let r = app
+        .signed(
+            "/slack/commands",
+            "application/x-www-form-urlencoded",
+            body,
+            now(),
+        )
+        .await;
+    assert_eq!(r.status(), 400);
+    assert_eq!(app.commands_received("T0REPLAY").await, 1);
 }

@@ -21,7 +21,7 @@ use serde_json::{json, Value};
 
 use self::api::DiscordApi;
 use super::install_state::{accept_state, clear_cookie, make_state, page, set_cookie};
-use super::{accept, Clock, Command};
+use super::{accept_once, Accepted, Clock, Command, Dedupe};
 use crate::agent::Agent;
 use crate::audit::AuditSink;
 use crate::installation::{InstallSource, NewInstallation, PlatformIdentity, Workspace};
@@ -69,6 +69,8 @@ pub struct DiscordState {
     state_key: Arc<SecretString>,
     /// Interactions refused for a bad signature, for `/metrics`.
     pub signature_failures: Arc<AtomicU64>,
+    /// Interaction ids seen before, so that a replayed interaction runs nothing twice.
+    seen: Dedupe,
 }
 
 impl DiscordState {
@@ -83,6 +85,7 @@ impl DiscordState {
     ) -> Self {
         let api = DiscordApi::new(&config.api_url);
         DiscordState {
+            seen: Dedupe::new(tenants.store().clone()),
             config: Arc::new(config),
             clock,
             tenants,
@@ -158,6 +161,11 @@ async fn interactions(
         Some(2) => {}
         _ => return ephemeral("This kind of interaction is not supported."),
     }
+    // A signed request can be sent again within the signature's five minutes: each interaction
+    // runs at most once, by its id, which Discord sends with every one.
+    let Some(interaction_id) = v["id"].as_str().filter(|i| !i.is_empty()) else {
+        return (StatusCode::BAD_REQUEST, "malformed interaction").into_response();
+    };
     let Some(guild_id) = v["guild_id"].as_str() else {
         return ephemeral("Use agentgate in a server where it is installed.");
     };
@@ -175,7 +183,7 @@ async fn interactions(
             guild_id: guild_id.to_owned(),
         },
         user,
-        correlation_id: v["id"].as_str().and_then(|i| i.parse().ok()),
+        correlation_id: interaction_id.parse().ok(),
         initiator: Initiator::User,
     };
     let resolved = match state
@@ -198,10 +206,20 @@ async fn interactions(
         conversation: format!("discord:{channel}"),
     };
     let target = json!({"platform": "discord", "kind": "follow_up", "application_id": app_id, "token": token});
-    let accepted = accept(&state.sink, &state.agent, resolved.ctx, cmd, target).await;
+    let accepted = accept_once(
+        &state.seen,
+        &format!("discord-interaction:{interaction_id}"),
+        &state.sink,
+        &state.agent,
+        resolved.ctx,
+        cmd,
+        target,
+    )
+    .await;
     match accepted {
         // Deferred: Discord shows "thinking…" until the follow-up arrives.
-        Ok(()) => Json(json!({"type": 5})).into_response(),
+        Ok(Accepted::Started) => Json(json!({"type": 5})).into_response(),
+        Ok(Accepted::AlreadySeen) => ephemeral("This command was already received."),
         Err(e) => {
             tracing::error!(error = %e, "could not record a Discord command");
             ephemeral("agentgate could not accept this command right now. Please try again.")

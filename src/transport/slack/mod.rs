@@ -22,7 +22,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use self::api::SlackApi;
-use super::{accept, accept_once, Accepted, Clock, Command, Dedupe};
+use super::{accept_once, Accepted, Clock, Command, Dedupe};
 use crate::agent::Agent;
 use crate::audit::AuditSink;
 use crate::installation::{Installation, PlatformIdentity, Workspace};
@@ -54,7 +54,7 @@ pub struct SlackState {
     /// Requests refused for a bad signature, for `/metrics`.
     pub signature_failures: Arc<AtomicU64>,
     state_key: Arc<SecretString>,
-    /// Event ids seen before, so that Slack's retries run nothing twice.
+    /// Event and trigger ids seen before, so that retries and replays run nothing twice.
     seen: Dedupe,
 }
 
@@ -177,10 +177,15 @@ async fn commands(State(state): State<SlackState>, headers: HeaderMap, body: Byt
     let Ok(form) = serde_urlencoded::from_bytes::<CommandForm>(&body) else {
         return (StatusCode::BAD_REQUEST, "malformed slash command").into_response();
     };
+    // A signed request can be sent again within the signature's five minutes: each slash command
+    // runs at most once, by its trigger id, which Slack sends with every one.
+    let Some(trigger_id) = form.trigger_id.filter(|t| !t.is_empty()) else {
+        return (StatusCode::BAD_REQUEST, "slash command without trigger_id").into_response();
+    };
     let Some(req) = request(
         identity(form.enterprise_id, form.team_id),
         &form.user_id,
-        form.trigger_id.as_deref(),
+        Some(&trigger_id),
     ) else {
         return (StatusCode::BAD_REQUEST, "malformed user id").into_response();
     };
@@ -195,9 +200,19 @@ async fn commands(State(state): State<SlackState>, headers: HeaderMap, body: Byt
         conversation: format!("slack:{}", form.channel_id),
     };
     let target = json!({"platform": "slack", "kind": "response_url", "url": form.response_url});
-    let accepted = accept(&state.sink, &state.agent, resolved.ctx, cmd, target).await;
+    let accepted = accept_once(
+        &state.seen,
+        &format!("slack-command:{trigger_id}"),
+        &state.sink,
+        &state.agent,
+        resolved.ctx,
+        cmd,
+        target,
+    )
+    .await;
     match accepted {
-        Ok(()) => ephemeral("Working on it…"),
+        Ok(Accepted::Started) => ephemeral("Working on it…"),
+        Ok(Accepted::AlreadySeen) => ephemeral("This command was already received."),
         Err(e) => {
             tracing::error!(error = %e, "could not record a slash command");
             ephemeral("agentgate could not accept this command right now. Please try again.")
