@@ -51,7 +51,9 @@ pub fn verify(
         return Err(SignatureError::Missing);
     };
     let t: i64 = ts.parse().map_err(|_| SignatureError::BadTimestamp)?;
-    if (now - t).abs() > MAX_SKEW_SECS {
+    // abs_diff: `now - t` overflows for a timestamp near i64::MIN or i64::MAX (a panic in a
+    // debug build, and in a release build `t = now + i64::MIN` wrapped to i64::MIN and passed).
+    if now.abs_diff(t) > MAX_SKEW_SECS.unsigned_abs() {
         return Err(SignatureError::Stale);
     }
     let sig: [u8; 64] = hex::decode(sig)
@@ -113,5 +115,35 @@ mod tests {
         );
         assert!(parse_public_key("zz").is_err());
         assert!(parse_public_key(&"00".repeat(31)).is_err());
+    }
+
+    #[test]
+    fn extreme_timestamps_are_stale_not_an_overflow() {
+        let sk = SigningKey::from_bytes(&[7u8; 32]);
+        let pk = sk.verifying_key();
+        let body = br#"{"type":1}"#;
+        let now = 1_700_000_000;
+        let signed = |ts: &str| hex::encode(sk.sign(&[ts.as_bytes(), body].concat()).to_bytes());
+        for ts in [
+            i64::MIN,
+            i64::MIN + 1,
+            now + i64::MIN,
+            i64::MAX,
+            now + 301,
+            253_402_300_800,
+        ] {
+            let t = ts.to_string();
+            assert_eq!(
+                verify(&pk, Some(&t), Some(&signed(&t)), body, now),
+                Err(SignatureError::Stale),
+                "{t}"
+            );
+        }
+        for now in [i64::MIN, i64::MAX] {
+            assert_eq!(
+                verify(&pk, Some("0"), Some(&signed("0")), body, now),
+                Err(SignatureError::Stale)
+            );
+        }
     }
 }

@@ -39,7 +39,9 @@ pub fn verify(
         return Err(SignatureError::Missing);
     };
     let t: i64 = ts.parse().map_err(|_| SignatureError::BadTimestamp)?;
-    if (now - t).abs() > MAX_SKEW_SECS {
+    // abs_diff: `now - t` overflows for a timestamp near i64::MIN or i64::MAX (a panic in a
+    // debug build, and in a release build `t = now + i64::MIN` wrapped to i64::MIN and passed).
+    if now.abs_diff(t) > MAX_SKEW_SECS.unsigned_abs() {
         return Err(SignatureError::Stale);
     }
     let given = sig
@@ -141,5 +143,26 @@ mod tests {
             now,
             Err(SignatureError::BadTimestamp),
         );
+    }
+
+    #[test]
+    fn extreme_timestamps_are_stale_not_an_overflow() {
+        let now = 1_531_420_618;
+        for ts in [
+            i64::MIN,
+            i64::MIN + 1,
+            now + i64::MIN,
+            i64::MAX,
+            now + 301,
+            253_402_300_800,
+        ] {
+            let t = ts.to_string();
+            let sig = sign(SECRET, ts, BODY.as_bytes());
+            check(Some(&t), Some(&sig), BODY, now, Err(SignatureError::Stale));
+        }
+        let sig = sign(SECRET, 0, BODY.as_bytes());
+        for now in [i64::MIN, i64::MAX] {
+            check(Some("0"), Some(&sig), BODY, now, Err(SignatureError::Stale));
+        }
     }
 }
