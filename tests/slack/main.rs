@@ -1122,3 +1122,21 @@ async fn a_slash_command_sent_again_runs_once() {
     assert_eq!(r.status(), 400);
     assert_eq!(app.commands_received("T0REPLAY").await, 1);
 }
+
+#[tokio::test]
+async fn mentions_from_bots_are_not_run() {
+    let app = spawn().await;
+    app.install("T0BOTS01", "xoxb-bots").await;
+    let base = json!({"type": "app_mention", "user": "U0OTHERBOT", "text": "<@U0BOTUSER> whoami", "channel": "C0B", "ts": "1.1"});
+    let mut with_bot_id = base.clone();
+    with_bot_id["bot_id"] = json!("B0OTHER");
+    let mut bot_message = base.clone();
+    bot_message["subtype"] = json!("bot_message");
+    for (id, event) in [("Ev0BOT1", with_bot_id), ("Ev0BOT2", bot_message)] {
+        assert_eq!(app.event("T0BOTS01", id, event).await.status(), 200);
+    }
+    // The handler records a command before it answers, so none was recorded for the bots.
+    assert_eq!(app.commands_received("T0BOTS01").await, 0);
+    app.event("T0BOTS01", "Ev0HUMAN", base).await;
+    assert_eq!(app.commands_received("T0BOTS01").await, 1, "a user's is");
+}

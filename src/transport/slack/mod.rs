@@ -257,6 +257,12 @@ async fn events(State(state): State<SlackState>, headers: HeaderMap, body: Bytes
             }
         }
         Some("app_mention") => {
+            // A bot's message mentioning us (another bot, an integration, or our own answer
+            // quoting a mention) is not a user's command: answering it could loop between bots.
+            let from_bot = !event["bot_id"].is_null() || event["subtype"] == "bot_message";
+            if from_bot {
+                return StatusCode::OK.into_response();
+            }
             // Slack retries a delivery it thinks failed, and a signed request can be sent again
             // within the signature's five minutes: each event runs at most once, by its id. Slack
             // always sends one; an event without it could not be told from its own retry.
