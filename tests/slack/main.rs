@@ -1140,3 +1140,25 @@ async fn mentions_from_bots_are_not_run() {
     app.event("T0BOTS01", "Ev0HUMAN", base).await;
     assert_eq!(app.commands_received("T0BOTS01").await, 1, "a user's is");
 }
+
+#[tokio::test]
+async fn answers_are_escaped_so_they_cannot_notify_the_channel() {
+    let app = spawn().await;
+    app.install("T0ESC001", "xoxb-esc").await;
+    app.command("T0ESC001", "U0M", "remember <!channel> & <@U0BOSS>: x")
+        .await;
+    let answer = wait_for("the response_url answer", || {
+        app.slack.responses.lock().unwrap().first().cloned()
+    })
+    .await;
+    assert_eq!(
+        answer["text"],
+        "Remembered that about &lt;!channel&gt; &amp; &lt;@u0boss&gt;."
+    );
+    app.event("T0ESC001", "Ev0ESC", json!({"type": "app_mention", "user": "U0M", "text": "<@U0BOTUSER> remember <!here>: y", "channel": "C0E", "ts": "1.1"})).await;
+    let (_, post) = wait_for("chat.postMessage", || {
+        app.slack.posts.lock().unwrap().first().cloned()
+    })
+    .await;
+    assert_eq!(post["text"], "Remembered that about &lt;!here&gt;.");
+}

@@ -212,7 +212,7 @@ impl SlackApi {
         let session = self.client.open_session(&token);
         let mut req = SlackApiChatPostMessageRequest::new(
             SlackChannelId(channel.to_owned()),
-            SlackMessageContent::new().with_text(text.to_owned()),
+            SlackMessageContent::new().with_text(escape(text)),
         );
         if let Some(ts) = thread_ts {
             req = req.with_thread_ts(SlackTs(ts.to_owned()));
@@ -232,7 +232,7 @@ impl SlackApi {
         let req = self
             .http
             .post(response_url)
-            .json(&json!({"response_type": "in_channel", "replace_original": false, "text": text}));
+            .json(&json!({"response_type": "in_channel", "replace_original": false, "text": escape(text)}));
         let r = self.send(req).await?;
         if r.status().is_success() {
             Ok(())
@@ -243,4 +243,14 @@ impl SlackApi {
             )))
         }
     }
+}
+
+/// Escapes text for a Slack message, as Slack's formatting rules ask: `&`, `<` and `>` become
+/// `&amp;`, `&lt;` and `&gt;`. An answer repeats what users and tools wrote, and unescaped, a
+/// `<!channel>`, `<!here>` or `<@U…>` in it would notify the whole channel or a user, and `<url|text>`
+/// would show a link under other text.
+pub fn escape(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }
