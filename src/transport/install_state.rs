@@ -73,6 +73,31 @@ pub fn check_state(
     Ok(nonce.to_owned())
 }
 
+/// The standard OAuth 2.0 authorization error codes (RFC 6749, 4.1.2.1): the only `error` values
+/// of a returning install that a page repeats.
+const AUTHORIZE_ERRORS: &[&str] = &[
+    "invalid_request",
+    "unauthorized_client",
+    "access_denied",
+    "unsupported_response_type",
+    "invalid_scope",
+    "server_error",
+    "temporarily_unavailable",
+];
+
+/// What a page says about a returning install's `error` parameter. The parameter is whatever the
+/// link said, so it is repeated only when it is a standard code: otherwise anyone could have our
+/// page show their text ("call this number") under our name.
+pub fn authorize_error(platform: &str, error: &str) -> String {
+    if error == "access_denied" {
+        format!("The install was cancelled in {platform}.")
+    } else if AUTHORIZE_ERRORS.contains(&error) {
+        format!("{platform} reported: {error}.")
+    } else {
+        format!("{platform} reported an error.")
+    }
+}
+
 /// A small HTML page for the person at the browser, with its text escaped.
 pub fn page(status: StatusCode, title: &str, text: &str) -> Response {
     let esc = |s: &str| {
@@ -187,5 +212,25 @@ mod tests {
             check_state(&key, "garbage", Some(&nonce), 1_000),
             Err(StateError::Forged)
         );
+    }
+
+    #[test]
+    fn an_authorize_error_is_repeated_only_when_it_is_a_standard_code() {
+        assert_eq!(
+            authorize_error("Slack", "access_denied"),
+            "The install was cancelled in Slack."
+        );
+        assert_eq!(
+            authorize_error("Discord", "invalid_scope"),
+            "Discord reported: invalid_scope."
+        );
+        for forged in [
+            "Call +1 555 0100 to finish",
+            "invalid_scope ",
+            "<b>x</b>",
+            "",
+        ] {
+            assert_eq!(authorize_error("Slack", forged), "Slack reported an error.");
+        }
     }
 }

@@ -518,3 +518,19 @@ async fn an_interaction_sent_again_runs_once() {
     no_id.as_object_mut().unwrap().remove("id");
     assert_eq!(app.interaction(&no_id).await.status(), 400);
 }
+
+#[tokio::test]
+async fn an_oauth_error_page_does_not_repeat_the_links_text() {
+    let app = spawn().await;
+    let r = app
+        .http
+        .get(format!("{}/discord/oauth_redirect", app.url))
+        .query(&[("error", "Call +1 555 0100 to finish installing")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let page = r.text().await.unwrap();
+    assert!(page.contains("Discord reported an error."), "{page}");
+    assert!(!page.contains("555"), "{page}");
+}

@@ -61,7 +61,11 @@ async fn auth_test() -> Json<Value> {
     )
 }
 
-async fn oauth_access(State(s): State<Slack>, headers: HeaderMap, body: String) -> Json<Value> {
+async fn oauth_access(
+    State(s): State<Slack>,
+    headers: HeaderMap,
+    body: String,
+) -> axum::response::Response {
     let auth = headers
         .get("authorization")
         .and_then(|v| v.to_str().ok())
@@ -75,11 +79,12 @@ async fn oauth_access(State(s): State<Slack>, headers: HeaderMap, body: String) 
             s.release_refresh.notified().await;
         }
         if s.refuse_refresh.load(Ordering::SeqCst) {
-            return Json(json!({"ok": false, "error": "invalid_refresh_token"}));
+            return Json(json!({"ok": false, "error": "invalid_refresh_token"})).into_response();
         }
         return Json(
             json!({"ok": true, "access_token": "xoxe.xoxb-rotated", "refresh_token": "xoxe-1-refresh-2", "expires_in": 43200, "token_type": "bot", "scope": "commands"}),
-        );
+        )
+        .into_response();
     }
     match form.get("code").map(String::as_str) {
         Some("good-code") => Json(json!({
@@ -87,8 +92,14 @@ async fn oauth_access(State(s): State<Slack>, headers: HeaderMap, body: String) 
             "bot_user_id": "U0BOTUSER", "app_id": "A0OAUTH", "team": {"id": "T0OAUTH01", "name": "Acme"}, "enterprise": null,
             "authed_user": {"id": "U0INSTALLER"}, "is_enterprise_install": false,
             "refresh_token": "xoxe-1-refresh-1", "expires_in": 60
-        })),
-        _ => Json(json!({"ok": false, "error": "invalid_code"})),
+        }))
+        .into_response(),
+        // Codes a proxy or Slack itself might answer with, carrying internals.
+        Some("leaky-code") => {
+            Json(json!({"ok": false, "error": "internal_error_at_db-7.corp"})).into_response()
+        }
+        Some("html-code") => "<html>upstream db-7.corp timed out</html>".into_response(),
+        _ => Json(json!({"ok": false, "error": "invalid_code"})).into_response(),
     }
 }
 
@@ -1161,4 +1172,71 @@ async fn answers_are_escaped_so_they_cannot_notify_the_channel() {
     })
     .await;
     assert_eq!(post["text"], "Remembered that about &lt;!here&gt;.");
+}
+
+impl App {
+    /// Starts an install: the state from Slack's authorize link and the browser's cookie nonce.
+    async fn start_install(&self) -> (String, String) {
+        let r = self
+            .http
+            .get(format!("{}/slack/install", self.url))
+            .send()
+            .await
+            .unwrap();
+        let nonce = r.headers()["set-cookie"]
+            .to_str()
+            .unwrap()
+            .split(';')
+            .next()
+            .unwrap()
+            .split_once('=')
+            .unwrap()
+            .1
+            .to_owned();
+        let location = url::Url::parse(r.headers()["location"].to_str().unwrap()).unwrap();
+        let state = location
+            .query_pairs()
+            .find(|(k, _)| k == "state")
+            .unwrap()
+            .1
+            .into_owned();
+        (state, nonce)
+    }
+}
+
+#[tokio::test]
+async fn oauth_error_pages_repeat_neither_the_link_nor_slacks_internals() {
+    let app = spawn().await;
+    let r = app
+        .http
+        .get(format!("{}/slack/oauth_redirect", app.url))
+        .query(&[
+            ("error", "Call +1 555 0100 to finish installing"),
+            ("state", "x"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let page = r.text().await.unwrap();
+    assert!(page.contains("Slack reported an error."), "{page}");
+    assert!(!page.contains("555"), "{page}");
+    for code in ["leaky-code", "html-code"] {
+        let (state, nonce) = app.start_install().await;
+        let r = app
+            .http
+            .get(format!("{}/slack/oauth_redirect", app.url))
+            .query(&[("code", code), ("state", &state)])
+            .header("cookie", format!("agentgate_slack_oauth={nonce}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 502);
+        let page = r.text().await.unwrap();
+        assert!(page.contains("The exchange with Slack failed."), "{page}");
+        assert!(
+            !page.contains("db-7") && !page.contains("decoding"),
+            "{page}"
+        );
+    }
 }

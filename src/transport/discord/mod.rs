@@ -20,7 +20,9 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use self::api::DiscordApi;
-use super::install_state::{accept_state, clear_cookie, make_state, page, set_cookie};
+use super::install_state::{
+    accept_state, authorize_error, clear_cookie, make_state, page, set_cookie,
+};
 use super::{accept_once, Accepted, Clock, Command, Dedupe};
 use crate::agent::Agent;
 use crate::audit::AuditSink;
@@ -317,12 +319,7 @@ async fn redirect(
         );
     };
     if let Some(err) = q.error {
-        let why = if err == "access_denied" {
-            "The install was cancelled in Discord.".to_owned()
-        } else {
-            format!("Discord reported: {err}.")
-        };
-        return fail(StatusCode::BAD_REQUEST, &why);
+        return fail(StatusCode::BAD_REQUEST, &authorize_error("Discord", &err));
     }
     let (Some(code), Some(st)) = (q.code, q.state) else {
         return fail(

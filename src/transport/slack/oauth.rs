@@ -11,10 +11,13 @@ use axum::response::{IntoResponse, Response};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
+use super::api::SlackApiError;
 use super::{workspace_of, SlackState};
 use crate::installation::{InstallSource, NewInstallation};
 use crate::tenant::PrincipalId;
-use crate::transport::install_state::{accept_state, clear_cookie, make_state, page, set_cookie};
+use crate::transport::install_state::{
+    accept_state, authorize_error, clear_cookie, make_state, page, set_cookie,
+};
 
 /// The cookie that binds a state to the browser that started the install.
 pub const COOKIE: &str = "agentgate_slack_oauth";
@@ -32,6 +35,29 @@ pub struct OAuthConfig {
     pub authorize_url: String,
     /// Our redirect URL, `<public URL>/slack/oauth_redirect`.
     pub redirect_url: String,
+}
+
+/// oauth.v2.access error codes that a person installing can act on (start again, or tell the
+/// operator the app's settings are wrong), the only ones a page names.
+const EXCHANGE_ERRORS: &[&str] = &[
+    "invalid_code",
+    "bad_redirect_uri",
+    "invalid_client_id",
+    "bad_client_secret",
+    "oauth_authorization_url_mismatch",
+    "invalid_team_for_non_distributed_app",
+];
+
+/// What the page says about a failed code exchange: a known code, else nothing of the error,
+/// whose text (a transport or parse failure, or a code of Slack's or a proxy's choosing) is for
+/// the log.
+fn exchange_failure(e: &SlackApiError) -> String {
+    match e {
+        SlackApiError::Refused(code) if EXCHANGE_ERRORS.contains(&code.as_str()) => {
+            format!("The exchange with Slack failed ({code}).")
+        }
+        _ => "The exchange with Slack failed.".to_owned(),
+    }
 }
 
 /// `GET /slack/install`.
@@ -86,12 +112,11 @@ pub async fn redirect(
         );
     };
     if let Some(err) = q.error {
-        let why = if err == "access_denied" {
-            "The install was cancelled in Slack.".to_owned()
-        } else {
-            format!("Slack reported: {err}.")
-        };
-        return page(StatusCode::BAD_REQUEST, "agentgate was not installed", &why);
+        return page(
+            StatusCode::BAD_REQUEST,
+            "agentgate was not installed",
+            &authorize_error("Slack", &err),
+        );
     }
     let (Some(code), Some(st)) = (q.code, q.state) else {
         return page(
@@ -122,7 +147,7 @@ pub async fn redirect(
             return page(
                 StatusCode::BAD_GATEWAY,
                 "agentgate was not installed",
-                &format!("The exchange with Slack failed ({e})."),
+                &exchange_failure(&e),
             );
         }
     };
