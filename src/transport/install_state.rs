@@ -165,6 +165,24 @@ pub fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
         .map(|(_, v)| v.to_owned())
 }
 
+/// The path an install's cookie is sent on: the folder of the redirect URL, which holds the
+/// install route too (`/slack` for `https://host/slack/oauth_redirect`, `/agents/slack` when a
+/// proxy serves the gateway under `/agents`). A path that would not fit in a Set-Cookie value
+/// whole (`;`, spaces, controls) gives `/`.
+pub fn cookie_path(redirect_url: &str) -> String {
+    let path = url::Url::parse(redirect_url)
+        .map(|u| u.path().to_owned())
+        .unwrap_or_default();
+    match path.rsplit_once('/') {
+        Some((dir, _))
+            if !dir.is_empty() && dir.chars().all(|c| c.is_ascii_graphic() && c != ';') =>
+        {
+            dir.to_owned()
+        }
+        _ => "/".to_owned(),
+    }
+}
+
 /// The Set-Cookie value that binds an install to this browser, for `path`.
 pub fn set_cookie(name: &str, nonce: &str, path: &str) -> String {
     format!("{name}={nonce}; Max-Age={STATE_TTL_SECS}; Path={path}; HttpOnly; Secure; SameSite=Lax")
@@ -232,5 +250,28 @@ mod tests {
         ] {
             assert_eq!(authorize_error("Slack", forged), "Slack reported an error.");
         }
+    }
+
+    #[test]
+    fn the_cookie_path_is_the_redirect_urls_folder() {
+        let check = |url: &str, want: &str| assert_eq!(cookie_path(url), want, "{url}");
+        check(
+            "https://agentgate.example.com/slack/oauth_redirect",
+            "/slack",
+        );
+        check(
+            "https://example.com/agents/slack/oauth_redirect",
+            "/agents/slack",
+        );
+        check(
+            "https://example.com/a/b/discord/oauth_redirect",
+            "/a/b/discord",
+        );
+        check("https://example.com/oauth_redirect", "/");
+        check(
+            "https://example.com/x;Domain=evil/slack/oauth_redirect",
+            "/",
+        );
+        check("not a url", "/");
     }
 }

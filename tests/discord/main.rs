@@ -534,3 +534,58 @@ async fn an_oauth_error_page_does_not_repeat_the_links_text() {
     assert!(page.contains("Discord reported an error."), "{page}");
     assert!(!page.contains("555"), "{page}");
 }
+
+#[tokio::test]
+async fn the_install_cookie_follows_a_public_url_with_a_path() {
+    let app = spawn().await;
+    // The gateway behind a proxy that serves it under /agents: the browser sees /agents/discord/….
+    let state = agentgate::transport::discord::DiscordState::new(
+        DiscordConfig {
+            public_key: app.key.verifying_key(),
+            application_id: APP_ID.into(),
+            client_secret: Some(SecretString::from("discord-client-secret")),
+            bot_token: None,
+            api_url: app.api.clone(),
+            authorize_url: format!("{}/authorize", app.api),
+            permissions: "3072".into(),
+            redirect_url: "https://example.com/agents/discord/oauth_redirect".into(),
+        },
+        Arc::new(agentgate::transport::SystemClock),
+        app.services.tenants.clone(),
+        app.services.agent.clone(),
+        app.services.sink.clone(),
+        app.services.state_key.clone(),
+    );
+    let base = serve(agentgate::transport::discord::router(state)).await;
+    let r = app
+        .http
+        .get(format!("{base}/discord/install"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 302);
+    let cookie = r.headers()["set-cookie"].to_str().unwrap().to_owned();
+    assert!(cookie.contains("; Path=/agents/discord;"), "{cookie}");
+    let nonce = cookie.split(';').next().unwrap().split_once('=').unwrap().1;
+    let location = url::Url::parse(r.headers()["location"].to_str().unwrap()).unwrap();
+    let state = location
+        .query_pairs()
+        .find(|(k, _)| k == "state")
+        .unwrap()
+        .1
+        .into_owned();
+    let r = app
+        .http
+        .get(format!("{base}/discord/oauth_redirect"))
+        .query(&[("code", "good"), ("state", &state)])
+        .header("cookie", format!("agentgate_discord_oauth={nonce}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let cleared = r.headers()["set-cookie"].to_str().unwrap().to_owned();
+    assert!(
+        cleared.contains("Max-Age=0") && cleared.contains("; Path=/agents/discord;"),
+        "{cleared}"
+    );
+}

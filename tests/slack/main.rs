@@ -843,6 +843,11 @@ impl App {
     /// A Slack adapter over the application's services and this stand-in, to ask for a bot token
     /// directly (as a reply about to be delivered does).
     fn slack_state(&self) -> SlackState {
+        self.slack_state_with("http://localhost/slack/oauth_redirect")
+    }
+
+    /// As `slack_state`, with the public URL's redirect given.
+    fn slack_state_with(&self, redirect_url: &str) -> SlackState {
         SlackState::new(
             SlackConfig {
                 signing_secret: SecretString::from(SECRET),
@@ -852,7 +857,7 @@ impl App {
                     client_secret: SecretString::from("client-secret-x"),
                     scopes: "commands".into(),
                     authorize_url: format!("{}/authorize", self.slack_url),
-                    redirect_url: "http://localhost/slack/oauth_redirect".into(),
+                    redirect_url: redirect_url.into(),
                 }),
             },
             Arc::new(agentgate::transport::SystemClock),
@@ -1239,4 +1244,43 @@ async fn oauth_error_pages_repeat_neither_the_link_nor_slacks_internals() {
             "{page}"
         );
     }
+}
+
+#[tokio::test]
+async fn the_install_cookie_follows_a_public_url_with_a_path() {
+    let app = spawn().await;
+    // The gateway behind a proxy that serves it under /agents: the browser sees /agents/slack/….
+    let state = app.slack_state_with("https://example.com/agents/slack/oauth_redirect");
+    let base = serve(agentgate::transport::slack::router(state)).await;
+    let r = app
+        .http
+        .get(format!("{base}/slack/install"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 302);
+    let cookie = r.headers()["set-cookie"].to_str().unwrap().to_owned();
+    assert!(cookie.contains("; Path=/agents/slack;"), "{cookie}");
+    let nonce = cookie.split(';').next().unwrap().split_once('=').unwrap().1;
+    let location = url::Url::parse(r.headers()["location"].to_str().unwrap()).unwrap();
+    let state = location
+        .query_pairs()
+        .find(|(k, _)| k == "state")
+        .unwrap()
+        .1
+        .into_owned();
+    let r = app
+        .http
+        .get(format!("{base}/slack/oauth_redirect"))
+        .query(&[("code", "good-code"), ("state", &state)])
+        .header("cookie", format!("agentgate_slack_oauth={nonce}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let cleared = r.headers()["set-cookie"].to_str().unwrap().to_owned();
+    assert!(
+        cleared.contains("Max-Age=0") && cleared.contains("; Path=/agents/slack;"),
+        "{cleared}"
+    );
 }

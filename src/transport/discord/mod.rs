@@ -21,7 +21,7 @@ use serde_json::{json, Value};
 
 use self::api::DiscordApi;
 use super::install_state::{
-    accept_state, authorize_error, clear_cookie, make_state, page, set_cookie,
+    accept_state, authorize_error, clear_cookie, cookie_path, make_state, page, set_cookie,
 };
 use super::{accept_once, Accepted, Clock, Command, Dedupe};
 use crate::agent::Agent;
@@ -291,7 +291,10 @@ async fn install(State(state): State<DiscordState>) -> Response {
         StatusCode::FOUND,
         [
             (header::LOCATION, url.to_string()),
-            (header::SET_COOKIE, set_cookie(COOKIE, &nonce, "/discord")),
+            (
+                header::SET_COOKIE,
+                set_cookie(COOKIE, &nonce, &cookie_path(&state.config.redirect_url)),
+            ),
         ],
     )
         .into_response()
@@ -334,7 +337,10 @@ async fn redirect(
         &headers,
         COOKIE,
         state.clock.now(),
-        "/discord/install",
+        &format!(
+            "{}/install",
+            cookie_path(&state.config.redirect_url).trim_end_matches('/')
+        ),
     ) {
         return fail(status, &why);
     }
@@ -406,7 +412,7 @@ async fn redirect(
             );
             r.headers_mut().insert(
                 header::SET_COOKIE,
-                clear_cookie(COOKIE, "/discord")
+                clear_cookie(COOKIE, &cookie_path(&state.config.redirect_url))
                     .parse()
                     .expect("a valid header"),
             );

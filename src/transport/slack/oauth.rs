@@ -16,7 +16,7 @@ use super::{workspace_of, SlackState};
 use crate::installation::{InstallSource, NewInstallation};
 use crate::tenant::PrincipalId;
 use crate::transport::install_state::{
-    accept_state, authorize_error, clear_cookie, make_state, page, set_cookie,
+    accept_state, authorize_error, clear_cookie, cookie_path, make_state, page, set_cookie,
 };
 
 /// The cookie that binds a state to the browser that started the install.
@@ -84,7 +84,10 @@ pub async fn install(State(state): State<SlackState>) -> Response {
         StatusCode::FOUND,
         [
             (header::LOCATION, url.to_string()),
-            (header::SET_COOKIE, set_cookie(COOKIE, &nonce, "/slack")),
+            (
+                header::SET_COOKIE,
+                set_cookie(COOKIE, &nonce, &cookie_path(&o.redirect_url)),
+            ),
         ],
     )
         .into_response()
@@ -132,7 +135,10 @@ pub async fn redirect(
         &headers,
         COOKIE,
         state.clock.now(),
-        "/slack/install",
+        &format!(
+            "{}/install",
+            cookie_path(&o.redirect_url).trim_end_matches('/')
+        ),
     ) {
         return page(status, "agentgate was not installed", &why);
     }
@@ -209,7 +215,7 @@ pub async fn redirect(
             let mut r = page(StatusCode::OK, "agentgate is installed", &format!("agentgate is now installed in {name}. Mention it or use its slash command to start."));
             r.headers_mut().insert(
                 header::SET_COOKIE,
-                clear_cookie(COOKIE, "/slack")
+                clear_cookie(COOKIE, &cookie_path(&o.redirect_url))
                     .parse()
                     .expect("a valid header"),
             );
