@@ -37,6 +37,8 @@ struct Slack {
     release_refresh: Arc<tokio::sync::Notify>,
     /// When set, a token refresh is refused.
     refuse_refresh: Arc<AtomicBool>,
+    /// The stand-in's own base URL, for its redirect.
+    base: Arc<Mutex<String>>,
 }
 
 async fn post_message(
@@ -146,12 +148,20 @@ async fn spawn_in(dir: tempfile::TempDir) -> App {
             .route("/api/oauth.v2.access", post(oauth_access))
             .route("/respond", post(respond))
             .route(
+                "/redirect",
+                post(|State(s): State<Slack>| async move {
+                    let to = format!("{}/respond", s.base.lock().unwrap());
+                    (StatusCode::TEMPORARY_REDIRECT, [("location", to)]).into_response()
+                }),
+            )
+            .route(
                 "/authorize",
                 get(|Query(q): Query<Value>| async move { Json(q) }),
             )
             .with_state(slack.clone()),
     )
     .await;
+    *slack.base.lock().unwrap() = slack_url.clone();
     let config = Config {
         data_dir: dir.path().to_owned(),
         installations_dir: dir.path().join("none"),
@@ -1283,4 +1293,47 @@ async fn the_install_cookie_follows_a_public_url_with_a_path() {
         cleared.contains("Max-Age=0") && cleared.contains("; Path=/agents/slack;"),
         "{cleared}"
     );
+}
+
+#[tokio::test]
+async fn a_response_url_must_be_slacks_and_is_not_redirected() {
+    let app = spawn().await;
+    app.install("T0HOOK01", "xoxb-hook").await;
+    let body = app
+        .command_body("T0HOOK01", "U0M", "whoami", "1.2.hook")
+        .replace(
+            &serde_urlencoded::to_string([("response_url", format!("{}/respond", app.slack_url))])
+                .unwrap(),
+            "response_url=https%3A%2F%2Fhooks.evil.example%2Fcommands%2F1",
+        );
+    let r = app
+        .signed(
+            "/slack/commands",
+            "application/x-www-form-urlencoded",
+            body,
+            now(),
+        )
+        .await;
+    assert_eq!(r.status(), 400, "refused at intake");
+    assert_eq!(app.commands_received("T0HOOK01").await, 0);
+    // And before delivery, whatever the target says (it may come from an older checkpoint).
+    let api = agentgate::transport::slack::api::SlackApi::new(&format!("{}/api/", app.slack_url))
+        .unwrap();
+    for url in [
+        "https://hooks.evil.example/commands/1",
+        "http://hooks.slack.com/commands/1",
+        "https://hooks.slack.com:8443/commands/1",
+        "https://hooks.slack.com.evil.example/commands/1",
+        "not a url",
+    ] {
+        assert!(!api.response_url_allowed(url), "{url}");
+        assert!(api.respond(url, "hi").await.is_err(), "{url}");
+    }
+    assert!(api.response_url_allowed("https://hooks.slack.com/commands/T1/2/3"));
+    // A redirect is not followed: the answer does not reach where it points.
+    let r = api
+        .respond(&format!("{}/redirect", app.slack_url), "hi")
+        .await;
+    assert!(r.is_err());
+    assert!(app.slack.responses.lock().unwrap().is_empty());
 }

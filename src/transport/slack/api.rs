@@ -105,11 +105,30 @@ impl SlackApi {
         Ok(SlackApi {
             api_url,
             client: std::sync::Arc::new(SlackClient::new(connector)),
+            // No redirects: a response_url is checked to be Slack's before it is posted to, and a
+            // redirect would take the answer wherever Slack's (or a forger's) answer pointed.
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(15))
+                .redirect(reqwest::redirect::Policy::none())
                 .build()
                 .expect("a TLS backend is compiled in"),
         })
+    }
+
+    /// True when `url` may be a slash command's response_url: `https://hooks.slack.com/…` on the
+    /// standard port, or the scheme and host of the configured Web API base (where a test's
+    /// stand-in, or a Slack of another domain, serves both). The form that carries it is signed,
+    /// but the answer must not go wherever a replayed or mistaken form says.
+    pub fn response_url_allowed(&self, url: &str) -> bool {
+        let Ok(u) = url::Url::parse(url) else {
+            return false;
+        };
+        let hooks = u.scheme() == "https"
+            && u.host_str() == Some("hooks.slack.com")
+            && u.port_or_known_default() == Some(443);
+        let api = url::Url::parse(&self.api_url)
+            .is_ok_and(|a| a.scheme() == u.scheme() && a.host_str() == u.host_str());
+        hooks || api
     }
 
     /// Sends a request, waiting out 429 answers as Retry-After says.
@@ -227,8 +246,15 @@ impl SlackApi {
     /// Answers a slash command through its response_url.
     ///
     /// # Errors
-    /// [`SlackApiError`] when the URL refuses.
+    /// [`SlackApiError`] when the URL is not Slack's (see [`SlackApi::response_url_allowed`]) or
+    /// refuses; a redirect is a refusal.
     pub async fn respond(&self, response_url: &str, text: &str) -> Result<(), SlackApiError> {
+        // Checked again here, since the target may come from a checkpoint written before the check.
+        if !self.response_url_allowed(response_url) {
+            return Err(SlackApiError::Refused(
+                "the response_url is not Slack's".into(),
+            ));
+        }
         let req = self
             .http
             .post(response_url)

@@ -182,6 +182,10 @@ async fn commands(State(state): State<SlackState>, headers: HeaderMap, body: Byt
     let Some(trigger_id) = form.trigger_id.filter(|t| !t.is_empty()) else {
         return (StatusCode::BAD_REQUEST, "slash command without trigger_id").into_response();
     };
+    if !state.api.response_url_allowed(&form.response_url) {
+        tracing::warn!("refused a slash command whose response_url is not Slack's");
+        return (StatusCode::BAD_REQUEST, "the response_url is not Slack's").into_response();
+    }
     let Some(req) = request(
         identity(form.enterprise_id, form.team_id),
         &form.user_id,
