@@ -589,3 +589,18 @@ async fn the_install_cookie_follows_a_public_url_with_a_path() {
         "{cleared}"
     );
 }
+
+#[tokio::test]
+async fn the_follow_up_goes_to_the_configured_application() {
+    let app = spawn().await;
+    app.install("300000000000000005").await;
+    let mut cmd = command("300000000000000005", "400000000000000005", "0", "whoami");
+    cmd["application_id"] = json!("299999999999999999");
+    let r = app.interaction(&cmd).await;
+    assert_eq!(r.json::<Value>().await.unwrap(), json!({"type": 5}));
+    let (path, _) = wait_for("the follow-up", || {
+        app.discord.follow_ups.lock().unwrap().first().cloned()
+    })
+    .await;
+    assert_eq!(path, format!("{APP_ID}/interaction-token-abc"));
+}

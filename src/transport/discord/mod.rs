@@ -195,10 +195,9 @@ async fn interactions(
         Ok(r) => r,
         Err(e) => return ephemeral(resolve_failure(&e)),
     };
-    let app_id = v["application_id"]
-        .as_str()
-        .unwrap_or(&state.config.application_id)
-        .to_owned();
+    // The follow-up goes to our own application's webhook, whatever the payload names: the
+    // interaction's token is only good there.
+    let app_id = state.config.application_id.clone();
     let token = v["token"].as_str().unwrap_or_default().to_owned();
     let channel = v["channel_id"].as_str().unwrap_or_default();
     let cmd = Command {
