@@ -416,10 +416,21 @@ async fn unknown_and_uninstalled_workspaces_get_a_helpful_message() {
         .find(|e| e["type"] == "installation.revoked")
         .unwrap();
     assert_eq!(revoked["data"]["reason"], "uninstalled");
-    // A mention after the uninstall uses no token.
-    app.event("T0GONE01", "Ev0AFTER", json!({"type": "app_mention", "user": "U1", "text": "<@U0BOTUSER> help", "channel": "C1", "ts": "1.2"})).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(app.slack.posts.lock().unwrap().is_empty());
+    // A mention after the uninstall runs nothing: the handler records a command before it answers,
+    // and none was recorded after the revocation.
+    let r = app.event("T0GONE01", "Ev0AFTER", json!({"type": "app_mention", "user": "U1", "text": "<@U0BOTUSER> help", "channel": "C1", "ts": "1.2"})).await;
+    assert_eq!(r.status(), 200);
+    let ev = app.events_of("T0GONE01").await;
+    let revoked = ev
+        .iter()
+        .position(|e| e["type"] == "installation.revoked")
+        .unwrap();
+    assert!(
+        !ev[revoked..]
+            .iter()
+            .any(|e| e["type"] == "command.received"),
+        "nothing was run after the uninstall"
+    );
 }
 
 #[tokio::test]
