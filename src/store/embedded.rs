@@ -307,6 +307,13 @@ impl DedupeRepo for SledTenant {
         self.tree.flush().map_err(engine)?;
         Ok(first)
     }
+
+    fn forget(&self, key: &str) -> Result<()> {
+        let k = self.key(&Self::text_key("seen", key), "");
+        self.tree.remove(k.as_bytes()).map_err(engine)?;
+        self.tree.flush().map_err(engine)?;
+        Ok(())
+    }
 }
 
 /// A month's usage and the head of the fold that last wrote it: every event before `through` is
@@ -1110,6 +1117,30 @@ mod tests {
             InstallationRepo::get(&*repos_a, &other),
             Err(StoreError::Corrupt { .. })
         ));
+    }
+
+    /// A forgotten request id is new again, also after the store is opened again, and in no
+    /// other tenant was it ever seen.
+    #[test]
+    fn a_forgotten_request_id_is_new_again_after_a_restart() {
+        let (dir, store) = open();
+        let (a, b) = (TenantId::generate(), TenantId::generate());
+        let repos = store.tenant(&a).unwrap();
+        assert!(repos.first_time("slack-event:Ev1").unwrap());
+        assert!(!repos.first_time("slack-event:Ev1").unwrap());
+        assert!(repos.first_time("slack-event:Ev2").unwrap());
+        DedupeRepo::forget(&*repos, "slack-event:Ev1").unwrap();
+        drop((repos, store));
+        let cipher = Cipher::new(&MasterKey::parse(&"33".repeat(32)).unwrap());
+        let store = Embedded::open(dir.path(), cipher).unwrap();
+        let repos = store.tenant(&a).unwrap();
+        assert!(repos.first_time("slack-event:Ev1").unwrap(), "forgotten");
+        assert!(!repos.first_time("slack-event:Ev2").unwrap(), "still seen");
+        assert!(store
+            .tenant(&b)
+            .unwrap()
+            .first_time("slack-event:Ev2")
+            .unwrap());
     }
 
     #[test]

@@ -344,6 +344,12 @@ pub trait DedupeRepo {
     /// # Errors
     /// [`StoreError`] on an engine failure.
     fn first_time(&self, key: &str) -> Result<bool>;
+    /// Forgets `key`, so that the next [`DedupeRepo::first_time`] for it is true again: for a
+    /// request whose command could not be recorded after its key was. Durable before it returns.
+    ///
+    /// # Errors
+    /// [`StoreError`] on an engine failure.
+    fn forget(&self, key: &str) -> Result<()>;
 }
 
 /// An API key as stored: never the secret, only its keyed hash.

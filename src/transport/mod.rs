@@ -7,8 +7,7 @@ pub mod install_state;
 pub mod retry;
 pub mod slack;
 
-use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use serde_json::Value;
 
@@ -17,7 +16,7 @@ use sha2::{Digest, Sha256};
 use crate::agent::{Agent, ReplySink, RunOutcome, RunRequest};
 use crate::audit::{AuditError, AuditSink, EventBody};
 use crate::store::{Store, StoreError};
-use crate::tenant::{TenantContext, TenantId};
+use crate::tenant::TenantContext;
 
 /// Why a command with a platform request id was not accepted.
 #[derive(Debug, thiserror::Error)]
@@ -39,45 +38,36 @@ pub enum Accepted {
     AlreadySeen,
 }
 
-/// Platform request ids seen before, per tenant: the store's durable record (`DedupeRepo`), and
-/// the ids whose command could not be recorded after they were marked, which are let through once
-/// more so that the platform's retry is not taken for a duplicate of a command that never ran.
-///
-/// The store can only mark a key, not forget it, so those ids are kept in this process: after a
-/// restart such an id stays marked and its retry is acknowledged without running.
+/// Platform request ids seen before, per tenant, as the store's durable record (`DedupeRepo`)
+/// keeps them. An id whose command could not be recorded after it was marked is forgotten again,
+/// durably, so that the platform's retry is not taken for a duplicate of a command that never ran
+/// (before or after a restart).
 #[derive(Clone)]
 pub struct Dedupe {
     store: Store,
-    released: Arc<Mutex<HashSet<(TenantId, String)>>>,
 }
 
 impl Dedupe {
     /// Ids seen before, as recorded in `store`.
     pub fn new(store: Store) -> Self {
-        Dedupe {
-            store,
-            released: Arc::default(),
-        }
+        Dedupe { store }
     }
 
     /// True the first time `key` is claimed in the context's tenant, or when it was released since.
     fn claim(&self, ctx: &TenantContext, key: &str) -> Result<bool, StoreError> {
-        if self.store.for_tenant(ctx)?.dedupe().first_time(key)? {
-            return Ok(true);
-        }
-        let mut released = self
-            .released
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        Ok(released.remove(&(ctx.tenant_id().clone(), key.to_owned())))
+        self.store.for_tenant(ctx)?.dedupe().first_time(key)
     }
 
-    /// Lets a claimed key be claimed once more.
+    /// Lets a claimed key be claimed once more. If even that fails, the platform's retry is
+    /// acknowledged without running; the failure is logged for the operator.
     fn release(&self, ctx: &TenantContext, key: &str) {
-        self.released
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert((ctx.tenant_id().clone(), key.to_owned()));
+        let forgotten = self
+            .store
+            .for_tenant(ctx)
+            .and_then(|repo| repo.dedupe().forget(key));
+        if let Err(e) = forgotten {
+            tracing::error!(tenant = %ctx.tenant_id(), error = %e, "could not release a request id whose command was not recorded; a retry of it will not run");
+        }
     }
 }
 
