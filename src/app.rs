@@ -365,10 +365,18 @@ impl Application {
                     _ = stop_sweeps.wait_for(|stop| *stop) => return,
                 }
                 let s = store.clone();
-                match tokio::task::spawn_blocking(move || s.sweep_runs()).await {
+                // Nonces of install states that have expired can never be offered again.
+                let expired = chrono::Utc::now().timestamp()
+                    - crate::transport::install_state::STATE_TTL_SECS;
+                match tokio::task::spawn_blocking(move || {
+                    s.sweep_nonces(expired)?;
+                    s.sweep_runs()
+                })
+                .await
+                {
                     Ok(Ok(_)) => {}
                     Ok(Err(e)) => {
-                        tracing::warn!(error = %e, "sweeping finished runs failed; will retry")
+                        tracing::warn!(error = %e, "sweeping used install nonces or finished runs failed; will retry")
                     }
                     Err(e) => tracing::error!(error = %e, "the run sweeper panicked"),
                 }

@@ -264,6 +264,22 @@ impl Backend for Embedded {
         tree.flush().map_err(engine)?;
         Ok(first)
     }
+
+    fn sweep_nonces(&self, before: i64) -> Result<usize> {
+        let tree = self.db.open_tree(NONCES_TREE).map_err(engine)?;
+        let mut n = 0;
+        for kv in tree.iter() {
+            let (k, v) = kv.map_err(engine)?;
+            // A stamp that is not 8 bytes was not written by `consume_nonce`: it goes too.
+            let used = <[u8; 8]>::try_from(v.as_ref()).map_or(i64::MIN, i64::from_be_bytes);
+            if used < before {
+                tree.remove(k).map_err(engine)?;
+                n += 1;
+            }
+        }
+        // Not flushed: a removal lost to a crash is made again by the next sweep.
+        Ok(n)
+    }
 }
 
 const NONCES_TREE: &str = "nonces";
@@ -1117,6 +1133,24 @@ mod tests {
             InstallationRepo::get(&*repos_a, &other),
             Err(StoreError::Corrupt { .. })
         ));
+    }
+
+    /// Swept nonces are those used before the time given; a swept nonce could be used again, but
+    /// only by a state that has expired, which the install refuses first.
+    #[test]
+    fn nonces_used_before_a_time_are_swept() {
+        let (_dir, store) = open();
+        assert!(store.consume_nonce("slack:old").unwrap());
+        let now = chrono::Utc::now().timestamp();
+        assert_eq!(
+            store.sweep_nonces(now - 600).unwrap(),
+            0,
+            "none is that old"
+        );
+        assert!(!store.consume_nonce("slack:old").unwrap(), "still used");
+        assert_eq!(store.sweep_nonces(now + 1).unwrap(), 1);
+        assert!(store.consume_nonce("slack:old").unwrap(), "swept");
+        assert_eq!(store.sweep_nonces(now - 600).unwrap(), 0);
     }
 
     /// A forgotten request id is new again, also after the store is opened again, and in no

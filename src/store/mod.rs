@@ -453,6 +453,8 @@ pub(crate) trait Backend: Send + Sync {
     fn sweep_runs(&self) -> Result<usize>;
     /// Records a one-time nonce (an OAuth state); true the first time it is used.
     fn consume_nonce(&self, nonce: &str) -> Result<bool>;
+    /// Removes the nonces used before `before` (Unix seconds); returns how many.
+    fn sweep_nonces(&self, before: i64) -> Result<usize>;
     /// Records which tenant an API key id belongs to.
     fn bind_key(&self, key_id: &str, tenant: &TenantId) -> Result<()>;
     /// The tenant an API key id belongs to.
@@ -532,6 +534,16 @@ impl Store {
     /// [`StoreError`] on an engine failure.
     pub fn consume_nonce(&self, nonce: &str) -> Result<bool> {
         self.backend.consume_nonce(nonce)
+    }
+
+    /// Forgets the nonces used before `before` (Unix seconds): the states they came from have
+    /// expired, so they can never be offered again, and without this every install ever
+    /// completed (anyone may start one) would keep a key. Reviewed admin path, as above.
+    ///
+    /// # Errors
+    /// [`StoreError`] on an engine failure.
+    pub fn sweep_nonces(&self, before: i64) -> Result<usize> {
+        self.backend.sweep_nonces(before)
     }
 
     /// Records which tenant an API key belongs to. Reviewed admin path, used when a key is made.
