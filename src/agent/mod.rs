@@ -1429,10 +1429,6 @@ fn plan_name(settings: &TenantSettings) -> &'static str {
     }
 }
 
-/// The capability a refused call asked for, as the audit log records it. The name is the model's
-/// to choose, so one that is not a capability's shape (up to 64 of `a-z 0-9 _ . -`) is recorded
-/// as `sha256:<hex>` of it: whatever a prompt injection or a loose model puts there (prompt text,
-/// a tool's result) never reaches the permanent log in the clear.
 /// Whether `name` may name a webhook tool (and so follow `webhook.` in a capability): 1 to 48
 /// characters of a-z, 0-9 and `_`, which keeps it a valid tool name for every provider and plain
 /// text wherever it is written, the audit log included.
@@ -1443,6 +1439,10 @@ pub fn webhook_name_ok(name: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
 }
 
+/// The capability a refused call asked for, as the audit log records it. The name is the model's
+/// to choose, so one that is not a capability's shape (up to 64 of `a-z 0-9 _ . -`) is recorded
+/// as `sha256:<hex>` of it: whatever a prompt injection or a loose model puts there (prompt text,
+/// a tool's result) never reaches the permanent log in the clear.
 fn audited_capability(name: &str) -> String {
     let shaped = (1..=64).contains(&name.len())
         && name

@@ -225,7 +225,30 @@ impl Tenants {
                     .ok_or(KeyError::BadExpiry)?,
             ),
         };
-        self.check_outlives_not(ctx, expires_at)?;
+        if let Some(limit) = self.issuer_end(ctx)? {
+            let outlives = match (limit, expires_at) {
+                (None, _) => false,
+                (Some(_), None) => true,
+                (Some(end), Some(at)) => at > end,
+            };
+            if outlives {
+                let end = limit.map(|e| e.to_rfc3339()).unwrap_or_default();
+                return Err(KeyError::OutlivesIssuer(end));
+            }
+        }
+        self.create_key_until(ctx, name, role, scopes, expires_at)
+            .await
+    }
+
+    /// Makes, audits and stores a key that expires at `expires_at`; the caller checked it.
+    async fn create_key_until(
+        &self,
+        ctx: &TenantContext,
+        name: &str,
+        role: KeyRole,
+        scopes: Vec<String>,
+        expires_at: Option<DateTime<Utc>>,
+    ) -> Result<IssuedKey, KeyError> {
         let issued = self.mint(ctx.tenant_id(), name, role, scopes, expires_at)?;
         self.audit_sink()
             .append(
@@ -310,10 +333,21 @@ impl Tenants {
         if !is_live(&old, Utc::now()) {
             return Err(KeyError::NotLive);
         }
+        // The successor lives as long as the old key did, from now. Through the API (a key
+        // asking) it always ends: a key that never expired gets the API's default lifetime, and
+        // no successor outlives the key asking for it, so a key rotating itself hands over what
+        // it has left rather than extending it.
         let lifetime = old.expires_at.map(|e| e - old.created_at);
+        let now = Utc::now();
+        let mut expires_at = lifetime.and_then(|l| now.checked_add_signed(l));
+        if let Some(limit) = self.issuer_end(ctx)? {
+            let default = Duration::days(i64::from(DEFAULT_API_KEY_DAYS));
+            let at = expires_at.unwrap_or(now + default);
+            expires_at = Some(limit.map_or(at, |end| at.min(end)));
+        }
         let role: KeyRole = old.role.parse()?;
         let new = self
-            .create_key(ctx, &old.name, role, old.scopes.clone(), lifetime)
+            .create_key_until(ctx, &old.name, role, old.scopes.clone(), expires_at)
             .await?;
         self.revoke_locked(ctx, id, Utc::now() + overlap).await?;
         Ok(new)
@@ -407,24 +441,28 @@ impl Tenants {
 
     /// Refuses a key that would be valid after the API key asking for it (the context's
     /// principal, `key:<id>`) expires; a person's or the operator's context has no such bound.
-    fn check_outlives_not(
-        &self,
-        ctx: &TenantContext,
-        expires_at: Option<chrono::DateTime<Utc>>,
-    ) -> Result<(), KeyError> {
+    /// When the API key asking (the context's principal, `key:<id>`) stops working: `None` for a
+    /// person's or the operator's context, which no key bounds; `Some(None)` for a key that never
+    /// ends; else the earlier of its expiry and its revocation (a rotation's overlap ends it
+    /// early, and a key must not use that hour to make itself a lasting successor).
+    ///
+    /// # Errors
+    /// [`KeyError::Forbidden`] when the asking key is not on record (fails closed); storage.
+    fn issuer_end(&self, ctx: &TenantContext) -> Result<Option<Option<DateTime<Utc>>>, KeyError> {
         let Some(issuer) = ctx.principal().as_str().strip_prefix("key:") else {
-            return Ok(());
+            return Ok(None);
         };
-        let Some(issuer) = self.store().for_tenant(ctx)?.api_keys().get_key(issuer)? else {
-            return Ok(());
+        let key = self
+            .store()
+            .for_tenant(ctx)?
+            .api_keys()
+            .get_key(issuer)?
+            .ok_or(KeyError::Forbidden)?;
+        let end = match (key.expires_at, key.revoked_at) {
+            (Some(e), Some(r)) => Some(e.min(r)),
+            (e, r) => e.or(r),
         };
-        match (issuer.expires_at, expires_at) {
-            (Some(limit), None) => Err(KeyError::OutlivesIssuer(limit.to_rfc3339())),
-            (Some(limit), Some(at)) if at > limit => {
-                Err(KeyError::OutlivesIssuer(limit.to_rfc3339()))
-            }
-            _ => Ok(()),
-        }
+        Ok(Some(end))
     }
 
     /// Makes a key as the operator (the CLI), for bootstrapping a tenant's first admin key.

@@ -627,11 +627,6 @@ async fn api_keys_always_expire_and_never_outlive_the_key_that_makes_them() {
             "/api/v1/keys".to_owned(),
             json!({"name": "x", "role": "admin"}),
         ),
-        (
-            "a rotation of a key that never expires",
-            format!("/api/v1/keys/{}/rotate", app.a.compliance.id),
-            json!({}),
-        ),
     ];
     for (what, path, body) in refused {
         let r = app.post(&path, &brief.token, body).await;
@@ -663,4 +658,61 @@ async fn api_keys_always_expire_and_never_outlive_the_key_that_makes_them() {
         )
         .await;
     assert_eq!(r.status, 201, "{}", r.text());
+
+    let expiry = |v: &serde_json::Value| {
+        chrono::DateTime::parse_from_rfc3339(v["expires_at"].as_str().unwrap()).unwrap()
+    };
+    let keys = app.get("/api/v1/keys", &admin).await.json();
+    let brief_end = expiry(
+        keys.as_array()
+            .unwrap()
+            .iter()
+            .find(|k| k["id"] == brief.id.as_str())
+            .unwrap(),
+    );
+    // A rotation hands over no more than the asking key has left: a key that never expires,
+    // rotated by the brief key, gets a successor that ends with the brief key...
+    let r = app
+        .post(
+            &format!("/api/v1/keys/{}/rotate", app.a.compliance.id),
+            &brief.token,
+            json!({}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    assert_eq!(expiry(&r.json()), brief_end);
+    // ...and rotated by a key that never expires, one that ends after the API's 90 days.
+    let r = app
+        .post(
+            &format!("/api/v1/keys/{}/rotate", app.a.service.id),
+            &admin,
+            json!({}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    let v = r.json();
+    let made = chrono::DateTime::parse_from_rfc3339(v["created_at"].as_str().unwrap()).unwrap();
+    assert!((expiry(&v) - made - chrono::Duration::days(90)).abs() < chrono::Duration::seconds(1));
+    // A key rotating itself keeps working: its successor ends when it would have.
+    let r = app
+        .post(
+            &format!("/api/v1/keys/{}/rotate", brief.id),
+            &brief.token,
+            json!({"overlap_secs": 60}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "self-rotation: {}", r.text());
+    assert_eq!(expiry(&r.json()), brief_end);
+    // In its overlap the old key ends in a minute, and cannot use it to make a lasting key.
+    let r = app
+        .post(
+            "/api/v1/keys",
+            &brief.token,
+            json!({"name": "z", "role": "admin", "expires_in_days": 1}),
+        )
+        .await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r
+        .error()
+        .starts_with("a key may not make a key that outlives it"));
 }
