@@ -387,7 +387,11 @@ impl Application {
             self.listener,
             app,
             wait(stop_rx),
-            self.config.request_timeout,
+            // At least a second, whatever a library caller configured: hyper cuts a connection
+            // whose headers are not in by then, an idle pooled one included.
+            self.config
+                .request_timeout
+                .max(std::time::Duration::from_secs(1)),
             // Time for the requests in flight to finish (an export is not under the timeout).
             self.config.request_timeout + std::time::Duration::from_secs(5),
         )

@@ -63,6 +63,8 @@ pub fn router(state: AppState, request_timeout: Duration, transports: Vec<Router
     transports
         .into_iter()
         .fold(timed, Router::merge)
+        // Inside the timeout: a request answered 408 still finishes what it started.
+        .layer(middleware::from_fn(run_to_completion))
         .layer(TimeoutLayer::with_status_code(
             axum::http::StatusCode::REQUEST_TIMEOUT,
             request_timeout,
@@ -96,6 +98,21 @@ async fn metrics(State(state): State<AppState>) -> impl axum::response::IntoResp
         )],
         crate::metrics::render(state.audit.checkpoint_age_secs()),
     )
+}
+
+/// Runs the rest of the request in a task of its own, so that the request timeout (or a client
+/// that goes away) answers without cancelling the handler halfway. Handlers append an audit event
+/// and then store its effect, or claim a platform request id and then record its command; cut
+/// between the two, the log would say what the store does not, or a retry would be taken for a
+/// command that never ran. A handler still reading a slow body ends when the connection closes.
+async fn run_to_completion(req: Request, next: Next) -> Response {
+    match tokio::spawn(next.run(req)).await {
+        Ok(resp) => resp,
+        // A handler that panicked: a 500, with nothing of it in the body.
+        Err(e) => axum::response::IntoResponse::into_response(ApiError::Internal(anyhow::anyhow!(
+            "the request's task stopped: {e}"
+        ))),
+    }
 }
 
 /// Logs the internal cause that an [`ApiError`] kept out of the response body.
