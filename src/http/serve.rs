@@ -20,8 +20,8 @@ use tokio::task::JoinSet;
 /// when the rest are dropped. A client has `header_timeout` to send each request's headers.
 ///
 /// # Errors
-/// Never for a connection's failure (logged at debug level); an accept error that is not a
-/// connection's own is retried after a pause, as a full file table is.
+/// Never: a connection's failure is logged at debug level, and an accept that fails for want of
+/// descriptors or memory is retried after a pause.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
@@ -39,11 +39,16 @@ pub async fn serve(
             Some(_) = conns.join_next(), if !conns.is_empty() => continue,
             accepted = listener.accept() => match accepted {
                 Ok(c) => c,
-                Err(e) => {
-                    // EMFILE and the like: the listener is fine, the process is full. Waiting
-                    // lets connections end and free their descriptors.
+                Err(e) if out_of_resources(&e) => {
+                    // The listener is fine, the process is full: waiting lets connections end
+                    // and free their descriptors, where retrying at once would spin.
                     tracing::warn!(error = %e, "accept failed; pausing");
                     tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+                // One connection's own failure (reset or aborted before it was accepted).
+                Err(e) => {
+                    tracing::debug!(error = %e, "accept failed");
                     continue;
                 }
             },
@@ -84,4 +89,12 @@ pub async fn serve(
         conns.shutdown().await;
     }
     Ok(())
+}
+
+/// Whether an accept failed for want of descriptors or memory, rather than for one connection.
+fn out_of_resources(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
 }
