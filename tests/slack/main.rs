@@ -1182,7 +1182,8 @@ async fn mentions_from_bots_are_not_run() {
 async fn answers_are_escaped_so_they_cannot_notify_the_channel() {
     let app = spawn().await;
     app.install("T0ESC001", "xoxb-esc").await;
-    app.command("T0ESC001", "U0M", "remember <!channel> & <@U0BOSS>: x")
+    // As Slack sends them: its own sequences as they are, what the user typed encoded.
+    app.command("T0ESC001", "U0M", "remember <!channel> &amp; <@U0BOSS>: x")
         .await;
     let answer = wait_for("the response_url answer", || {
         app.slack.responses.lock().unwrap().first().cloned()
@@ -1198,6 +1199,25 @@ async fn answers_are_escaped_so_they_cannot_notify_the_channel() {
     })
     .await;
     assert_eq!(post["text"], "Remembered that about &lt;!here&gt;.");
+
+    // What the user typed is what is kept, and an answer repeating it is escaped once.
+    app.command(
+        "T0ESC001",
+        "U0M",
+        "remember dog: Rex &amp; Co &lt;3 &amp;lt;b&amp;gt;",
+    )
+    .await;
+    app.command("T0ESC001", "U0M", "recall dog").await;
+    let answer = wait_for("the recall's answer", || {
+        app.slack.responses.lock().unwrap().get(2).cloned()
+    })
+    .await;
+    let text = answer["text"].as_str().unwrap();
+    assert!(
+        text.contains("Rex &amp; Co &lt;3 &amp;lt;b&amp;gt;"),
+        "{text}"
+    );
+    assert!(!text.contains("&amp;amp; Co"), "escaped twice: {text}");
 }
 
 impl App {

@@ -280,3 +280,14 @@ pub fn escape(text: &str) -> String {
         .replace('<', "&lt;")
         .replace('>', "&gt;")
 }
+
+/// Undoes [`escape`] on text Slack sends (a message's or a slash command's), which comes with
+/// `&`, `<` and `>` typed by the user encoded: decoded once here, so the planner sees what was
+/// typed and an answer repeating it is escaped once, not twice. `&amp;` goes last, so that a
+/// typed `&lt;` (sent as `&amp;lt;`) stays `&lt;`. Slack's own sequences (`<@U…>`, `<!here>`)
+/// arrive unencoded and pass through.
+pub fn unescape(text: &str) -> String {
+    text.replace("&lt;", "<")
+        .replace("&gt;", ">")
+        .replace("&amp;", "&")
+}

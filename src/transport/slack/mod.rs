@@ -200,7 +200,7 @@ async fn commands(State(state): State<SlackState>, headers: HeaderMap, body: Byt
     let cmd = Command {
         platform: "slack",
         kind: "slash_command",
-        text: form.text,
+        text: api::unescape(&form.text),
         conversation: format!("slack:{}", form.channel_id),
     };
     let target = json!({"platform": "slack", "kind": "response_url", "url": form.response_url});
@@ -287,7 +287,7 @@ async fn events(State(state): State<SlackState>, headers: HeaderMap, body: Bytes
             let cmd = Command {
                 platform: "slack",
                 kind: "app_mention",
-                text: strip_mention(event["text"].as_str().unwrap_or_default()).to_owned(),
+                text: api::unescape(strip_mention(event["text"].as_str().unwrap_or_default())),
                 conversation: match &ts {
                     Some(ts) => format!("slack:{channel}:{ts}"),
                     None => format!("slack:{channel}"),
