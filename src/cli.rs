@@ -169,6 +169,15 @@ pub enum KeysCommand {
     },
 }
 
+/// A name as a terminal may show it: its control characters replaced. Names come from tenants
+/// (a workspace's name as Slack or Discord gives it, a key's name), and an escape sequence in one
+/// would act on the operator's terminal.
+fn shown(name: &str) -> String {
+    name.chars()
+        .map(|c| if c.is_control() { '\u{FFFD}' } else { c })
+        .collect()
+}
+
 /// Parses `90d`, `12h`, `30m` or `never`.
 fn parse_expiry(text: &str) -> anyhow::Result<Option<chrono::Duration>> {
     if text == "never" {
@@ -805,7 +814,7 @@ async fn keys_command(services: &Services, cmd: KeysCommand) -> anyhow::Result<(
                 } else {
                     "revoked or expired"
                 };
-                println!("{}  {}  {}  {state}", k.id, k.role, k.name);
+                println!("{}  {}  {}  {state}", k.id, k.role, shown(&k.name));
             }
             Ok(())
         }
@@ -990,7 +999,12 @@ fn tenants_list(services: &Services, as_json: bool) -> anyhow::Result<()> {
     } else {
         for (t, insts) in &rows {
             let ids: Vec<&str> = insts.iter().map(|i| i.id.as_str()).collect();
-            println!("{}  {}  installations: {}", t.id, t.name, ids.join(", "));
+            println!(
+                "{}  {}  installations: {}",
+                t.id,
+                shown(&t.name),
+                ids.join(", ")
+            );
         }
         if rows.is_empty() {
             println!("no tenants");
@@ -1099,5 +1113,19 @@ async fn installations(services: &Services, cmd: InstallationsCommand) -> anyhow
             }
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_shown_without_control_characters() {
+        assert_eq!(shown("Acme Corp"), "Acme Corp");
+        assert_eq!(
+            shown("evil\u{1b}]0;owned\u{7}\nline"),
+            "evil\u{FFFD}]0;owned\u{FFFD}\u{FFFD}line"
+        );
     }
 }
