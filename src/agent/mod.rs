@@ -262,6 +262,18 @@ const LOST_RUN_PRINCIPAL: &str = "system:agent";
 const LOST_RUN_REASON: &str =
     "lost: the run's state did not survive the gateway's stop (a power loss or a storage failure), so it could not be resumed";
 
+/// A run checkpoint's state, if it can be resumed from: it parses, and the ids it carries (who
+/// started it, the platform's correlation id) are well formed, as the context rebuilt from it
+/// needs them to be.
+fn readable_state(bytes: &[u8]) -> Option<RunState> {
+    let st: RunState = serde_json::from_slice(bytes).ok()?;
+    st.principal.parse::<crate::tenant::PrincipalId>().ok()?;
+    if let Some(c) = st.correlation_id.as_deref() {
+        c.parse::<crate::tenant::CorrelationId>().ok()?;
+    }
+    Some(st)
+}
+
 /// The `reason` of the `run.failed` that ends a run whose checkpoint cannot be read.
 const UNREADABLE_RUN_REASON: &str =
     "unreadable: the run's stored state could not be read (damaged storage, or written by another version), so it could not be resumed";
@@ -596,19 +608,26 @@ impl Agent {
                     Ok(Some(_)) => n += 1,
                     // Started by this process after it came up: its own driver has it.
                     Ok(None) => {}
-                    Err(e) => {
-                        tracing::error!(tenant = %t.id, run = %run_id, error = %e, "cannot resume run");
-                        if matches!(e, AgentError::CorruptRun(_)) {
-                            match self.end_unreadable_run(&t.id, &run_id).await {
-                                Ok(true) => {
-                                    tracing::warn!(tenant = %t.id, run = %run_id, "ended on record a run whose checkpoint cannot be read; the checkpoint is kept for the operator");
-                                }
-                                Ok(false) => {}
-                                Err(e) => {
-                                    tracing::error!(tenant = %t.id, run = %run_id, error = %e, "cannot end a run whose checkpoint cannot be read");
-                                }
+                    // A checkpoint that cannot be read: its run is ended on record, and then
+                    // only its file is left, which the operator may look at; not an error at
+                    // every start from then on.
+                    Err(e @ AgentError::CorruptRun(_)) => {
+                        match self.end_unreadable_run(&t.id, &run_id).await {
+                            Ok(true) => {
+                                tracing::warn!(tenant = %t.id, run = %run_id, "a run's checkpoint cannot be read; the run is ended on record and the checkpoint kept for the operator");
+                            }
+                            Ok(false) => {
+                                tracing::error!(tenant = %t.id, run = %run_id, error = %e, "cannot resume run");
+                                first_err.get_or_insert(e);
+                            }
+                            Err(end) => {
+                                tracing::error!(tenant = %t.id, run = %run_id, error = %end, "cannot end a run whose checkpoint cannot be read");
+                                first_err.get_or_insert(e);
                             }
                         }
+                    }
+                    Err(e) => {
+                        tracing::error!(tenant = %t.id, run = %run_id, error = %e, "cannot resume run");
                         first_err.get_or_insert(e);
                     }
                 }
@@ -663,7 +682,8 @@ impl Agent {
     /// Ends, on record, a run whose checkpoint exists but cannot be read (damaged storage, or a
     /// state written by a later, incompatible version), unless its end is on record already: as
     /// with a lost run, nothing can resume it, so its `run.started` would never be followed by an
-    /// end. The checkpoint is left where it is, for the operator. Returns whether it was ended.
+    /// end. The checkpoint is left where it is, for the operator. Returns whether the run's end is
+    /// on record now (ended by this call or before it).
     ///
     /// If a later version reads the checkpoint after all, it finds the run's end on record and
     /// plans nothing more, as for any resumed run whose end is on record.
@@ -686,15 +706,21 @@ impl Agent {
         let unreadable = repo
             .runs()
             .get_run(run_id)?
-            .is_some_and(|bytes| serde_json::from_slice::<RunState>(&bytes).is_err());
-        let running = repo.projections().run_state(run_id)?
-            == Some(crate::audit::projection::RunState::Running);
-        if !unreadable || !running {
+            .is_some_and(|bytes| readable_state(&bytes).is_none());
+        let state = repo.projections().run_state(run_id)?;
+        if !unreadable {
             return Ok(false);
         }
-        self.end_on_record(&op, &repo, run_id, UNREADABLE_RUN_REASON)
-            .await?;
-        Ok(true)
+        match state {
+            Some(crate::audit::projection::RunState::Running) => {
+                self.end_on_record(&op, &repo, run_id, UNREADABLE_RUN_REASON)
+                    .await?;
+                Ok(true)
+            }
+            Some(_) => Ok(true),
+            // Not on record as started: there is nothing to end.
+            None => Ok(false),
+        }
     }
 
     /// Appends the `run.failed` that ends a run nothing can resume, by the gateway itself, with the
@@ -750,8 +776,7 @@ impl Agent {
             .runs()
             .get_run(run_id)?
             .ok_or_else(|| AgentError::CorruptRun(run_id.to_owned()))?;
-        let st: RunState = serde_json::from_slice(&bytes)
-            .map_err(|_| AgentError::CorruptRun(run_id.to_owned()))?;
+        let st = readable_state(&bytes).ok_or_else(|| AgentError::CorruptRun(run_id.to_owned()))?;
         let ctx = self.inner.tenants.resume_context(
             tenant,
             &st.principal,

@@ -953,9 +953,9 @@ async fn overlapping_ends_of_lost_runs_end_each_run_once() {
 }
 
 /// A run whose checkpoint is there but cannot be read (damaged, or written by another version)
-/// cannot be resumed: the restart reports it, ends it on record once, with the totals its events
-/// add up to, and keeps the checkpoint for the operator. The next start reports it again and adds
-/// nothing.
+/// cannot be resumed: the restart ends it on record once, with the totals its events add up to,
+/// and keeps the checkpoint for the operator; neither that start nor the next counts it as a
+/// failure. A checkpoint that parses but names no valid principal is one too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_whose_checkpoint_cannot_be_read_is_ended_on_record_once() {
     let dir = tempfile::tempdir().unwrap();
@@ -963,12 +963,13 @@ async fn a_run_whose_checkpoint_cannot_be_read_is_ended_on_record_once() {
         vec![
             Scripted::Tools(vec![("budget__status", json!({}))]),
             Scripted::Hang,
+            Scripted::Hang,
         ],
         (10, 5),
         Duration::ZERO,
     )
     .await;
-    let (tenant, run_id) = {
+    let (tenant, run_id, misnamed) = {
         let s = open(dir.path(), config(Some(&model.url), None));
         let t = install(&s, "T0DAMAGE").await;
         settings(&s, &t, |st| st.llm.provider = "openai".into());
@@ -984,18 +985,29 @@ async fn a_run_whose_checkpoint_cannot_be_read_is_ended_on_record_once() {
         repo.runs()
             .put_run(&run_id, br#"{"format":"from another version"}"#, false)
             .unwrap();
+        // A second run whose checkpoint parses but names no valid principal.
+        let ctx = user(&s, "T0DAMAGE", "U0M");
+        let misnamed = ctx.audit().run_id.to_string();
+        abort_run_when(&s, ctx, "more", "called the model", || {
+            model.seen().bodies.len() >= 3
+        })
+        .await;
+        let mut state: serde_json::Value =
+            serde_json::from_slice(&repo.runs().get_run(&misnamed).unwrap().unwrap()).unwrap();
+        state["principal"] = json!("not a principal");
+        repo.runs()
+            .put_run(&misnamed, &serde_json::to_vec(&state).unwrap(), false)
+            .unwrap();
         s.close().await.unwrap();
-        (t, run_id)
+        (t, run_id, misnamed)
     };
 
     let s = open(dir.path(), config(Some(&model.url), None));
     let op = s.tenants.operator_context(&tenant).unwrap();
-    assert!(
-        matches!(
-            s.agent.resume_unfinished().await,
-            Err(agentgate::agent::AgentError::CorruptRun(r)) if r == run_id
-        ),
-        "the unreadable checkpoint is reported"
+    assert_eq!(
+        s.agent.resume_unfinished().await.unwrap(),
+        0,
+        "nothing resumed"
     );
     let ev = events(&s, &op).await;
     let mine: Vec<&serde_json::Value> = ev
@@ -1031,8 +1043,18 @@ async fn a_run_whose_checkpoint_cannot_be_read_is_ended_on_record_once() {
     );
     assert_eq!(totals["tool_calls"], 1);
 
-    // Reported again, not ended again; the checkpoint is still there.
-    assert!(s.agent.resume_unfinished().await.is_err());
+    let ends_of_misnamed: Vec<&serde_json::Value> = ev
+        .iter()
+        .filter(|e| e["run_id"] == misnamed.as_str() && e["type"] == "run.failed")
+        .collect();
+    assert_eq!(ends_of_misnamed.len(), 1, "{ends_of_misnamed:?}");
+    assert!(ends_of_misnamed[0]["data"]["reason"]
+        .as_str()
+        .unwrap()
+        .starts_with("unreadable:"));
+
+    // Not ended again; the checkpoint is still there.
+    assert_eq!(s.agent.resume_unfinished().await.unwrap(), 0);
     assert_eq!(events(&s, &op).await.len(), ev.len(), "ended once");
     let repo = s.store.for_tenant(&op).unwrap();
     assert_eq!(
