@@ -140,6 +140,12 @@ async fn spawn() -> App {
 
 /// Starts the Slack stand-in, then the application over `dir`.
 async fn spawn_in(dir: tempfile::TempDir) -> App {
+    let (slack, slack_url) = stand_in().await;
+    spawn_with(dir, slack, slack_url).await
+}
+
+/// Starts the Slack stand-in; returns what it sees and its URL.
+async fn stand_in() -> (Slack, String) {
     let slack = Slack::default();
     let slack_url = serve(
         Router::new()
@@ -162,6 +168,11 @@ async fn spawn_in(dir: tempfile::TempDir) -> App {
     )
     .await;
     *slack.base.lock().unwrap() = slack_url.clone();
+    (slack, slack_url)
+}
+
+/// Starts the application over `dir`, with the Slack stand-in at `slack_url`.
+async fn spawn_with(dir: tempfile::TempDir, slack: Slack, slack_url: String) -> App {
     let config = Config {
         data_dir: dir.path().to_owned(),
         installations_dir: dir.path().join("none"),
@@ -754,13 +765,8 @@ async fn a_run_interrupted_by_a_crash_is_resumed_at_start_and_still_answers() {
     use agentgate::agent::state::{RunState, Status};
     // Before the restart: an accepted command whose run had not finished when the process died.
     let dir = tempfile::tempdir().unwrap();
-    let slack = Slack::default();
-    let stand_in = serve(
-        Router::new()
-            .route("/respond", post(respond))
-            .with_state(slack.clone()),
-    )
-    .await;
+    // The stand-in the restarted gateway talks to, whose response_url the command carried.
+    let (slack, stand_in) = stand_in().await;
     {
         let s = Services::open(
             dir.path(),
@@ -823,7 +829,7 @@ async fn a_run_interrupted_by_a_crash_is_resumed_at_start_and_still_answers() {
         s.close().await.unwrap();
     }
     // The restart resumes the run and delivers its answer where the command came from.
-    let _app = spawn_in(dir).await;
+    let _app = spawn_with(dir, slack.clone(), stand_in).await;
     let answer = wait_for("the resumed run's answer", || {
         slack.responses.lock().unwrap().first().cloned()
     })
@@ -1350,7 +1356,15 @@ async fn a_response_url_must_be_slacks_and_is_not_redirected() {
     // And before delivery, whatever the target says (it may come from an older checkpoint).
     let api = agentgate::transport::slack::api::SlackApi::new(&format!("{}/api/", app.slack_url))
         .unwrap();
+    // Another port of the API base's host is another service.
+    let other_port = {
+        let mut u = url::Url::parse(&app.slack_url).unwrap();
+        u.set_port(Some(u.port().unwrap().wrapping_add(1).max(1)))
+            .unwrap();
+        format!("{u}respond")
+    };
     for url in [
+        other_port.as_str(),
         "https://hooks.evil.example/commands/1",
         "http://hooks.slack.com/commands/1",
         "https://hooks.slack.com:8443/commands/1",

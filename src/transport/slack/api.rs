@@ -116,7 +116,7 @@ impl SlackApi {
     }
 
     /// True when `url` may be a slash command's response_url: `https://hooks.slack.com/…` on the
-    /// standard port, or the scheme and host of the configured Web API base (where a test's
+    /// standard port, or the scheme, host and port of the configured Web API base (where a test's
     /// stand-in, or a Slack of another domain, serves both). The form that carries it is signed,
     /// but the answer must not go wherever a replayed or mistaken form says.
     pub fn response_url_allowed(&self, url: &str) -> bool {
@@ -126,8 +126,11 @@ impl SlackApi {
         let hooks = u.scheme() == "https"
             && u.host_str() == Some("hooks.slack.com")
             && u.port_or_known_default() == Some(443);
-        let api = url::Url::parse(&self.api_url)
-            .is_ok_and(|a| a.scheme() == u.scheme() && a.host_str() == u.host_str());
+        let api = url::Url::parse(&self.api_url).is_ok_and(|a| {
+            a.scheme() == u.scheme()
+                && a.host_str() == u.host_str()
+                && a.port_or_known_default() == u.port_or_known_default()
+        });
         hooks || api
     }
 
