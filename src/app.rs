@@ -252,6 +252,7 @@ impl Application {
                 self.config.api_requests_per_minute,
             )),
             exports: Arc::default(),
+            request_timeout: self.config.request_timeout,
         };
         let mut transports = Vec::new();
         let slack_state = match self.config.slack.clone() {

@@ -728,17 +728,24 @@ async fn audit_export(
         .map_err(|e| ApiError::Internal(anyhow::anyhow!("the export task stopped: {e}")))?;
     written.map_err(audit_err)?;
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(8);
+    let writer = ChannelWriter {
+        tx: tx.clone(),
+        runtime: tokio::runtime::Handle::current(),
+        // A client that reads nothing for this long gives up the tenant's export slot.
+        stall: state.request_timeout.max(std::time::Duration::from_secs(1)),
+    };
     tokio::task::spawn_blocking(move || {
         // Keep the temporary directory, and the tenant's place, until the archive is written.
         let _dir = dir;
         let _slot = slot;
-        let errors = tx.clone();
-        let mut tar = tar::Builder::new(ChannelWriter(tx));
+        let mut tar = tar::Builder::new(writer);
         let res = tar
             .append_dir_all("bundle", &out)
             .and_then(|()| tar.finish());
         if let Err(e) = res {
-            let _ = errors.blocking_send(Err(e));
+            tracing::warn!(error = %e, "an export was not sent whole");
+            // Not waited for: the client may be the one that stopped reading.
+            let _ = tx.try_send(Err(e));
         }
     });
     let stream = tokio_stream_from(rx);
@@ -755,14 +762,31 @@ async fn audit_export(
         .into_response())
 }
 
-struct ChannelWriter(tokio::sync::mpsc::Sender<Result<Vec<u8>, std::io::Error>>);
+/// Hands the archive's bytes to the response body, from a blocking thread, giving up when the
+/// client goes away or reads nothing for `stall`.
+struct ChannelWriter {
+    tx: tokio::sync::mpsc::Sender<Result<Vec<u8>, std::io::Error>>,
+    runtime: tokio::runtime::Handle,
+    stall: std::time::Duration,
+}
 
 impl std::io::Write for ChannelWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.blocking_send(Ok(buf.to_vec())).map_err(|_| {
-            std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the client went away")
-        })?;
-        Ok(buf.len())
+        let sent = self.runtime.block_on(tokio::time::timeout(
+            self.stall,
+            self.tx.send(Ok(buf.to_vec())),
+        ));
+        match sent {
+            Ok(Ok(())) => Ok(buf.len()),
+            Ok(Err(_)) => Err(std::io::Error::new(
+                std::io::ErrorKind::BrokenPipe,
+                "the client went away",
+            )),
+            Err(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the client stopped reading",
+            )),
+        }
     }
 
     fn flush(&mut self) -> std::io::Result<()> {

@@ -41,6 +41,9 @@ pub struct AppState {
     /// the whole range to the temporary directory, and a loop of them would fill the disk that
     /// every tenant's log is on.
     pub exports: std::sync::Arc<api::Exporting>,
+    /// The request timeout; an export's client that reads nothing for as long (at least a
+    /// second) is given up on.
+    pub request_timeout: Duration,
 }
 
 /// The whole router, with the platforms' routes (`transports`: Slack's, Discord's) under the same

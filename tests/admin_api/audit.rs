@@ -233,6 +233,57 @@ async fn an_export_is_not_cut_by_the_request_timeout() {
     agentgate::audit::bundle::verify(&out.path().join("bundle"), None, None).unwrap();
 }
 
+/// A client that stops reading its export gives up the tenant's slot once it has read nothing
+/// for the request timeout (a second here), so it cannot hold the tenant's exports, nor a
+/// blocking thread, for as long as its connection stays open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_export_whose_client_stops_reading_gives_up_its_slot() {
+    let app = spawn_with_timeout(std::time::Duration::from_secs(1)).await;
+    big_log(&app).await;
+    let held = app
+        .http
+        .post(format!("{}/api/v1/audit/export", app.url))
+        .bearer_auth(&app.a.compliance.token)
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(held.status(), 200);
+    let started = std::time::Instant::now();
+    loop {
+        let r = app
+            .post("/api/v1/audit/export", &app.a.compliance.token, json!({}))
+            .await;
+        if r.status == 200 {
+            break;
+        }
+        assert_eq!(r.status, 409, "{}", r.error());
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(15),
+            "the stalled export kept its slot"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    // Still connected, never read: what it gets is not the whole bundle.
+    drop(held);
+}
+
+/// Appends events to A's log until a bundle of it is larger than the sockets' buffers.
+async fn big_log(app: &TestApp) {
+    let ctx = app.operator(&app.a.id);
+    let repo = app.services.store.for_tenant(&ctx).unwrap();
+    let bodies: Vec<agentgate::audit::EventBody> = (0..120)
+        .map(|i| agentgate::audit::EventBody::SettingsChanged {
+            fields: vec![format!("{i}:{}", "x".repeat(60_000))],
+        })
+        .collect();
+    app.services
+        .audit
+        .append_batch_with(&ctx, repo, &bodies)
+        .await
+        .unwrap();
+}
+
 /// How many exports A's log records.
 async fn exports_of(app: &TestApp) -> usize {
     app.events(&app.a.id)
@@ -251,18 +302,7 @@ async fn one_export_per_tenant_at_a_time() {
     let app = spawn().await;
     // A bundle larger than the sockets' buffers, so the first export is still being sent while
     // its client does not read.
-    let ctx = app.operator(&app.a.id);
-    let repo = app.services.store.for_tenant(&ctx).unwrap();
-    let bodies: Vec<agentgate::audit::EventBody> = (0..120)
-        .map(|i| agentgate::audit::EventBody::SettingsChanged {
-            fields: vec![format!("{i}:{}", "x".repeat(60_000))],
-        })
-        .collect();
-    app.services
-        .audit
-        .append_batch_with(&ctx, repo, &bodies)
-        .await
-        .unwrap();
+    big_log(&app).await;
 
     let first = app
         .http
