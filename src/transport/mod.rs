@@ -36,26 +36,72 @@ pub enum Accepted {
     Started,
     /// The platform's request id was seen before (a retry, a redelivery or a replay): nothing ran.
     AlreadySeen,
+    /// The request id is being recorded by an earlier delivery in this process, which may still
+    /// fail: nothing ran, and a platform that retries should be asked to retry again later.
+    InFlight,
 }
 
 /// Platform request ids seen before, per tenant, as the store's durable record (`DedupeRepo`)
 /// keeps them. An id whose command could not be recorded after it was marked is forgotten again,
 /// durably, so that the platform's retry is not taken for a duplicate of a command that never ran
 /// (before or after a restart).
+///
+/// The ids whose first delivery is still being recorded are also known to this process, so that a
+/// retry arriving meanwhile is told to come back (the first may yet fail and be released) rather
+/// than taken for a duplicate.
 #[derive(Clone)]
 pub struct Dedupe {
     store: Store,
+    in_flight: Arc<std::sync::Mutex<std::collections::HashSet<(crate::tenant::TenantId, String)>>>,
+}
+
+/// What claiming a request id found.
+enum Claim {
+    /// The first delivery: it is this caller's to record.
+    First,
+    /// Recorded before.
+    Seen,
+    /// Being recorded by an earlier delivery right now.
+    InFlight,
 }
 
 impl Dedupe {
     /// Ids seen before, as recorded in `store`.
     pub fn new(store: Store) -> Self {
-        Dedupe { store }
+        Dedupe {
+            store,
+            in_flight: Arc::default(),
+        }
     }
 
-    /// True the first time `key` is claimed in the context's tenant, or when it was released since.
-    fn claim(&self, ctx: &TenantContext, key: &str) -> Result<bool, StoreError> {
-        self.store.for_tenant(ctx)?.dedupe().first_time(key)
+    /// Claims `key` in the context's tenant: first the first time, or when it was released since.
+    fn claim(&self, ctx: &TenantContext, key: &str) -> Result<Claim, StoreError> {
+        // Marked in flight before the store is asked, so that a first delivery is in flight
+        // before anyone else can find its id seen; unmarked again if it was not the first.
+        let fresh = self
+            .in_flight
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert((ctx.tenant_id().clone(), key.to_owned()));
+        if !fresh {
+            return Ok(Claim::InFlight);
+        }
+        let first = self
+            .store
+            .for_tenant(ctx)
+            .and_then(|repo| repo.dedupe().first_time(key));
+        if !matches!(first, Ok(true)) {
+            self.settle(ctx, key);
+        }
+        Ok(if first? { Claim::First } else { Claim::Seen })
+    }
+
+    /// The first delivery of `key` is recorded, or released: no longer in flight.
+    fn settle(&self, ctx: &TenantContext, key: &str) {
+        self.in_flight
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&(ctx.tenant_id().clone(), key.to_owned()));
     }
 
     /// Lets a claimed key be claimed once more. If even that fails, the platform's retry is
@@ -86,16 +132,20 @@ pub async fn accept_once(
     cmd: Command,
     reply_to: Value,
 ) -> Result<Accepted, AcceptError> {
-    if !seen.claim(&ctx, key)? {
-        return Ok(Accepted::AlreadySeen);
+    match seen.claim(&ctx, key)? {
+        Claim::First => {}
+        Claim::Seen => return Ok(Accepted::AlreadySeen),
+        Claim::InFlight => return Ok(Accepted::InFlight),
     }
     let claimed = ctx.clone();
-    match accept(sink, agent, ctx, cmd, reply_to).await {
+    let accepted = accept(sink, agent, ctx, cmd, reply_to).await;
+    if accepted.is_err() {
+        seen.release(&claimed, key);
+    }
+    seen.settle(&claimed, key);
+    match accepted {
         Ok(()) => Ok(Accepted::Started),
-        Err(e) => {
-            seen.release(&claimed, key);
-            Err(e.into())
-        }
+        Err(e) => Err(e.into()),
     }
 }
 

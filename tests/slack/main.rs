@@ -1024,6 +1024,12 @@ impl App {
             inner: self.services.sink.clone(),
             fail: fail.into(),
         });
+        self.adapter_with(sink).await
+    }
+
+    /// Serves a second Slack adapter over the application's services recording through `sink`;
+    /// returns its base URL.
+    async fn adapter_with(&self, sink: Arc<dyn AuditSink>) -> String {
         let config = SlackConfig {
             signing_secret: SecretString::from(SECRET),
             api_url: format!("{}/api/", self.slack_url),
@@ -1094,6 +1100,79 @@ async fn a_mention_that_could_not_be_recorded_runs_when_slack_retries_it() {
         app.commands_received("T0RETRY1").await,
         1,
         "a later retry does not run"
+    );
+}
+
+/// An audit sink that holds the first command.received until told to go on, then fails it.
+struct HeldThenFailed {
+    inner: Arc<dyn AuditSink>,
+    held: tokio::sync::Notify,
+    go: tokio::sync::Notify,
+    first: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl AuditSink for HeldThenFailed {
+    async fn append(&self, ctx: &TenantContext, body: EventBody) -> Result<u64, AuditError> {
+        if matches!(body, EventBody::CommandReceived { .. })
+            && self.first.swap(false, Ordering::SeqCst)
+        {
+            self.held.notify_one();
+            self.go.notified().await;
+            return Err(AuditError::Checkpoint("the disk is full".into()));
+        }
+        self.inner.append(ctx, body).await
+    }
+}
+
+/// Slack retries a mention while its first delivery is still being recorded, and that record then
+/// fails: the retry is asked to come back (503) rather than told the mention was handled, and the
+/// retry after the failure runs it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_during_a_first_delivery_that_then_fails_is_asked_to_come_back() {
+    let app = spawn().await;
+    app.install("T0INFLT1", "xoxb-inflight").await;
+    let sink = Arc::new(HeldThenFailed {
+        inner: app.services.sink.clone(),
+        held: tokio::sync::Notify::new(),
+        go: tokio::sync::Notify::new(),
+        first: true.into(),
+    });
+    let adapter = app.adapter_with(sink.clone()).await;
+    let body = json!({"type": "event_callback", "team_id": "T0INFLT1", "event_id": "Ev0INFLT1", "event": {"type": "app_mention", "user": "U0M", "text": "<@U0BOTUSER> whoami", "channel": "C0R", "ts": "1.1"}}).to_string();
+    let first = {
+        let (app_http, adapter, body) = (app.http.clone(), adapter.clone(), body.clone());
+        let ts = now();
+        tokio::spawn(async move {
+            app_http
+                .post(format!("{adapter}/slack/events"))
+                .header("content-type", "application/json")
+                .header("x-slack-request-timestamp", ts.to_string())
+                .header(
+                    "x-slack-signature",
+                    sign(SECRET.as_bytes(), ts, body.as_bytes()),
+                )
+                .body(body)
+                .send()
+                .await
+                .unwrap()
+                .status()
+        })
+    };
+    tokio::time::timeout(Duration::from_secs(10), sink.held.notified())
+        .await
+        .expect("the first delivery is being recorded");
+    let r = app.signed_to(&adapter, "/slack/events", body.clone()).await;
+    assert_eq!(r.status(), 503, "the retry is asked to come back");
+    sink.go.notify_one();
+    assert_eq!(first.await.unwrap(), 500, "the first delivery failed");
+    assert_eq!(app.commands_received("T0INFLT1").await, 0);
+    let r = app.signed_to(&adapter, "/slack/events", body).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        app.commands_received("T0INFLT1").await,
+        1,
+        "the later retry ran"
     );
 }
 

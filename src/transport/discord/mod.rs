@@ -220,7 +220,9 @@ async fn interactions(
     match accepted {
         // Deferred: Discord shows "thinking…" until the follow-up arrives.
         Ok(Accepted::Started) => Json(json!({"type": 5})).into_response(),
-        Ok(Accepted::AlreadySeen) => ephemeral("This command was already received."),
+        Ok(Accepted::AlreadySeen | Accepted::InFlight) => {
+            ephemeral("This command was already received.")
+        }
         Err(e) => {
             tracing::error!(error = %e, "could not record a Discord command");
             ephemeral("agentgate could not accept this command right now. Please try again.")

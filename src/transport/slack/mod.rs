@@ -216,7 +216,9 @@ async fn commands(State(state): State<SlackState>, headers: HeaderMap, body: Byt
     .await;
     match accepted {
         Ok(Accepted::Started) => ephemeral("Working on it…"),
-        Ok(Accepted::AlreadySeen) => ephemeral("This command was already received."),
+        Ok(Accepted::AlreadySeen | Accepted::InFlight) => {
+            ephemeral("This command was already received.")
+        }
         Err(e) => {
             tracing::error!(error = %e, "could not record a slash command");
             ephemeral("agentgate could not accept this command right now. Please try again.")
@@ -312,6 +314,11 @@ async fn events(State(state): State<SlackState>, headers: HeaderMap, body: Bytes
             .await;
             match accepted {
                 Ok(Accepted::Started | Accepted::AlreadySeen) => {}
+                // Slack retried while the first delivery was still being recorded, which may yet
+                // fail: asked to retry later instead of being told it was handled.
+                Ok(Accepted::InFlight) => {
+                    return StatusCode::SERVICE_UNAVAILABLE.into_response();
+                }
                 Err(e) => {
                     tracing::error!(error = %e, "could not record a Slack mention");
                     // Slack retries it, and the retry runs: its id was released.
