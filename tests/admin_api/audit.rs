@@ -240,15 +240,7 @@ async fn an_export_is_not_cut_by_the_request_timeout() {
 async fn an_export_whose_client_stops_reading_gives_up_its_slot() {
     let app = spawn_with_timeout(std::time::Duration::from_secs(1)).await;
     big_log(&app).await;
-    let held = app
-        .http
-        .post(format!("{}/api/v1/audit/export", app.url))
-        .bearer_auth(&app.a.compliance.token)
-        .json(&json!({}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(held.status(), 200);
+    let held = start_export(&app).await;
     let started = std::time::Instant::now();
     loop {
         let r = app
@@ -266,6 +258,20 @@ async fn an_export_whose_client_stops_reading_gives_up_its_slot() {
     }
     // Still connected, never read: what it gets is not the whole bundle.
     drop(held);
+}
+
+/// Starts an export of all of A's log and returns its response, its bundle not yet read.
+async fn start_export(app: &TestApp) -> reqwest::Response {
+    let r = app
+        .http
+        .post(format!("{}/api/v1/audit/export", app.url))
+        .bearer_auth(&app.a.compliance.token)
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    r
 }
 
 /// Appends events to A's log until a bundle of it is larger than the sockets' buffers.
@@ -304,15 +310,7 @@ async fn one_export_per_tenant_at_a_time() {
     // its client does not read.
     big_log(&app).await;
 
-    let first = app
-        .http
-        .post(format!("{}/api/v1/audit/export", app.url))
-        .bearer_auth(&app.a.compliance.token)
-        .json(&json!({}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(first.status(), 200);
+    let first = start_export(&app).await;
     assert_eq!(exports_of(&app).await, 1);
     let r = app
         .post("/api/v1/audit/export", &app.a.compliance.token, json!({}))

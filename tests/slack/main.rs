@@ -708,29 +708,7 @@ async fn the_oauth_install_checks_state_and_cookie_and_stores_an_encrypted_insta
         .unwrap();
     assert_eq!(r.status(), 400);
     assert!(r.text().await.unwrap().contains("cancelled"));
-    let r2 = app
-        .http
-        .get(format!("{}/slack/install", app.url))
-        .send()
-        .await
-        .unwrap();
-    let cookie2 = r2.headers()["set-cookie"]
-        .to_str()
-        .unwrap()
-        .split(';')
-        .next()
-        .unwrap()
-        .split_once('=')
-        .unwrap()
-        .1
-        .to_owned();
-    let loc2 = url::Url::parse(r2.headers()["location"].to_str().unwrap()).unwrap();
-    let state2 = loc2
-        .query_pairs()
-        .find(|(k, _)| k == "state")
-        .unwrap()
-        .1
-        .into_owned();
+    let (state2, cookie2) = app.start_install().await;
     let r = back("bad-code", &state2, Some(cookie2)).await.unwrap();
     assert_eq!(r.status(), 502);
     assert!(r.text().await.unwrap().contains("invalid_code"));
@@ -1049,19 +1027,7 @@ impl App {
 
     /// POSTs a signed body to another base URL.
     async fn signed_to(&self, base: &str, path: &str, body: String) -> reqwest::Response {
-        let ts = now();
-        self.http
-            .post(format!("{base}{path}"))
-            .header("content-type", "application/json")
-            .header("x-slack-request-timestamp", ts.to_string())
-            .header(
-                "x-slack-signature",
-                sign(SECRET.as_bytes(), ts, body.as_bytes()),
-            )
-            .body(body)
-            .send()
-            .await
-            .unwrap()
+        signed_json(&self.http, format!("{base}{path}"), body).await
     }
 
     async fn commands_received(&self, team: &str) -> usize {
@@ -1103,6 +1069,22 @@ async fn a_mention_that_could_not_be_recorded_runs_when_slack_retries_it() {
     );
 }
 
+/// POSTs a JSON body signed now, as Slack sends events.
+async fn signed_json(http: &reqwest::Client, url: String, body: String) -> reqwest::Response {
+    let ts = now();
+    http.post(url)
+        .header("content-type", "application/json")
+        .header("x-slack-request-timestamp", ts.to_string())
+        .header(
+            "x-slack-signature",
+            sign(SECRET.as_bytes(), ts, body.as_bytes()),
+        )
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+}
+
 /// An audit sink that holds the first command.received until told to go on, then fails it.
 struct HeldThenFailed {
     inner: Arc<dyn AuditSink>,
@@ -1141,23 +1123,12 @@ async fn a_retry_during_a_first_delivery_that_then_fails_is_asked_to_come_back()
     let adapter = app.adapter_with(sink.clone()).await;
     let body = json!({"type": "event_callback", "team_id": "T0INFLT1", "event_id": "Ev0INFLT1", "event": {"type": "app_mention", "user": "U0M", "text": "<@U0BOTUSER> whoami", "channel": "C0R", "ts": "1.1"}}).to_string();
     let first = {
-        let (app_http, adapter, body) = (app.http.clone(), adapter.clone(), body.clone());
-        let ts = now();
-        tokio::spawn(async move {
-            app_http
-                .post(format!("{adapter}/slack/events"))
-                .header("content-type", "application/json")
-                .header("x-slack-request-timestamp", ts.to_string())
-                .header(
-                    "x-slack-signature",
-                    sign(SECRET.as_bytes(), ts, body.as_bytes()),
-                )
-                .body(body)
-                .send()
-                .await
-                .unwrap()
-                .status()
-        })
+        let (http, url, body) = (
+            app.http.clone(),
+            format!("{adapter}/slack/events"),
+            body.clone(),
+        );
+        tokio::spawn(async move { signed_json(&http, url, body).await.status() })
     };
     tokio::time::timeout(Duration::from_secs(10), sink.held.notified())
         .await
