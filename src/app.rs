@@ -253,7 +253,9 @@ impl Application {
             )),
             exports: Arc::default(),
             request_timeout: self.config.request_timeout,
+            handlers: tokio_util::task::TaskTracker::new(),
         };
+        let handlers = state.handlers.clone();
         let mut transports = Vec::new();
         let slack_state = match self.config.slack.clone() {
             Some(slack) => Some(
@@ -349,11 +351,14 @@ impl Application {
         let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|stop| *stop).await;
         };
+        // The checkpointer signs what is unsigned and closes the logs when told to, which is
+        // once the server and every request's handler are done with them.
+        let (closing_tx, closing_rx) = tokio::sync::watch::channel(false);
         let checkpointer = tokio::spawn(
             self.services
                 .audit
                 .clone()
-                .run_checkpointer(wait(stop_rx.clone())),
+                .run_checkpointer(wait(closing_rx)),
         );
         // Finished runs' checkpoint files go in batches, after one store flush a batch.
         let store = self.services.store.clone();
@@ -366,18 +371,21 @@ impl Application {
                     _ = stop_sweeps.wait_for(|stop| *stop) => return,
                 }
                 let s = store.clone();
-                // Nonces of install states that have expired can never be offered again.
+                // Nonces of install states that have expired can never be offered again; twice
+                // the states' lifetime, so that a state checked in its last second is consumed
+                // before its nonce can be swept.
                 let expired = chrono::Utc::now().timestamp()
-                    - crate::transport::install_state::STATE_TTL_SECS;
-                match tokio::task::spawn_blocking(move || {
-                    s.sweep_nonces(expired)?;
-                    s.sweep_runs()
-                })
-                .await
+                    - 2 * crate::transport::install_state::STATE_TTL_SECS;
+                match tokio::task::spawn_blocking(move || (s.sweep_nonces(expired), s.sweep_runs()))
+                    .await
                 {
-                    Ok(Ok(_)) => {}
-                    Ok(Err(e)) => {
-                        tracing::warn!(error = %e, "sweeping used install nonces or finished runs failed; will retry")
+                    Ok((nonces, runs)) => {
+                        if let Err(e) = nonces {
+                            tracing::warn!(error = %e, "sweeping used install nonces failed; will retry");
+                        }
+                        if let Err(e) = runs {
+                            tracing::warn!(error = %e, "sweeping finished runs failed; will retry");
+                        }
                     }
                     Err(e) => tracing::error!(error = %e, "the run sweeper panicked"),
                 }
@@ -402,7 +410,22 @@ impl Application {
             shards.shutdown_all().await;
             let _ = task.await;
         }
-        // The checkpointer signs what is unsigned and closes the logs once it sees the signal.
+        // Handlers a 408 or the drain left running still finish what they started (within the
+        // same bound), before the logs and the store close under them.
+        handlers.close();
+        if tokio::time::timeout(
+            self.config.request_timeout + std::time::Duration::from_secs(5),
+            handlers.wait(),
+        )
+        .await
+        .is_err()
+        {
+            tracing::warn!(
+                handlers = handlers.len(),
+                "request handlers still running when the server stopped"
+            );
+        }
+        let _ = closing_tx.send(true);
         checkpointer.await.context("the checkpointer panicked")?;
         let _ = sweeper.await;
         served?;

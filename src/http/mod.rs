@@ -44,6 +44,8 @@ pub struct AppState {
     /// The request timeout; an export's client that reads nothing for as long (at least a
     /// second) is given up on.
     pub request_timeout: Duration,
+    /// The requests' handler tasks (see `run_to_completion`), which a stopping server waits for.
+    pub handlers: tokio_util::task::TaskTracker,
 }
 
 /// The whole router, with the platforms' routes (`transports`: Slack's, Discord's) under the same
@@ -67,7 +69,10 @@ pub fn router(state: AppState, request_timeout: Duration, transports: Vec<Router
         .into_iter()
         .fold(timed, Router::merge)
         // Inside the timeout: a request answered 408 still finishes what it started.
-        .layer(middleware::from_fn(run_to_completion))
+        .layer(middleware::from_fn_with_state(
+            state.handlers.clone(),
+            run_to_completion,
+        ))
         .layer(TimeoutLayer::with_status_code(
             axum::http::StatusCode::REQUEST_TIMEOUT,
             request_timeout,
@@ -103,13 +108,40 @@ async fn metrics(State(state): State<AppState>) -> impl axum::response::IntoResp
     )
 }
 
-/// Runs the rest of the request in a task of its own, so that the request timeout (or a client
-/// that goes away) answers without cancelling the handler halfway. Handlers append an audit event
-/// and then store its effect, or claim a platform request id and then record its command; cut
-/// between the two, the log would say what the store does not, or a retry would be taken for a
-/// command that never ran. A handler still reading a slow body ends when the connection closes.
-async fn run_to_completion(req: Request, next: Next) -> Response {
-    match tokio::spawn(next.run(req)).await {
+/// The most a request body may hold: axum's default limit, which the API's routes keep (the
+/// platforms' routes set lower ones of their own).
+const MAX_BODY_BYTES: usize = 2 * 1024 * 1024;
+
+/// Reads the request's body, then runs the rest of the request in a task of its own, so that the
+/// request timeout (or a client that goes away) answers without cancelling the handler halfway.
+/// Handlers append an audit event and then store its effect, or claim a platform request id and
+/// then record its command; cut between the two, the log would say what the store does not, or a
+/// retry would be taken for a command that never ran.
+///
+/// The body is read first, where the timeout can still cut it: a client sending it a byte a
+/// minute must not keep a task (and its connection) alive. The tasks are tracked, so that a
+/// stopping server waits for them before it closes the logs and the store they write to.
+async fn run_to_completion(
+    State(handlers): State<tokio_util::task::TaskTracker>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let (parts, body) = req.into_parts();
+    let bytes = match axum::body::to_bytes(body, MAX_BODY_BYTES).await {
+        Ok(b) => b,
+        Err(e) => {
+            let too_large = std::error::Error::source(&e)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+            return axum::response::IntoResponse::into_response(if too_large {
+                ApiError::PayloadTooLarge
+            } else {
+                ApiError::BadRequest("the request body could not be read".into())
+            });
+        }
+    };
+    let req = Request::from_parts(parts, axum::body::Body::from(bytes));
+    let task = tracing::Instrument::instrument(next.run(req), tracing::Span::current());
+    match handlers.spawn(task).await {
         Ok(resp) => resp,
         // A handler that panicked: a 500, with nothing of it in the body.
         Err(e) => axum::response::IntoResponse::into_response(ApiError::Internal(anyhow::anyhow!(

@@ -25,6 +25,13 @@ async fn post_half_a_body(address: &str, path: &str) -> Option<String> {
         .ok()?
         .unwrap();
     let text = String::from_utf8_lossy(&answer[..n]).into_owned();
+    // Nothing goes on reading the rest of the body after the answer: the connection closes.
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), conn.read_to_end(&mut rest)).await;
+    assert!(
+        closed.is_ok(),
+        "{path}: the connection stayed open after the answer"
+    );
     Some(text.lines().next().unwrap_or_default().to_owned())
 }
 
