@@ -728,12 +728,15 @@ async fn audit_export(
         .map_err(|e| ApiError::Internal(anyhow::anyhow!("the export task stopped: {e}")))?;
     written.map_err(audit_err)?;
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(8);
+    let complete = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writer = ChannelWriter {
-        tx: tx.clone(),
+        tx,
         runtime: tokio::runtime::Handle::current(),
         // A client that reads nothing for this long gives up the tenant's export slot.
         stall: state.request_timeout.max(std::time::Duration::from_secs(1)),
+        failed: false,
     };
+    let written_whole = std::sync::Arc::clone(&complete);
     tokio::task::spawn_blocking(move || {
         // Keep the temporary directory, and the tenant's place, until the archive is written.
         let _dir = dir;
@@ -742,13 +745,13 @@ async fn audit_export(
         let res = tar
             .append_dir_all("bundle", &out)
             .and_then(|()| tar.finish());
-        if let Err(e) = res {
-            tracing::warn!(error = %e, "an export was not sent whole");
-            // Not waited for: the client may be the one that stopped reading.
-            let _ = tx.try_send(Err(e));
+        match res {
+            // Set before the writer (and its sender) drops, which ends the stream.
+            Ok(()) => written_whole.store(true, std::sync::atomic::Ordering::Release),
+            Err(e) => tracing::warn!(error = %e, "an export was not sent whole"),
         }
     });
-    let stream = tokio_stream_from(rx);
+    let stream = tokio_stream_from(rx, complete);
     Ok((
         [
             (header::CONTENT_TYPE, "application/x-tar"),
@@ -763,30 +766,38 @@ async fn audit_export(
 }
 
 /// Hands the archive's bytes to the response body, from a blocking thread, giving up when the
-/// client goes away or reads nothing for `stall`.
+/// client goes away or reads nothing for `stall`; after one failure every write fails at once
+/// (the archive's own end, written when it drops, included).
 struct ChannelWriter {
     tx: tokio::sync::mpsc::Sender<Result<Vec<u8>, std::io::Error>>,
     runtime: tokio::runtime::Handle,
     stall: std::time::Duration,
+    failed: bool,
 }
 
 impl std::io::Write for ChannelWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.failed {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::BrokenPipe,
+                "the export was already cut off",
+            ));
+        }
         let sent = self.runtime.block_on(tokio::time::timeout(
             self.stall,
             self.tx.send(Ok(buf.to_vec())),
         ));
-        match sent {
-            Ok(Ok(())) => Ok(buf.len()),
-            Ok(Err(_)) => Err(std::io::Error::new(
-                std::io::ErrorKind::BrokenPipe,
-                "the client went away",
-            )),
-            Err(_) => Err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "the client stopped reading",
-            )),
-        }
+        let failure = match sent {
+            Ok(Ok(())) => return Ok(buf.len()),
+            Ok(Err(_)) => {
+                std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the client went away")
+            }
+            Err(_) => {
+                std::io::Error::new(std::io::ErrorKind::TimedOut, "the client stopped reading")
+            }
+        };
+        self.failed = true;
+        Err(failure)
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
@@ -794,10 +805,32 @@ impl std::io::Write for ChannelWriter {
     }
 }
 
+/// The archive's bytes as a body stream that ends cleanly only when the archive was written
+/// whole (`complete`): one cut off ends with an error, so the response is aborted rather than
+/// ended as if it were a whole (if short) archive.
 fn tokio_stream_from(
     mut rx: tokio::sync::mpsc::Receiver<Result<Vec<u8>, std::io::Error>>,
+    complete: std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) -> impl futures_util::Stream<Item = Result<Vec<u8>, std::io::Error>> {
-    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+    let mut ended = false;
+    futures_util::stream::poll_fn(move |cx| {
+        if ended {
+            return std::task::Poll::Ready(None);
+        }
+        match rx.poll_recv(cx) {
+            std::task::Poll::Ready(None) => {
+                ended = true;
+                if complete.load(std::sync::atomic::Ordering::Acquire) {
+                    std::task::Poll::Ready(None)
+                } else {
+                    std::task::Poll::Ready(Some(Err(std::io::Error::other(
+                        "the export was cut off",
+                    ))))
+                }
+            }
+            other => other,
+        }
+    })
 }
 
 fn key_json(k: &crate::store::ApiKey) -> Value {
