@@ -173,8 +173,14 @@ pub enum KeysCommand {
 /// (a workspace's name as Slack or Discord gives it, a key's name), and an escape sequence in one
 /// would act on the operator's terminal.
 fn shown(name: &str) -> String {
+    // Bidirectional overrides and isolates too: they make a name read as another.
+    let hidden = |c: char| {
+        c.is_control()
+            || ('\u{202A}'..='\u{202E}').contains(&c)
+            || ('\u{2066}'..='\u{2069}').contains(&c)
+    };
     name.chars()
-        .map(|c| if c.is_control() { '\u{FFFD}' } else { c })
+        .map(|c| if hidden(c) { '\u{FFFD}' } else { c })
         .collect()
 }
 
@@ -1127,5 +1133,10 @@ mod tests {
             shown("evil\u{1b}]0;owned\u{7}\nline"),
             "evil\u{FFFD}]0;owned\u{FFFD}\u{FFFD}line"
         );
+        assert_eq!(
+            shown("abc\u{202E}fdp.exe\u{2066}"),
+            "abc\u{FFFD}fdp.exe\u{FFFD}"
+        );
+        assert_eq!(shown("c1\u{9b}31m"), "c1\u{FFFD}31m");
     }
 }

@@ -20,8 +20,8 @@ use tokio::task::JoinSet;
 /// when the rest are dropped. A client has `header_timeout` to send each request's headers.
 ///
 /// # Errors
-/// Never: a connection's failure is logged at debug level, and an accept that fails for want of
-/// descriptors or memory is retried after a pause.
+/// Never: a connection's failure is logged at debug level and the next accepted at once; any
+/// other accept failure (a full file table) is retried after a pause.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
@@ -39,16 +39,16 @@ pub async fn serve(
             Some(_) = conns.join_next(), if !conns.is_empty() => continue,
             accepted = listener.accept() => match accepted {
                 Ok(c) => c,
-                Err(e) if out_of_resources(&e) => {
-                    // The listener is fine, the process is full: waiting lets connections end
-                    // and free their descriptors, where retrying at once would spin.
-                    tracing::warn!(error = %e, "accept failed; pausing");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                // One connection's own failure (reset or aborted before it was accepted).
+                Err(e) if connection_error(&e) => {
+                    tracing::debug!(error = %e, "accept failed");
                     continue;
                 }
-                // One connection's own failure (reset or aborted before it was accepted).
                 Err(e) => {
-                    tracing::debug!(error = %e, "accept failed");
+                    // Anything else (a full file table, say): the listener is fine, the process
+                    // is not; waiting lets connections end, where retrying at once would spin.
+                    tracing::warn!(error = %e, "accept failed; pausing");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
             },
@@ -91,10 +91,12 @@ pub async fn serve(
     Ok(())
 }
 
-/// Whether an accept failed for want of descriptors or memory, rather than for one connection.
-fn out_of_resources(e: &std::io::Error) -> bool {
+/// Whether an accept failed for that one connection's sake, as `axum::serve` tells them apart.
+fn connection_error(e: &std::io::Error) -> bool {
     matches!(
-        e.raw_os_error(),
-        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+        e.kind(),
+        std::io::ErrorKind::ConnectionRefused
+            | std::io::ErrorKind::ConnectionAborted
+            | std::io::ErrorKind::ConnectionReset
     )
 }

@@ -341,6 +341,10 @@ impl Tenants {
         let now = Utc::now();
         let mut expires_at = lifetime.and_then(|l| now.checked_add_signed(l));
         if let Some(limit) = self.issuer_end(ctx)? {
+            // The asking key ended since it was checked (revoked meanwhile): it rotates nothing.
+            if limit.is_some_and(|end| end <= now) {
+                return Err(KeyError::Forbidden);
+            }
             let default = Duration::days(i64::from(DEFAULT_API_KEY_DAYS));
             let at = expires_at.unwrap_or(now + default);
             expires_at = Some(limit.map_or(at, |end| at.min(end)));

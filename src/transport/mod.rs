@@ -137,15 +137,34 @@ pub async fn accept_once(
         Claim::Seen => return Ok(Accepted::AlreadySeen),
         Claim::InFlight => return Ok(Accepted::InFlight),
     }
-    let claimed = ctx.clone();
-    let accepted = accept(sink, agent, ctx, cmd, reply_to).await;
-    if accepted.is_err() {
-        seen.release(&claimed, key);
-    }
-    seen.settle(&claimed, key);
-    match accepted {
-        Ok(()) => Ok(Accepted::Started),
-        Err(e) => Err(e.into()),
+    // Until the command is on record the id is this delivery's; however this ends (an error, a
+    // panic, the task dropped), the guard gives it back, so a retry can run it.
+    let mut claimed = Claimed {
+        seen,
+        ctx: ctx.clone(),
+        key,
+        recorded: false,
+    };
+    accept(sink, agent, ctx, cmd, reply_to).await?;
+    claimed.recorded = true;
+    Ok(Accepted::Started)
+}
+
+/// A first delivery's hold on its request id: on drop the id is no longer in flight, and unless
+/// its command was recorded, it is released in the store as well.
+struct Claimed<'a> {
+    seen: &'a Dedupe,
+    ctx: TenantContext,
+    key: &'a str,
+    recorded: bool,
+}
+
+impl Drop for Claimed<'_> {
+    fn drop(&mut self) {
+        if !self.recorded {
+            self.seen.release(&self.ctx, self.key);
+        }
+        self.seen.settle(&self.ctx, self.key);
     }
 }
 

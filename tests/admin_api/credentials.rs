@@ -716,3 +716,46 @@ async fn api_keys_always_expire_and_never_outlive_the_key_that_makes_them() {
         .error()
         .starts_with("a key may not make a key that outlives it"));
 }
+
+/// A key revoked after it was checked for a request (between authentication and the rotation
+/// itself) rotates nothing: it has no lifetime left to hand over, and the target stays as it was.
+#[tokio::test]
+async fn a_key_revoked_after_it_was_checked_rotates_nothing() {
+    let app = spawn().await;
+    let asking = make_key(
+        &app.services,
+        &app.a.id,
+        "asking",
+        KeyRole::Admin,
+        vec![],
+        Some(chrono::Duration::days(2)),
+    )
+    .await;
+    let ctx = app
+        .services
+        .tenants
+        .authenticate(&asking.token, None, None, None)
+        .unwrap();
+    let operator = app.services.tenants.operator_context(&app.a.id).unwrap();
+    app.services
+        .tenants
+        .revoke_key(&operator, &asking.id, chrono::Utc::now())
+        .await
+        .unwrap();
+    let r = app
+        .services
+        .tenants
+        .rotate_key(&ctx, &app.a.compliance.id, chrono::Duration::zero())
+        .await;
+    assert!(
+        matches!(r, Err(agentgate::tenant::KeyError::Forbidden)),
+        "{r:?}"
+    );
+    assert_eq!(
+        app.get("/api/v1/settings", &app.a.compliance.token)
+            .await
+            .status,
+        200,
+        "the target still works"
+    );
+}

@@ -1147,6 +1147,57 @@ async fn a_retry_during_a_first_delivery_that_then_fails_is_asked_to_come_back()
     );
 }
 
+/// An audit sink that panics on the first command.received, as a bug in the write path would.
+struct PanicsOnce {
+    inner: Arc<dyn AuditSink>,
+    first: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl AuditSink for PanicsOnce {
+    async fn append(&self, ctx: &TenantContext, body: EventBody) -> Result<u64, AuditError> {
+        if matches!(body, EventBody::CommandReceived { .. })
+            && self.first.swap(false, Ordering::SeqCst)
+        {
+            panic!("a bug while recording the command");
+        }
+        self.inner.append(ctx, body).await
+    }
+}
+
+/// A first delivery that panics while its command is recorded gives its id back: Slack's retry
+/// runs the mention instead of being asked to come back for as long as the process lives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_that_panics_gives_its_id_back() {
+    let app = spawn().await;
+    app.install("T0PANIC1", "xoxb-panic").await;
+    let adapter = app
+        .adapter_with(Arc::new(PanicsOnce {
+            inner: app.services.sink.clone(),
+            first: true.into(),
+        }))
+        .await;
+    let body = json!({"type": "event_callback", "team_id": "T0PANIC1", "event_id": "Ev0PANIC1", "event": {"type": "app_mention", "user": "U0M", "text": "<@U0BOTUSER> whoami", "channel": "C0R", "ts": "1.1"}}).to_string();
+    // The handler's panic drops the connection: no answer to look at.
+    let ts = now();
+    let _ = app
+        .http
+        .post(format!("{adapter}/slack/events"))
+        .header("content-type", "application/json")
+        .header("x-slack-request-timestamp", ts.to_string())
+        .header(
+            "x-slack-signature",
+            sign(SECRET.as_bytes(), ts, body.as_bytes()),
+        )
+        .body(body.clone())
+        .send()
+        .await;
+    assert_eq!(app.commands_received("T0PANIC1").await, 0);
+    let r = app.signed_to(&adapter, "/slack/events", body).await;
+    assert_eq!(r.status(), 200, "the retry is not kept waiting");
+    assert_eq!(app.commands_received("T0PANIC1").await, 1, "the retry ran");
+}
+
 #[tokio::test]
 async fn a_mention_without_an_event_id_is_refused() {
     let app = spawn().await;
