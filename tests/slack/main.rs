@@ -431,15 +431,8 @@ async fn unknown_and_uninstalled_workspaces_get_a_helpful_message() {
     // and none was recorded after the revocation.
     let r = app.event("T0GONE01", "Ev0AFTER", json!({"type": "app_mention", "user": "U1", "text": "<@U0BOTUSER> help", "channel": "C1", "ts": "1.2"})).await;
     assert_eq!(r.status(), 200);
-    let ev = app.events_of("T0GONE01").await;
-    let revoked = ev
-        .iter()
-        .position(|e| e["type"] == "installation.revoked")
-        .unwrap();
     assert!(
-        !ev[revoked..]
-            .iter()
-            .any(|e| e["type"] == "command.received"),
+        !app.after_revocation("T0GONE01", "command.received").await,
         "nothing was run after the uninstall"
     );
 }
@@ -928,15 +921,9 @@ async fn an_uninstall_during_a_token_refresh_is_not_undone_by_the_refresh() {
         app.resolve("T0ROTREV"),
         Err(ResolveError::Revoked)
     ));
-    let ev = app.events_of("T0ROTREV").await;
-    let revoked = ev
-        .iter()
-        .position(|e| e["type"] == "installation.revoked")
-        .unwrap();
     assert!(
-        !ev[revoked..]
-            .iter()
-            .any(|e| e["type"] == "installation.updated"),
+        !app.after_revocation("T0ROTREV", "installation.updated")
+            .await,
         "nothing was stored after the revocation"
     );
     let t = app.services.store.admin().tenants().unwrap()[0].id.clone();
@@ -1028,6 +1015,16 @@ impl App {
     /// POSTs a signed body to another base URL.
     async fn signed_to(&self, base: &str, path: &str, body: String) -> reqwest::Response {
         signed_json(&self.http, format!("{base}{path}"), body).await
+    }
+
+    /// Whether the workspace's log holds an event of type `ty` after its installation.revoked.
+    async fn after_revocation(&self, team: &str, ty: &str) -> bool {
+        let ev = self.events_of(team).await;
+        let revoked = ev
+            .iter()
+            .position(|e| e["type"] == "installation.revoked")
+            .expect("the installation was revoked");
+        ev[revoked..].iter().any(|e| e["type"] == ty)
     }
 
     async fn commands_received(&self, team: &str) -> usize {
