@@ -108,38 +108,32 @@ async fn metrics(State(state): State<AppState>) -> impl axum::response::IntoResp
     )
 }
 
-/// The most a request body may hold: axum's default limit, which the API's routes keep (the
-/// platforms' routes set lower ones of their own).
-const MAX_BODY_BYTES: usize = 2 * 1024 * 1024;
-
-/// Reads the request's body, then runs the rest of the request in a task of its own, so that the
-/// request timeout (or a client that goes away) answers without cancelling the handler halfway.
-/// Handlers append an audit event and then store its effect, or claim a platform request id and
-/// then record its command; cut between the two, the log would say what the store does not, or a
-/// retry would be taken for a command that never ran.
+/// Runs the rest of the request in a task of its own, so that the request timeout (or a client
+/// that goes away) answers without cancelling the handler halfway. Handlers append an audit event
+/// and then store its effect, or claim a platform request id and then record its command; cut
+/// between the two, the log would say what the store does not, or a retry would be taken for a
+/// command that never ran.
 ///
-/// The body is read first, where the timeout can still cut it: a client sending it a byte a
-/// minute must not keep a task (and its connection) alive. The tasks are tracked, so that a
-/// stopping server waits for them before it closes the logs and the store they write to.
+/// Once the request is answered without its handler (the timeout, a client gone), its body stops:
+/// a handler still reading it gets an error, so a client sending a body a byte a minute keeps
+/// neither a task nor its connection. The body is not read here, so the routes' own order holds
+/// (a credential is checked before a body is read, and the platforms' lower size limits apply).
+/// The tasks are tracked, so that a stopping server waits for them before it closes the logs
+/// and the store they write to.
 async fn run_to_completion(
     State(handlers): State<tokio_util::task::TaskTracker>,
     req: Request,
     next: Next,
 ) -> Response {
-    let (parts, body) = req.into_parts();
-    let bytes = match axum::body::to_bytes(body, MAX_BODY_BYTES).await {
-        Ok(b) => b,
-        Err(e) => {
-            let too_large = std::error::Error::source(&e)
-                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
-            return axum::response::IntoResponse::into_response(if too_large {
-                ApiError::PayloadTooLarge
-            } else {
-                ApiError::BadRequest("the request body could not be read".into())
-            });
-        }
-    };
-    let req = Request::from_parts(parts, axum::body::Body::from(bytes));
+    let answered = tokio_util::sync::CancellationToken::new();
+    // Cancels when this future ends: after the handler, or when the timeout drops it.
+    let _answered = answered.clone().drop_guard();
+    let req = req.map(|body| {
+        axum::body::Body::new(StopsWhenAnswered {
+            inner: body,
+            answered: Box::pin(answered.cancelled_owned()),
+        })
+    });
     let task = tracing::Instrument::instrument(next.run(req), tracing::Span::current());
     match handlers.spawn(task).await {
         Ok(resp) => resp,
@@ -160,4 +154,36 @@ async fn log_error_cause(req: Request, next: Next) -> Response {
         tracing::error!(%method, %path, status = resp.status().as_u16(), cause = %cause, "request failed");
     }
     resp
+}
+
+/// A request body that ends in an error once its request has been answered without it (see
+/// [`run_to_completion`]).
+struct StopsWhenAnswered {
+    inner: axum::body::Body,
+    answered: std::pin::Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
+}
+
+impl http_body::Body for StopsWhenAnswered {
+    type Data = axum::body::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        if std::future::Future::poll(self.answered.as_mut(), cx).is_ready() {
+            return std::task::Poll::Ready(Some(Err(axum::Error::new(
+                "the request was answered before its body was read",
+            ))));
+        }
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }

@@ -68,6 +68,22 @@ async fn slack_and_discord_routes_are_under_the_request_timeout() {
     app.stop().await;
 }
 
+/// An API request without a credential is refused before its body is read: a client cannot make
+/// the gateway hold a body it was never going to accept (here the body never comes, and the
+/// answer does not wait for it, nor for the request timeout).
+#[tokio::test]
+async fn a_request_without_a_credential_is_refused_before_its_body_is_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path(), &repo_installations());
+    config.request_timeout = Duration::from_secs(30);
+    let app = spawn_with(config).await;
+    let started = std::time::Instant::now();
+    let status = post_half_a_body(&app.address, "/api/v1/keys").await;
+    assert_eq!(status.as_deref(), Some("HTTP/1.1 401 Unauthorized"));
+    assert!(started.elapsed() < Duration::from_secs(10));
+    app.stop().await;
+}
+
 /// A client that sends its request headers slowly is cut off by the header-read timeout (the
 /// request timeout only starts once the headers are in), and does not hold up a graceful stop.
 #[tokio::test]
