@@ -294,6 +294,7 @@ impl Application {
                 self.services.tenants.clone(),
                 self.services.agent.clone(),
                 self.services.sink.clone(),
+                handlers.clone(),
             );
             let mut client = crate::transport::discord::gateway::client(&token, &api_url, handler)
                 .await

@@ -710,7 +710,8 @@ async fn audit_export(
     // goes away meanwhile, the export (already on record) still finishes and its directory is
     // removed after it, rather than under the writer's feet.
     let audit = state.audit.clone();
-    let export = tokio::spawn(async move {
+    // Tracked, so that a stopping server waits for it before it closes the logs it appends to.
+    let export = state.handlers.spawn(async move {
         let written = audit
             .export(
                 &ctx,

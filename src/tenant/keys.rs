@@ -217,6 +217,9 @@ impl Tenants {
         expires_in: Option<Duration>,
     ) -> Result<IssuedKey, KeyError> {
         Self::require_admin(ctx)?;
+        // With every other change to this tenant's keys: a revocation of the asking key cannot
+        // land between the check of its end below and the new key's making.
+        let _keys = self.lock_keys(ctx.tenant_id()).await;
         let expires_at = match expires_in {
             None => None,
             Some(d) => Some(

@@ -24,17 +24,26 @@ pub struct Handler {
     bot: OnceLock<UserId>,
     /// Message ids seen before, so that a redelivered message runs nothing twice.
     seen: Dedupe,
+    /// The work a stopping server waits for before it closes the logs: serenity runs each event
+    /// in a task of its own, which its shutdown does not wait for.
+    handlers: tokio_util::task::TaskTracker,
 }
 
 impl Handler {
     /// A handler over the services.
-    pub fn new(tenants: Tenants, agent: Agent, sink: Arc<dyn AuditSink>) -> Self {
+    pub fn new(
+        tenants: Tenants,
+        agent: Agent,
+        sink: Arc<dyn AuditSink>,
+        handlers: tokio_util::task::TaskTracker,
+    ) -> Self {
         Handler {
             seen: Dedupe::new(tenants.store().clone()),
             tenants,
             agent,
             sink,
             bot: OnceLock::new(),
+            handlers,
         }
     }
 }
@@ -86,6 +95,7 @@ impl EventHandler for Handler {
         if incomplete.unavailable {
             return;
         }
+        let _running = self.handlers.token();
         let Ok(ws) = Workspace::discord_guild(&incomplete.id.to_string()) else {
             return;
         };
@@ -104,6 +114,7 @@ impl EventHandler for Handler {
         if msg.author.bot {
             return;
         }
+        let _running = self.handlers.token();
         let (Some(bot), Some(guild_id)) = (self.bot.get().copied(), msg.guild_id) else {
             return;
         };
