@@ -763,11 +763,14 @@ impl AuditLog {
         if let Some(kept) = &mut kept {
             kept.armed = false;
         }
+        let after = |e: AuditError| AuditError::AfterDurable(Box::new(e));
         if let Some(end) = projected {
-            self.project_with(log, Some(end)).await?;
+            self.project_with(log, Some(end)).await.map_err(after)?;
         }
         if due {
-            self.sign(log, self.inner.settings.checkpoint_every).await?;
+            self.sign(log, self.inner.settings.checkpoint_every)
+                .await
+                .map_err(after)?;
         }
         Ok(seq)
     }

@@ -53,6 +53,11 @@ pub enum AuditError {
     /// The thread writing an export bundle stopped without an answer (it panicked).
     #[error("the export's writer stopped: {0}")]
     ExportWriter(String),
+    /// The events are durable, but what follows an append (folding them into the projections,
+    /// signing a checkpoint that came due) failed. The events' effects may be taken as recorded;
+    /// the projections and the checkpoint catch up at a later append or interval.
+    #[error("recorded, but what follows the append failed: {0}")]
+    AfterDurable(Box<AuditError>),
     /// A log does not agree with itself after a restart (its tree, its checkpoint or its records).
     #[error("audit log of tenant {tenant} cannot be recovered: {why}")]
     Recovery {

@@ -221,15 +221,25 @@ pub async fn accept(
     cmd: Command,
     reply_to: Value,
 ) -> Result<(), AuditError> {
-    sink.append(
-        &ctx,
-        EventBody::CommandReceived {
-            platform: cmd.platform.into(),
-            kind: cmd.kind.into(),
-            text_sha256: hex::encode(Sha256::digest(cmd.text.as_bytes())),
-        },
-    )
-    .await?;
+    let recorded = sink
+        .append(
+            &ctx,
+            EventBody::CommandReceived {
+                platform: cmd.platform.into(),
+                kind: cmd.kind.into(),
+                text_sha256: hex::encode(Sha256::digest(cmd.text.as_bytes())),
+            },
+        )
+        .await;
+    match recorded {
+        Ok(_) => {}
+        // On record all the same: the command runs, and its id stays claimed, or the platform's
+        // retry would record and run it a second time.
+        Err(AuditError::AfterDurable(e)) => {
+            tracing::warn!(tenant = %ctx.tenant_id(), error = %e, "a command was recorded, but what follows its append failed");
+        }
+        Err(e) => return Err(e),
+    }
     let agent = agent.clone();
     tokio::spawn(async move {
         let text = if cmd.text.trim().is_empty() {

@@ -1144,6 +1144,60 @@ async fn a_retry_during_a_first_delivery_that_then_fails_is_asked_to_come_back()
     );
 }
 
+/// An audit sink that records the first command.received and then reports that what follows the
+/// append failed, as a checkpoint that came due and could not be signed would.
+struct RecordedThenFailed {
+    inner: Arc<dyn AuditSink>,
+    first: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl AuditSink for RecordedThenFailed {
+    async fn append(&self, ctx: &TenantContext, body: EventBody) -> Result<u64, AuditError> {
+        let first = matches!(body, EventBody::CommandReceived { .. })
+            && self.first.swap(false, Ordering::SeqCst);
+        let seq = self.inner.append(ctx, body).await?;
+        if first {
+            return Err(AuditError::AfterDurable(Box::new(AuditError::Checkpoint(
+                "the checkpoint could not be signed".into(),
+            ))));
+        }
+        Ok(seq)
+    }
+}
+
+/// A command that is on record although what followed its append failed runs, and keeps its id:
+/// Slack's retry is not recorded or run a second time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_on_record_runs_even_when_what_follows_its_append_fails() {
+    let app = spawn().await;
+    app.install("T0AFTER1", "xoxb-after").await;
+    let adapter = app
+        .adapter_with(Arc::new(RecordedThenFailed {
+            inner: app.services.sink.clone(),
+            first: true.into(),
+        }))
+        .await;
+    let body = json!({"type": "event_callback", "team_id": "T0AFTER1", "event_id": "Ev0AFTER1", "event": {"type": "app_mention", "user": "U0M", "text": "<@U0BOTUSER> whoami", "channel": "C0R", "ts": "1.1"}}).to_string();
+    let r = app.signed_to(&adapter, "/slack/events", body.clone()).await;
+    assert_eq!(r.status(), 200);
+    let (_, post) = wait_for("the answer", || {
+        app.slack.posts.lock().unwrap().first().cloned()
+    })
+    .await;
+    assert_eq!(
+        post["text"],
+        "You are slack:U0M with role member in T0AFTER1."
+    );
+    let r = app.signed_to(&adapter, "/slack/events", body).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        app.commands_received("T0AFTER1").await,
+        1,
+        "recorded and run once"
+    );
+}
+
 /// An audit sink that panics on the first command.received, as a bug in the write path would.
 struct PanicsOnce {
     inner: Arc<dyn AuditSink>,
