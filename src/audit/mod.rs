@@ -68,6 +68,24 @@ pub enum AuditError {
     },
 }
 
+/// An append's outcome for a caller whose effect must follow its record once the record is on
+/// disk: an append whose events are durable counts as done even when what follows it failed
+/// ([`AuditError::AfterDurable`], logged here), so that the effect is not left out while the
+/// log says it happened.
+///
+/// # Errors
+/// Any other [`AuditError`]: the events are not on record.
+pub fn on_record(appended: Result<u64, AuditError>, what: &str) -> Result<(), AuditError> {
+    match appended {
+        Ok(_) => Ok(()),
+        Err(AuditError::AfterDurable(e)) => {
+            tracing::warn!(error = %e, what, "recorded, but what follows the append failed");
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// Where events go. An append returns only once the event is durable; its sequence number is returned.
 #[async_trait::async_trait]
 pub trait AuditSink: Send + Sync {

@@ -74,12 +74,12 @@ async fn changed(
     ctx: &TenantContext,
     fields: Vec<String>,
 ) -> Result<(), ApiError> {
-    state
+    // Once on record the change is stored, even if what follows the append failed.
+    let appended = state
         .sink
         .append(ctx, EventBody::SettingsChanged { fields })
-        .await
-        .map_err(|e| ApiError::Internal(e.into()))?;
-    Ok(())
+        .await;
+    crate::audit::on_record(appended, "settings.changed").map_err(|e| ApiError::Internal(e.into()))
 }
 
 async fn openapi() -> Response {

@@ -231,15 +231,9 @@ pub async fn accept(
             },
         )
         .await;
-    match recorded {
-        Ok(_) => {}
-        // On record all the same: the command runs, and its id stays claimed, or the platform's
-        // retry would record and run it a second time.
-        Err(AuditError::AfterDurable(e)) => {
-            tracing::warn!(tenant = %ctx.tenant_id(), error = %e, "a command was recorded, but what follows its append failed");
-        }
-        Err(e) => return Err(e),
-    }
+    // On record even if what follows the append failed: the command runs, and its id stays
+    // claimed, or the platform's retry would record and run it a second time.
+    crate::audit::on_record(recorded, "command.received")?;
     let agent = agent.clone();
     tokio::spawn(async move {
         let text = if cmd.text.trim().is_empty() {
