@@ -578,4 +578,16 @@ fn the_operator_shows_and_sets_a_tenants_limits() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("expected free, team or enterprise"), "{err}");
     assert_eq!(limits(&[]), set, "a refused change changes nothing");
+    for (tenant, why) in [
+        ("garbage", "not a tenant id"),
+        ("t_01HZY3J5K6M7N8P9Q0R1S2T3V4", "does not exist"),
+    ] {
+        let out = agentgate(&data)
+            .args(["tenants", "limits", "--tenant", tenant, "--quota-runs", "1"])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{tenant}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(why), "{tenant}: {err}");
+    }
 }

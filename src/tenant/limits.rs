@@ -54,47 +54,45 @@ impl Tenants {
             .get()?
             .ok_or_else(|| ProvisionError::UnknownTenant(tenant.clone()))?;
         let mut fields = Vec::new();
-        let mut set = |name: &str, slot: &mut u64, value: Option<u64>| {
+        if let Some(plan) = change.plan.filter(|p| *p != s.plan) {
+            s.plan = plan;
+            fields.push("plan".to_owned());
+        }
+        let (q, r) = (&mut s.quota, &mut s.run_ceilings);
+        for (name, slot, value) in [
+            ("quota.tokens", &mut q.tokens, change.quota_tokens),
+            (
+                "quota.tool_calls",
+                &mut q.tool_calls,
+                change.quota_tool_calls,
+            ),
+            ("quota.runs", &mut q.runs, change.quota_runs),
+            (
+                "quota.cost_microcents",
+                &mut q.cost_microcents,
+                change.quota_cost_microcents,
+            ),
+            ("run_ceilings.tokens", &mut r.tokens, change.run_tokens),
+            (
+                "run_ceilings.tool_calls",
+                &mut r.tool_calls,
+                change.run_tool_calls,
+            ),
+            (
+                "run_ceilings.walltime_ms",
+                &mut r.walltime_ms,
+                change.run_walltime_ms,
+            ),
+            (
+                "run_ceilings.cost_microcents",
+                &mut r.cost_microcents,
+                change.run_cost_microcents,
+            ),
+        ] {
             if let Some(v) = value.filter(|v| v != slot) {
                 *slot = v;
                 fields.push(name.to_owned());
             }
-        };
-        set("quota.tokens", &mut s.quota.tokens, change.quota_tokens);
-        set(
-            "quota.tool_calls",
-            &mut s.quota.tool_calls,
-            change.quota_tool_calls,
-        );
-        set("quota.runs", &mut s.quota.runs, change.quota_runs);
-        set(
-            "quota.cost_microcents",
-            &mut s.quota.cost_microcents,
-            change.quota_cost_microcents,
-        );
-        set(
-            "run_ceilings.tokens",
-            &mut s.run_ceilings.tokens,
-            change.run_tokens,
-        );
-        set(
-            "run_ceilings.tool_calls",
-            &mut s.run_ceilings.tool_calls,
-            change.run_tool_calls,
-        );
-        set(
-            "run_ceilings.walltime_ms",
-            &mut s.run_ceilings.walltime_ms,
-            change.run_walltime_ms,
-        );
-        set(
-            "run_ceilings.cost_microcents",
-            &mut s.run_ceilings.cost_microcents,
-            change.run_cost_microcents,
-        );
-        if let Some(plan) = change.plan.filter(|p| *p != s.plan) {
-            s.plan = plan;
-            fields.insert(0, "plan".to_owned());
         }
         if fields.is_empty() {
             return Ok(s);

@@ -704,10 +704,24 @@ async fn a_run_lost_before_its_first_checkpoint_is_ended_on_record() {
         "nothing to resume"
     );
     let ev = events(&s, &op).await;
-    let mine: Vec<&serde_json::Value> = ev
-        .iter()
-        .filter(|e| e["run_id"] == run_id.as_str())
-        .collect();
+    assert_ended_on_record(&ev, &run_id, "lost:");
+
+    assert_eq!(s.agent.resume_unfinished().await.unwrap(), 0);
+    assert_eq!(events(&s, &op).await.len(), ev.len(), "ended once");
+    let repo = s.store.for_tenant(&op).unwrap();
+    assert!(repo.projections().running_runs().unwrap().is_empty());
+    assert_eq!(
+        s.audit.replay(&op, repo).await.unwrap(),
+        Vec::<String>::new()
+    );
+    s.close().await.unwrap();
+}
+
+/// Checks that `run_id`'s events in `ev` are a run cut off in its second model call (one read-only
+/// tool call after a first model call of 10 + 5 tokens) and then ended on record by the gateway
+/// itself, with a reason starting with `reason` and the totals its own events add up to.
+fn assert_ended_on_record(ev: &[serde_json::Value], run_id: &str, reason: &str) {
+    let mine: Vec<&serde_json::Value> = ev.iter().filter(|e| e["run_id"] == run_id).collect();
     assert_eq!(
         crate::types(&mine),
         [
@@ -722,7 +736,7 @@ async fn a_run_lost_before_its_first_checkpoint_is_ended_on_record() {
     );
     let end = mine[6];
     assert!(
-        end["data"]["reason"].as_str().unwrap().starts_with("lost:"),
+        end["data"]["reason"].as_str().unwrap().starts_with(reason),
         "{end}"
     );
     assert_eq!(end["principal"], "system:agent");
@@ -738,16 +752,6 @@ async fn a_run_lost_before_its_first_checkpoint_is_ended_on_record() {
         totals["cost_microcents"],
         mine[2]["data"]["cost_microcents"]
     );
-
-    assert_eq!(s.agent.resume_unfinished().await.unwrap(), 0);
-    assert_eq!(events(&s, &op).await.len(), ev.len(), "ended once");
-    let repo = s.store.for_tenant(&op).unwrap();
-    assert!(repo.projections().running_runs().unwrap().is_empty());
-    assert_eq!(
-        s.audit.replay(&op, repo).await.unwrap(),
-        Vec::<String>::new()
-    );
-    s.close().await.unwrap();
 }
 
 /// Passes appends through, and right after the batch that records a run's start (before the run
@@ -1010,38 +1014,7 @@ async fn a_run_whose_checkpoint_cannot_be_read_is_ended_on_record_once() {
         "nothing resumed"
     );
     let ev = events(&s, &op).await;
-    let mine: Vec<&serde_json::Value> = ev
-        .iter()
-        .filter(|e| e["run_id"] == run_id.as_str())
-        .collect();
-    assert_eq!(
-        crate::types(&mine),
-        [
-            "run.started",
-            "model.requested",
-            "model.called",
-            "tool.authorized",
-            "tool.invoked",
-            "model.requested",
-            "run.failed"
-        ]
-    );
-    let end = mine[6];
-    assert!(
-        end["data"]["reason"]
-            .as_str()
-            .unwrap()
-            .starts_with("unreadable:"),
-        "{end}"
-    );
-    assert_eq!(end["principal"], "system:agent");
-    assert_eq!(end["initiator"], "cron");
-    let totals = &end["data"]["totals"];
-    assert_eq!(
-        (totals["tokens_in"].as_u64(), totals["tokens_out"].as_u64()),
-        (Some(10), Some(5))
-    );
-    assert_eq!(totals["tool_calls"], 1);
+    assert_ended_on_record(&ev, &run_id, "unreadable:");
 
     let ends_of_misnamed: Vec<&serde_json::Value> = ev
         .iter()

@@ -960,38 +960,75 @@ async fn a_failed_refresh_uses_the_current_token_until_it_expires() {
     assert!(token.is_none());
 }
 
-/// An audit sink that fails the first `fail` command.received appends, as a full disk would.
-struct FailingCommands {
+/// What [`FirstCommand`] does with the first command.received it sees.
+#[derive(Clone, Copy)]
+enum Then {
+    /// Fails it, as a full disk would.
+    Fail,
+    /// Holds it until told to go on (`go`), having said so (`held`), then fails it.
+    HoldThenFail,
+    /// Records it, then reports that what follows the append failed, as a checkpoint that came
+    /// due and could not be signed would.
+    RecordThenFail,
+    /// Panics, as a bug in the write path would.
+    Panic,
+}
+
+/// An audit sink that passes every append through but does `then` with the first
+/// command.received.
+struct FirstCommand {
     inner: Arc<dyn AuditSink>,
-    fail: std::sync::atomic::AtomicUsize,
+    then: Then,
+    first: std::sync::atomic::AtomicBool,
+    held: tokio::sync::Notify,
+    go: tokio::sync::Notify,
+}
+
+impl FirstCommand {
+    fn new(app: &App, then: Then) -> Arc<Self> {
+        Arc::new(FirstCommand {
+            inner: app.services.sink.clone(),
+            then,
+            first: true.into(),
+            held: tokio::sync::Notify::new(),
+            go: tokio::sync::Notify::new(),
+        })
+    }
 }
 
 #[async_trait::async_trait]
-impl AuditSink for FailingCommands {
+impl AuditSink for FirstCommand {
     async fn append(&self, ctx: &TenantContext, body: EventBody) -> Result<u64, AuditError> {
-        if matches!(body, EventBody::CommandReceived { .. })
-            && self
-                .fail
-                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-                .is_ok()
-        {
-            return Err(AuditError::Checkpoint("the disk is full".into()));
+        let first = matches!(body, EventBody::CommandReceived { .. })
+            && self.first.swap(false, Ordering::SeqCst);
+        if !first {
+            return self.inner.append(ctx, body).await;
         }
-        self.inner.append(ctx, body).await
+        let full = || AuditError::Checkpoint("the disk is full".into());
+        match self.then {
+            Then::Fail => Err(full()),
+            Then::HoldThenFail => {
+                self.held.notify_one();
+                self.go.notified().await;
+                Err(full())
+            }
+            Then::RecordThenFail => {
+                self.inner.append(ctx, body).await?;
+                Err(AuditError::AfterDurable(Box::new(AuditError::Checkpoint(
+                    "the checkpoint could not be signed".into(),
+                ))))
+            }
+            Then::Panic => panic!("a bug while recording the command"),
+        }
     }
 }
 
-impl App {
-    /// Serves a second Slack adapter over the application's services whose command records fail
-    /// `fail` times; returns its base URL.
-    async fn failing_adapter(&self, fail: usize) -> String {
-        let sink: Arc<dyn AuditSink> = Arc::new(FailingCommands {
-            inner: self.services.sink.clone(),
-            fail: fail.into(),
-        });
-        self.adapter_with(sink).await
-    }
+/// A mention of the bot, event `event_id` of `team`, as Slack sends it.
+fn mention(team: &str, event_id: &str) -> String {
+    json!({"type": "event_callback", "team_id": team, "event_id": event_id, "event": {"type": "app_mention", "user": "U0M", "text": "<@U0BOTUSER> whoami", "channel": "C0R", "ts": "1.1"}}).to_string()
+}
 
+impl App {
     /// Serves a second Slack adapter over the application's services recording through `sink`;
     /// returns its base URL.
     async fn adapter_with(&self, sink: Arc<dyn AuditSink>) -> String {
@@ -1040,8 +1077,8 @@ impl App {
 async fn a_mention_that_could_not_be_recorded_runs_when_slack_retries_it() {
     let app = spawn().await;
     app.install("T0RETRY1", "xoxb-retry").await;
-    let adapter = app.failing_adapter(1).await;
-    let body = json!({"type": "event_callback", "team_id": "T0RETRY1", "event_id": "Ev0RETRY1", "event": {"type": "app_mention", "user": "U0M", "text": "<@U0BOTUSER> whoami", "channel": "C0R", "ts": "1.1"}}).to_string();
+    let adapter = app.adapter_with(FirstCommand::new(&app, Then::Fail)).await;
+    let body = mention("T0RETRY1", "Ev0RETRY1");
     let r = app.signed_to(&adapter, "/slack/events", body.clone()).await;
     assert_eq!(r.status(), 500, "Slack is told to retry");
     assert_eq!(app.commands_received("T0RETRY1").await, 0);
@@ -1068,6 +1105,15 @@ async fn a_mention_that_could_not_be_recorded_runs_when_slack_retries_it() {
 
 /// POSTs a JSON body signed now, as Slack sends events.
 async fn signed_json(http: &reqwest::Client, url: String, body: String) -> reqwest::Response {
+    try_signed_json(http, url, body).await.unwrap()
+}
+
+/// [`signed_json`], for a request whose answer may not come (the connection dropped).
+async fn try_signed_json(
+    http: &reqwest::Client,
+    url: String,
+    body: String,
+) -> reqwest::Result<reqwest::Response> {
     let ts = now();
     http.post(url)
         .header("content-type", "application/json")
@@ -1079,29 +1125,6 @@ async fn signed_json(http: &reqwest::Client, url: String, body: String) -> reqwe
         .body(body)
         .send()
         .await
-        .unwrap()
-}
-
-/// An audit sink that holds the first command.received until told to go on, then fails it.
-struct HeldThenFailed {
-    inner: Arc<dyn AuditSink>,
-    held: tokio::sync::Notify,
-    go: tokio::sync::Notify,
-    first: std::sync::atomic::AtomicBool,
-}
-
-#[async_trait::async_trait]
-impl AuditSink for HeldThenFailed {
-    async fn append(&self, ctx: &TenantContext, body: EventBody) -> Result<u64, AuditError> {
-        if matches!(body, EventBody::CommandReceived { .. })
-            && self.first.swap(false, Ordering::SeqCst)
-        {
-            self.held.notify_one();
-            self.go.notified().await;
-            return Err(AuditError::Checkpoint("the disk is full".into()));
-        }
-        self.inner.append(ctx, body).await
-    }
 }
 
 /// Slack retries a mention while its first delivery is still being recorded, and that record then
@@ -1111,14 +1134,9 @@ impl AuditSink for HeldThenFailed {
 async fn a_retry_during_a_first_delivery_that_then_fails_is_asked_to_come_back() {
     let app = spawn().await;
     app.install("T0INFLT1", "xoxb-inflight").await;
-    let sink = Arc::new(HeldThenFailed {
-        inner: app.services.sink.clone(),
-        held: tokio::sync::Notify::new(),
-        go: tokio::sync::Notify::new(),
-        first: true.into(),
-    });
+    let sink = FirstCommand::new(&app, Then::HoldThenFail);
     let adapter = app.adapter_with(sink.clone()).await;
-    let body = json!({"type": "event_callback", "team_id": "T0INFLT1", "event_id": "Ev0INFLT1", "event": {"type": "app_mention", "user": "U0M", "text": "<@U0BOTUSER> whoami", "channel": "C0R", "ts": "1.1"}}).to_string();
+    let body = mention("T0INFLT1", "Ev0INFLT1");
     let first = {
         let (http, url, body) = (
             app.http.clone(),
@@ -1144,28 +1162,6 @@ async fn a_retry_during_a_first_delivery_that_then_fails_is_asked_to_come_back()
     );
 }
 
-/// An audit sink that records the first command.received and then reports that what follows the
-/// append failed, as a checkpoint that came due and could not be signed would.
-struct RecordedThenFailed {
-    inner: Arc<dyn AuditSink>,
-    first: std::sync::atomic::AtomicBool,
-}
-
-#[async_trait::async_trait]
-impl AuditSink for RecordedThenFailed {
-    async fn append(&self, ctx: &TenantContext, body: EventBody) -> Result<u64, AuditError> {
-        let first = matches!(body, EventBody::CommandReceived { .. })
-            && self.first.swap(false, Ordering::SeqCst);
-        let seq = self.inner.append(ctx, body).await?;
-        if first {
-            return Err(AuditError::AfterDurable(Box::new(AuditError::Checkpoint(
-                "the checkpoint could not be signed".into(),
-            ))));
-        }
-        Ok(seq)
-    }
-}
-
 /// A command that is on record although what followed its append failed runs, and keeps its id:
 /// Slack's retry is not recorded or run a second time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1173,12 +1169,9 @@ async fn a_command_on_record_runs_even_when_what_follows_its_append_fails() {
     let app = spawn().await;
     app.install("T0AFTER1", "xoxb-after").await;
     let adapter = app
-        .adapter_with(Arc::new(RecordedThenFailed {
-            inner: app.services.sink.clone(),
-            first: true.into(),
-        }))
+        .adapter_with(FirstCommand::new(&app, Then::RecordThenFail))
         .await;
-    let body = json!({"type": "event_callback", "team_id": "T0AFTER1", "event_id": "Ev0AFTER1", "event": {"type": "app_mention", "user": "U0M", "text": "<@U0BOTUSER> whoami", "channel": "C0R", "ts": "1.1"}}).to_string();
+    let body = mention("T0AFTER1", "Ev0AFTER1");
     let r = app.signed_to(&adapter, "/slack/events", body.clone()).await;
     assert_eq!(r.status(), 200);
     let (_, post) = wait_for("the answer", || {
@@ -1198,51 +1191,16 @@ async fn a_command_on_record_runs_even_when_what_follows_its_append_fails() {
     );
 }
 
-/// An audit sink that panics on the first command.received, as a bug in the write path would.
-struct PanicsOnce {
-    inner: Arc<dyn AuditSink>,
-    first: std::sync::atomic::AtomicBool,
-}
-
-#[async_trait::async_trait]
-impl AuditSink for PanicsOnce {
-    async fn append(&self, ctx: &TenantContext, body: EventBody) -> Result<u64, AuditError> {
-        if matches!(body, EventBody::CommandReceived { .. })
-            && self.first.swap(false, Ordering::SeqCst)
-        {
-            panic!("a bug while recording the command");
-        }
-        self.inner.append(ctx, body).await
-    }
-}
-
 /// A first delivery that panics while its command is recorded gives its id back: Slack's retry
 /// runs the mention instead of being asked to come back for as long as the process lives.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delivery_that_panics_gives_its_id_back() {
     let app = spawn().await;
     app.install("T0PANIC1", "xoxb-panic").await;
-    let adapter = app
-        .adapter_with(Arc::new(PanicsOnce {
-            inner: app.services.sink.clone(),
-            first: true.into(),
-        }))
-        .await;
-    let body = json!({"type": "event_callback", "team_id": "T0PANIC1", "event_id": "Ev0PANIC1", "event": {"type": "app_mention", "user": "U0M", "text": "<@U0BOTUSER> whoami", "channel": "C0R", "ts": "1.1"}}).to_string();
+    let adapter = app.adapter_with(FirstCommand::new(&app, Then::Panic)).await;
+    let body = mention("T0PANIC1", "Ev0PANIC1");
     // The handler's panic drops the connection: no answer to look at.
-    let ts = now();
-    let _ = app
-        .http
-        .post(format!("{adapter}/slack/events"))
-        .header("content-type", "application/json")
-        .header("x-slack-request-timestamp", ts.to_string())
-        .header(
-            "x-slack-signature",
-            sign(SECRET.as_bytes(), ts, body.as_bytes()),
-        )
-        .body(body.clone())
-        .send()
-        .await;
+    let _ = try_signed_json(&app.http, format!("{adapter}/slack/events"), body.clone()).await;
     assert_eq!(app.commands_received("T0PANIC1").await, 0);
     let r = app.signed_to(&adapter, "/slack/events", body).await;
     assert_eq!(r.status(), 200, "the retry is not kept waiting");
