@@ -621,3 +621,23 @@ async fn the_follow_up_goes_to_the_configured_application() {
     .await;
     assert_eq!(path, format!("{APP_ID}/interaction-token-abc"));
 }
+
+#[tokio::test]
+async fn an_interaction_whose_token_would_move_the_follow_up_path_is_refused() {
+    let app = spawn().await;
+    app.install("300000000000000011").await;
+    let tenant = app.services.store.admin().tenants().unwrap()[0].id.clone();
+    let before = app.events_of(&tenant).await.len();
+    for token in ["../../users/@me", "t?x=1", "", "t#x"] {
+        let mut c = command("300000000000000011", "400000000000000005", "0", "whoami");
+        c["token"] = json!(token);
+        assert_eq!(app.interaction(&c).await.status(), 400, "{token:?}");
+    }
+    let mut c = command("300000000000000011", "400000000000000005", "0", "whoami");
+    c.as_object_mut().unwrap().remove("token");
+    assert_eq!(app.interaction(&c).await.status(), 400);
+    // Nothing was recorded or run, and nothing was posted anywhere.
+    assert_eq!(app.events_of(&tenant).await.len(), before);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(app.discord.follow_ups.lock().unwrap().is_empty());
+}

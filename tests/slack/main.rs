@@ -1485,6 +1485,10 @@ async fn a_response_url_must_be_slacks_and_is_not_redirected() {
         assert!(api.respond(url, "hi").await.is_err(), "{url}");
     }
     assert!(api.response_url_allowed("https://hooks.slack.com/commands/T1/2/3"));
+    // GovSlack's host, and nothing that merely ends like it.
+    assert!(api.response_url_allowed("https://hooks.slack-gov.com/commands/T1/2/3"));
+    assert!(!api.response_url_allowed("https://xhooks.slack-gov.com/commands/T1/2/3"));
+    assert!(!api.response_url_allowed("https://hooks.slack-gov.com.evil.example/c"));
     // A redirect is not followed: the answer does not reach where it points.
     let r = api
         .respond(&format!("{}/redirect", app.slack_url), "hi")

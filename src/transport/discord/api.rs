@@ -47,6 +47,16 @@ pub struct Guild {
     pub name: Option<String>,
 }
 
+/// True for what may be one segment of a Discord API path: snowflakes (digits) and interaction
+/// tokens (base64url and dots), 1 to 1,000 characters, and never `.` or `..`.
+pub fn segment_ok(s: &str) -> bool {
+    (1..=1000).contains(&s.len())
+        && s != "."
+        && s != ".."
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
 /// The Discord REST client.
 #[derive(Clone, Debug)]
 pub struct DiscordApi {
@@ -69,11 +79,29 @@ impl DiscordApi {
     pub fn new(api_url: &str) -> Self {
         DiscordApi {
             api_url: api_url.trim_end_matches('/').to_owned(),
+            // Redirects are not followed: a call carries the bot token or an interaction token,
+            // and goes to Discord or nowhere.
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(15))
+                .redirect(reqwest::redirect::Policy::none())
                 .build()
                 .expect("a TLS backend is compiled in"),
         }
+    }
+
+    /// `base` followed by `segments`, each checked by [`segment_ok`]: ids and tokens come from
+    /// payloads and stored targets, and one holding `/`, `?`, `#` or `..` would send the request,
+    /// with its credential, to another path of Discord's API.
+    fn url(&self, segments: &[(&str, &str)]) -> Result<String, DiscordApiError> {
+        let mut url = self.api_url.clone();
+        for (what, seg) in segments {
+            if !segment_ok(seg) {
+                return Err(DiscordApiError::Malformed(format!("not a valid {what}")));
+            }
+            url.push('/');
+            url.push_str(seg);
+        }
+        Ok(url)
     }
 
     /// Sends a request (waiting out 429s); any other non-2xx answer is an error.
@@ -108,10 +136,11 @@ impl DiscordApi {
         interaction_token: &str,
         text: &str,
     ) -> Result<(), DiscordApiError> {
-        let url = format!(
-            "{}/webhooks/{application_id}/{interaction_token}",
-            self.api_url
-        );
+        let url = self.url(&[
+            ("path", "webhooks"),
+            ("application id", application_id),
+            ("interaction token", interaction_token),
+        ])?;
         self.send(
             self.http
                 .post(url)
@@ -134,7 +163,11 @@ impl DiscordApi {
     ) -> Result<(), DiscordApiError> {
         let req = self
             .http
-            .post(format!("{}/channels/{channel}/messages", self.api_url))
+            .post(self.url(&[
+                ("path", "channels"),
+                ("channel id", channel),
+                ("path", "messages"),
+            ])?)
             .header(
                 "authorization",
                 format!("Bot {}", bot_token.expose_secret()),
@@ -206,11 +239,18 @@ impl DiscordApi {
         guild: Option<&str>,
     ) -> Result<usize, DiscordApiError> {
         let url = match guild {
-            Some(g) => format!(
-                "{}/applications/{application_id}/guilds/{g}/commands",
-                self.api_url
-            ),
-            None => format!("{}/applications/{application_id}/commands", self.api_url),
+            Some(g) => self.url(&[
+                ("path", "applications"),
+                ("application id", application_id),
+                ("path", "guilds"),
+                ("guild id", g),
+                ("path", "commands"),
+            ])?,
+            None => self.url(&[
+                ("path", "applications"),
+                ("application id", application_id),
+                ("path", "commands"),
+            ])?,
         };
         let req = self
             .http
@@ -238,5 +278,48 @@ pub fn truncate(text: &str) -> String {
         let mut t: String = text.chars().take(1997).collect();
         t.push('…');
         t
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_path_segment_is_an_id_or_a_token_and_nothing_that_moves_the_path() {
+        for ok in ["1234567890", "aW50ZXJhY3Rpb246MTIz.abc_-Def", "x"] {
+            assert!(segment_ok(ok), "{ok}");
+        }
+        let long = "a".repeat(1001);
+        for bad in [
+            "", ".", "..", "a/b", "../x", "a?b", "a#b", "a%2Fb", "a b", "é", &long,
+        ] {
+            assert!(!segment_ok(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_follow_up_url_keeps_its_token_in_one_segment() {
+        let api = DiscordApi::new("http://127.0.0.1:9/api/");
+        assert_eq!(
+            api.url(&[
+                ("path", "webhooks"),
+                ("application id", "42"),
+                ("interaction token", "t.k")
+            ])
+            .unwrap(),
+            "http://127.0.0.1:9/api/webhooks/42/t.k"
+        );
+        let err = api
+            .url(&[
+                ("path", "webhooks"),
+                ("application id", "42"),
+                ("interaction token", "../../users/@me"),
+            ])
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "Discord's answer was malformed: not a valid interaction token"
+        );
     }
 }

@@ -198,7 +198,11 @@ async fn interactions(
     // The follow-up goes to our own application's webhook, whatever the payload names: the
     // interaction's token is only good there.
     let app_id = state.config.application_id.clone();
-    let token = v["token"].as_str().unwrap_or_default().to_owned();
+    // The token goes into the follow-up's path: one that could move it is refused here, before
+    // anything is recorded, as Discord never sends one.
+    let Some(token) = v["token"].as_str().filter(|t| api::segment_ok(t)) else {
+        return (StatusCode::BAD_REQUEST, "malformed interaction").into_response();
+    };
     let channel = v["channel_id"].as_str().unwrap_or_default();
     let cmd = Command {
         platform: "discord",

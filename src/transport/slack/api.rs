@@ -115,16 +115,20 @@ impl SlackApi {
         })
     }
 
-    /// True when `url` may be a slash command's response_url: `https://hooks.slack.com/…` on the
-    /// standard port, or the scheme, host and port of the configured Web API base (where a test's
+    /// True when `url` may be a slash command's response_url: `https://hooks.slack.com/…` (or GovSlack's
+    /// `hooks.slack-gov.com`) on the standard port, or the scheme, host and port of the configured Web API base (where a test's
     /// stand-in, or a Slack of another domain, serves both). The form that carries it is signed,
     /// but the answer must not go wherever a replayed or mistaken form says.
     pub fn response_url_allowed(&self, url: &str) -> bool {
         let Ok(u) = url::Url::parse(url) else {
             return false;
         };
+        // Slack's commercial and GovSlack hosts for response URLs.
         let hooks = u.scheme() == "https"
-            && u.host_str() == Some("hooks.slack.com")
+            && matches!(
+                u.host_str(),
+                Some("hooks.slack.com" | "hooks.slack-gov.com")
+            )
             && u.port_or_known_default() == Some(443);
         let api = url::Url::parse(&self.api_url).is_ok_and(|a| {
             a.scheme() == u.scheme()
