@@ -363,13 +363,31 @@ impl Application {
         );
         // Finished runs' checkpoint files go in batches, after one store flush a batch.
         let store = self.services.store.clone();
+        let tenants = self.services.tenants.clone();
         let mut stop_sweeps = stop_rx.clone();
         let sweeper = tokio::spawn(async move {
             let mut every = tokio::time::interval(std::time::Duration::from_secs(5));
+            // Request ids are swept once an hour (every tenant's are read), the first time at start.
+            let mut seen_sweep: Option<std::time::Instant> = None;
             loop {
                 tokio::select! {
                     _ = every.tick() => {}
                     _ = stop_sweeps.wait_for(|stop| *stop) => return,
+                }
+                if seen_sweep.is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(3600)) {
+                    seen_sweep = Some(std::time::Instant::now());
+                    let t = tenants.clone();
+                    let before = chrono::Utc::now().timestamp() - crate::transport::SEEN_TTL_SECS;
+                    match tokio::task::spawn_blocking(move || t.sweep_seen(before)).await {
+                        Ok(Ok(n)) if n > 0 => {
+                            tracing::info!(forgotten = n, "swept old platform request ids")
+                        }
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => {
+                            tracing::warn!(error = %e, "sweeping old platform request ids failed; will retry in an hour")
+                        }
+                        Err(e) => tracing::error!(error = %e, "the request id sweeper panicked"),
+                    }
                 }
                 let s = store.clone();
                 // Nonces of install states that have expired can never be offered again; twice

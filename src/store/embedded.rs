@@ -315,9 +315,11 @@ impl ApiKeyRepo for SledTenant {
 impl DedupeRepo for SledTenant {
     fn first_time(&self, key: &str) -> Result<bool> {
         let k = self.key(&Self::text_key("seen", key), "");
+        // The value is when the key was first seen, for `sweep`.
+        let stamp = chrono::Utc::now().timestamp().to_be_bytes();
         let first = self
             .tree
-            .compare_and_swap(k.as_bytes(), None as Option<&[u8]>, Some(&[1u8][..]))
+            .compare_and_swap(k.as_bytes(), None as Option<&[u8]>, Some(&stamp[..]))
             .map_err(engine)?
             .is_ok();
         self.tree.flush().map_err(engine)?;
@@ -329,6 +331,38 @@ impl DedupeRepo for SledTenant {
         self.tree.remove(k.as_bytes()).map_err(engine)?;
         self.tree.flush().map_err(engine)?;
         Ok(())
+    }
+
+    fn sweep(&self, before: i64) -> Result<usize> {
+        let prefix = self.key("seen", "");
+        let now = chrono::Utc::now().timestamp().to_be_bytes();
+        let mut n = 0;
+        for kv in self.tree.scan_prefix(prefix.as_bytes()) {
+            let (k, v) = kv.map_err(engine)?;
+            match <[u8; 8]>::try_from(v.as_ref()) {
+                Ok(seen) if i64::from_be_bytes(seen) < before => {
+                    // Only if unchanged: a key forgotten and seen again meanwhile stays.
+                    if self
+                        .tree
+                        .compare_and_swap(&k, Some(&v), None as Option<&[u8]>)
+                        .map_err(engine)?
+                        .is_ok()
+                    {
+                        n += 1;
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => {
+                    let _ = self
+                        .tree
+                        .compare_and_swap(&k, Some(&v), Some(&now[..]))
+                        .map_err(engine)?;
+                }
+            }
+        }
+        // Not flushed: a removal lost to a crash is made again by the next sweep, and a key a
+        // crash keeps unstamped is stamped again.
+        Ok(n)
     }
 }
 
@@ -1175,6 +1209,45 @@ mod tests {
             .unwrap()
             .first_time("slack-event:Ev2")
             .unwrap());
+    }
+
+    /// Request ids go once they are older than the cutoff, in the tenant swept only; an id kept
+    /// from before ids had a time is stamped by its first sweep, not removed.
+    #[test]
+    fn request_ids_seen_before_a_time_are_swept_in_their_tenant_only() {
+        let (_dir, store) = open();
+        let (a, b) = (TenantId::generate(), TenantId::generate());
+        let (ra, rb) = (store.tenant(&a).unwrap(), store.tenant(&b).unwrap());
+        assert!(ra.first_time("slack-event:Ev1").unwrap());
+        assert!(rb.first_time("slack-event:Ev1").unwrap());
+        let old_key = format!("{a}/{}/", SledTenant::text_key("seen", "slack-event:Old"));
+        store
+            .db
+            .open_tree(format!("tenant/{a}"))
+            .unwrap()
+            .insert(old_key.as_bytes(), &[1u8][..])
+            .unwrap();
+        let now = chrono::Utc::now().timestamp();
+        assert_eq!(
+            DedupeRepo::sweep(&*ra, now - 600).unwrap(),
+            0,
+            "none is that old"
+        );
+        assert!(!ra.first_time("slack-event:Ev1").unwrap(), "still seen");
+        assert!(
+            !ra.first_time("slack-event:Old").unwrap(),
+            "stamped, still seen"
+        );
+        assert_eq!(DedupeRepo::sweep(&*ra, now + 2).unwrap(), 2);
+        assert!(ra.first_time("slack-event:Ev1").unwrap(), "swept");
+        assert!(
+            ra.first_time("slack-event:Old").unwrap(),
+            "swept once stamped"
+        );
+        assert!(
+            !rb.first_time("slack-event:Ev1").unwrap(),
+            "the other tenant keeps its own"
+        );
     }
 
     #[test]

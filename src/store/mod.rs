@@ -350,6 +350,13 @@ pub trait DedupeRepo {
     /// # Errors
     /// [`StoreError`] on an engine failure.
     fn forget(&self, key: &str) -> Result<()>;
+    /// Removes the keys first seen before `before` (Unix seconds); returns how many. A key kept
+    /// without the time it was seen (written before keys had one) is given the current time, so
+    /// that it goes in a sweep a whole retention later, never at once.
+    ///
+    /// # Errors
+    /// [`StoreError`] on an engine failure.
+    fn sweep(&self, before: i64) -> Result<usize>;
 }
 
 /// An API key as stored: never the secret, only its keyed hash.

@@ -333,6 +333,24 @@ impl Tenants {
         Ok(Resolved { ctx, installation })
     }
 
+    /// Forgets, in every tenant, the platform request ids first seen before `before` (Unix
+    /// seconds), which no platform retries or replays any more; returns how many. Reviewed admin
+    /// path, for the gateway's sweeper: each tenant's ids are removed through its own repository.
+    ///
+    /// # Errors
+    /// [`ResolveError::Store`] on a store failure (the tenants swept before it stay swept).
+    pub fn sweep_seen(&self, before: i64) -> Result<usize, ResolveError> {
+        let sweeper: PrincipalId = "system:sweeper".parse().expect("a valid principal");
+        let mut n = 0;
+        for t in self.store.admin().tenants()? {
+            let repos = self
+                .store
+                .for_tenant(&Self::lookup_context(&t.id, &sweeper))?;
+            n += repos.dedupe().sweep(before)?;
+        }
+        Ok(n)
+    }
+
     /// A context for the operator's CLI in an existing tenant. Reviewed admin path: the operator has
     /// the data directory and the master key, so it is already trusted with every tenant.
     ///

@@ -41,6 +41,13 @@ pub enum Accepted {
     InFlight,
 }
 
+/// How long a platform request id is remembered, in seconds. A signed request is accepted for
+/// five minutes, Slack retries an event for about an hour at most, and the Discord Gateway
+/// replays only what a resumed session missed; a day covers all of them with room to spare, and
+/// after it an id is forgotten (the gateway's sweeper), so that the record does not grow with
+/// every command ever received.
+pub const SEEN_TTL_SECS: i64 = 24 * 60 * 60;
+
 /// Platform request ids seen before, per tenant, as the store's durable record (`DedupeRepo`)
 /// keeps them. An id whose command could not be recorded after it was marked is forgotten again,
 /// durably, so that the platform's retry is not taken for a duplicate of a command that never ran

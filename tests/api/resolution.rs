@@ -341,3 +341,37 @@ async fn a_tampered_sealed_token_fails_closed() {
     );
     app.stop().await;
 }
+
+/// The sweeper's pass forgets old request ids in every tenant, through each tenant's own
+/// repository, and keeps the recent ones.
+#[tokio::test]
+async fn old_request_ids_are_forgotten_in_every_tenant() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = spawn_app_in(dir.path()).await;
+    let t = &app.services.tenants;
+    let mut ctxs = Vec::new();
+    for (team, name) in [("T0SWEEPA", "a"), ("T0SWEEPB", "b")] {
+        t.install(slack_install(team, "U0BOSS", None), name, None)
+            .await
+            .unwrap();
+        let ctx = t.resolve(&slack_request(team, "U0BOSS")).unwrap().ctx;
+        let repo = app.services.store.for_tenant(&ctx).unwrap();
+        assert!(repo.dedupe().first_time("slack-event:Ev1").unwrap());
+        ctxs.push(ctx);
+    }
+    let now = chrono::Utc::now().timestamp();
+    assert_eq!(t.sweep_seen(now - 3600).unwrap(), 0, "all are recent");
+    for ctx in &ctxs {
+        let repo = app.services.store.for_tenant(ctx).unwrap();
+        assert!(!repo.dedupe().first_time("slack-event:Ev1").unwrap());
+    }
+    assert_eq!(t.sweep_seen(now + 2).unwrap(), 2);
+    for ctx in &ctxs {
+        let repo = app.services.store.for_tenant(ctx).unwrap();
+        assert!(
+            repo.dedupe().first_time("slack-event:Ev1").unwrap(),
+            "forgotten"
+        );
+    }
+    app.stop().await;
+}
