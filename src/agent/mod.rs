@@ -1395,7 +1395,9 @@ impl Agent {
         Self::require_admin(ctx)?;
         let bad = |why: &str| AgentError::InvalidWebhook(why.to_owned());
         if !webhook_name_ok(&tool.name) {
-            return Err(bad("the name must be 1 to 48 characters of a-z, 0-9 and _"));
+            return Err(bad(
+                "the name must be 1 to 48 characters of a-z, 0-9 and _, without __",
+            ));
         }
         let url = reqwest::Url::parse(&tool.url).map_err(|_| bad("the URL does not parse"))?;
         if !matches!(url.scheme(), "https" | "http") {
@@ -1414,8 +1416,7 @@ impl Agent {
                 "the URL's address is not public; the operator can allow its network (AGENTGATE_WEBHOOK_ALLOWED_NETWORKS)",
             ));
         }
-        jsonschema::validator_for(&tool.schema)
-            .map_err(|e| AgentError::InvalidWebhook(format!("the schema is invalid: {e}")))?;
+        tools::compile_schema(&tool.schema).map_err(AgentError::InvalidWebhook)?;
         if tool.schema["type"] != "object" {
             return Err(bad("the schema must describe an object"));
         }
@@ -1456,9 +1457,11 @@ fn plan_name(settings: &TenantSettings) -> &'static str {
 
 /// Whether `name` may name a webhook tool (and so follow `webhook.` in a capability): 1 to 48
 /// characters of a-z, 0-9 and `_`, which keeps it a valid tool name for every provider and plain
-/// text wherever it is written, the audit log included.
+/// text wherever it is written, the audit log included. Never `__`, which is how a provider's tool
+/// name writes the capability's `.` (`webhook__a__b` would come back as `webhook.a.b`).
 pub fn webhook_name_ok(name: &str) -> bool {
     (1..=48).contains(&name.len())
+        && !name.contains("__")
         && name
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')

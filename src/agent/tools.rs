@@ -103,6 +103,11 @@ impl Resolved {
             .validator
             .as_ref()
             .ok_or("the tool's schema is invalid")?;
+        if args.to_string().len() > MAX_ARGUMENTS_BYTES {
+            return Err(format!(
+                "the arguments are larger than {MAX_ARGUMENTS_BYTES} bytes"
+            ));
+        }
         let first = v.iter_errors(args).next().map(|e| e.to_string());
         first.map_or(Ok(()), Err)
     }
@@ -319,13 +324,76 @@ fn compiled(owner: Option<&TenantId>, schema: &Value) -> Option<Arc<jsonschema::
     {
         return Some(Arc::clone(v));
     }
-    let v = Arc::new(jsonschema::validator_for(schema).ok()?);
+    let v = Arc::new(compile_schema(schema).ok()?);
     let mut c = cache.lock().unwrap_or_else(PoisonError::into_inner);
     if c.len() >= COMPILED_CACHE {
         c.clear();
     }
     c.insert(key, Arc::clone(&v));
     Some(v)
+}
+
+/// The largest argument schema a webhook tool may declare, in bytes of compact JSON.
+pub const MAX_SCHEMA_BYTES: usize = 16 * 1024;
+/// The deepest nesting of objects and arrays a webhook tool's schema may have.
+pub const MAX_SCHEMA_DEPTH: usize = 16;
+/// The largest arguments checked against a schema, in bytes of compact JSON (a model can write
+/// more; such a call is refused as having invalid arguments before its schema is tried).
+pub const MAX_ARGUMENTS_BYTES: usize = 64 * 1024;
+
+/// Whether a tenant's schema is one the gateway can check every call against in bounded time:
+/// small and shallow, with no reference (`$ref`, `$dynamicRef`, `$recursiveRef`). The schema
+/// library compiles a reference again each time validation reaches it, so two definitions that
+/// refer to each other recurse until the stack overflows, which aborts the process for every
+/// tenant, and a chain of definitions that each refer twice to the next doubles the work at every
+/// level. Its patterns are compiled with the `regex` engine (linear time, no backtracking), and
+/// its size bounds the rest. Checked when the tool is declared and again whenever it is compiled,
+/// so a schema stored before these limits refuses its calls instead.
+///
+/// # Errors
+/// What is wrong, in words for the admin.
+pub fn schema_within_limits(schema: &Value) -> Result<(), String> {
+    fn walk(v: &Value, depth: usize) -> Result<(), String> {
+        if depth > MAX_SCHEMA_DEPTH {
+            return Err(format!(
+                "the schema is nested deeper than {MAX_SCHEMA_DEPTH} levels"
+            ));
+        }
+        match v {
+            Value::Object(m) => {
+                for (k, child) in m {
+                    if matches!(k.as_str(), "$ref" | "$dynamicRef" | "$recursiveRef") {
+                        return Err(format!(
+                            "the schema uses {k}; write the definition where it is used"
+                        ));
+                    }
+                    walk(child, depth + 1)?;
+                }
+                Ok(())
+            }
+            Value::Array(a) => a.iter().try_for_each(|c| walk(c, depth + 1)),
+            _ => Ok(()),
+        }
+    }
+    if schema.to_string().len() > MAX_SCHEMA_BYTES {
+        return Err(format!(
+            "the schema is larger than {MAX_SCHEMA_BYTES} bytes"
+        ));
+    }
+    walk(schema, 0)
+}
+
+/// Compiles an argument schema within [`schema_within_limits`], its patterns with the `regex`
+/// engine (at most 1 MiB each compiled).
+///
+/// # Errors
+/// Why it cannot be used, in words for the admin.
+pub fn compile_schema(schema: &Value) -> Result<jsonschema::Validator, String> {
+    schema_within_limits(schema)?;
+    jsonschema::options()
+        .with_pattern_options(jsonschema::PatternOptions::regex().size_limit(1 << 20))
+        .build(schema)
+        .map_err(|e| format!("the schema is invalid: {e}"))
 }
 
 /// Resolves the bindings the context may use: every capability granted to the tenant at a role the
@@ -402,5 +470,41 @@ mod tests {
             compiled(None, &json!({"type": 7})).is_none(),
             "a bad schema"
         );
+    }
+
+    /// A schema that refers to itself through another definition overflowed the stack when a call
+    /// was checked (aborting the process); references are refused, as are very large or deep
+    /// schemas, and patterns run without backtracking.
+    #[test]
+    fn schemas_that_validation_could_not_bound_are_refused() {
+        let cycle = json!({
+            "type": "object",
+            "properties": {"p": {"$ref": "#/$defs/a"}},
+            "$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}}
+        });
+        assert_eq!(
+            compile_schema(&cycle).err().unwrap(),
+            "the schema uses $ref; write the definition where it is used"
+        );
+        assert!(
+            compiled(None, &cycle).is_none(),
+            "nor compiled for a stored one"
+        );
+        for key in ["$dynamicRef", "$recursiveRef"] {
+            let s = json!({"type": "object", "properties": {"p": {key: "#"}}});
+            assert!(compile_schema(&s).is_err(), "{key}");
+        }
+        let mut deep = json!({"type": "string"});
+        for _ in 0..MAX_SCHEMA_DEPTH {
+            deep = json!({"type": "array", "items": deep});
+        }
+        assert!(compile_schema(&deep).unwrap_err().contains("nested deeper"));
+        let big = json!({"type": "object", "description": "x".repeat(MAX_SCHEMA_BYTES)});
+        assert!(compile_schema(&big).unwrap_err().contains("larger than"));
+        // Patterns use the regex engine, which cannot backtrack: one that needs backtracking
+        // (a backreference) is refused when declared, where the default engine took it.
+        let backref =
+            json!({"type": "object", "properties": {"s": {"type": "string", "pattern": "(a)\\1"}}});
+        assert!(compile_schema(&backref).is_err());
     }
 }

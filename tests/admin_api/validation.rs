@@ -211,6 +211,35 @@ async fn malformed_bodies_bad_policies_and_bad_llm_settings_are_400() {
         )
         .await;
     assert_refused(&app, r, "at least 16 characters", n, "short secret").await;
+    // A schema whose definitions refer to each other overflowed the stack when a call was
+    // checked: references are refused when the tool is declared.
+    let cycle = json!({"type": "object", "properties": {"p": {"$ref": "#/$defs/a"}},
+        "$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}}});
+    let r = app
+        .put(
+            "/api/v1/tools/webhooks/hook",
+            a,
+            json!({"description": "d", "schema": cycle, "url": "https://hooks.example.com/", "secret": "a-secret-of-sixteen-or-more"}),
+        )
+        .await;
+    assert_refused(&app, r, "uses $ref", n, "schema with a reference").await;
+    // A name with `__` could never be called: a provider's tool name writes `.` as `__`.
+    let r = app
+        .put(
+            "/api/v1/tools/webhooks/create__ticket",
+            a,
+            json!({"description": "d", "schema": {"type": "object"}, "url": "https://hooks.example.com/", "secret": "a-secret-of-sixteen-or-more"}),
+        )
+        .await;
+    assert_refused(&app, r, "without __", n, "name with __").await;
+    let r = app
+        .put(
+            "/api/v1/tools/grants/webhook.create__ticket",
+            a,
+            json!({"min_role": "member"}),
+        )
+        .await;
+    assert_refused(&app, r, "unknown capability", n, "grant with __").await;
     let r = app
         .post("/api/v1/keys", a, json!({"name": "k", "role": "root"}))
         .await;
