@@ -413,7 +413,17 @@ impl Agent {
         un: &mut Unsettled,
     ) -> Result<(), AgentError> {
         if !un.events.is_empty() {
-            let seqs = self.inner.sink.append_batch(ctx, &un.events).await?;
+            let seqs = match self.inner.sink.append_batch(ctx, &un.events).await {
+                Ok(seqs) => seqs,
+                Err(e @ AuditError::AfterDurable(_)) => {
+                    // On record, whatever failed after: never appended again by a later barrier.
+                    // The reservations stay until the run ends, standing for usage the failed
+                    // fold did not count.
+                    un.events.clear();
+                    return Err(e.into());
+                }
+                Err(e) => return Err(e.into()),
+            };
             un.events.clear();
             st.last_seq = seqs.end.checked_sub(1);
         }
@@ -1058,10 +1068,21 @@ impl Agent {
     ) -> Result<(), AgentError> {
         let call: ToolCall = st.pending[i].clone();
         let key = call_key(st, i);
-        let (content, changed) = match self
+        let called = self
             .gated_call(ctx, repo, settings, resolved, &call, &key, st, un)
-            .await?
-        {
+            .await;
+        let called = match called {
+            Ok(c) => c,
+            Err(e) => {
+                // The step's held events (a refusal, a read-only call's authorisation and
+                // result) go on record before the failure ends the drive, as plan_step does.
+                if let Err(also) = self.checkpoint(ctx, repo, st, un).await {
+                    tracing::error!(tenant = %ctx.tenant_id(), run = %st.run_id, error = %also, "could not record a failed step's events");
+                }
+                return Err(e);
+            }
+        };
+        let (content, changed) = match called {
             Ok(done) => done,
             Err(b) => {
                 Self::stop(st, un, b);
@@ -1090,6 +1111,33 @@ impl Agent {
             self.checkpoint(ctx, repo, st, un).await?;
         }
         Ok(())
+    }
+
+    /// The least role the grant of `capability` now requires, if it still allows the context's
+    /// role and (for a webhook) the tool is still the one the run resolved; otherwise the reason
+    /// for the refusal, as the audit log records it.
+    fn still_granted(
+        ctx: &TenantContext,
+        repo: &TenantStore,
+        tool: &Resolved,
+        capability: &str,
+    ) -> Result<Result<Role, &'static str>, AgentError> {
+        let Some(grant) = repo.grants().get(capability)? else {
+            return Ok(Err("no longer granted"));
+        };
+        if !ctx.role().at_least(grant.min_role) {
+            return Ok(Err("no longer granted to this principal"));
+        }
+        if let Some(name) = capability.strip_prefix(tools::WEBHOOK_PREFIX) {
+            match repo.webhooks().webhook(name)? {
+                None => return Ok(Err("no longer declared")),
+                Some(w) if Some(tools::webhook_fingerprint(&w)) != tool.webhook => {
+                    return Ok(Err("changed since the run began"));
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(Ok(grant.min_role))
     }
 
     /// Validates, authorises, budgets and makes one tool call. The outer error is the gateway's;
@@ -1124,7 +1172,21 @@ impl Agent {
                 .push(refuse("not granted to this principal", vec![]));
             return Ok(Ok((REFUSED.into(), false)));
         };
+        // The tools were resolved when the run began; the grant, and a webhook's definition, are
+        // read again now, so that an admin who withdraws a tool (say, one a prompt-injected run is
+        // calling) stops the very next call, and no call goes to a URL or with a secret the
+        // tenant has since replaced.
+        let min_role = match Self::still_granted(ctx, repo, tool, &call.name)? {
+            Ok(min_role) => min_role,
+            Err(reason) => {
+                un.events.push(refuse(reason, vec![]));
+                return Ok(Ok((REFUSED.into(), false)));
+            }
+        };
         if let Err(why) = tool.validate(&call.arguments) {
+            // On record without the values (a model probing a tool leaves a trace), and the
+            // model is told what was wrong so that it can correct itself.
+            un.events.push(refuse("invalid arguments", vec![]));
             return Ok(Ok((
                 format!("Invalid arguments for {}: {why}", call.name),
                 false,
@@ -1134,23 +1196,14 @@ impl Agent {
         let ask = Ask {
             ctx,
             capability: &call.name,
-            min_role: tool.min_role,
+            min_role,
             read_only,
             plan: plan_name(settings),
             args: &call.arguments,
         };
-        let tenant_policies = repo.policies().tenant_policies()?;
-        let decision =
-            self.inner
-                .gate
-                .decide_with(&ask, &tool.entities, tenant_policies.as_deref());
-        let policy_ids = match decision {
-            Decision::Deny { reason, policy_ids } => {
-                un.events.push(refuse(&reason, policy_ids));
-                return Ok(Ok((REFUSED.into(), false)));
-            }
-            Decision::Allow { policy_ids } => policy_ids,
-        };
+        // The budget before the decision, so that every decision made is on record: a stop for
+        // the budget after an allow would leave the allow, and the policies behind it, unrecorded.
+        // A denied call's reservation is released when it is dropped.
         if let Err(b) = budget::check_tool(ctx.budget(), &st.usage, Self::walltime_ms(st)) {
             return Ok(Err(b));
         }
@@ -1165,6 +1218,18 @@ impl Agent {
             Ok(h) => h,
             Err(QuotaError::Breach(b)) => return Ok(Err(b)),
             Err(QuotaError::Store(e)) => return Err(e.into()),
+        };
+        let tenant_policies = repo.policies().tenant_policies()?;
+        let decision =
+            self.inner
+                .gate
+                .decide_with(&ask, &tool.entities, tenant_policies.as_deref());
+        let policy_ids = match decision {
+            Decision::Deny { reason, policy_ids } => {
+                un.events.push(refuse(&reason, policy_ids));
+                return Ok(Ok((REFUSED.into(), false)));
+            }
+            Decision::Allow { policy_ids } => policy_ids,
         };
         un.events.push(EventBody::ToolAuthorized {
             capability: call.name.clone(),

@@ -6,13 +6,14 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use chrono::Utc;
+use secrecy::ExposeSecret;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 use super::planner::ToolSpec;
 use super::webhook::WebhookBinding;
 use crate::audit::log::AuditLog;
-use crate::store::{Fact, StoreError, TenantStore};
+use crate::store::{Fact, StoreError, TenantStore, WebhookTool};
 use crate::tenant::{Budget, Role, TenantContext, TenantId};
 
 /// What a tool sees of the run that calls it.
@@ -91,6 +92,27 @@ pub struct Resolved {
     pub validator: Option<Arc<jsonschema::Validator>>,
     /// The gate's entities for this context and tool, built at the run's first call of it.
     pub entities: OnceLock<Option<super::policy::CallEntities>>,
+    /// For a webhook tool, the [`webhook_fingerprint`] of the definition the run resolved, so that
+    /// a call can tell whether the tenant has changed it since.
+    pub webhook: Option<[u8; 32]>,
+}
+
+/// A digest of everything a webhook tool's calls depend on (its description, schema, URL,
+/// secret and timeout), each part length-prefixed so that no two definitions share one.
+pub fn webhook_fingerprint(w: &WebhookTool) -> [u8; 32] {
+    let mut h = Sha256::new();
+    for part in [
+        w.name.as_bytes(),
+        w.description.as_bytes(),
+        w.schema.to_string().as_bytes(),
+        w.url.as_bytes(),
+        w.secret.expose_secret().as_bytes(),
+        &w.timeout_ms.to_be_bytes(),
+    ] {
+        h.update((part.len() as u64).to_be_bytes());
+        h.update(part);
+    }
+    h.finalize().into()
 }
 
 impl Resolved {
@@ -421,8 +443,10 @@ pub fn resolve(
             continue;
         }
         let webhook = g.capability.strip_prefix(WEBHOOK_PREFIX);
+        let mut fingerprint = None;
         let binding = match webhook {
             Some(name) => webhooks.iter().find(|w| w.name == name).map(|w| {
+                fingerprint = Some(webhook_fingerprint(w));
                 Arc::new(WebhookBinding::new(w.clone(), client.clone())) as Arc<dyn ToolBinding>
             }),
             None => builtin(&g.capability),
@@ -437,6 +461,7 @@ pub fn resolve(
                 spec,
                 validator,
                 entities: OnceLock::new(),
+                webhook: fingerprint,
             });
         }
     }

@@ -531,6 +531,12 @@ impl ToolGrantRepo for SledTenant {
         Ok(())
     }
 
+    fn get(&self, capability: &str) -> Result<Option<ToolGrant>> {
+        Ok(self
+            .get_json::<Versioned<ToolGrant>>(&self.key("grant", capability))?
+            .map(|r| r.value))
+    }
+
     fn remove(&self, capability: &str) -> Result<bool> {
         Ok(self
             .tree
@@ -781,6 +787,35 @@ impl SledTenant {
         format!("{kind}/{}", hex::encode(text.as_bytes()))
     }
 
+    /// The webhook tool stored under `name`, its secret opened. The name it carries must be the
+    /// one it is stored under (as with installations): a record copied under another name would
+    /// otherwise open there and appear twice, with another tool's URL and secret.
+    fn open_webhook(&self, name: &str, bytes: &[u8]) -> Result<WebhookTool> {
+        let key = self.key("webhook", name);
+        let rec: WebhookRecord = decode(key.as_bytes(), bytes)?;
+        if rec.name != name {
+            return Err(StoreError::Corrupt {
+                key,
+                why: "the webhook record names another tool".into(),
+            });
+        }
+        let secret = self
+            .cipher
+            .open(&self.webhook_seal_context(name), &rec.secret_sealed)
+            .map_err(|source| StoreError::Sealed {
+                key: key.clone(),
+                source,
+            })?;
+        Ok(WebhookTool {
+            name: rec.name,
+            description: rec.description,
+            schema: rec.schema,
+            url: rec.url,
+            secret,
+            timeout_ms: rec.timeout_ms,
+        })
+    }
+
     fn webhook_seal_context(&self, name: &str) -> String {
         format!("{}/webhook/{name}/secret", self.tenant)
     }
@@ -888,25 +923,17 @@ impl WebhookToolRepo for SledTenant {
         self.scan("webhook")
             .map(|kv| {
                 let (name, v) = kv?;
-                let key = self.key("webhook", &name);
-                let rec: WebhookRecord = decode(key.as_bytes(), &v)?;
-                let secret = self
-                    .cipher
-                    .open(&self.webhook_seal_context(&rec.name), &rec.secret_sealed)
-                    .map_err(|source| StoreError::Sealed {
-                        key: key.clone(),
-                        source,
-                    })?;
-                Ok(WebhookTool {
-                    name: rec.name,
-                    description: rec.description,
-                    schema: rec.schema,
-                    url: rec.url,
-                    secret,
-                    timeout_ms: rec.timeout_ms,
-                })
+                self.open_webhook(&name, &v)
             })
             .collect()
+    }
+
+    fn webhook(&self, name: &str) -> Result<Option<WebhookTool>> {
+        self.tree
+            .get(self.key("webhook", name))
+            .map_err(engine)?
+            .map(|v| self.open_webhook(name, &v))
+            .transpose()
     }
 
     fn remove_webhook(&self, name: &str) -> Result<bool> {

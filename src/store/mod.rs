@@ -124,6 +124,11 @@ pub trait ToolGrantRepo {
     /// # Errors
     /// [`StoreError`] on an engine failure.
     fn put(&self, grant: &ToolGrant) -> Result<()>;
+    /// The grant for `capability`, if there is one.
+    ///
+    /// # Errors
+    /// [`StoreError`] on an engine failure or a corrupt record.
+    fn get(&self, capability: &str) -> Result<Option<ToolGrant>>;
     /// Removes the grant for `capability`; true if there was one.
     ///
     /// # Errors
@@ -281,6 +286,11 @@ pub trait WebhookToolRepo {
     /// # Errors
     /// [`StoreError`] on an engine failure, a corrupt record or a secret that does not open.
     fn webhooks(&self) -> Result<Vec<WebhookTool>>;
+    /// The tool named `name`, if there is one.
+    ///
+    /// # Errors
+    /// [`StoreError`] on an engine failure, a corrupt record or a secret that does not open.
+    fn webhook(&self, name: &str) -> Result<Option<WebhookTool>>;
     /// Removes a tool; true if there was one.
     ///
     /// # Errors

@@ -910,6 +910,15 @@ async fn webhook_tools_are_signed_validated_bounded_and_tenant_scoped() {
         "{tool_results:?}"
     );
     assert_eq!(tool_results[3], "Error: the tool did not answer in time");
+    // The call with invalid arguments is on record as refused, without its values.
+    let events = events(&s, &ctx).await;
+    let refused: Vec<&Value> = of_run(&events, &ctx)
+        .into_iter()
+        .filter(|e| e["type"] == "tool.refused")
+        .collect();
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert_eq!(refused[0]["data"]["reason"], "invalid arguments");
+    assert_eq!(refused[0]["data"]["capability"], "webhook.create_ticket");
 
     // Tenant B sees neither A's webhook tool nor its credential.
     let b = user(&s, "T0HOOKB", "U0OWNER");
@@ -1381,4 +1390,96 @@ async fn a_runs_reply_target_is_sealed_at_rest() {
             file.display()
         );
     }
+}
+
+/// The gate re-reads a tool's grant and a webhook's definition at every call: an admin who
+/// withdraws a tool mid-run stops its next call, and a webhook changed mid-run (a new secret, a
+/// new URL) is never called with what the run resolved at its start.
+#[tokio::test]
+async fn a_tool_withdrawn_or_changed_during_a_run_is_refused_at_its_next_call() {
+    let dir = tempfile::tempdir().unwrap();
+    type Change = Box<dyn Fn(usize) + Send + Sync>;
+    let change: std::sync::Arc<std::sync::Mutex<Option<Change>>> = Default::default();
+    let on_hook = change.clone();
+    let hooks = hook_server("whsec-withdraw", move |n| {
+        if let Some(f) = on_hook.lock().unwrap().as_ref() {
+            f(n);
+        }
+        (Duration::ZERO, "ok".into())
+    })
+    .await;
+    let call = |t: &str| Scripted::Tools(vec![("webhook__create_ticket", json!({"title": t}))]);
+    let model = openai_server(
+        vec![
+            call("one"),
+            call("two"),
+            Scripted::Final("first done"),
+            call("three"),
+            call("four"),
+            Scripted::Final("second done"),
+        ],
+        (10, 10),
+        Duration::ZERO,
+    )
+    .await;
+    let s = open(dir.path(), config(Some(&model.url), None));
+    let a = install(&s, "T0WITHDRAW").await;
+    settings(&s, &a, |st| st.llm.provider = "openai".into());
+    let owner = user(&s, "T0WITHDRAW", "U0OWNER");
+    declare_and_grant(&s, &owner, webhook(&hooks.url, "whsec-withdraw")).await;
+    let (store, admin) = (s.store.clone(), owner.clone());
+    let url = hooks.url.clone();
+    *change.lock().unwrap() = Some(Box::new(move |n| {
+        let repo = store.for_tenant(&admin).unwrap();
+        match n {
+            // During the first run's first call: the grant is withdrawn.
+            1 => assert!(repo.grants().remove("webhook.create_ticket").unwrap()),
+            // During the second run's first call: the secret is replaced.
+            2 => repo
+                .webhooks()
+                .put_webhook(&webhook(&url, "whsec-rotated"))
+                .unwrap(),
+            _ => {}
+        }
+    }));
+
+    let ctx = user(&s, "T0WITHDRAW", "U0M");
+    assert_eq!(
+        run(&s, &ctx, "file two").await,
+        RunOutcome::Answered("first done".into())
+    );
+    assert_eq!(hooks.hooks().len(), 1, "the second call was not sent");
+    let reasons = |ctx: &TenantContext, events: &[Value]| -> Vec<String> {
+        of_run(events, ctx)
+            .iter()
+            .filter(|e| e["type"] == "tool.refused")
+            .map(|e| e["data"]["reason"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(
+        reasons(&ctx, &events(&s, &ctx).await),
+        ["no longer granted"]
+    );
+    assert_eq!(
+        tool_results(&model.seen().bodies[2])[1],
+        "Refused: this tool is not available to you."
+    );
+
+    s.agent
+        .grant_tool(&owner, "webhook.create_ticket", Role::Member)
+        .await
+        .unwrap();
+    let ctx = user(&s, "T0WITHDRAW", "U0M");
+    assert_eq!(
+        run(&s, &ctx, "file two more").await,
+        RunOutcome::Answered("second done".into())
+    );
+    let got = hooks.hooks();
+    assert_eq!(got.len(), 2, "nothing was sent with the replaced secret");
+    assert!(got.iter().all(|h| h.signature_ok));
+    assert_eq!(
+        reasons(&ctx, &events(&s, &ctx).await),
+        ["changed since the run began"]
+    );
+    s.close().await.unwrap();
 }
