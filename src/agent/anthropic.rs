@@ -97,7 +97,9 @@ fn body(req: &PlanRequest<'_>) -> Value {
     body
 }
 
-fn parse(v: &Value) -> Result<Plan, PlannerError> {
+/// `unknown` is what an answer without usage fields is counted as: the request's estimate (its
+/// prompt, and the most it asked for), since the provider bills it all the same.
+fn parse(v: &Value, unknown: (u64, u64)) -> Result<Plan, PlannerError> {
     let blocks = v["content"]
         .as_array()
         .ok_or_else(|| PlannerError::Malformed("no content".into()))?;
@@ -124,8 +126,8 @@ fn parse(v: &Value) -> Result<Plan, PlannerError> {
     };
     Ok(Plan {
         reply,
-        tokens_in: v["usage"]["input_tokens"].as_u64().unwrap_or(0),
-        tokens_out: v["usage"]["output_tokens"].as_u64().unwrap_or(0),
+        tokens_in: v["usage"]["input_tokens"].as_u64().unwrap_or(unknown.0),
+        tokens_out: v["usage"]["output_tokens"].as_u64().unwrap_or(unknown.1),
         provider: "anthropic".into(),
         model: v["model"].as_str().unwrap_or_default().to_owned(),
     })
@@ -150,7 +152,11 @@ impl Planner for Anthropic {
         if let Some(key) = &self.key {
             http = http.header("x-api-key", key.expose_secret());
         }
-        send_and_parse(http, &req.llm.default_model, parse).await
+        let unknown = (
+            estimate_prompt_tokens(req),
+            u64::from(req.llm.default_max_tokens),
+        );
+        send_and_parse(http, &req.llm.default_model, |v| parse(v, unknown)).await
     }
 }
 
@@ -165,7 +171,12 @@ mod tests {
             "content": [{"type": "text", "text": "Saving."}, {"type": "tool_use", "id": "tu1", "name": "memory__save", "input": {"subject": "a", "fact": "b"}}],
             "usage": {"input_tokens": 20, "output_tokens": 7}
         });
-        let p = parse(&v).unwrap();
+        let p = parse(&v, (0, 0)).unwrap();
+        // An answer without usage is billed all the same: it counts as the request's estimate.
+        let mut bare = v.clone();
+        bare.as_object_mut().unwrap().remove("usage");
+        let p2 = parse(&bare, (900, 100)).unwrap();
+        assert_eq!((p2.tokens_in, p2.tokens_out), (900, 100));
         assert_eq!((p.tokens_in, p.tokens_out), (20, 7));
         match p.reply {
             Reply::Tools { text, calls } => {

@@ -929,7 +929,7 @@ impl Agent {
             };
             return Ok(());
         }
-        let (est_tokens, est_cost, requested) = {
+        let (est_tokens, est_cost, requested, est_model) = {
             let req = plan_request(st, specs, settings, caller);
             let est_tokens = planner.estimate_tokens(&req);
             let model = planner.model(&req);
@@ -937,11 +937,11 @@ impl Agent {
                 pricing::cost(&model, est_tokens, 0).max(pricing::cost(&model, 0, est_tokens));
             let requested = EventBody::ModelRequested {
                 provider: planner.provider().to_owned(),
-                model,
+                model: model.clone(),
                 step: u64::from(st.step),
                 prompt_sha256: st.messages.sha256_hex().expect("run state serialises"),
             };
-            (est_tokens, est_cost, requested)
+            (est_tokens, est_cost, requested, model)
         };
         if let Err(b) = budget::check_model(
             ctx.budget(),
@@ -998,12 +998,33 @@ impl Agent {
             Ok(Ok(p)) => p,
             Ok(Err(e)) => {
                 tracing::warn!(tenant = %ctx.tenant_id(), run = %st.run_id, error = %e, "planner failed");
+                if e.may_have_cost() {
+                    Self::charge_estimate(
+                        st,
+                        un,
+                        hold,
+                        planner.provider(),
+                        est_model,
+                        est_tokens,
+                        est_cost,
+                    );
+                }
                 st.status = Status::Failed {
                     message: "The model could not be reached; nothing more was done.".into(),
                 };
                 return Ok(());
             }
             Err(_) => {
+                // Cut off while the provider may have been generating: it bills the call.
+                Self::charge_estimate(
+                    st,
+                    un,
+                    hold,
+                    planner.provider(),
+                    est_model,
+                    est_tokens,
+                    est_cost,
+                );
                 // The call was cut off at the ceiling, so it wanted more than the ceiling, even
                 // when the clock read in whole milliseconds shows exactly the ceiling.
                 let limit = ctx.budget().walltime_ms;
@@ -1053,6 +1074,36 @@ impl Agent {
             }
         }
         Ok(())
+    }
+
+    /// Records a model call whose usage the provider did not report (cut off, or answered in a
+    /// form that did not read) at the estimate it was reserved under: the provider may bill it,
+    /// and the run and the tenant's quota count it rather than nothing.
+    fn charge_estimate(
+        st: &mut RunState,
+        un: &mut Unsettled,
+        mut hold: Reservation,
+        provider: &str,
+        model: String,
+        tokens: u64,
+        cost: u64,
+    ) {
+        un.events.push(EventBody::ModelCalled {
+            provider: provider.to_owned(),
+            model,
+            tokens_in: tokens,
+            tokens_out: 0,
+            cost_microcents: cost,
+        });
+        hold.settle(Amounts {
+            tokens,
+            cost_microcents: cost,
+            ..Amounts::default()
+        });
+        un.holds.push(hold);
+        st.usage.tokens_in = st.usage.tokens_in.saturating_add(tokens);
+        st.usage.cost_microcents = st.usage.cost_microcents.saturating_add(cost);
+        st.step += 1;
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -90,7 +90,9 @@ fn body(req: &PlanRequest<'_>) -> Value {
 }
 
 /// Reads a Chat Completions response.
-fn parse(v: &Value) -> Result<Plan, PlannerError> {
+/// `unknown` is what an answer without usage fields is counted as: the request's estimate (its
+/// prompt, and the most it asked for), since the provider bills it all the same.
+fn parse(v: &Value, unknown: (u64, u64)) -> Result<Plan, PlannerError> {
     let bad = |why: &str| PlannerError::Malformed(why.to_owned());
     let msg = v["choices"]
         .get(0)
@@ -124,8 +126,10 @@ fn parse(v: &Value) -> Result<Plan, PlannerError> {
     };
     Ok(Plan {
         reply,
-        tokens_in: v["usage"]["prompt_tokens"].as_u64().unwrap_or(0),
-        tokens_out: v["usage"]["completion_tokens"].as_u64().unwrap_or(0),
+        tokens_in: v["usage"]["prompt_tokens"].as_u64().unwrap_or(unknown.0),
+        tokens_out: v["usage"]["completion_tokens"]
+            .as_u64()
+            .unwrap_or(unknown.1),
         provider: "openai".into(),
         model: v["model"].as_str().unwrap_or_default().to_owned(),
     })
@@ -149,7 +153,11 @@ impl Planner for OpenAi {
         if let Some(key) = &self.key {
             http = http.bearer_auth(key.expose_secret());
         }
-        send_and_parse(http, &req.llm.default_model, parse).await
+        let unknown = (
+            estimate_prompt_tokens(req),
+            u64::from(req.llm.default_max_tokens),
+        );
+        send_and_parse(http, &req.llm.default_model, |v| parse(v, unknown)).await
     }
 }
 
@@ -166,7 +174,12 @@ mod tests {
             ]}}],
             "usage": {"prompt_tokens": 12, "completion_tokens": 3}
         });
-        let p = parse(&v).unwrap();
+        let p = parse(&v, (0, 0)).unwrap();
+        // An answer without usage is billed all the same: it counts as the request's estimate.
+        let mut bare = v.clone();
+        bare.as_object_mut().unwrap().remove("usage");
+        let p2 = parse(&bare, (900, 100)).unwrap();
+        assert_eq!((p2.tokens_in, p2.tokens_out), (900, 100));
         assert_eq!((p.tokens_in, p.tokens_out), (12, 3));
         match p.reply {
             Reply::Tools { calls, .. } => {
@@ -175,6 +188,6 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        assert!(parse(&json!({"choices": []})).is_err());
+        assert!(parse(&json!({"choices": []}), (0, 0)).is_err());
     }
 }

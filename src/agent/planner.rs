@@ -113,9 +113,13 @@ pub struct Plan {
 /// Why a planner could not plan.
 #[derive(Debug, thiserror::Error)]
 pub enum PlannerError {
-    /// The provider could not be reached or timed out.
+    /// The provider could not be reached: nothing was sent.
     #[error("the model provider could not be reached: {0}")]
     Transport(String),
+    /// The request may have reached the provider, but its answer did not arrive whole (a timeout,
+    /// a connection lost after sending): the provider may bill it.
+    #[error("the model provider's answer was cut off: {0}")]
+    Interrupted(String),
     /// The provider answered with an error status.
     #[error("the model provider answered {status}: {message}")]
     Status {
@@ -132,6 +136,18 @@ pub enum PlannerError {
     /// The tenant's settings name a provider or key that is not configured.
     #[error("the model is not configured: {0}")]
     NotConfigured(String),
+}
+
+impl PlannerError {
+    /// Whether the provider may have billed the call: it may have reached the provider
+    /// ([`PlannerError::Interrupted`]) or was answered with a success status that did not read
+    /// ([`PlannerError::Malformed`]). Such a call is counted at its estimate.
+    pub fn may_have_cost(&self) -> bool {
+        matches!(
+            self,
+            PlannerError::Interrupted(_) | PlannerError::Malformed(_)
+        )
+    }
 }
 
 /// A model provider, or the rules.
@@ -222,10 +238,20 @@ pub async fn send_and_parse(
     default_model: &str,
     parse: impl FnOnce(&Value) -> Result<Plan, PlannerError>,
 ) -> Result<Plan, PlannerError> {
-    let transport = |e: reqwest::Error| PlannerError::Transport(e.without_url().to_string());
-    let resp = http.send().await.map_err(transport)?;
+    // Only a failure to connect sent nothing; any later one may have reached the provider.
+    let sent = |e: reqwest::Error| {
+        if e.is_connect() {
+            PlannerError::Transport(e.without_url().to_string())
+        } else {
+            PlannerError::Interrupted(e.without_url().to_string())
+        }
+    };
+    let resp = http.send().await.map_err(sent)?;
     let status = resp.status();
-    let text = resp.text().await.map_err(transport)?;
+    let text = resp
+        .text()
+        .await
+        .map_err(|e| PlannerError::Interrupted(e.without_url().to_string()))?;
     if !status.is_success() {
         return Err(PlannerError::Status {
             status: status.as_u16(),

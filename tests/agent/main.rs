@@ -503,6 +503,13 @@ async fn budget_case(
         sent: model.seen().bodies.len(),
         requested: count("model.requested"),
         called: count("model.called"),
+        called_tokens: mine
+            .iter()
+            .filter(|e| e["type"] == "model.called")
+            .map(|e| {
+                e["data"]["tokens_in"].as_u64().unwrap() + e["data"]["tokens_out"].as_u64().unwrap()
+            })
+            .collect(),
     };
     s.close().await.unwrap();
     case
@@ -518,6 +525,8 @@ struct BudgetCase {
     /// The run's `model.requested` and `model.called` events.
     requested: usize,
     called: usize,
+    /// The tokens each `model.called` counts.
+    called_tokens: Vec<u64>,
 }
 
 #[tokio::test]
@@ -542,12 +551,17 @@ async fn every_ceiling_stops_the_run_before_the_call_that_would_breach_it() {
                 > stops[0]["data"]["limit"].as_u64().unwrap()
         );
         assert_eq!(stops[1]["type"], "run.failed");
+        // Every call sent is on record as requested and as made (one cut off at its estimate,
+        // since the provider bills it); the one a ceiling prevented is neither sent nor recorded
+        // as requested.
         if ceiling == "walltime_ms" {
-            // Sent and cut off: requested, never answered.
-            assert_eq!(c.requested, c.called + 1, "{ceiling}");
+            // The stand-in counts a request once it has answered, after the run gave up on it.
+            assert_eq!((c.requested, c.called), (1, 1), "{ceiling}");
+            // The stand-in reports 10 + 10; the cut-off call counts its estimate (the prompt's
+            // and the 100 tokens asked for), not nothing.
+            let counted = *c.called_tokens.last().unwrap();
+            assert!(counted > 100, "{counted}");
         } else {
-            // Every call sent is on record as requested and as made; the one a ceiling
-            // prevented is neither sent nor recorded as requested.
             assert_eq!((c.requested, c.called), (c.sent, c.sent), "{ceiling}");
         }
     };
