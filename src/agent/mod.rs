@@ -933,8 +933,9 @@ impl Agent {
             let req = plan_request(st, specs, settings, caller);
             let est_tokens = planner.estimate_tokens(&req);
             let model = planner.model(&req);
-            let est_cost =
-                pricing::cost(&model, est_tokens, 0).max(pricing::cost(&model, 0, est_tokens));
+            let provider = planner.provider();
+            let est_cost = pricing::cost(provider, &model, est_tokens, 0)
+                .max(pricing::cost(provider, &model, 0, est_tokens));
             let requested = EventBody::ModelRequested {
                 provider: planner.provider().to_owned(),
                 model: model.clone(),
@@ -1037,7 +1038,7 @@ impl Agent {
                 return Ok(());
             }
         };
-        let cost = pricing::cost(&model, tokens_in, tokens_out);
+        let cost = pricing::cost(&provider, &model, tokens_in, tokens_out);
         un.events.push(EventBody::ModelCalled {
             provider,
             model,

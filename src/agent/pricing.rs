@@ -17,14 +17,11 @@ pub const UNKNOWN: Price = Price {
 };
 
 /// Known prices ($ per million tokens × 100 = microcents per token). The longest matching prefix wins.
+/// The model name is the tenant's to choose (its LLM settings), so nothing in this table is free:
+/// a free prefix ("llama" for self-hosted models, say) would let any tenant spend the deployment's
+/// paid endpoint without a cost ceiling binding. Only the rules planner, which calls no model, is
+/// free, by its provider ([`cost`]).
 const TABLE: &[(&str, Price)] = &[
-    (
-        "rules",
-        Price {
-            input: 0,
-            output: 0,
-        },
-    ),
     (
         "gpt-4o-mini",
         Price {
@@ -88,13 +85,6 @@ const TABLE: &[(&str, Price)] = &[
             output: 7_500,
         },
     ),
-    (
-        "llama",
-        Price {
-            input: 0,
-            output: 0,
-        },
-    ),
 ];
 
 /// The price of `model`.
@@ -106,8 +96,15 @@ pub fn price(model: &str) -> Price {
         .map_or(UNKNOWN, |(_, p)| *p)
 }
 
-/// The cost of a call, in microcents.
-pub fn cost(model: &str, tokens_in: u64, tokens_out: u64) -> u64 {
+/// The provider of the rules planner, the only one whose calls cost nothing.
+pub const RULES_PROVIDER: &str = "rules";
+
+/// The cost of a call to `provider`'s `model`, in microcents: nothing for the rules planner,
+/// which calls no model; otherwise by [`price`].
+pub fn cost(provider: &str, model: &str, tokens_in: u64, tokens_out: u64) -> u64 {
+    if provider == RULES_PROVIDER {
+        return 0;
+    }
     let p = price(model);
     tokens_in
         .saturating_mul(p.input)
@@ -135,7 +132,12 @@ mod tests {
             }
         );
         assert_eq!(price("mystery-model"), UNKNOWN);
-        assert_eq!(cost("gpt-4o-mini", 1000, 100), 15_000 + 6_000);
-        assert_eq!(cost("rules-v1", 1000, 1000), 0);
+        assert_eq!(cost("openai", "gpt-4o-mini", 1000, 100), 15_000 + 6_000);
+        assert_eq!(cost(RULES_PROVIDER, "rules-v1", 1000, 1000), 0);
+        // A tenant names its model: no name is free on a provider that bills.
+        for model in ["rules-v1", "llama-3.3-70b-versatile", "llama3"] {
+            assert_eq!(price(model), UNKNOWN, "{model}");
+            assert_eq!(cost("openai", model, 1, 0), UNKNOWN.input, "{model}");
+        }
     }
 }

@@ -93,7 +93,7 @@ const MODEL: &str = "rules-v1";
 #[async_trait::async_trait]
 impl Planner for Rules {
     fn provider(&self) -> &str {
-        "rules"
+        super::pricing::RULES_PROVIDER
     }
 
     fn model(&self, _req: &PlanRequest<'_>) -> String {
@@ -109,7 +109,7 @@ impl Planner for Rules {
             reply: reply(req),
             tokens_in: 0,
             tokens_out: 0,
-            provider: "rules".into(),
+            provider: super::pricing::RULES_PROVIDER.into(),
             model: MODEL.into(),
         })
     }
