@@ -169,27 +169,43 @@ pub trait Planner: Send + Sync {
     async fn plan(&self, req: &PlanRequest<'_>) -> Result<Plan, PlannerError>;
 }
 
-/// A rough token estimate of a transcript (4 bytes a token, the usual rule of thumb), used only for
-/// budget checks before a call; the accounting afterwards uses the provider's own usage fields.
+/// A token estimate of a request, used for the budget checks before a call (the accounting
+/// afterwards uses the provider's own usage fields). Text in ASCII counts four bytes a token, the
+/// usual rule for English and code; every byte outside ASCII counts a token of its own, since a
+/// byte-level tokenizer never makes more tokens than bytes and scripts such as Georgian or CJK
+/// come to one or more tokens a character (three bytes), where a quarter of their bytes would be
+/// half the truth or less; and each message adds four tokens for its framing. ASCII written to
+/// defeat the tokenizer (long hex or base64) can still take more than a quarter of its bytes: then
+/// the call is settled at its real usage, and only that call can pass a ceiling, by the
+/// difference.
 pub fn estimate_prompt_tokens(req: &PlanRequest<'_>) -> u64 {
-    let mut bytes = req.system.len();
+    fn weigh(text: &str, ascii: &mut u64, other: &mut u64) {
+        let non_ascii = text.bytes().filter(|b| !b.is_ascii()).count() as u64;
+        *other += non_ascii;
+        *ascii += text.len() as u64 - non_ascii;
+    }
+    let (mut ascii, mut other) = (0u64, 0u64);
+    weigh(req.system, &mut ascii, &mut other);
     for m in req.messages {
-        bytes += match m {
-            Message::User { text } => text.len(),
+        match m {
+            Message::User { text } => weigh(text, &mut ascii, &mut other),
             Message::Assistant { text, tool_calls } => {
-                text.as_deref().map_or(0, str::len)
-                    + tool_calls
-                        .iter()
-                        .map(|c| c.arguments.to_string().len() + c.name.len())
-                        .sum::<usize>()
+                weigh(text.as_deref().unwrap_or(""), &mut ascii, &mut other);
+                for c in tool_calls {
+                    weigh(&c.name, &mut ascii, &mut other);
+                    weigh(&c.arguments.to_string(), &mut ascii, &mut other);
+                }
             }
-            Message::Tool { content, .. } => content.len(),
-        };
+            Message::Tool { content, .. } => weigh(content, &mut ascii, &mut other),
+        }
     }
     for t in req.tools {
-        bytes += t.name.len() + t.description.len() + t.parameters.to_string().len();
+        weigh(&t.name, &mut ascii, &mut other);
+        weigh(&t.description, &mut ascii, &mut other);
+        weigh(&t.parameters.to_string(), &mut ascii, &mut other);
     }
-    (bytes as u64).div_ceil(4) + 16
+    let framing = 4 * (req.messages.len() as u64 + 1);
+    ascii.div_ceil(4) + other + framing + 16
 }
 
 /// Provider tool names allow only `[A-Za-z0-9_-]`, so capabilities travel with `.` written as `__`.
@@ -270,6 +286,34 @@ pub async fn send_and_parse(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// English counts a quarter of its bytes; a script outside ASCII counts every byte, which is
+    /// at least its tokens (a quarter of its bytes was half of them or less).
+    #[test]
+    fn the_estimate_counts_every_byte_outside_ascii() {
+        let llm = crate::tenant::TenantSettings::defaults("t").llm;
+        let caller = Caller {
+            principal: "slack:U1".into(),
+            role: "member".into(),
+            tenant_name: "acme".into(),
+        };
+        let estimate = |text: String| {
+            let messages = vec![Message::User { text }];
+            estimate_prompt_tokens(&PlanRequest {
+                system: "",
+                messages: &messages,
+                tools: &[],
+                llm: &llm,
+                caller: &caller,
+            })
+        };
+        let framing = 4 * 2 + 16;
+        assert_eq!(estimate("a".repeat(30_000)), 7_500 + framing);
+        // "ქართული" is seven characters of three bytes each.
+        let georgian = "ქართული ".repeat(1_000);
+        assert_eq!(georgian.len(), 22_000);
+        assert_eq!(estimate(georgian), 21_000 + 250 + framing);
+    }
 
     /// Of a provider's error answer only its identifiers are kept: its message, which may quote
     /// the prompt, and anything that is not an identifier, are not.
