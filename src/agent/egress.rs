@@ -104,7 +104,10 @@ fn is_public(ip: IpAddr) -> bool {
                 // Benchmarking, 198.18.0.0/15.
                 || (a == 198 && (18..20).contains(&b))
                 // Reserved, 240.0.0.0/4.
-                || a >= 240)
+                || a >= 240
+                // Azure's platform address (WireServer: instance metadata, health probes,
+                // DNS), public in form but answering only inside Azure, as 169.254.169.254 does.
+                || v4.octets() == [168, 63, 129, 16])
         }
         IpAddr::V6(v6) => {
             let seg = v6.segments();
@@ -283,6 +286,8 @@ mod tests {
             "198.18.0.1",
             "192.0.0.8",
             "240.0.0.1",
+            "168.63.129.16",
+            "::ffff:168.63.129.16",
             "::1",
             "::",
             "fe80::1",

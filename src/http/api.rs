@@ -357,14 +357,35 @@ async fn list_tools(State(state): State<AppState>, auth: ApiContext) -> Res {
         .into_iter()
         .map(|g| json!({"capability": g.capability, "min_role": g.min_role.as_str()}))
         .collect();
-    // The webhook credential is never shown.
+    // The webhook credential is never shown, and a URL's path and query only to those who may
+    // change the tool: receivers often take a token there (a Zapier hook's path, `?token=`).
+    let full = ctx.has_scope("admin:write");
     let hooks: Vec<Value> = r
         .webhooks()
         .webhooks()?
         .into_iter()
-        .map(|w| json!({"name": w.name, "description": w.description, "schema": w.schema, "url": w.url, "timeout_ms": w.timeout_ms}))
+        .map(|w| {
+            let url = if full { w.url } else { url_origin(&w.url) };
+            json!({"name": w.name, "description": w.description, "schema": w.schema, "url": url, "timeout_ms": w.timeout_ms})
+        })
         .collect();
     ok(json!({"grants": grants, "webhooks": hooks}))
+}
+
+/// A webhook URL as a reader who may not change it sees it: scheme, host and port, then `/…` for
+/// whatever path and query follow.
+fn url_origin(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(u) => {
+            let rest = u.path() != "/" || u.query().is_some();
+            format!(
+                "{}{}",
+                u.origin().ascii_serialization(),
+                if rest { "/…" } else { "/" }
+            )
+        }
+        Err(_) => "…".to_owned(),
+    }
 }
 
 #[derive(Deserialize)]

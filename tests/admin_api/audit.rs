@@ -81,15 +81,25 @@ async fn every_admin_change_is_audited_in_order_and_no_secret_is_logged() {
             "/api/v1/tools/webhooks/lookup",
             a,
             json!({"description": "look up", "schema": {"type": "object"},
-                "url": "https://hooks.example.com/lookup", "secret": hook_secret, "timeout_ms": 1000}),
+                "url": "https://hooks.example.com/lookup?token=in-the-url", "secret": hook_secret, "timeout_ms": 1000}),
         )
         .await,
         "webhook put",
     );
-    let tools = app.get("/api/v1/tools", a).await.text();
-    assert!(
-        tools.contains("lookup") && !tools.contains(hook_secret),
-        "{tools}"
+    let tools = app.get("/api/v1/tools", a).await.json();
+    assert_eq!(tools["webhooks"][0]["name"], "lookup");
+    assert!(!tools.to_string().contains(hook_secret), "{tools}");
+    assert_eq!(
+        tools["webhooks"][0]["url"],
+        "https://hooks.example.com/lookup?token=in-the-url",
+        "an admin sees the URL it set"
+    );
+    // A reader who may not change the tool sees where it goes, not a token in its path or query.
+    let read = app.get("/api/v1/tools", &app.a.compliance.token).await;
+    assert_eq!(read.status, 200, "{}", read.text());
+    assert_eq!(
+        read.json()["webhooks"][0]["url"],
+        "https://hooks.example.com/…"
     );
     ok(
         app.delete("/api/v1/tools/webhooks/lookup", a).await,
