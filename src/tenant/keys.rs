@@ -253,18 +253,17 @@ impl Tenants {
         expires_at: Option<DateTime<Utc>>,
     ) -> Result<IssuedKey, KeyError> {
         let issued = self.mint(ctx.tenant_id(), name, role, scopes, expires_at)?;
-        self.audit_sink()
-            .append(
-                ctx,
-                EventBody::SettingsChanged {
-                    fields: vec![format!(
-                        "api-key:{}:created:{}",
-                        issued.record.id,
-                        role.as_str()
-                    )],
-                },
-            )
-            .await?;
+        self.record(
+            ctx,
+            EventBody::SettingsChanged {
+                fields: vec![format!(
+                    "api-key:{}:created:{}",
+                    issued.record.id,
+                    role.as_str()
+                )],
+            },
+        )
+        .await?;
         self.store()
             .for_tenant(ctx)?
             .api_keys()
@@ -296,14 +295,13 @@ impl Tenants {
     ) -> Result<(), KeyError> {
         let repo = self.store().for_tenant(ctx)?;
         let mut key = repo.api_keys().get_key(id)?.ok_or(KeyError::NotFound)?;
-        self.audit_sink()
-            .append(
-                ctx,
-                EventBody::SettingsChanged {
-                    fields: vec![format!("api-key:{id}:revoked")],
-                },
-            )
-            .await?;
+        self.record(
+            ctx,
+            EventBody::SettingsChanged {
+                fields: vec![format!("api-key:{id}:revoked")],
+            },
+        )
+        .await?;
         key.revoked_at = Some(key.revoked_at.map_or(at, |r| r.min(at)));
         repo.api_keys().put_key(&key)?;
         Ok(())

@@ -97,8 +97,7 @@ impl Tenants {
         if fields.is_empty() {
             return Ok(s);
         }
-        self.audit_sink()
-            .append(&ctx, EventBody::SettingsChanged { fields })
+        self.record(&ctx, EventBody::SettingsChanged { fields })
             .await?;
         repo.settings().put(&s)?;
         Ok(s)

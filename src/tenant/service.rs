@@ -205,9 +205,16 @@ impl Tenants {
     pub(super) fn key_pepper(&self) -> &secrecy::SecretString {
         &self.key_pepper
     }
-
-    pub(super) fn audit_sink(&self) -> &Arc<dyn AuditSink> {
-        &self.audit
+    /// Appends `body` to the context's tenant log, taking it as recorded once it is durable
+    /// ([`crate::audit::on_record`]): a fold or a due checkpoint that fails after the append must
+    /// not leave a change on record but not made (an installation, a role, a key, a limit).
+    pub(super) async fn record(
+        &self,
+        ctx: &TenantContext,
+        body: EventBody,
+    ) -> Result<(), crate::audit::AuditError> {
+        let what = body.type_name();
+        crate::audit::on_record(self.audit.append(ctx, body).await, what)
     }
 
     /// A context that may only read a tenant's records, to check a credential.
@@ -495,30 +502,28 @@ impl Tenants {
         );
         let repos = self.store.for_tenant(&ctx)?;
         if fresh {
-            self.audit
-                .append(
-                    &ctx,
-                    EventBody::TenantProvisioned {
-                        name: tenant_name.to_owned(),
-                        plan: "free".to_owned(),
-                    },
-                )
-                .await?;
+            self.record(
+                &ctx,
+                EventBody::TenantProvisioned {
+                    name: tenant_name.to_owned(),
+                    plan: "free".to_owned(),
+                },
+            )
+            .await?;
             repos.settings().put(&defaults)?;
             for grant in default_tool_grants() {
                 repos.grants().put(&grant)?;
             }
         }
         if repos.members().role_of(&new.installer)?.is_none() {
-            self.audit
-                .append(
-                    &ctx,
-                    EventBody::RoleGranted {
-                        principal: new.installer.to_string(),
-                        role: Role::Owner.to_string(),
-                    },
-                )
-                .await?;
+            self.record(
+                &ctx,
+                EventBody::RoleGranted {
+                    principal: new.installer.to_string(),
+                    role: Role::Owner.to_string(),
+                },
+            )
+            .await?;
         }
         let now = Utc::now();
         let installation = Installation {
@@ -537,17 +542,16 @@ impl Tenants {
             status: InstallationStatus::Active,
             source: new.source,
         };
-        self.audit
-            .append(
-                &ctx,
-                EventBody::InstallationCreated {
-                    installation_id: installation.id.to_string(),
-                    platform: installation.workspace.platform().as_str().to_owned(),
-                    workspace: key.clone(),
-                    source: source_name(&installation.source).to_owned(),
-                },
-            )
-            .await?;
+        self.record(
+            &ctx,
+            EventBody::InstallationCreated {
+                installation_id: installation.id.to_string(),
+                platform: installation.workspace.platform().as_str().to_owned(),
+                workspace: key.clone(),
+                source: source_name(&installation.source).to_owned(),
+            },
+        )
+        .await?;
         repos.installations().put(&installation)?;
         let summary = TenantSummary {
             id: tenant.clone(),
@@ -639,15 +643,14 @@ impl Tenants {
             None,
             initiator,
         );
-        self.audit
-            .append(
-                &ctx,
-                EventBody::InstallationUpdated {
-                    installation_id: current.id.to_string(),
-                    changed: changed.iter().map(|s| s.to_string()).collect(),
-                },
-            )
-            .await?;
+        self.record(
+            &ctx,
+            EventBody::InstallationUpdated {
+                installation_id: current.id.to_string(),
+                changed: changed.iter().map(|s| s.to_string()).collect(),
+            },
+        )
+        .await?;
         current.app_id = new.app_id;
         current.bot_user_id = new.bot_user_id;
         current.bot_token = new.bot_token;
@@ -721,15 +724,14 @@ impl Tenants {
             None,
             Initiator::Webhook,
         );
-        self.audit
-            .append(
-                &ctx,
-                EventBody::InstallationUpdated {
-                    installation_id: used.id.to_string(),
-                    changed: changed.iter().map(|s| s.to_string()).collect(),
-                },
-            )
-            .await?;
+        self.record(
+            &ctx,
+            EventBody::InstallationUpdated {
+                installation_id: used.id.to_string(),
+                changed: changed.iter().map(|s| s.to_string()).collect(),
+            },
+        )
+        .await?;
         current.bot_token = Some(bot_token);
         if let Some(r) = refresh_token {
             current.refresh_token = Some(r);
@@ -755,15 +757,14 @@ impl Tenants {
         if repos.members().role_of(principal)? == Some(role) {
             return Ok(false);
         }
-        self.audit
-            .append(
-                ctx,
-                EventBody::RoleGranted {
-                    principal: principal.to_string(),
-                    role: role.to_string(),
-                },
-            )
-            .await?;
+        self.record(
+            ctx,
+            EventBody::RoleGranted {
+                principal: principal.to_string(),
+                role: role.to_string(),
+            },
+        )
+        .await?;
         // The audit log folds the event into the membership table before the append returns.
         debug_assert_eq!(repos.members().role_of(principal)?, Some(role));
         Ok(true)
@@ -783,15 +784,14 @@ impl Tenants {
         let Some(role) = repos.members().role_of(principal)? else {
             return Ok(false);
         };
-        self.audit
-            .append(
-                ctx,
-                EventBody::RoleRevoked {
-                    principal: principal.to_string(),
-                    role: role.to_string(),
-                },
-            )
-            .await?;
+        self.record(
+            ctx,
+            EventBody::RoleRevoked {
+                principal: principal.to_string(),
+                role: role.to_string(),
+            },
+        )
+        .await?;
         Ok(true)
     }
 
@@ -863,15 +863,14 @@ impl Tenants {
         if !inst.is_active() {
             return Ok(false);
         }
-        self.audit
-            .append(
-                &ctx,
-                EventBody::InstallationRevoked {
-                    installation_id: id.to_string(),
-                    reason: reason.to_owned(),
-                },
-            )
-            .await?;
+        self.record(
+            &ctx,
+            EventBody::InstallationRevoked {
+                installation_id: id.to_string(),
+                reason: reason.to_owned(),
+            },
+        )
+        .await?;
         let now = Utc::now();
         inst.status = InstallationStatus::Revoked {
             at: now,

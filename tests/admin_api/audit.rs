@@ -90,8 +90,7 @@ async fn every_admin_change_is_audited_in_order_and_no_secret_is_logged() {
     assert_eq!(tools["webhooks"][0]["name"], "lookup");
     assert!(!tools.to_string().contains(hook_secret), "{tools}");
     assert_eq!(
-        tools["webhooks"][0]["url"],
-        "https://hooks.example.com/lookup?token=in-the-url",
+        tools["webhooks"][0]["url"], "https://hooks.example.com/lookup?token=in-the-url",
         "an admin sees the URL it set"
     );
     // A reader who may not change the tool sees where it goes, not a token in its path or query.

@@ -375,3 +375,67 @@ async fn old_request_ids_are_forgotten_in_every_tenant() {
     }
     app.stop().await;
 }
+
+/// Appends events, then reports that what follows the append failed (a fold, a due checkpoint),
+/// as the audit log does with `AuditError::AfterDurable`.
+struct DurableThenFails {
+    inner: std::sync::Arc<dyn agentgate::audit::AuditSink>,
+}
+
+#[async_trait::async_trait]
+impl agentgate::audit::AuditSink for DurableThenFails {
+    async fn append(
+        &self,
+        ctx: &agentgate::tenant::TenantContext,
+        body: agentgate::audit::event::EventBody,
+    ) -> Result<u64, agentgate::audit::AuditError> {
+        self.inner.append(ctx, body).await?;
+        Err(agentgate::audit::AuditError::AfterDurable(Box::new(
+            agentgate::audit::AuditError::Checkpoint("the checkpoint could not be signed".into()),
+        )))
+    }
+}
+
+/// A change whose event is durable is made even when what follows the append failed: the
+/// installation, the owner's role and an API key were on record but never stored.
+#[tokio::test]
+async fn a_change_on_record_is_made_when_what_follows_its_append_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = spawn_app_in(dir.path()).await;
+    let tenants = agentgate::tenant::Tenants::new(
+        app.services.store.clone(),
+        std::sync::Arc::new(DurableThenFails {
+            inner: app.services.sink.clone(),
+        }),
+        secrecy::SecretString::from("a pepper for this test only"),
+    );
+    let installed = tenants
+        .install(slack_install("T0AFTER", "U0BOSS", None), "after", None)
+        .await
+        .expect("on record, so installed");
+    let owner = tenants
+        .resolve(&slack_request("T0AFTER", "U0BOSS"))
+        .unwrap();
+    assert_eq!(owner.ctx.tenant_id(), &installed.tenant);
+    assert_eq!(owner.ctx.role(), Role::Owner, "the owner's role was stored");
+    let key = tenants
+        .create_key(
+            &owner.ctx,
+            "ci",
+            agentgate::tenant::KeyRole::Compliance,
+            vec![],
+            None,
+        )
+        .await
+        .expect("on record, so made");
+    let stored = app
+        .services
+        .store
+        .for_tenant(&owner.ctx)
+        .unwrap()
+        .api_keys()
+        .get_key(&key.record.id)
+        .unwrap();
+    assert!(stored.is_some(), "the key was stored");
+    app.stop().await;
+}
