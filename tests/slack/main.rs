@@ -1496,3 +1496,38 @@ async fn a_response_url_must_be_slacks_and_is_not_redirected() {
     assert!(r.is_err());
     assert!(app.slack.responses.lock().unwrap().is_empty());
 }
+
+/// In a channel shared with another organisation, a mention by one of its users arrives for the
+/// host's installation; it runs nothing unless the user's own workspace is the same tenant.
+#[tokio::test]
+async fn a_mention_by_another_organisations_user_in_a_shared_channel_runs_nothing() {
+    let app = spawn().await;
+    app.install("T0HOST01", "xoxb-host").await;
+    app.install("T0GUEST1", "xoxb-guest").await;
+    let shared = |event_id: &str, user_team: Option<&str>| {
+        let mut event = json!({"type": "app_mention", "user": "U0VISITOR", "text": "<@U0BOTUSER> remember k: v", "channel": "C0SHARED", "ts": "1.1"});
+        if let Some(t) = user_team {
+            event["user_team"] = json!(t);
+        }
+        json!({"type": "event_callback", "team_id": "T0HOST01", "api_app_id": "A0TEST",
+            "event_id": event_id, "event_time": now(), "is_ext_shared_channel": true, "event": event})
+        .to_string()
+    };
+    let url = format!("{}/slack/events", app.url);
+    // An outsider whose workspace is not served, one whose workspace is another tenant, and an
+    // event that does not say: none runs in the host's tenant.
+    for (id, team) in [
+        ("Ev0OUT1", Some("T0NOWHERE")),
+        ("Ev0OUT2", Some("T0GUEST1")),
+        ("Ev0OUT3", None),
+    ] {
+        let r = signed_json(&app.http, url.clone(), shared(id, team)).await;
+        assert_eq!(r.status(), 200, "{id}");
+    }
+    assert_eq!(app.commands_received("T0HOST01").await, 0);
+    assert_eq!(app.commands_received("T0GUEST1").await, 0);
+    // The host's own member in the same shared channel runs as ever.
+    let r = signed_json(&app.http, url, shared("Ev0HOME", Some("T0HOST01"))).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(app.commands_received("T0HOST01").await, 1);
+}

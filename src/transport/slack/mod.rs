@@ -26,7 +26,9 @@ use super::{accept_once, Accepted, Clock, Command, Dedupe};
 use crate::agent::Agent;
 use crate::audit::AuditSink;
 use crate::installation::{Installation, PlatformIdentity, Workspace};
-use crate::tenant::{Initiator, PrincipalId, ResolveError, Resolved, Tenants, WorkspaceRequest};
+use crate::tenant::{
+    Initiator, PrincipalId, ResolveError, Resolved, TenantId, Tenants, WorkspaceRequest,
+};
 
 /// The most a Slack request body may be.
 pub const BODY_LIMIT: usize = 64 * 1024;
@@ -284,6 +286,10 @@ async fn events(State(state): State<SlackState>, headers: HeaderMap, body: Bytes
                 // Nothing can be answered in a workspace we do not serve.
                 Err(_) => return StatusCode::OK.into_response(),
             };
+            if !member_of_tenant(&state, &v, user, resolved.ctx.tenant_id()) {
+                tracing::info!(tenant = %resolved.ctx.tenant_id(), "ignored a mention by a user of another workspace in a shared channel");
+                return StatusCode::OK.into_response();
+            }
             let channel = event["channel"].as_str().unwrap_or_default().to_owned();
             let ts = s(&event["thread_ts"]).or_else(|| s(&event["ts"]));
             let cmd = Command {
@@ -329,6 +335,28 @@ async fn events(State(state): State<SlackState>, headers: HeaderMap, body: Bytes
         _ => {}
     }
     StatusCode::OK.into_response()
+}
+
+/// Whether the user of an event belongs to `tenant`. In a channel shared with another
+/// organisation (Slack Connect: `is_ext_shared_channel`), an event is delivered to the host
+/// workspace's installation for every member, outsiders included, and resolving the host
+/// workspace would give an outsider the host tenant's default role: its tools, its memory, its
+/// quota. So there the user's own workspace (`event.user_team`) must resolve, by itself, to the
+/// same tenant; an event that does not say which workspace its user belongs to runs nothing. This
+/// is the fail-closed reading until outsiders get a role of their own.
+fn member_of_tenant(state: &SlackState, v: &Value, user: &str, tenant: &TenantId) -> bool {
+    if v["is_ext_shared_channel"] != true {
+        return true;
+    }
+    let Some(user_team) = v["event"]["user_team"].as_str().filter(|t| !t.is_empty()) else {
+        return false;
+    };
+    if v["team_id"].as_str() == Some(user_team) {
+        return true;
+    }
+    request(identity(None, Some(user_team.to_owned())), user, None)
+        .and_then(|req| state.tenants.resolve(&req).ok())
+        .is_some_and(|r| r.ctx.tenant_id() == tenant)
 }
 
 async fn revoke(state: &SlackState, identity: &PlatformIdentity, reason: &str) {
