@@ -867,6 +867,7 @@ fn key_error(e: KeyError) -> ApiError {
     match e {
         KeyError::BadRole(_)
         | KeyError::BadScope(_)
+        | KeyError::ScopeBeyondRole(_)
         | KeyError::BadName
         | KeyError::BadExpiry
         | KeyError::OutlivesIssuer(_) => ApiError::BadRequest(e.to_string()),

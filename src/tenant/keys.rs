@@ -43,6 +43,12 @@ impl KeyRole {
         }
     }
 
+    /// Whether a key of this role can ever use the extra scope `s`: `admin:write` needs the
+    /// admin role, which only an admin key reaches.
+    fn may_hold(self, s: &str) -> bool {
+        s != "admin:write" || self == KeyRole::Admin
+    }
+
     fn scopes(self) -> Vec<&'static str> {
         match self {
             KeyRole::Admin => vec!["agent:invoke", "audit:read", "admin:read", "admin:write"],
@@ -79,6 +85,9 @@ pub enum KeyError {
     /// A scope did not parse.
     #[error("invalid scope {0:?}")]
     BadScope(String),
+    /// An extra scope that a key of its role can never use.
+    #[error("the scope {0} is only for admin keys")]
+    ScopeBeyondRole(String),
     /// The key is malformed, unknown, wrong, expired or revoked.
     #[error("invalid API key")]
     Invalid,
@@ -174,6 +183,11 @@ impl Tenants {
         for s in &scopes {
             s.parse::<Scope>()
                 .map_err(|_| KeyError::BadScope(s.clone()))?;
+            // Dropped at every login of a key that is not an admin's (its role never reaches
+            // admin), so a key would list a power it does not have.
+            if !role.may_hold(s) {
+                return Err(KeyError::ScopeBeyondRole(s.clone()));
+            }
         }
         let id = ulid::Ulid::new().to_string();
         let mut raw = [0u8; 32];
@@ -351,8 +365,15 @@ impl Tenants {
             expires_at = Some(limit.map_or(at, |end| at.min(end)));
         }
         let role: KeyRole = old.role.parse()?;
+        // A scope a key made before this was checked can never have used is not carried over.
+        let scopes = old
+            .scopes
+            .iter()
+            .filter(|s| role.may_hold(s))
+            .cloned()
+            .collect();
         let new = self
-            .create_key_until(ctx, &old.name, role, old.scopes.clone(), expires_at)
+            .create_key_until(ctx, &old.name, role, scopes, expires_at)
             .await?;
         self.revoke_locked(ctx, id, Utc::now() + overlap).await?;
         Ok(new)

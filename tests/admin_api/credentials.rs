@@ -320,15 +320,39 @@ async fn acting_for_a_viewer_never_grants_admin_writes() {
         .status,
         200
     );
+    // A service key is no longer made with admin:write (it can never use it); one made before
+    // that was refused still holds it in its record.
+    let refused = app
+        .services
+        .tenants
+        .create_key_as_operator(
+            &app.a.id,
+            "integration",
+            KeyRole::Service,
+            vec!["admin:write".into()],
+            None,
+        )
+        .await
+        .err()
+        .expect("refused");
+    assert_eq!(
+        refused.to_string(),
+        "the scope admin:write is only for admin keys"
+    );
     let key = make_key(
         &app.services,
         &app.a.id,
         "integration",
         KeyRole::Service,
-        vec!["admin:read".into(), "admin:write".into()],
+        vec!["admin:read".into()],
         None,
     )
     .await;
+    let op = app.services.tenants.operator_context(&app.a.id).unwrap();
+    let keys = app.services.store.for_tenant(&op).unwrap();
+    let mut record = keys.api_keys().get_key(&key.id).unwrap().unwrap();
+    record.scopes.push("admin:write".into());
+    keys.api_keys().put_key(&record).unwrap();
     let viewer = [("agentgate-acting-user", "slack:U0VIEWER")];
     // The role check refuses this one…
     let r = app
