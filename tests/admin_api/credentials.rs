@@ -333,8 +333,7 @@ async fn acting_for_a_viewer_never_grants_admin_writes() {
             None,
         )
         .await
-        .err()
-        .expect("refused");
+        .expect_err("refused");
     assert_eq!(
         refused.to_string(),
         "the scope admin:write is only for admin keys"
