@@ -1208,7 +1208,8 @@ impl Agent {
         un: &mut Unsettled,
     ) -> Result<Result<(String, bool), Breach>, AgentError> {
         const REFUSED: &str = "Refused: this tool is not available to you.";
-        let args_hash = sha256_hex(call.arguments.to_string().as_bytes());
+        let args_json = call.arguments.to_string();
+        let args_hash = sha256_hex(args_json.as_bytes());
         let refuse = |reason: &str, policy_ids: Vec<String>| {
             crate::metrics::inc(&crate::metrics::REFUSALS);
             EventBody::ToolRefused {
@@ -1235,7 +1236,7 @@ impl Agent {
                 return Ok(Ok((REFUSED.into(), false)));
             }
         };
-        if let Err(why) = tool.validate(&call.arguments) {
+        if let Err(why) = tool.validate(&call.arguments, args_json.len()) {
             // On record without the values (a model probing a tool leaves a trace), and the
             // model is told what was wrong so that it can correct itself.
             un.events.push(refuse("invalid arguments", vec![]));

@@ -120,12 +120,13 @@ impl Resolved {
     ///
     /// # Errors
     /// The first violation, in words for the planner.
-    pub fn validate(&self, args: &Value) -> Result<(), String> {
+    /// `json_len` is the length of `args` as compact JSON, which the caller has at hand.
+    pub fn validate(&self, args: &Value, json_len: usize) -> Result<(), String> {
         let v = self
             .validator
             .as_ref()
             .ok_or("the tool's schema is invalid")?;
-        if args.to_string().len() > MAX_ARGUMENTS_BYTES {
+        if json_len > MAX_ARGUMENTS_BYTES {
             return Err(format!(
                 "the arguments are larger than {MAX_ARGUMENTS_BYTES} bytes"
             ));
