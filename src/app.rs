@@ -426,8 +426,16 @@ impl Application {
         .await
         .context("server failed");
         if let Some((shards, task)) = gateway {
-            shards.shutdown_all().await;
-            let _ = task.await;
+            // Bounded: a Gateway connection that does not close in time must not hold the stop
+            // (its event handlers are tracked below, with the HTTP handlers).
+            let closed = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+                shards.shutdown_all().await;
+                let _ = task.await;
+            })
+            .await;
+            if closed.is_err() {
+                tracing::warn!("the Discord Gateway did not close within 10 s; stopping without it");
+            }
         }
         // Handlers a 408 or the drain left running still finish what they started (within the
         // same bound), before the logs and the store close under them.
