@@ -1,6 +1,10 @@
 //! The policy gate: every tool call is authorised by Cedar (`cedar-policy`) against the default
-//! policies shipped in `default.cedar` and the tenant's own policies. A decision is made afresh for
-//! every call; nothing is cached across runs.
+//! policies shipped in `default.cedar` and the tenant's own policies. Every policy is validated in
+//! strict mode against the schema in `schema.cedarschema`, which describes exactly the requests
+//! the gate builds, and every request and its entities are checked against it too: a policy that
+//! Cedar would skip (an unknown attribute, entity type or action) is refused where it is stored,
+//! and an evaluation error at decision time denies rather than letting Cedar skip the policy. A
+//! decision is made afresh for every call; nothing is cached across runs.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -9,7 +13,8 @@ use sha2::{Digest, Sha256};
 
 use cedar_policy::{
     Authorizer, Context, Decision as CedarDecision, Entities, Entity, EntityId, EntityTypeName,
-    EntityUid, PolicyId, PolicySet, Request, RestrictedExpression,
+    EntityUid, PolicyId, PolicySet, Request, RestrictedExpression, Schema, ValidationMode,
+    Validator,
 };
 use serde_json::Value;
 
@@ -18,7 +23,12 @@ use crate::tenant::{Role, TenantContext};
 /// The default policies, shipped in the repository.
 pub const DEFAULT_POLICIES: &str = include_str!("default.cedar");
 
-/// Why a policy text was refused.
+/// The Cedar schema of the gate's requests (principal, action, resource and context), in Cedar's
+/// schema format.
+pub const SCHEMA: &str = include_str!("schema.cedarschema");
+
+/// Why a policy text was refused. Every message is about the text itself (its ids as the author
+/// wrote them, Cedar's description of the problem), so it may be shown to whoever sent it.
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
     /// The text does not parse; the message is Cedar's.
@@ -27,6 +37,25 @@ pub enum PolicyError {
     /// A policy lacks an `@id("…")` annotation, or reuses an id.
     #[error("{0}")]
     Ids(String),
+    /// A policy is a template (it has a `?principal` or `?resource` slot). Nothing links
+    /// templates, so Cedar would never apply it.
+    #[error(
+        "policy {id:?} is a template (it uses ?principal or ?resource); templates are not supported"
+    )]
+    Template {
+        /// The id as written.
+        id: String,
+        /// The id as audited (with the prefix).
+        policy_id: String,
+    },
+    /// Policies do not validate against the schema; the message is Cedar's, one line a problem.
+    #[error("{message}")]
+    Invalid {
+        /// Cedar's messages, which name each policy by the id as written.
+        message: String,
+        /// The ids of the policies at fault, as audited (with the prefix).
+        policy_ids: Vec<String>,
+    },
 }
 
 /// A gate decision, with the ids of the policies that decided it.
@@ -46,28 +75,83 @@ pub enum Decision {
     },
 }
 
-/// Parses policy text whose policies carry `@id("…")` annotations, and names each policy by it (with
-/// `prefix`), so audited decisions name policies the way their authors do.
+/// The validator for [`SCHEMA`], built once.
+fn validator() -> &'static Validator {
+    static V: OnceLock<Validator> = OnceLock::new();
+    V.get_or_init(|| {
+        let (schema, _warnings) =
+            Schema::from_cedarschema_str(SCHEMA).expect("the shipped schema parses");
+        Validator::new(schema)
+    })
+}
+
+/// Validation problems listed in a refusal at most; the rest are counted.
+const LISTED_PROBLEMS: usize = 8;
+
+/// Parses policy text whose policies carry `@id("…")` annotations, validates it against
+/// [`SCHEMA`] in strict mode, and names each policy by its id (with `prefix`), so audited
+/// decisions name policies the way their authors do.
 ///
 /// # Errors
-/// [`PolicyError`] with Cedar's message, or a missing or repeated id.
+/// [`PolicyError`] with Cedar's message, a missing or repeated id, a template, or Cedar's
+/// validation messages.
 pub fn parse_policies(text: &str, prefix: &str) -> Result<PolicySet, PolicyError> {
     let parsed: PolicySet = text
         .parse()
         .map_err(|e: cedar_policy::ParseErrors| PolicyError::Parse(e.to_string()))?;
-    let mut out = PolicySet::new();
+    // Named by the ids as written first, so that Cedar's validation messages name them so.
+    let mut named = PolicySet::new();
     for p in parsed.policies() {
         let id = p.annotation("id").ok_or_else(|| {
             PolicyError::Ids(format!("a policy has no @id(\"…\") annotation: {}", p.id()))
         })?;
-        let named = p.new_id(PolicyId::new(format!("{prefix}{id}")));
-        out.add(named)
+        named
+            .add(p.new_id(PolicyId::new(id)))
             .map_err(|_| PolicyError::Ids(format!("the policy id {id:?} is used twice")))?;
+    }
+    if let Some(t) = parsed.templates().next() {
+        let id = t.annotation("id").unwrap_or_default().to_owned();
+        return Err(PolicyError::Template {
+            policy_id: format!("{prefix}{id}"),
+            id,
+        });
+    }
+    let result = validator().validate(&named, ValidationMode::Strict);
+    if !result.validation_passed() {
+        let errors: Vec<_> = result.validation_errors().collect();
+        let mut policy_ids: Vec<String> = Vec::new();
+        for e in &errors {
+            let id = format!("{prefix}{}", e.policy_id());
+            if !policy_ids.contains(&id) {
+                policy_ids.push(id);
+            }
+        }
+        let mut message: Vec<String> = errors
+            .iter()
+            .take(LISTED_PROBLEMS)
+            .map(ToString::to_string)
+            .collect();
+        if errors.len() > LISTED_PROBLEMS {
+            message.push(format!("and {} more", errors.len() - LISTED_PROBLEMS));
+        }
+        return Err(PolicyError::Invalid {
+            message: message.join("\n"),
+            policy_ids,
+        });
+    }
+    if prefix.is_empty() {
+        return Ok(named);
+    }
+    let mut out = PolicySet::new();
+    for p in named.policies() {
+        out.add(p.new_id(PolicyId::new(format!("{prefix}{}", p.id()))))
+            .map_err(|_| PolicyError::Ids(format!("the policy id {} is used twice", p.id())))?;
     }
     Ok(out)
 }
 
-/// Validates a tenant's policy text: it must parse and name every policy.
+/// Validates a tenant's policy text: it must parse, name every policy, have no templates, and
+/// validate against [`SCHEMA`].
 ///
 /// # Errors
 /// As [`parse_policies`].
@@ -316,5 +400,71 @@ impl Gate {
             CedarDecision::Deny if ids.is_empty() => deny("no policy permits this call", ids),
             CedarDecision::Deny => deny("a policy forbids this call", ids),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The review's example: `capabilty` for `capability`. It parses, but errors on every
+    /// evaluation, and Cedar skips an erroring policy, so the forbid never forbade anything.
+    const TYPO: &str = r#"@id("no-forget") forbid(principal,action,resource) when { resource.capabilty == "memory.forget" };"#;
+
+    #[test]
+    fn the_default_policies_validate_against_the_schema() {
+        let (schema, _) = Schema::from_cedarschema_str(SCHEMA).expect("the schema parses");
+        let defaults: PolicySet = DEFAULT_POLICIES.parse().expect("the defaults parse");
+        let result = Validator::new(schema).validate(&defaults, ValidationMode::Strict);
+        assert!(result.validation_passed(), "{result}");
+        assert_eq!(defaults.policies().count(), 3);
+        assert!(parse_policies(DEFAULT_POLICIES, "").is_ok());
+    }
+
+    #[test]
+    fn a_misspelt_attribute_entity_type_or_action_is_refused_naming_the_policy() {
+        let err = validate_tenant_policies(TYPO).expect_err("the typo is refused");
+        assert_eq!(
+            err.to_string(),
+            "for policy `no-forget`, attribute `capabilty` on entity type `Agentgate::Tool` not found"
+        );
+        assert!(
+            matches!(&err, PolicyError::Invalid { policy_ids, .. } if policy_ids == &["tenant.no-forget"]),
+            "{err:?}"
+        );
+        for (id, text) in [
+            (
+                "no-such-type",
+                r#"@id("no-such-type") forbid(principal == Agentgate::Users::"slack:U1", action, resource);"#,
+            ),
+            (
+                "no-such-action",
+                r#"@id("no-such-action") forbid(principal, action == Agentgate::Action::"call", resource);"#,
+            ),
+            (
+                "no-such-context",
+                r#"@id("no-such-context") forbid(principal, action, resource) when { context.plann == "free" };"#,
+            ),
+        ] {
+            let err = validate_tenant_policies(text).expect_err(id);
+            assert!(err.to_string().contains(&format!("`{id}`")), "{id}: {err}");
+        }
+        // What the documentation shows is accepted.
+        let good = r#"@id("no-forget") forbid (principal, action, resource) when { resource.capability == "memory.forget" };
+@id("tickets-on-team-plan-only") forbid (principal, action, resource) when { resource.capability like "webhook.*" && context.plan == "free" };
+@id("no-recall-for-member") forbid (principal == Agentgate::User::"slack:U0MEMBER", action == Agentgate::Action::"invoke", resource == Agentgate::Tool::"memory.recall");"#;
+        validate_tenant_policies(good).expect("valid policies are accepted");
+    }
+
+    #[test]
+    fn a_template_is_refused() {
+        let text = r#"@id("ok") permit(principal, action, resource) when { false };
+@id("linked") forbid(principal == ?principal, action, resource);"#;
+        let err = validate_tenant_policies(text).expect_err("a template is refused");
+        assert!(matches!(err, PolicyError::Template { .. }), "{err:?}");
+        assert!(
+            err.to_string().contains("\"linked\" is a template"),
+            "{err}"
+        );
     }
 }
