@@ -6,15 +6,15 @@
 //! and an evaluation error at decision time denies rather than letting Cedar skip the policy. A
 //! decision is made afresh for every call; nothing is cached across runs.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use sha2::{Digest, Sha256};
 
 use cedar_policy::{
-    Authorizer, Context, Decision as CedarDecision, Entities, Entity, EntityId, EntityTypeName,
-    EntityUid, PolicyId, PolicySet, Request, RestrictedExpression, Schema, ValidationMode,
-    Validator,
+    AuthorizationError, Authorizer, Context, Decision as CedarDecision, Entities, Entity, EntityId,
+    EntityTypeName, EntityUid, PolicyId, PolicySet, Request, RestrictedExpression, Schema,
+    ValidationMode, Validator,
 };
 use serde_json::Value;
 
@@ -56,6 +56,17 @@ pub enum PolicyError {
         /// The ids of the policies at fault, as audited (with the prefix).
         policy_ids: Vec<String>,
     },
+}
+
+impl PolicyError {
+    /// The ids, as audited, of the policies at fault, where the text got far enough to name them.
+    fn policy_ids(&self) -> Vec<String> {
+        match self {
+            PolicyError::Parse(_) | PolicyError::Ids(_) => Vec::new(),
+            PolicyError::Template { policy_id, .. } => vec![policy_id.clone()],
+            PolicyError::Invalid { policy_ids, .. } => policy_ids.clone(),
+        }
+    }
 }
 
 /// A gate decision, with the ids of the policies that decided it.
@@ -175,6 +186,37 @@ pub struct Ask<'a> {
     pub args: &'a Value,
 }
 
+/// The parts of an [`Ask`] that go into a Cedar request, taken out of the run's context.
+struct Call<'a> {
+    tenant: &'a str,
+    principal: &'a str,
+    role: Role,
+    /// The tenant's feature flags; those that are on go into the context.
+    features: &'a BTreeMap<String, bool>,
+    capability: &'a str,
+    min_role: Role,
+    read_only: bool,
+    plan: &'a str,
+    args: &'a Value,
+}
+
+impl<'a> Call<'a> {
+    fn of(ask: &Ask<'a>) -> Self {
+        let ctx = ask.ctx;
+        Call {
+            tenant: ctx.tenant_id().as_str(),
+            principal: ctx.principal().as_str(),
+            role: ctx.role(),
+            features: ctx.features(),
+            capability: ask.capability,
+            min_role: ask.min_role,
+            read_only: ask.read_only,
+            plan: ask.plan,
+            args: ask.args,
+        }
+    }
+}
+
 fn rank(role: Role) -> i64 {
     match role {
         Role::Owner => 0,
@@ -211,15 +253,20 @@ fn s(v: &str) -> RestrictedExpression {
     RestrictedExpression::new_string(v.to_owned())
 }
 
+/// A tenant's policies as the gate holds them: the defaults and the tenant's, or, when the stored
+/// text no longer parses or validates, the ids (as audited) of the policies at fault, if it named
+/// any.
+type Loaded = Result<Arc<PolicySet>, Vec<String>>;
+
 /// The gate.
 pub struct Gate {
     defaults: Arc<PolicySet>,
     authorizer: Authorizer,
     types: Types,
     /// Parsed policy sets (defaults plus a tenant's text), keyed by the SHA-256 of the tenant's id
-    /// and text. This caches parsing, not decisions: every call is still decided afresh, and a
-    /// changed text has another key.
-    parsed: Mutex<HashMap<[u8; 32], Arc<PolicySet>>>,
+    /// and text. This caches parsing and validation, not decisions: every call is still decided
+    /// afresh, and a changed text has another key.
+    parsed: Mutex<HashMap<[u8; 32], Loaded>>,
 }
 
 /// The Cedar entities of one context's calls of one tool: the principal and the tool, with their
@@ -238,7 +285,8 @@ impl Default for Gate {
     fn default() -> Self {
         Gate {
             defaults: Arc::new(
-                parse_policies(DEFAULT_POLICIES, "").expect("the shipped default policies parse"),
+                parse_policies(DEFAULT_POLICIES, "")
+                    .expect("the shipped default policies parse and validate"),
             ),
             authorizer: Authorizer::new(),
             types: Types::default(),
@@ -248,53 +296,58 @@ impl Default for Gate {
 }
 
 impl Gate {
-    /// The default policies plus a tenant's text, parsed once per tenant and distinct text (keyed
-    /// by both, so that no tenant's entry serves another).
-    fn with_tenant(&self, tenant: &str, text: &str) -> Option<Arc<PolicySet>> {
+    /// The default policies plus a tenant's text, parsed and validated once per tenant and
+    /// distinct text (keyed by both, so that no tenant's entry serves another).
+    fn with_tenant(&self, tenant: &str, text: &str) -> Loaded {
         let mut h = Sha256::new();
         h.update(tenant.as_bytes());
         h.update([0]);
         h.update(text.as_bytes());
         let key: [u8; 32] = h.finalize().into();
-        if let Some(set) = self
+        if let Some(loaded) = self
             .parsed
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(&key)
         {
-            return Some(Arc::clone(set));
+            return loaded.clone();
         }
-        let mut set = (*self.defaults).clone();
-        for p in parse_policies(text, "tenant.").ok()?.policies() {
-            set.add(p.clone()).ok()?;
-        }
-        let set = Arc::new(set);
+        // The text was validated when stored, but with an older gate's rules perhaps (or none):
+        // checked again, so that nothing stored makes the gate allow more than it now would.
+        let loaded = parse_policies(text, "tenant.")
+            .map_err(|e| e.policy_ids())
+            .and_then(|tenant_set| {
+                let mut set = (*self.defaults).clone();
+                for p in tenant_set.policies() {
+                    set.add(p.clone()).map_err(|_| vec![p.id().to_string()])?;
+                }
+                Ok(Arc::new(set))
+            });
         let mut cache = self.parsed.lock().unwrap_or_else(|e| e.into_inner());
         if cache.len() >= PARSED_CACHE {
             cache.clear();
         }
-        cache.insert(key, Arc::clone(&set));
-        Some(set)
+        cache.insert(key, loaded.clone());
+        loaded
     }
 
     /// The entities of a call: its principal (the context's user, with tenant and role) and its
-    /// tool (with capability, least role and whether it only reads). They depend on nothing that
-    /// changes within a run, so a run builds them once per tool ([`Gate::decide_with`]); building
-    /// them for every call was 6% of the loop's CPU at 32 runs. `None` if Cedar refuses them.
-    fn entities(&self, ask: &Ask<'_>) -> Option<CallEntities> {
-        let ctx = ask.ctx;
-        let tenant = ctx.tenant_id().as_str();
-        let principal = uid(&self.types.user, ctx.principal().as_str());
-        let resource = uid(&self.types.tool, ask.capability);
+    /// tool (with capability, least role and whether it only reads), checked against [`SCHEMA`].
+    /// They depend on nothing that changes within a run, so a run builds them once per tool
+    /// ([`Gate::decide_with`]); building them for every call was 6% of the loop's CPU at 32 runs.
+    /// `None` if Cedar refuses them.
+    fn entities(&self, call: &Call<'_>) -> Option<CallEntities> {
+        let principal = uid(&self.types.user, call.principal);
+        let resource = uid(&self.types.tool, call.capability);
         let entities = [
             Entity::new(
                 principal.clone(),
                 HashMap::from([
-                    ("tenant".to_owned(), s(tenant)),
-                    ("role".to_owned(), s(ctx.role().as_str())),
+                    ("tenant".to_owned(), s(call.tenant)),
+                    ("role".to_owned(), s(call.role.as_str())),
                     (
                         "role_rank".to_owned(),
-                        RestrictedExpression::new_long(rank(ctx.role())),
+                        RestrictedExpression::new_long(rank(call.role)),
                     ),
                 ]),
                 HashSet::new(),
@@ -302,25 +355,26 @@ impl Gate {
             Entity::new(
                 resource.clone(),
                 HashMap::from([
-                    ("tenant".to_owned(), s(tenant)),
-                    ("capability".to_owned(), s(ask.capability)),
+                    ("tenant".to_owned(), s(call.tenant)),
+                    ("capability".to_owned(), s(call.capability)),
                     (
                         "min_role_rank".to_owned(),
-                        RestrictedExpression::new_long(rank(ask.min_role)),
+                        RestrictedExpression::new_long(rank(call.min_role)),
                     ),
                     (
                         "read_only".to_owned(),
-                        RestrictedExpression::new_bool(ask.read_only),
+                        RestrictedExpression::new_bool(call.read_only),
                     ),
                 ]),
                 HashSet::new(),
             ),
         ];
+        let schema = validator().schema();
         let entities = entities
             .into_iter()
             .collect::<Result<Vec<_>, _>>()
             .ok()
-            .and_then(|e| Entities::from_entities(e, None).ok())?;
+            .and_then(|e| Entities::from_entities(e, Some(schema)).ok())?;
         Some(CallEntities {
             principal,
             resource,
@@ -342,37 +396,45 @@ impl Gate {
         entities: &OnceLock<Option<CallEntities>>,
         tenant_policies: Option<&str>,
     ) -> Decision {
+        self.decide_call(&Call::of(ask), entities, tenant_policies)
+    }
+
+    fn decide_call(
+        &self,
+        call: &Call<'_>,
+        entities: &OnceLock<Option<CallEntities>>,
+        tenant_policies: Option<&str>,
+    ) -> Decision {
         let deny = |reason: &str, ids: Vec<String>| Decision::Deny {
             reason: reason.to_owned(),
             policy_ids: ids,
         };
         let set = match tenant_policies {
             None => Arc::clone(&self.defaults),
-            Some(text) => match self.with_tenant(ask.ctx.tenant_id().as_str(), text) {
-                Some(set) => set,
-                // Stored policies were validated; if they no longer parse, fail closed.
-                None => return deny("the tenant's policies are invalid", vec![]),
+            Some(text) => match self.with_tenant(call.tenant, text) {
+                Ok(set) => set,
+                // Fail closed, naming the policies at fault where the text named them.
+                Err(ids) => return deny("the tenant's policies are invalid", ids),
             },
         };
-        let Some(e) = entities.get_or_init(|| self.entities(ask)) else {
+        let Some(e) = entities.get_or_init(|| self.entities(call)) else {
             return deny("the request could not be evaluated", vec![]);
         };
-        let ctx = ask.ctx;
         let action = uid(&self.types.action, "invoke");
-        let features: Vec<RestrictedExpression> = ctx
-            .features()
+        let features: Vec<RestrictedExpression> = call
+            .features
             .iter()
             .filter(|(_, on)| **on)
             .map(|(k, _)| s(k))
             .collect();
-        let keys: Vec<RestrictedExpression> = ask
+        let keys: Vec<RestrictedExpression> = call
             .args
             .as_object()
             .map(|o| o.keys().map(|k| s(k)).collect())
             .unwrap_or_default();
-        let arg_bytes = i64::try_from(ask.args.to_string().len()).unwrap_or(i64::MAX);
+        let arg_bytes = i64::try_from(call.args.to_string().len()).unwrap_or(i64::MAX);
         let context = Context::from_pairs([
-            ("plan".to_owned(), s(ask.plan)),
+            ("plan".to_owned(), s(call.plan)),
             (
                 "features".to_owned(),
                 RestrictedExpression::new_set(features),
@@ -383,18 +445,42 @@ impl Gate {
                 RestrictedExpression::new_long(arg_bytes),
             ),
         ]);
+        let schema = validator().schema();
         let request = match context.ok().and_then(|c| {
-            Request::new(e.principal.clone(), action, e.resource.clone(), c, None).ok()
+            Request::new(
+                e.principal.clone(),
+                action,
+                e.resource.clone(),
+                c,
+                Some(schema),
+            )
+            .ok()
         }) {
             Some(r) => r,
             None => return deny("the request could not be evaluated", vec![]),
         };
         let response = self.authorizer.is_authorized(&request, &set, &e.entities);
-        let ids: Vec<String> = response
+        // Cedar skips a policy whose evaluation errors (an overflow, say) and decides without it;
+        // a skipped forbid would allow what its author forbade, so any error denies.
+        let mut failed: Vec<String> = response
+            .diagnostics()
+            .errors()
+            .map(|e| match e {
+                AuthorizationError::PolicyEvaluationError(e) => e.policy_id().to_string(),
+            })
+            .collect();
+        if !failed.is_empty() {
+            failed.sort();
+            failed.dedup();
+            return deny("a policy could not be evaluated", failed);
+        }
+        let mut ids: Vec<String> = response
             .diagnostics()
             .reason()
             .map(|id| id.to_string())
             .collect();
+        // Cedar's reasons are a set; sorted, an audited decision does not depend on its order.
+        ids.sort();
         match response.decision() {
             CedarDecision::Allow => Decision::Allow { policy_ids: ids },
             CedarDecision::Deny if ids.is_empty() => deny("no policy permits this call", ids),
@@ -410,6 +496,81 @@ mod tests {
     /// The review's example: `capabilty` for `capability`. It parses, but errors on every
     /// evaluation, and Cedar skips an erroring policy, so the forbid never forbade anything.
     const TYPO: &str = r#"@id("no-forget") forbid(principal,action,resource) when { resource.capabilty == "memory.forget" };"#;
+
+    /// A member's call of `capability`, granted to members, with `args`.
+    fn decide(capability: &str, args: &Value, tenant_policies: Option<&str>) -> Decision {
+        let features = BTreeMap::from([("beta".to_owned(), true)]);
+        let call = Call {
+            tenant: "t0",
+            principal: "slack:U0MEMBER",
+            role: Role::Member,
+            features: &features,
+            capability,
+            min_role: Role::Member,
+            read_only: false,
+            plan: "team",
+            args,
+        };
+        Gate::default().decide_call(&call, &OnceLock::new(), tenant_policies)
+    }
+
+    #[test]
+    fn requests_conform_to_the_schema_and_valid_policies_decide() {
+        let args = serde_json::json!({"topic": "dog"});
+        assert_eq!(
+            decide("memory.forget", &args, None),
+            Decision::Allow {
+                policy_ids: vec!["default.granted-role".into()]
+            }
+        );
+        let valid = TYPO.replace("capabilty", "capability");
+        assert_eq!(
+            decide("memory.forget", &args, Some(&valid)),
+            Decision::Deny {
+                reason: "a policy forbids this call".into(),
+                policy_ids: vec!["tenant.no-forget".into()]
+            }
+        );
+        assert!(matches!(
+            decide("memory.recall", &args, Some(&valid)),
+            Decision::Allow { .. }
+        ));
+    }
+
+    #[test]
+    fn stored_policies_that_do_not_validate_deny_every_call_naming_them() {
+        // Stored before the gate validated against the schema: Cedar would skip the forbid and
+        // allow memory.forget.
+        let args = serde_json::json!({"topic": "dog"});
+        for capability in ["memory.forget", "memory.recall"] {
+            assert_eq!(
+                decide(capability, &args, Some(TYPO)),
+                Decision::Deny {
+                    reason: "the tenant's policies are invalid".into(),
+                    policy_ids: vec!["tenant.no-forget".into()]
+                },
+                "{capability}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_policy_that_errors_at_evaluation_denies_naming_it() {
+        // It validates (the types are right) but overflows on every call: Cedar skips it.
+        let text = r#"@id("overflow") forbid(principal, action, resource) when { context.arg_bytes * 9223372036854775807 > 0 && resource.capability == "memory.forget" };"#;
+        validate_tenant_policies(text).expect("it validates");
+        let args = serde_json::json!({"topic": "dog"});
+        for capability in ["memory.forget", "memory.recall"] {
+            assert_eq!(
+                decide(capability, &args, Some(text)),
+                Decision::Deny {
+                    reason: "a policy could not be evaluated".into(),
+                    policy_ids: vec!["tenant.overflow".into()]
+                },
+                "{capability}"
+            );
+        }
+    }
 
     #[test]
     fn the_default_policies_validate_against_the_schema() {
