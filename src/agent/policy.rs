@@ -34,9 +34,13 @@ pub enum PolicyError {
     /// The text does not parse; the message is Cedar's.
     #[error("{0}")]
     Parse(String),
-    /// A policy lacks an `@id("…")` annotation, or reuses an id.
+    /// A policy lacks an `@id("…")` annotation, has one that is not 1 to 64 characters of a-z,
+    /// 0-9, '.', '_' and '-', or reuses one.
     #[error("{0}")]
     Ids(String),
+    /// A tenant's text has no policies (nothing, or only comments).
+    #[error("the text has no policies")]
+    Empty,
     /// A policy is a template (it has a `?principal` or `?resource` slot). Nothing links
     /// templates, so Cedar would never apply it.
     #[error(
@@ -62,7 +66,7 @@ impl PolicyError {
     /// The ids, as audited, of the policies at fault, where the text got far enough to name them.
     fn policy_ids(&self) -> Vec<String> {
         match self {
-            PolicyError::Parse(_) | PolicyError::Ids(_) => Vec::new(),
+            PolicyError::Parse(_) | PolicyError::Ids(_) | PolicyError::Empty => Vec::new(),
             PolicyError::Template { policy_id, .. } => vec![policy_id.clone()],
             PolicyError::Invalid { policy_ids, .. } => policy_ids.clone(),
         }
@@ -110,22 +114,55 @@ pub fn parse_policies(text: &str, prefix: &str) -> Result<PolicySet, PolicyError
     let parsed: PolicySet = text
         .parse()
         .map_err(|e: cedar_policy::ParseErrors| PolicyError::Parse(e.to_string()))?;
+    // Every policy and template, in the order of the text: Cedar names them policy0, policy1, …
+    let mut all: Vec<(Option<usize>, Option<&str>, bool)> = parsed
+        .policies()
+        .map(|p| (place(p.id()), p.annotation("id"), false))
+        .chain(
+            parsed
+                .templates()
+                .map(|t| (place(t.id()), t.annotation("id"), true)),
+        )
+        .collect();
+    all.sort_by_key(|(at, ..)| *at);
+    let mut seen: HashMap<&str, Option<usize>> = HashMap::new();
+    for &(at, id, _) in &all {
+        let Some(id) = id else {
+            return Err(PolicyError::Ids(format!(
+                "{} has no @id(\"…\") annotation; every policy needs one",
+                which(at)
+            )));
+        };
+        if !id_ok(id) {
+            return Err(PolicyError::Ids(format!(
+                "{} has the @id \"{}\": an @id is 1 to 64 characters, each a-z, 0-9, '.', '_' or '-'",
+                which(at),
+                shown(id)
+            )));
+        }
+        if let Some(first) = seen.insert(id, at) {
+            return Err(PolicyError::Ids(format!(
+                "the @id \"{id}\" is used twice ({} and {})",
+                which(first),
+                which(at)
+            )));
+        }
+    }
+    if let Some(&(_, Some(id), _)) = all.iter().find(|(.., template)| *template) {
+        return Err(PolicyError::Template {
+            id: id.to_owned(),
+            policy_id: format!("{prefix}{id}"),
+        });
+    }
     // Named by the ids as written first, so that Cedar's validation messages name them so.
     let mut named = PolicySet::new();
     for p in parsed.policies() {
-        let id = p.annotation("id").ok_or_else(|| {
-            PolicyError::Ids(format!("a policy has no @id(\"…\") annotation: {}", p.id()))
-        })?;
+        let id = p
+            .annotation("id")
+            .expect("every policy's @id was checked above");
         named
             .add(p.new_id(PolicyId::new(id)))
-            .map_err(|_| PolicyError::Ids(format!("the policy id {id:?} is used twice")))?;
-    }
-    if let Some(t) = parsed.templates().next() {
-        let id = t.annotation("id").unwrap_or_default().to_owned();
-        return Err(PolicyError::Template {
-            policy_id: format!("{prefix}{id}"),
-            id,
-        });
+            .map_err(|_| PolicyError::Ids(format!("the @id \"{id}\" is used twice")))?;
     }
     let result = validator().validate(&named, ValidationMode::Strict);
     if !result.validation_passed() {
@@ -161,13 +198,50 @@ pub fn parse_policies(text: &str, prefix: &str) -> Result<PolicySet, PolicyError
     Ok(out)
 }
 
-/// Validates a tenant's policy text: it must parse, name every policy, have no templates, and
-/// validate against [`SCHEMA`].
+/// Validates a tenant's policy text: it must parse, have at least one policy, name every policy,
+/// have no templates, and validate against [`SCHEMA`].
 ///
 /// # Errors
-/// As [`parse_policies`].
+/// As [`parse_policies`], and [`PolicyError::Empty`].
 pub fn validate_tenant_policies(text: &str) -> Result<(), PolicyError> {
-    parse_policies(text, "tenant.").map(|_| ())
+    if parse_policies(text, "tenant.")?.is_empty() {
+        return Err(PolicyError::Empty);
+    }
+    Ok(())
+}
+
+/// Whether `id` may be a policy's `@id`: 1 to 64 characters of a-z, 0-9, '.', '_' and '-'. It is
+/// written into the audit event of every decision the policy takes part in, so it is short and
+/// plain (no newlines, control characters or look-alikes).
+fn id_ok(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'.' | b'_' | b'-'))
+}
+
+/// A refused `@id` as a message shows it: its first 64 characters, anything but printable ASCII
+/// escaped, so the message stays one short line whatever the id held.
+fn shown(id: &str) -> String {
+    let mut out: String = id.chars().take(64).flat_map(char::escape_default).collect();
+    if id.chars().nth(64).is_some() {
+        out.push('…');
+    }
+    out
+}
+
+/// Where in its text Cedar's generated id (`policy0`, `policy1`, …) puts a policy, counting from 1.
+fn place(id: &PolicyId) -> Option<usize> {
+    let n: usize = id.to_string().strip_prefix("policy")?.parse().ok()?;
+    Some(n + 1)
+}
+
+/// A policy, for a message, by its place in the text.
+fn which(at: Option<usize>) -> String {
+    at.map_or_else(
+        || "a policy".to_owned(),
+        |n| format!("policy {n} of the text"),
+    )
 }
 
 /// What the gate is asked about one call.
@@ -570,6 +644,88 @@ mod tests {
                 "{capability}"
             );
         }
+    }
+
+    #[test]
+    fn an_id_that_is_not_short_and_plain_is_refused() {
+        let policy = |id: &str| {
+            format!("@id(\"{id}\") forbid(principal, action, resource) when {{ context.plan == \"free\" }};")
+        };
+        let long = "a".repeat(64);
+        for ok in ["no-forget", "a", "v1.2_x-y", long.as_str()] {
+            validate_tenant_policies(&policy(ok)).unwrap_or_else(|e| panic!("{ok:?}: {e}"));
+        }
+        let too_long = "a".repeat(65);
+        for (bad, shown) in [
+            ("", ""),
+            ("No-Forget", "No-Forget"),
+            ("no forget", "no forget"),
+            ("a\\nb", "a\\nb"),
+            ("tab\\there", "tab\\there"),
+            ("caf\u{e9}", "caf\\u{e9}"),
+            ("rtl\u{202e}", "rtl\\u{202e}"),
+            ("a/b", "a/b"),
+        ] {
+            let err = validate_tenant_policies(&policy(bad)).expect_err(bad);
+            assert!(matches!(err, PolicyError::Ids(_)), "{bad:?}: {err:?}");
+            assert_eq!(
+                err.to_string(),
+                format!("policy 1 of the text has the @id \"{shown}\": an @id is 1 to 64 characters, each a-z, 0-9, '.', '_' or '-'"),
+                "{bad:?}"
+            );
+        }
+        let err = validate_tenant_policies(&policy(&too_long)).expect_err("65 characters");
+        assert!(err.to_string().contains(&format!("\"{long}…\"")), "{err}");
+        let huge = format!("{}\n{}", "x".repeat(1 << 20), "y".repeat(1000));
+        let err = validate_tenant_policies(&policy(&huge.replace('\n', "\\n"))).expect_err("huge");
+        assert!(err.to_string().len() < 200, "{err}");
+        // Stored under the old rules, such an id is never audited: every call is refused.
+        let args = serde_json::json!({});
+        assert_eq!(
+            decide("memory.recall", &args, Some(&policy("No Forget"))),
+            Decision::Deny {
+                reason: "the tenant's policies are invalid".into(),
+                policy_ids: vec![]
+            }
+        );
+    }
+
+    #[test]
+    fn no_policies_a_missing_id_and_a_repeated_id_are_refused_clearly() {
+        for empty in ["", "  \n", "// nothing yet\n// none\n"] {
+            let err = validate_tenant_policies(empty).expect_err(empty);
+            assert_eq!(err.to_string(), "the text has no policies", "{empty:?}");
+            // Stored, it adds nothing and takes nothing away.
+            assert!(matches!(
+                decide("memory.recall", &serde_json::json!({}), Some(empty)),
+                Decision::Allow { .. }
+            ));
+        }
+        let text = r#"@id("one") permit(principal, action, resource) when { false };
+forbid(principal, action, resource);"#;
+        assert_eq!(
+            validate_tenant_policies(text).unwrap_err().to_string(),
+            "policy 2 of the text has no @id(\"…\") annotation; every policy needs one"
+        );
+        let text = r#"@id("one") permit(principal, action, resource) when { false };
+@id("two") permit(principal, action, resource) when { false };
+@id("one") forbid(principal, action, resource);"#;
+        assert_eq!(
+            validate_tenant_policies(text).unwrap_err().to_string(),
+            "the @id \"one\" is used twice (policy 1 of the text and policy 3 of the text)"
+        );
+        // A template is held to the same: its id is checked before it is refused as a template.
+        let text = r#"@id("one") permit(principal, action, resource) when { false };
+@id("one") forbid(principal == ?principal, action, resource);"#;
+        assert!(validate_tenant_policies(text)
+            .unwrap_err()
+            .to_string()
+            .contains("used twice"));
+        let text = "forbid(principal == ?principal, action, resource);";
+        assert!(validate_tenant_policies(text)
+            .unwrap_err()
+            .to_string()
+            .contains("no @id"));
     }
 
     #[test]
