@@ -85,7 +85,8 @@ pub enum Decision {
     Deny {
         /// Why, in words that reveal nothing of the tool.
         reason: String,
-        /// The forbidding policies (empty when nothing permitted it).
+        /// The forbidding policies, or those that could not be evaluated or loaded (empty when
+        /// nothing permitted the call, or a stored text named no policy).
         policy_ids: Vec<String>,
     },
 }
@@ -193,7 +194,7 @@ pub fn parse_policies(text: &str, prefix: &str) -> Result<PolicySet, PolicyError
     let mut out = PolicySet::new();
     for p in named.policies() {
         out.add(p.new_id(PolicyId::new(format!("{prefix}{}", p.id()))))
-            .map_err(|_| PolicyError::Ids(format!("the policy id {} is used twice", p.id())))?;
+            .map_err(|_| PolicyError::Ids(format!("the @id \"{}\" is used twice", p.id())))?;
     }
     Ok(out)
 }
