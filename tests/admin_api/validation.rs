@@ -362,6 +362,30 @@ async fn malformed_bodies_bad_policies_and_bad_llm_settings_are_400() {
 
 /// `LlmPatch::key_ref` is `Option<Option<String>>` so that `null` can clear it, but serde reads
 /// `null` as the outer `None`, so the key_ref can never be cleared (src/http/api.rs, `LlmPatch`).
+/// A forbid that parses but names an attribute the gate never builds (`capabilty`): Cedar would
+/// error on it at every call and skip it, so memory.forget would stay allowed. It is refused.
+#[tokio::test]
+async fn a_misspelt_forbid_is_refused_with_a_400_naming_the_policy() {
+    let app = spawn().await;
+    let a = &app.a.admin.token;
+    let n = app.events(&app.a.id).await.len();
+    let typo = "@id(\"no-forget\")\nforbid (principal, action, resource) when { resource.capabilty == \"memory.forget\" };";
+    let r = app.put("/api/v1/policies", a, json!({"text": typo})).await;
+    assert_refused(
+        &app,
+        r,
+        "for policy `no-forget`, attribute `capabilty` on entity type `Agentgate::Tool` not found",
+        n,
+        "misspelt attribute",
+    )
+    .await;
+    assert_eq!(
+        app.get("/api/v1/policies", a).await.json()["text"],
+        Value::Null,
+        "the refused text was stored"
+    );
+}
+
 #[tokio::test]
 async fn a_null_key_ref_clears_it() {
     let app = spawn().await;
