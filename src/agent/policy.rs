@@ -38,9 +38,6 @@ pub enum PolicyError {
     /// 0-9, '.', '_' and '-', or reuses one.
     #[error("{0}")]
     Ids(String),
-    /// A tenant's text has no policies (nothing, or only comments).
-    #[error("the text has no policies")]
-    Empty,
     /// A policy is a template (it has a `?principal` or `?resource` slot). Nothing links
     /// templates, so Cedar would never apply it.
     #[error(
@@ -66,7 +63,7 @@ impl PolicyError {
     /// The ids, as audited, of the policies at fault, where the text got far enough to name them.
     fn policy_ids(&self) -> Vec<String> {
         match self {
-            PolicyError::Parse(_) | PolicyError::Ids(_) | PolicyError::Empty => Vec::new(),
+            PolicyError::Parse(_) | PolicyError::Ids(_) => Vec::new(),
             PolicyError::Template { policy_id, .. } => vec![policy_id.clone()],
             PolicyError::Invalid { policy_ids, .. } => policy_ids.clone(),
         }
@@ -199,16 +196,14 @@ pub fn parse_policies(text: &str, prefix: &str) -> Result<PolicySet, PolicyError
     Ok(out)
 }
 
-/// Validates a tenant's policy text: it must parse, have at least one policy, name every policy,
-/// have no templates, and validate against [`SCHEMA`].
+/// Validates a tenant's policy text: it must parse, name every policy, have no templates, and
+/// validate against [`SCHEMA`]. A text with no policies (empty, or only comments) is valid: it is
+/// how a tenant removes its own policies.
 ///
 /// # Errors
-/// As [`parse_policies`], and [`PolicyError::Empty`].
+/// As [`parse_policies`].
 pub fn validate_tenant_policies(text: &str) -> Result<(), PolicyError> {
-    if parse_policies(text, "tenant.")?.is_empty() {
-        return Err(PolicyError::Empty);
-    }
-    Ok(())
+    parse_policies(text, "tenant.").map(|_| ())
 }
 
 /// Whether `id` may be a policy's `@id`: 1 to 64 characters of a-z, 0-9, '.', '_' and '-'. It is
@@ -692,11 +687,11 @@ mod tests {
     }
 
     #[test]
-    fn no_policies_a_missing_id_and_a_repeated_id_are_refused_clearly() {
+    fn no_policies_clear_and_a_missing_id_and_a_repeated_id_are_refused_clearly() {
         for empty in ["", "  \n", "// nothing yet\n// none\n"] {
-            let err = validate_tenant_policies(empty).expect_err(empty);
-            assert_eq!(err.to_string(), "the text has no policies", "{empty:?}");
-            // Stored, it adds nothing and takes nothing away.
+            // How a tenant removes its own policies: stored, it adds nothing and takes nothing
+            // away.
+            validate_tenant_policies(empty).expect(empty);
             assert!(matches!(
                 decide("memory.recall", &serde_json::json!({}), Some(empty)),
                 Decision::Allow { .. }
