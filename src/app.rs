@@ -434,7 +434,9 @@ impl Application {
             })
             .await;
             if closed.is_err() {
-                tracing::warn!("the Discord Gateway did not close within 10 s; stopping without it");
+                tracing::warn!(
+                    "the Discord Gateway did not close within 10 s; stopping without it"
+                );
             }
         }
         // Handlers a 408 or the drain left running still finish what they started (within the

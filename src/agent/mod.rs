@@ -402,6 +402,13 @@ impl Agent {
         self.inner.sink.append(ctx, body).await
     }
 
+    /// Appends `body`, taking it as recorded once it is durable ([`crate::audit::on_record`]):
+    /// a change or a run's end on record is made even when a fold or a due checkpoint then fails.
+    async fn record(&self, ctx: &TenantContext, body: EventBody) -> Result<(), AuditError> {
+        let what = body.type_name();
+        crate::audit::on_record(self.append(ctx, body).await, what)
+    }
+
     /// The durability barrier: appends the run's held events (one batch, one sync), releases the
     /// reservations that stood for them once they are counted, then stores the run's checkpoint.
     /// A checkpoint is therefore never ahead of the log.
@@ -525,7 +532,7 @@ impl Agent {
         let hold = match hold {
             Ok(h) => h,
             Err(QuotaError::Breach(b)) => {
-                self.append(
+                self.record(
                     ctx,
                     EventBody::BudgetExceeded {
                         ceiling: b.ceiling.into(),
@@ -756,7 +763,7 @@ impl Agent {
             // Indexed from an older store: where its events lie is not known.
             None => RunTotals::default(),
         };
-        self.append(
+        self.record(
             &ctx,
             EventBody::RunFailed {
                 totals,
@@ -1375,13 +1382,13 @@ impl Agent {
         let outcome = match &st.status {
             Status::Completed { answer } => {
                 if !logged {
-                    self.append(ctx, EventBody::RunCompleted { totals }).await?;
+                    self.record(ctx, EventBody::RunCompleted { totals }).await?;
                 }
                 RunOutcome::Answered(answer.clone())
             }
             Status::Stopped { message } => {
                 if !logged {
-                    self.append(
+                    self.record(
                         ctx,
                         EventBody::RunFailed {
                             totals,
@@ -1394,7 +1401,7 @@ impl Agent {
             }
             Status::Failed { message } => {
                 if !logged {
-                    self.append(
+                    self.record(
                         ctx,
                         EventBody::RunFailed {
                             totals,
@@ -1465,10 +1472,12 @@ impl Agent {
     ) -> Result<(), AgentError> {
         Self::require_admin(ctx)?;
         policy::validate_tenant_policies(text)?;
-        self.append(
+        // The text's digest, so that the log shows which text the decisions after it came from
+        // (whoever keeps the texts can match them).
+        self.record(
             ctx,
             EventBody::SettingsChanged {
-                fields: vec!["policies".into()],
+                fields: vec![format!("policies:sha256:{}", sha256_hex(text.as_bytes()))],
             },
         )
         .await?;
@@ -1487,10 +1496,10 @@ impl Agent {
         min_role: Role,
     ) -> Result<(), AgentError> {
         Self::require_admin(ctx)?;
-        self.append(
+        self.record(
             ctx,
             EventBody::SettingsChanged {
-                fields: vec![format!("grant:{capability}")],
+                fields: vec![format!("grant:{capability}:{}", min_role.as_str())],
             },
         )
         .await?;
@@ -1541,10 +1550,14 @@ impl Agent {
         if !(100..=30_000).contains(&tool.timeout_ms) {
             return Err(bad("the timeout must be between 100 and 30000 ms"));
         }
-        self.append(
+        self.record(
             ctx,
             EventBody::SettingsChanged {
-                fields: vec![format!("webhook:{}", tool.name)],
+                fields: vec![format!(
+                    "webhook:{}:sha256:{}",
+                    tool.name,
+                    tools::webhook_definition_sha256(&tool)
+                )],
             },
         )
         .await?;

@@ -97,6 +97,24 @@ pub struct Resolved {
     pub webhook: Option<[u8; 32]>,
 }
 
+/// The SHA-256, in hex, of a webhook tool's definition without its secret (name, description,
+/// schema, URL, timeout, each length-prefixed), for the audit log: it shows which definition the
+/// calls after it used, and reveals nothing of the secret.
+pub fn webhook_definition_sha256(w: &WebhookTool) -> String {
+    let mut h = Sha256::new();
+    for part in [
+        w.name.as_bytes(),
+        w.description.as_bytes(),
+        w.schema.to_string().as_bytes(),
+        w.url.as_bytes(),
+        &w.timeout_ms.to_be_bytes(),
+    ] {
+        h.update((part.len() as u64).to_be_bytes());
+        h.update(part);
+    }
+    hex::encode(h.finalize())
+}
+
 /// A digest of everything a webhook tool's calls depend on (its description, schema, URL,
 /// secret and timeout), each part length-prefixed so that no two definitions share one.
 pub fn webhook_fingerprint(w: &WebhookTool) -> [u8; 32] {

@@ -4,6 +4,7 @@
 use std::path::Path;
 
 use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
 
 use crate::helpers::{spawn, spawn_with_timeout, TestApp};
 
@@ -86,6 +87,16 @@ async fn every_admin_change_is_audited_in_order_and_no_secret_is_logged() {
         .await,
         "webhook put",
     );
+    let hook_digest =
+        agentgate::agent::tools::webhook_definition_sha256(&agentgate::store::WebhookTool {
+            name: "lookup".into(),
+            description: "look up".into(),
+            schema: json!({"type": "object"}),
+            url: "https://hooks.example.com/lookup?token=in-the-url".into(),
+            secret: secrecy::SecretString::from(hook_secret.to_owned()),
+            timeout_ms: 1000,
+        });
+    let policy_text = "@id(\"p1\")\npermit (principal, action, resource) when { false };";
     let tools = app.get("/api/v1/tools", a).await.json();
     assert_eq!(tools["webhooks"][0]["name"], "lookup");
     assert!(!tools.to_string().contains(hook_secret), "{tools}");
@@ -105,12 +116,8 @@ async fn every_admin_change_is_audited_in_order_and_no_secret_is_logged() {
         "webhook delete",
     );
     ok(
-        app.put(
-            "/api/v1/policies",
-            a,
-            json!({"text": "@id(\"p1\")\npermit (principal, action, resource) when { false };"}),
-        )
-        .await,
+        app.put("/api/v1/policies", a, json!({"text": policy_text}))
+            .await,
         "policy put",
     );
     let created = ok(
@@ -157,11 +164,14 @@ async fn every_admin_change_is_audited_in_order_and_no_secret_is_logged() {
         changed(json!(["llm.provider"])),
         json!({"type": "role.granted", "data": {"principal": "slack:U0NEW", "role": "member"}}),
         json!({"type": "role.revoked", "data": {"principal": "slack:U0NEW", "role": "member"}}),
-        changed(json!(["grant:memory.save"])),
+        changed(json!(["grant:memory.save:viewer"])),
         changed(json!(["grant:memory.save:removed"])),
-        changed(json!(["webhook:lookup"])),
+        changed(json!([format!("webhook:lookup:sha256:{hook_digest}")])),
         changed(json!(["webhook:lookup:removed"])),
-        changed(json!(["policies"])),
+        changed(json!([format!(
+            "policies:sha256:{}",
+            sha256_hex(policy_text)
+        )])),
         changed(json!([format!("api-key:{created_id}:created:compliance")])),
         changed(json!([format!("api-key:{rotated_id}:created:compliance")])),
         changed(json!([format!("api-key:{created_id}:revoked")])),
@@ -470,4 +480,8 @@ async fn the_export_over_http_verifies_offline_with_the_cli() {
         )
         .await;
     assert_eq!(r.status, 400, "{}", r.text());
+}
+
+fn sha256_hex(text: &str) -> String {
+    hex::encode(Sha256::digest(text.as_bytes()))
 }
