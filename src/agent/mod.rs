@@ -789,6 +789,11 @@ impl Agent {
         };
         let op = self.inner.tenants.operator_context(tenant)?;
         let repo = self.repo(&op)?;
+        // Listed as unfinished, it may have finished since (its driver was live when the list was
+        // made): driven again, it would be answered, and its turns kept, a second time.
+        if repo.runs().is_finished(run_id)? {
+            return Ok(None);
+        }
         let bytes = repo
             .runs()
             .get_run(run_id)?

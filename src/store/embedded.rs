@@ -1025,6 +1025,13 @@ impl RunRepo for SledTenant {
             .map(|saved| saved.state))
     }
 
+    fn is_finished(&self, run_id: &str) -> Result<bool> {
+        // A finished state is in sled (restored there from the journal after a crash).
+        self.tree
+            .contains_key(self.key("run-state", run_id))
+            .map_err(engine)
+    }
+
     fn all_runs(&self) -> Result<Vec<String>> {
         let mut ids: Vec<String> = self
             .scan("run-state")

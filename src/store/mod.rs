@@ -325,6 +325,11 @@ pub trait RunRepo {
     /// # Errors
     /// [`StoreError`] on an engine failure.
     fn get_run(&self, run_id: &str) -> Result<Option<Vec<u8>>>;
+    /// Whether the run is stored as finished.
+    ///
+    /// # Errors
+    /// [`StoreError`] on an engine failure.
+    fn is_finished(&self, run_id: &str) -> Result<bool>;
     /// Seals where a run's answer goes (a Slack `response_url`, a Discord interaction token: reply
     /// credentials), bound to the tenant and the run, for the run's checkpoint to keep.
     fn seal_reply(&self, run_id: &str, target: &serde_json::Value) -> String;

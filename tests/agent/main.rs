@@ -1500,3 +1500,45 @@ async fn a_tool_withdrawn_or_changed_during_a_run_is_refused_at_its_next_call() 
     );
     s.close().await.unwrap();
 }
+
+/// A run listed as unfinished may finish before its turn to be resumed comes (its driver was live
+/// when the list was made): resumed then, it is left alone, not answered a second time.
+#[tokio::test]
+async fn a_run_that_finished_after_it_was_listed_is_not_resumed() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path(), config(None, None));
+    let t = install(&s, "T0TWICE").await;
+    let delivered = std::sync::Arc::new(Delivered::default());
+    s.agent.set_reply_sink(delivered.clone());
+    let ctx = user(&s, "T0TWICE", "U0M");
+    let target = json!({"platform": "slack", "kind": "response_url", "url": "https://hooks.slack.com/commands/T/1/2"});
+    let req = RunRequest {
+        text: "whoami".into(),
+        conversation: "slack:C0TWICE".into(),
+    };
+    let out = s
+        .agent
+        .run_with_reply(&ctx, req, Some(target))
+        .await
+        .unwrap();
+    assert!(matches!(out, RunOutcome::Answered(_)), "{out:?}");
+    let run_id = ctx.audit().run_id.to_string();
+    assert_eq!(s.agent.resume(&t, &run_id).await.unwrap(), None);
+    assert_eq!(delivered.0.lock().unwrap().len(), 1, "answered once");
+    let repo = s.store.for_tenant(&ctx).unwrap();
+    assert_eq!(
+        repo.conversations()
+            .history("slack:U0M", "slack:C0TWICE")
+            .unwrap()
+            .len(),
+        2,
+        "its turns are kept once"
+    );
+    let ends = events(&s, &ctx)
+        .await
+        .iter()
+        .filter(|e| e["type"] == "run.completed")
+        .count();
+    assert_eq!(ends, 1);
+    s.close().await.unwrap();
+}
