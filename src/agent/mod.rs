@@ -852,7 +852,7 @@ impl Agent {
         } else {
             Vec::new()
         };
-        let authorized: std::collections::HashSet<&str> = since
+        let mut authorized: std::collections::HashSet<&str> = since
             .iter()
             .filter(|v| v["type"] == "tool.authorized")
             .filter_map(|v| v["data"]["idempotency_key"].as_str())
@@ -862,6 +862,30 @@ impl Agent {
             _ => None,
         });
         let ended = end.is_some();
+        if !ended {
+            // What the run's events after its checkpoint used is the run's too.
+            Self::count_lost_step(&mut st, &since);
+        }
+        if !ended && since.iter().any(|v| v["type"] == "model.called") {
+            // The checkpoint is older than a model answer on record (a power loss took the newer
+            // checkpoint, or the process died between a barrier's append and its save): the plan
+            // that answer made is lost, and the calls on record are that plan's, not this
+            // checkpoint's. A new plan would reuse the lost step's keys for other calls, and could
+            // send a call that changes something a second time under another key.
+            authorized.clear();
+            let acted = since.iter().any(|v| {
+                v["type"] == "tool.authorized"
+                    && !resolved
+                        .iter()
+                        .find(|r| v["data"]["capability"] == r.spec.name.as_str())
+                        .is_some_and(|r| r.binding.read_only())
+            });
+            if acted && matches!(st.status, Status::Running) {
+                st.status = Status::Failed {
+                    message: "This request was interrupted by a restart after it had started to act, and was not continued, so that nothing would be done twice. Please check what it did and ask again if needed.".into(),
+                };
+            }
+        }
         if let (Some(end), Status::Running) = (end, &st.status) {
             // Its end is on record, but its checkpoint is older than that (lost in a power loss):
             // it must not plan or call again after its end. What it answered went with the
@@ -902,6 +926,35 @@ impl Agent {
                     self.checkpoint(ctx, repo, &mut st, &mut un).await?;
                 }
                 Step::Finish => return self.finish(ctx, repo, st, &mut un, ended).await,
+            }
+        }
+    }
+
+    /// Counts into the run's usage what its events on record after its checkpoint used (a call
+    /// in flight at the crash, a step the checkpoint does not know of), and each such model call
+    /// as a step taken, so that the run's ceilings and totals include them and a lost step's keys
+    /// are not used again.
+    fn count_lost_step(st: &mut RunState, since: &[serde_json::Value]) {
+        let n = |v: &serde_json::Value, k: &str| v["data"][k].as_u64().unwrap_or(0);
+        for v in since {
+            match v["type"].as_str() {
+                Some("model.called") => {
+                    st.usage.tokens_in = st.usage.tokens_in.saturating_add(n(v, "tokens_in"));
+                    st.usage.tokens_out = st.usage.tokens_out.saturating_add(n(v, "tokens_out"));
+                    st.usage.cost_microcents = st
+                        .usage
+                        .cost_microcents
+                        .saturating_add(n(v, "cost_microcents"));
+                    st.step = st.step.saturating_add(1);
+                }
+                Some("tool.invoked") => {
+                    st.usage.tool_calls = st.usage.tool_calls.saturating_add(1);
+                    st.usage.cost_microcents = st
+                        .usage
+                        .cost_microcents
+                        .saturating_add(n(v, "cost_microcents"));
+                }
+                _ => {}
             }
         }
     }

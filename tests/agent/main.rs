@@ -1542,3 +1542,122 @@ async fn a_run_that_finished_after_it_was_listed_is_not_resumed() {
     assert_eq!(ends, 1);
     s.close().await.unwrap();
 }
+
+/// After a power loss the surviving checkpoint can be older than a model answer on record (the
+/// newer checkpoint, not synced, is lost). The plan that answer made, and the call that changes
+/// something it sent, are on record but not in the checkpoint: the run is not planned again (a new
+/// plan could send that call a second time, under another key), and what the lost step used is
+/// counted.
+#[tokio::test]
+async fn a_run_resumed_from_a_checkpoint_older_than_its_plan_does_not_act_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    type Slot = std::sync::Arc<std::sync::Mutex<Option<Box<dyn Fn() + Send + Sync>>>>;
+    let on_first: Slot = Default::default();
+    let hook_slot = on_first.clone();
+    let hooks = hook_server("whsec-stale", move |n| {
+        if n == 1 {
+            if let Some(f) = hook_slot.lock().unwrap().as_ref() {
+                f();
+            }
+            // Long enough for the test to stop the run while the call is out.
+            return (Duration::from_secs(10), "ok".into());
+        }
+        (Duration::ZERO, "ok".into())
+    })
+    .await;
+    let hook = |t: &str| ("webhook__create_ticket", json!({"title": t}));
+    let model = openai_server(
+        vec![
+            Scripted::Tools(vec![hook("once")]),
+            // What a new plan would answer: another call first, then the same one again.
+            Scripted::Tools(vec![("budget__status", json!({})), hook("once")]),
+            Scripted::Final("done"),
+        ],
+        (10, 10),
+        Duration::ZERO,
+    )
+    .await;
+    let s = open(dir.path(), config(Some(&model.url), None));
+    let t = install(&s, "T0STALE").await;
+    settings(&s, &t, |st| st.llm.provider = "openai".into());
+    let owner = user(&s, "T0STALE", "U0OWNER");
+    declare_and_grant(&s, &owner, webhook(&hooks.url, "whsec-stale")).await;
+    let ctx = user(&s, "T0STALE", "U0M");
+    let run_id = ctx.audit().run_id.to_string();
+    // The checkpoint saved with the call in flight, taken while the call is out.
+    let in_flight: std::sync::Arc<std::sync::Mutex<Option<Value>>> = Default::default();
+    {
+        let (store, ctx, run_id, in_flight) = (
+            s.store.clone(),
+            ctx.clone(),
+            run_id.clone(),
+            in_flight.clone(),
+        );
+        *on_first.lock().unwrap() = Some(Box::new(move || {
+            let bytes = store
+                .for_tenant(&ctx)
+                .unwrap()
+                .runs()
+                .get_run(&run_id)
+                .unwrap()
+                .unwrap();
+            *in_flight.lock().unwrap() = Some(serde_json::from_slice(&bytes).unwrap());
+        }));
+    }
+    let agent = s.agent.clone();
+    let run_ctx = ctx.clone();
+    let task = tokio::spawn(async move { run_on(&agent, &run_ctx, "file it").await });
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while hooks.hooks().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the call was not sent"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The process dies during the call...
+    task.abort();
+    let _ = task.await;
+    // ...and the power with it: the checkpoint that survives is the one from before the model's
+    // answer (the step before, nothing pending, its last event the call's model.requested).
+    let mut stale = in_flight
+        .lock()
+        .unwrap()
+        .take()
+        .expect("the checkpoint in flight");
+    assert_eq!(stale["step"], 1, "{stale}");
+    assert!(stale["in_flight"].is_string(), "{stale}");
+    stale["step"] = json!(0);
+    stale["pending"] = json!([]);
+    stale["next_call"] = json!(0);
+    stale["in_flight"] = Value::Null;
+    stale["messages"].as_array_mut().unwrap().pop();
+    stale["last_seq"] = json!(stale["last_seq"].as_u64().unwrap() - 2);
+    stale["usage"] =
+        json!({"tokens_in": 0, "tokens_out": 0, "tool_calls": 0, "cost_microcents": 0});
+    s.store
+        .for_tenant(&ctx)
+        .unwrap()
+        .runs()
+        .put_run(&run_id, stale.to_string().as_bytes(), false)
+        .unwrap();
+
+    let out = s.agent.resume(&t, &run_id).await.unwrap().expect("resumed");
+    assert!(
+        matches!(&out, RunOutcome::Failed(m) if m.contains("after it had started to act")),
+        "{out:?}"
+    );
+    assert_eq!(hooks.hooks().len(), 1, "the call was not sent again");
+    assert_eq!(model.seen().bodies.len(), 1, "nothing was planned again");
+    let events = events(&s, &ctx).await;
+    let failed = of_run(&events, &ctx)
+        .into_iter()
+        .find(|e| e["type"] == "run.failed")
+        .expect("ended on record");
+    assert_eq!(
+        failed["data"]["totals"]["tokens_in"], 10,
+        "the lost step is counted"
+    );
+    assert_eq!(failed["data"]["totals"]["tokens_out"], 10);
+    s.close().await.unwrap();
+}
