@@ -594,7 +594,67 @@ impl Agent {
                 .map(|t| repo.runs().seal_reply(&run_id, t)),
             last_seq: None,
         };
-        self.drive(ctx, &repo, &settings, st, Some(un)).await
+        let driven = self.drive(ctx, &repo, &settings, st, Some(un)).await;
+        if let Err(e) = &driven {
+            // The caller tells the user the command was not completed; the run must not then be
+            // resumed at the next start and answer after all.
+            self.end_failed_drive(&repo, ctx, &run_id, e).await;
+        }
+        driven
+    }
+
+    /// Ends, on record and in the store, a run whose driver failed (a store or audit failure)
+    /// while this driver still holds its claim, if its start is on record. Best effort: when even
+    /// that fails, the run stays unfinished and is resumed at the next start (and its answer,
+    /// if it finishes then, still delivered).
+    async fn end_failed_drive(
+        &self,
+        repo: &TenantStore,
+        ctx: &TenantContext,
+        run_id: &str,
+        cause: &AgentError,
+    ) {
+        let ended = async {
+            if repo.projections().running_since(run_id)?.is_none() {
+                // Never started on record (the failure came before its first barrier), or
+                // already ended.
+                return Ok::<bool, AgentError>(false);
+            }
+            let op = self.inner.tenants.operator_context(ctx.tenant_id())?;
+            self.end_on_record(
+                &op,
+                repo,
+                run_id,
+                "error: the gateway failed while running it",
+            )
+            .await?;
+            if let Some(mut st) = repo
+                .runs()
+                .get_run(run_id)?
+                .and_then(|bytes| readable_state(&bytes))
+            {
+                st.status = Status::Failed {
+                    message: "Something went wrong on our side; the command was not completed."
+                        .into(),
+                };
+                repo.runs().put_run(
+                    run_id,
+                    &serde_json::to_vec(&st).expect("run state serialises"),
+                    true,
+                )?;
+            }
+            Ok(true)
+        }
+        .await;
+        match ended {
+            Ok(true) => {
+                tracing::warn!(tenant = %ctx.tenant_id(), run = %run_id, error = %cause, "a run whose driver failed was ended on record");
+            }
+            Ok(false) => {}
+            Err(e) => {
+                tracing::error!(tenant = %ctx.tenant_id(), run = %run_id, error = %e, cause = %cause, "a run whose driver failed could not be ended; it is resumed at the next start");
+            }
+        }
     }
 
     /// Resumes every unfinished run of every tenant from its own checkpoint. Returns how many.

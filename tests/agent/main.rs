@@ -1661,3 +1661,96 @@ async fn a_run_resumed_from_a_checkpoint_older_than_its_plan_does_not_act_twice(
     assert_eq!(failed["data"]["totals"]["tokens_out"], 10);
     s.close().await.unwrap();
 }
+
+/// Fails the batch that authorises a call that changes something, as a full disk would.
+struct FailsAuthorising {
+    inner: agentgate::audit::log::LogSink,
+}
+
+#[async_trait::async_trait]
+impl agentgate::audit::AuditSink for FailsAuthorising {
+    async fn append(
+        &self,
+        ctx: &TenantContext,
+        body: agentgate::audit::EventBody,
+    ) -> Result<u64, agentgate::audit::AuditError> {
+        self.inner.append(ctx, body).await
+    }
+
+    async fn append_batch(
+        &self,
+        ctx: &TenantContext,
+        bodies: &[agentgate::audit::EventBody],
+    ) -> Result<std::ops::Range<u64>, agentgate::audit::AuditError> {
+        if bodies
+            .iter()
+            .any(|b| matches!(b, agentgate::audit::EventBody::ToolAuthorized { .. }))
+        {
+            return Err(agentgate::audit::AuditError::Checkpoint(
+                "the disk is full".into(),
+            ));
+        }
+        self.inner.append_batch(ctx, bodies).await
+    }
+}
+
+/// A run whose driver fails (its user is told the command was not completed) is ended on record
+/// and stored as finished, so that the next start does not resume it and answer after all.
+#[tokio::test]
+async fn a_run_whose_driver_failed_is_ended_and_not_resumed() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = openai_server(
+        vec![
+            Scripted::Tools(vec![(
+                "memory__save",
+                json!({"subject": "a", "fact": "one"}),
+            )]),
+            Scripted::Final("Saved."),
+        ],
+        (10, 5),
+        Duration::ZERO,
+    )
+    .await;
+    let s = open(dir.path(), config(Some(&model.url), None));
+    let t = install(&s, "T0DRIVEFAIL").await;
+    settings(&s, &t, |st| st.llm.provider = "openai".into());
+    let failing = agentgate::agent::Agent::new(
+        s.tenants.clone(),
+        s.audit.clone(),
+        std::sync::Arc::new(FailsAuthorising {
+            inner: agentgate::audit::log::LogSink::new(s.audit.clone(), s.store.clone()),
+        }),
+        config(Some(&model.url), None),
+    );
+    let ctx = user(&s, "T0DRIVEFAIL", "U0M");
+    let req = RunRequest {
+        text: "save it".into(),
+        conversation: "slack:C0F".into(),
+    };
+    assert!(failing.run(&ctx, req).await.is_err());
+    let events = events(&s, &ctx).await;
+    let ends: Vec<&Value> = of_run(&events, &ctx)
+        .into_iter()
+        .filter(|e| e["type"] == "run.failed" || e["type"] == "run.completed")
+        .collect();
+    assert_eq!(ends.len(), 1, "{ends:?}");
+    assert!(
+        ends[0]["data"]["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("error:"),
+        "{ends:?}"
+    );
+    let run_id = ctx.audit().run_id.to_string();
+    assert!(s
+        .store
+        .for_tenant(&ctx)
+        .unwrap()
+        .runs()
+        .is_finished(&run_id)
+        .unwrap());
+    // The next start resumes nothing of it, and the model is not asked again.
+    assert_eq!(s.agent.resume_unfinished().await.unwrap(), 0);
+    assert_eq!(model.seen().bodies.len(), 1);
+    s.close().await.unwrap();
+}
