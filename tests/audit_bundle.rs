@@ -547,6 +547,19 @@ async fn a_full_export_verifies_and_only_against_the_deployments_key() {
     let (cp, _) = open_checkpoint(&checkpoint_text(&out), &ring_of(&d.trusted), &origin).unwrap();
     assert_eq!((cp.size, cp.root), (size + 1, v.root));
 
+    assert_eq!(v.tree_size, size + 1);
+    assert_eq!(
+        v.to_string(),
+        format!(
+            "verified: {size} events (seq 0 to {} of {} in the log), tenant {}, root {}, signed by {}",
+            size - 1,
+            size + 1,
+            a.id,
+            hex::encode(v.root),
+            d.trusted.to_vkey_text()
+        )
+    );
+
     let vt = verify(&out, Some(&d.trusted), None).unwrap();
     assert!(vt.trusted_key);
     assert_eq!(
@@ -565,6 +578,51 @@ async fn a_full_export_verifies_and_only_against_the_deployments_key() {
         assert!(err.why.starts_with("does not verify"), "{err}");
         assert!(err.why.contains("no signature from a known key"), "{err}");
     }
+    d.close().await;
+}
+
+/// The range is the manifest's claim, not signed: whoever has a bundle can cut events off its end,
+/// rebuild the range proof from the dropped events' hashes, re-hash the manifest, and it verifies,
+/// just as a legitimate sub-range export would. What protects the reader is that the verified line
+/// states the range and the size of the signed tree, so the events beyond the bundle show.
+#[tokio::test]
+async fn a_bundle_cut_short_still_verifies_but_says_what_the_log_held() {
+    let d = Deployment::open().await;
+    let a = tenant(&d, "T0A", &["U1", "U2", "U3", "U4", "U5", "U6", "U7"]).await;
+    let size = log_size(&d, &a).await;
+    let out = export_ok(&d, &a, 0, None, "full").await;
+    let m = read_manifest(&out);
+    assert_eq!((m.to, m.tree_size), (size, size + 1));
+    let cut = 6;
+    // The attacker knows the dropped events, so the hashes the new range proof needs; the test
+    // takes them from the whole log for brevity.
+    let mut tree = Tree::new(MemNodeStore::new());
+    for l in log_events(&d, &a, 0, m.tree_size).await {
+        tree.append(&l).unwrap();
+    }
+    let proof = tree.range_proof(0, cut, tree.size()).unwrap();
+    let (_s, short) = tampered("cut short", &out, Attacker::RewritesManifest, |dir| {
+        edit_event_lines(dir, |l| l.truncate(cut as usize));
+        edit_manifest(dir, |m| m.to = cut);
+        edit_proofs(dir, |p| {
+            p.range_proof = proof.iter().map(hex::encode).collect()
+        });
+    });
+    let v = verify(&short, Some(&d.trusted), None).expect("a cut bundle is a valid sub-range");
+    assert_eq!(
+        (v.events, v.range, v.tree_size),
+        (cut, (0, cut), m.tree_size)
+    );
+    let line = v.to_string();
+    assert!(
+        line.starts_with(&format!(
+            "verified: {cut} events (seq 0 to {} of {} in the log), tenant {}, ",
+            cut - 1,
+            m.tree_size,
+            a.id
+        )),
+        "{line}"
+    );
     d.close().await;
 }
 

@@ -509,6 +509,12 @@ impl EventCheck<'_> {
 }
 
 /// What a successful verification established.
+///
+/// The range is the bundle's own claim, checked against the signed tree but not signed itself: a
+/// legitimate sub-range export and a bundle cut short by someone who rebuilt its range proof look
+/// the same. So what was verified always comes with `range` and `tree_size`, which tell a reader
+/// what the log held beyond the bundle (docs/AUDIT-FORMAT.md section 5, "What a verified bundle
+/// proves").
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Verified {
     /// How many events were checked.
@@ -521,6 +527,9 @@ pub struct Verified {
     pub signed_by: Vec<String>,
     /// The first and one-past-last sequence numbers.
     pub range: (u64, u64),
+    /// The size of the tree the checkpoint signs: how many events the log held when it was
+    /// signed, of which the bundle holds `range`.
+    pub tree_size: u64,
     /// The size of the earlier checkpoint the log was proved consistent with, if any.
     pub consistent_since: Option<u64>,
     /// True when the checkpoint was checked against a key given by the reader, not only the
@@ -530,10 +539,14 @@ pub struct Verified {
 
 impl std::fmt::Display for Verified {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The range is stated in full, so that a bundle cut short shows what it left out.
         write!(
             f,
-            "verified: {} events, tenant {}, root {}, signed by {}",
+            "verified: {} events (seq {} to {} of {} in the log), tenant {}, root {}, signed by {}",
             self.events,
+            self.range.0,
+            self.range.1.saturating_sub(1),
+            self.tree_size,
             self.tenant,
             hex::encode(self.root),
             self.signed_by.join(", ")
@@ -1172,6 +1185,7 @@ fn verify_contents(
         root,
         signed_by: signers.iter().map(VerifierKey::to_vkey_text).collect(),
         range: (manifest.from, manifest.to),
+        tree_size: cp.size,
         consistent_since,
         trusted_key: trusted.is_some(),
     })
