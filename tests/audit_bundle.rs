@@ -294,15 +294,18 @@ fn checkpoint_text(dir: &Path) -> String {
     fs::read_to_string(dir.join(files::CHECKPOINT)).unwrap()
 }
 
+/// Every entry of the bundle directory and its bytes; a directory (which only a tamper puts
+/// there) as its name and a `/`, without its contents.
 fn snapshot(dir: &Path) -> BTreeMap<String, Vec<u8>> {
     fs::read_dir(dir)
         .unwrap()
         .map(|e| {
             let e = e.unwrap();
-            (
-                e.file_name().to_string_lossy().into_owned(),
-                fs::read(e.path()).unwrap(),
-            )
+            let name = e.file_name().to_string_lossy().into_owned();
+            match e.file_type().unwrap().is_dir() {
+                true => (format!("{name}/"), Vec::new()),
+                false => (name, fs::read(e.path()).unwrap()),
+            }
         })
         .collect()
 }
@@ -318,7 +321,10 @@ fn copy_of(out: &Path) -> (tempfile::TempDir, PathBuf) {
 fn copy_bundle(from: &Path, to: &Path) {
     fs::create_dir_all(to).unwrap();
     for (name, bytes) in snapshot(from) {
-        fs::write(to.join(name), bytes).unwrap();
+        match name.strip_suffix('/') {
+            Some(sub) => fs::create_dir(to.join(sub)).unwrap(),
+            None => fs::write(to.join(name), bytes).unwrap(),
+        }
     }
 }
 
@@ -1480,15 +1486,167 @@ async fn an_altered_or_stale_events_csv_under_a_rewritten_manifest_is_caught() {
         ROOT_DIFFERS,
     );
 
-    // The CSV is optional: unlisted and removed, the bundle still verifies, events in full.
-    let (_s, no_csv) = tampered("the CSV unlisted and removed", &full, kc, |dir| {
-        fs::remove_file(dir.join(files::CSV)).unwrap();
-        edit_manifest(dir, |m| {
-            m.files.remove(files::CSV).unwrap();
-        });
-    });
-    let v = verify(&no_csv, Some(&d.trusted), None).expect("a bundle without a CSV");
-    assert_eq!(v.events, n as u64);
+    // The CSV is not optional: unlisted, removed or not, the bundle fails (were it optional, a
+    // forged CSV left in the directory would go unchecked).
+    for reader in [r, t] {
+        check_tamper(
+            "the CSV unlisted and removed",
+            &full,
+            kc,
+            reader,
+            |dir| {
+                fs::remove_file(dir.join(files::CSV)).unwrap();
+                edit_manifest(dir, |m| {
+                    m.files.remove(files::CSV).unwrap();
+                });
+            },
+            files::MANIFEST,
+            "does not list events.csv",
+        );
+        check_tamper(
+            "the CSV unlisted and forged",
+            &full,
+            kc,
+            reader,
+            |dir| {
+                edit_csv(dir, &|rows| bump_seq(rows, 2, 1));
+                edit_manifest(dir, |m| {
+                    m.files.remove(files::CSV).unwrap();
+                });
+            },
+            files::MANIFEST,
+            "does not list events.csv",
+        );
+    }
+    d.close().await;
+}
+
+/// Spec (docs/AUDIT-FORMAT.md section 4 and section 5 step 1): a bundle of format 1 is exactly its
+/// fixed set of files, `since-checkpoint.txt` among them exactly when `since_size` is set, and
+/// the directory holds nothing else: nothing a reader may open goes unchecked.
+#[tokio::test]
+async fn a_bundle_is_exactly_its_file_set() {
+    let d = Deployment::open().await;
+    let a = tenant(&d, "T0A", &["U1", "U2"]).await;
+    let full = export_ok(&d, &a, 0, None, "full").await;
+    let cp1 = checkpoint_text(&full);
+    grant(&d, &a, &["U3"]).await;
+    let since = d.bundle_path("since");
+    export(&d, &a, 0, None, Some(&cp1), &since).await.unwrap();
+    let r = Reader::default();
+    let t = Reader {
+        trusted: Some(&d.trusted),
+        since: None,
+    };
+    let rw = Attacker::RewritesManifest;
+
+    for name in [files::README, files::CSV, files::EVENTS, files::KEYRING] {
+        check_tamper(
+            &format!("{name} unlisted, left in place"),
+            &full,
+            rw,
+            t,
+            |dir| {
+                edit_manifest(dir, |m| {
+                    m.files.remove(name).unwrap();
+                })
+            },
+            files::MANIFEST,
+            &format!("does not list {name}"),
+        );
+    }
+    // Something beside the bundle's files, under either attacker: named, whatever it is.
+    for attacker in [Attacker::Raw, rw] {
+        check_tamper(
+            "an extra file",
+            &full,
+            attacker,
+            t,
+            |dir| fs::write(dir.join("notes.txt"), "trust this key instead").unwrap(),
+            "notes.txt",
+            "is in the bundle directory but not in the manifest",
+        );
+    }
+    check_tamper(
+        "an extra directory",
+        &full,
+        rw,
+        r,
+        |dir| fs::create_dir(dir.join("more")).unwrap(),
+        "more",
+        "is in the bundle directory but not in the manifest",
+    );
+    check_tamper(
+        "a hidden file",
+        &full,
+        rw,
+        r,
+        |dir| fs::write(dir.join(".events.csv"), "x").unwrap(),
+        ".events.csv",
+        "is in the bundle directory but not in the manifest",
+    );
+    check_tamper(
+        "an extra file, listed",
+        &full,
+        rw,
+        r,
+        |dir| {
+            fs::write(dir.join("notes.txt"), "trust this key instead").unwrap();
+            edit_manifest(dir, |m| {
+                m.files.insert("notes.txt".into(), String::new());
+            })
+        },
+        files::MANIFEST,
+        "lists notes.txt, which is not a file of agentgate-audit-bundle/1",
+    );
+
+    // The earlier checkpoint: listed exactly when since_size is set.
+    let ts = Reader {
+        trusted: Some(&d.trusted),
+        since: None,
+    };
+    check_tamper(
+        "since-checkpoint.txt unlisted, since_size kept",
+        &since,
+        rw,
+        ts,
+        |dir| {
+            edit_manifest(dir, |m| {
+                m.files.remove(files::SINCE).unwrap();
+            })
+        },
+        files::MANIFEST,
+        "does not list since-checkpoint.txt",
+    );
+    check_tamper(
+        "since-checkpoint.txt unlisted, since_size cleared, file kept",
+        &since,
+        rw,
+        ts,
+        |dir| {
+            edit_manifest(dir, |m| {
+                m.files.remove(files::SINCE).unwrap();
+                m.since_size = None;
+            })
+        },
+        files::SINCE,
+        "is in the bundle directory but not in the manifest",
+    );
+    check_tamper(
+        "since-checkpoint.txt removed, since_size cleared, the proof kept",
+        &since,
+        rw,
+        ts,
+        |dir| {
+            fs::remove_file(dir.join(files::SINCE)).unwrap();
+            edit_manifest(dir, |m| {
+                m.files.remove(files::SINCE).unwrap();
+                m.since_size = None;
+            })
+        },
+        files::PROOFS,
+        "has a consistency proof but the manifest has no since_size",
+    );
     d.close().await;
 }
 
@@ -1989,10 +2147,25 @@ async fn edited_manifest_fields_and_proofs_are_caught() {
         |dir| {
             edit_manifest(dir, |m| {
                 m.files.insert(files::SINCE.into(), sha256_hex(b""));
+                m.since_size = Some(1);
             })
         },
         files::SINCE,
         "cannot be read",
+    );
+    check_tamper(
+        "the manifest lists a since-checkpoint without since_size",
+        &full,
+        rw,
+        r,
+        |dir| {
+            fs::write(dir.join(files::SINCE), checkpoint_text(dir)).unwrap();
+            edit_manifest(dir, |m| {
+                m.files.insert(files::SINCE.into(), String::new());
+            })
+        },
+        files::MANIFEST,
+        "lists since-checkpoint.txt but has no since_size",
     );
     d.close().await;
 }

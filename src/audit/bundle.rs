@@ -423,15 +423,13 @@ pub fn write(dir: &Path, c: Contents<'_>) -> Result<Manifest, WriteError> {
 struct EventCheck<'a> {
     from: u64,
     tenant: &'a str,
-    /// Whether the bundle lists a CSV, whose rows are then rendered to be compared with it.
-    csv: bool,
 }
 
 /// What checking one run of consecutive events found.
 struct Checked {
     /// The leaf hashes of the events before `failure`.
     leaves: Vec<Hash>,
-    /// The CSV rows those events must have (when the bundle lists a CSV), concatenated.
+    /// The CSV rows those events must have, concatenated.
     rows: String,
     /// The first event that failed.
     failure: Option<Failure>,
@@ -501,9 +499,7 @@ impl EventCheck<'_> {
         if !EVENT_TYPES.contains(&ty.as_ref()) {
             return Err(fail(place(), format!("unknown event type {ty:?}")));
         }
-        if self.csv {
-            push_csv_row(rows, &ev);
-        }
+        push_csv_row(rows, &ev);
         Ok(())
     }
 }
@@ -818,6 +814,79 @@ fn hashes(place: &str, hexes: &[String]) -> Result<Vec<Hash>, Failure> {
         .collect()
 }
 
+/// The files of a bundle of [`FORMAT`] with this manifest, the manifest aside: a fixed set, with
+/// the earlier checkpoint exactly when the manifest says the bundle proves consistency from one.
+fn file_set(manifest: &Manifest) -> Vec<&'static str> {
+    let mut set = vec![
+        files::EVENTS,
+        files::CSV,
+        files::CHECKPOINT,
+        files::KEYRING,
+        files::PROOFS,
+        files::README,
+    ];
+    if manifest.since_size.is_some() {
+        set.push(files::SINCE);
+    }
+    set
+}
+
+/// Checks that the manifest lists exactly the [`file_set`], and that the directory holds nothing
+/// else. A file a reader may open must not go unchecked: were a listing optional, dropping
+/// `events.csv` from it would let a forged CSV (the file a spreadsheet opens) pass, and dropping
+/// `since-checkpoint.txt` would skip the consistency proof.
+fn check_file_set(dir: &Path, manifest: &Manifest) -> Result<(), Failure> {
+    let want = file_set(manifest);
+    if let Some(missing) = want.iter().find(|n| !manifest.files.contains_key(**n)) {
+        return Err(fail(files::MANIFEST, format!("does not list {missing}")));
+    }
+    for name in manifest.files.keys() {
+        if name.contains('/') || name.contains('\\') || name.starts_with('.') {
+            return Err(fail(
+                files::MANIFEST,
+                format!("lists a file outside the bundle: {name}"),
+            ));
+        }
+        if name == files::SINCE && manifest.since_size.is_none() {
+            return Err(fail(
+                files::MANIFEST,
+                format!("lists {name} but has no since_size"),
+            ));
+        }
+        if !want.contains(&name.as_str()) {
+            return Err(fail(
+                files::MANIFEST,
+                format!("lists {name}, which is not a file of {FORMAT}"),
+            ));
+        }
+    }
+    let place = "the bundle directory";
+    let listing = |e: std::io::Error| fail(place, format!("cannot be listed: {e}"));
+    let mut present = Vec::new();
+    for entry in fs::read_dir(dir).map_err(listing)? {
+        // A name that is not UTF-8 is shown with replacement characters, and is listed by no
+        // manifest, so it is refused like any other unlisted entry.
+        present.push(
+            entry
+                .map_err(listing)?
+                .file_name()
+                .to_string_lossy()
+                .into_owned(),
+        );
+    }
+    present.sort();
+    match present
+        .iter()
+        .find(|n| n.as_str() != files::MANIFEST && !manifest.files.contains_key(n.as_str()))
+    {
+        Some(extra) => Err(fail(
+            extra.as_str(),
+            "is in the bundle directory but not in the manifest",
+        )),
+        None => Ok(()),
+    }
+}
+
 /// Verifies a bundle offline.
 ///
 /// `trusted` replaces the bundle's own keyring for the checkpoints: a reader who obtained the
@@ -871,34 +940,17 @@ pub fn verify_in_chunks(
             format!("unknown format {:?}", manifest.format),
         ));
     }
-    for required in [
-        files::EVENTS,
-        files::CHECKPOINT,
-        files::KEYRING,
-        files::PROOFS,
-    ] {
-        if !manifest.files.contains_key(required) {
-            return Err(fail(files::MANIFEST, format!("does not list {required}")));
-        }
-    }
+    check_file_set(dir, &manifest)?;
     // Each listed file is read once: the bytes whose SHA-256 is checked are the bytes checked
     // below, so a file swapped meanwhile cannot pass as the one that was hashed. The small files
     // are read whole; the others are opened here and streamed below.
     let mut small = BTreeMap::new();
     let mut opened = Vec::new();
     for name in manifest.files.keys() {
-        if name.contains('/') || name.contains('\\') || name.starts_with('.') {
-            return Err(fail(
-                files::MANIFEST,
-                format!("lists a file outside the bundle: {name}"),
-            ));
-        }
         if READ_WHOLE.contains(&name.as_str()) {
             small.insert(name.as_str(), read(dir, name)?);
         } else {
-            // Only the events and the CSV stay open; the others (the README, names this verifier
-            // does not know) are opened again one at a time to be hashed, so that a manifest
-            // listing thousands of files costs neither thousands of descriptors nor threads.
+            // Only the events and the CSV stay open; the README is opened again to be hashed.
             let file = open_regular(dir, name)?;
             let keep = [files::EVENTS, files::CSV].contains(&name.as_str());
             opened.push((name.as_str(), keep.then_some(file)));
@@ -937,6 +989,7 @@ pub fn verify_in_chunks(
                 .collect::<Vec<_>>()
         });
         let events = events.expect("events.jsonl is listed, so it was opened");
+        let csv = csv.expect("events.csv is listed, so it was opened");
         let checked = verify_contents(
             &manifest,
             &small,
@@ -978,12 +1031,12 @@ fn verify_contents(
     manifest: &Manifest,
     small: &BTreeMap<&str, Vec<u8>>,
     (trusted, since): (Option<&VerifierKey>, Option<&str>),
-    (events, csv): (Blocks, Option<Blocks>),
+    (events, csv): (Blocks, Blocks),
     chunk_bytes: usize,
     progress: Option<Progress<'_>>,
 ) -> Result<Verified, Failure> {
-    // Every small file read below is listed (the required ones were checked, the others are
-    // looked up only when listed), so each is in `small`.
+    // Every small file read below is listed (the file set was checked; the earlier checkpoint is
+    // looked up only when `since_size` says it is there), so each is in `small`.
     let bytes = |name: &str| -> Result<&[u8], Failure> {
         small
             .get(name)
@@ -1035,18 +1088,15 @@ fn verify_contents(
     let want = manifest.to - manifest.from;
     // The CSV is a convenience copy, but a reader may trust it: it must say what the events say.
     // Each chunk's rows are rendered as its events are checked, so each event is parsed once.
-    let mut csv = csv.map(|blocks| CsvStream {
-        blocks,
+    let mut csv = CsvStream {
+        blocks: csv,
         buf: Vec::new(),
         pos: 0,
-    });
-    if let Some(c) = &mut csv {
-        c.expect(csv_header().as_bytes())?;
-    }
+    };
+    csv.expect(csv_header().as_bytes())?;
     let ctx = EventCheck {
         from: manifest.from,
         tenant: &manifest.tenant,
-        csv: csv.is_some(),
     };
     // A chunk's events are checked in parallel parts: each event is independent of the others,
     // and the first failure in line order is the one reported.
@@ -1093,9 +1143,7 @@ fn verify_contents(
         };
         for r in results {
             // The rows stop before a failed event, so a CSV difference here came first.
-            if let Some(c) = &mut csv {
-                c.expect(r.rows.as_bytes())?;
-            }
+            csv.expect(r.rows.as_bytes())?;
             for leaf in r.leaves {
                 ranged.push(leaf);
             }
@@ -1126,7 +1174,7 @@ fn verify_contents(
             format!("holds {seen} events but the manifest's range has {want}"),
         ));
     }
-    if csv.as_mut().is_some_and(|c| !c.at_end()) {
+    if !csv.at_end() {
         return Err(fail(files::CSV, CSV_DIFFERS));
     }
 
@@ -1145,11 +1193,17 @@ fn verify_contents(
     }
 
     // Consistency from the reader's earlier checkpoint, or the bundle's own.
-    let bundled_since = match manifest.files.contains_key(files::SINCE) {
-        true => Some(text(files::SINCE)?),
-        false => None,
+    let bundled_since = match manifest.since_size {
+        Some(_) => Some(text(files::SINCE)?),
+        None => None,
     };
     let since_note = since.or(bundled_since);
+    if since_note.is_none() && proofs.consistency_proof.is_some() {
+        return Err(fail(
+            files::PROOFS,
+            "has a consistency proof but the manifest has no since_size",
+        ));
+    }
     let mut consistent_since = None;
     if let Some(since_note) = since_note {
         let (old, _) = open_checkpoint(since_note, &ring, &manifest.origin)
