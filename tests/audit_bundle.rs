@@ -1106,7 +1106,7 @@ async fn dropped_duplicated_reordered_truncated_or_extra_events_are_caught() {
     d.close().await;
 }
 
-/// Spec (docs/AUDIT-FORMAT.md section 5 step 6): `events.jsonl` must hold exactly `to - from`
+/// Spec (docs/AUDIT-FORMAT.md section 5 step 7): `events.jsonl` must hold exactly `to - from`
 /// lines. A blank line after the last expected event is one line too many, and so is anything
 /// after it (here a whole extra event): nothing in the file goes unchecked.
 /// A verification tells its progress after every chunk: the events checked so far, rising to
@@ -1518,6 +1518,66 @@ async fn an_altered_or_stale_events_csv_under_a_rewritten_manifest_is_caught() {
             "does not list events.csv",
         );
     }
+    d.close().await;
+}
+
+/// The README a reader follows was covered only by the manifest's hash, which whoever rewrites the
+/// bundle recomputes: it must be the writer's, byte for byte, and the format document holds the
+/// same text, so that an independent verifier can compare it too.
+#[tokio::test]
+async fn the_readme_is_the_writers_byte_for_byte_and_the_documents() {
+    let d = Deployment::open().await;
+    let a = tenant(&d, "T0A", &["U1"]).await;
+    let out = export_ok(&d, &a, 0, None, "full").await;
+    let readme = fs::read_to_string(out.join(files::README)).unwrap();
+
+    let doc =
+        fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/AUDIT-FORMAT.md"))
+            .unwrap();
+    let after = &doc[doc
+        .find("**README.txt** is exactly this text")
+        .expect("the README section")..];
+    let start = after.find("```text\n").expect("its text block") + "```text\n".len();
+    let len = after[start..].find("\n```\n").expect("the block's end") + 1;
+    assert_eq!(
+        &after[start..start + len],
+        readme,
+        "docs/AUDIT-FORMAT.md section 4 holds the README the writer writes"
+    );
+
+    let attacker = attacker_key().verifier().to_vkey_text();
+    for reader in [
+        Reader::default(),
+        Reader {
+            trusted: Some(&d.trusted),
+            since: None,
+        },
+    ] {
+        check_tamper(
+            "README rewritten to trust another key",
+            &out,
+            Attacker::RewritesManifest,
+            reader,
+            |dir| {
+                let text = readme.replace(
+                    "'<the deployment's verifier key>'",
+                    &format!("'{attacker}'"),
+                );
+                fs::write(dir.join(files::README), text).unwrap();
+            },
+            files::README,
+            "is not the README of agentgate-audit-bundle/1",
+        );
+    }
+    check_tamper(
+        "README with a line added",
+        &out,
+        Attacker::RewritesManifest,
+        Reader::default(),
+        |dir| fs::write(dir.join(files::README), format!("{readme}\n")).unwrap(),
+        files::README,
+        "is not the README",
+    );
     d.close().await;
 }
 

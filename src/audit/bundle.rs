@@ -307,6 +307,8 @@ impl HashingFile {
     }
 }
 
+/// The README of every bundle of [`FORMAT`]; [`verify`] requires it byte for byte, and
+/// docs/AUDIT-FORMAT.md section 4 holds a copy (tests/audit_bundle.rs checks the two agree).
 const README: &str = "\
 agentgate audit bundle
 
@@ -315,17 +317,29 @@ To verify it offline with agentgate:
 
     agentgate audit verify . --trusted-key '<the deployment's verifier key>'
 
+Obtain that key from the deployment's operator, not from this directory: keyring.txt
+lists the deployment's keys, but whoever altered a bundle can alter it too. This README
+is part of the format and verification checks it byte for byte.
+
+A verified bundle proves that its events are the entries manifest.from to manifest.to - 1
+of the tenant's log, exactly as the log holds them, and that the log held
+manifest.tree_size entries when the checkpoint was signed; agentgate prints both. A bundle
+can be a sub-range: compare the range with what you asked for. To prove that the log only grew since an earlier export,
+keep that export's checkpoint.txt and pass it with --since-checkpoint.
+
 Without agentgate, follow docs/AUDIT-FORMAT.md of the agentgate repository:
-1. Check the SHA-256 of every file listed in manifest.json.
-2. Check that checkpoint.txt is an Ed25519 signed note by a key you trust (keyring.txt lists the
-   deployment's keys; trust one you obtained independently), whose origin is manifest.origin.
+1. Check that this directory holds exactly the files of the format (section 4), each
+   listed in manifest.json but the manifest, and the SHA-256 of every listed file.
+2. Check that checkpoint.txt is an Ed25519 signed note by a key you trust, whose origin
+   is manifest.origin and whose size is manifest.tree_size.
 3. Each line of events.jsonl is one event's exact leaf bytes. Leaf hash = SHA-256(0x00 || line).
    Check seq runs from manifest.from to manifest.to - 1 and tenant is manifest.tenant.
 4. With proofs.json's range_proof, rebuild the RFC 9162 root of manifest.tree_size from the
    leaf hashes and compare it with the checkpoint's root.
-5. If since-checkpoint.txt is present, verify proofs.json's consistency_proof from it to
-   checkpoint.txt (RFC 9162 section 2.1.4).
-events.csv holds the same events for spreadsheets; agentgate checks that it says exactly what events.jsonl says.
+5. With an earlier checkpoint (yours, or since-checkpoint.txt), verify proofs.json's
+   consistency_proof from it to checkpoint.txt (RFC 9162 section 2.1.4).
+6. Check that events.csv is exactly the CSV of events.jsonl (section 4), so that the
+   spreadsheet says what was verified.
 ";
 
 /// Writes a bundle into `dir` (created; it must not exist or be empty).
@@ -578,12 +592,13 @@ pub const CHUNK_BYTES: usize = 2 << 20;
 /// `segment_log::Options::max_record_bytes` says, so that every bundle it writes can pass.
 pub(crate) const MAX_LINE_BYTES: usize = 32 << 20;
 
-/// Files small enough to be read whole, and parsed: everything else is only hashed, or streamed.
-const READ_WHOLE: [&str; 4] = [
+/// Files small enough to be read whole, and checked whole; the events and the CSV are streamed.
+const READ_WHOLE: [&str; 5] = [
     files::CHECKPOINT,
     files::KEYRING,
     files::PROOFS,
     files::SINCE,
+    files::README,
 ];
 
 /// Largest manifest or small file [`verify`] reads whole; those of a real bundle are a few KiB.
@@ -646,15 +661,16 @@ fn cannot_read(name: &str, e: &std::io::Error) -> Failure {
 }
 
 /// Reads `file` in blocks of `block` bytes, computing its SHA-256 and handing each block to
-/// `blocks`, if given; once the receiver hangs up (the checks are done) it goes on hashing alone.
+/// `blocks`; once the receiver hangs up (the checks are done) it goes on hashing alone.
 /// Returns the digest, or the read failure.
 fn stream(
     mut file: fs::File,
     name: &str,
     block: usize,
-    mut blocks: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
+    blocks: std::sync::mpsc::SyncSender<Vec<u8>>,
 ) -> Result<String, Failure> {
     use std::io::Read;
+    let mut blocks = Some(blocks);
     let mut hasher = Sha256::new();
     // Hashing alone, one buffer serves every block; handed on, each block is a new one.
     let mut spare = Vec::new();
@@ -950,24 +966,17 @@ pub fn verify_in_chunks(
         if READ_WHOLE.contains(&name.as_str()) {
             small.insert(name.as_str(), read(dir, name)?);
         } else {
-            // Only the events and the CSV stay open; the README is opened again to be hashed.
-            let file = open_regular(dir, name)?;
-            let keep = [files::EVENTS, files::CSV].contains(&name.as_str());
-            opened.push((name.as_str(), keep.then_some(file)));
+            // The file set was checked: this is the events or the CSV.
+            opened.push((name.as_str(), open_regular(dir, name)?));
         }
     }
     std::thread::scope(|scope| {
         // One reader per streamed file, hashing as it reads, beside the checks (about a tenth of
-        // the work at 10^6 events). Only the events and the CSV are handed on to the checks.
+        // the work at 10^6 events), handing its blocks on to the checks.
         let mut events = None;
         let mut csv = None;
         let mut readers = BTreeMap::new();
-        let mut others = Vec::new();
         for (name, file) in opened {
-            let Some(file) = file else {
-                others.push(name);
-                continue;
-            };
             let (tx, rx) = std::sync::mpsc::sync_channel(2);
             match name {
                 files::EVENTS => events = Some(rx),
@@ -975,19 +984,9 @@ pub fn verify_in_chunks(
             }
             readers.insert(
                 name,
-                scope.spawn(move || stream(file, name, chunk_bytes, Some(tx))),
+                scope.spawn(move || stream(file, name, chunk_bytes, tx)),
             );
         }
-        let others = scope.spawn(move || {
-            others
-                .into_iter()
-                .map(|name| {
-                    let digest = open_regular(dir, name)
-                        .and_then(|file| stream(file, name, chunk_bytes.max(64 << 10), None));
-                    (name, digest)
-                })
-                .collect::<Vec<_>>()
-        });
         let events = events.expect("events.jsonl is listed, so it was opened");
         let csv = csv.expect("events.csv is listed, so it was opened");
         let checked = verify_contents(
@@ -1003,7 +1002,6 @@ pub fn verify_in_chunks(
         for (name, reader) in readers {
             digests.insert(name, reader.join().expect("a reader does not panic"));
         }
-        digests.extend(others.join().expect("a reader does not panic"));
         // A file that could not be read, then one that was altered, explain any later failure.
         let mut altered = None;
         for (name, want) in &manifest.files {
@@ -1048,6 +1046,14 @@ fn verify_contents(
     };
     if !manifest.origin.ends_with(&format!("/{}", manifest.tenant)) {
         return Err(fail(files::MANIFEST, "the origin does not name the tenant"));
+    }
+    // A reader follows the README, and only the manifest's hash covered it: rewritten, it could
+    // tell them to trust whatever key signed the bundle. It is the writer's, byte for byte.
+    if bytes(files::README)? != README.as_bytes() {
+        return Err(fail(
+            files::README,
+            "is not the README of agentgate-audit-bundle/1 (rewritten; see docs/AUDIT-FORMAT.md section 4)",
+        ));
     }
 
     // The keys: the reader's own, when given, else the bundle's keyring.
