@@ -257,6 +257,7 @@ pub enum AuditCommand {
         #[arg(long)]
         trusted_key: Option<String>,
         /// A checkpoint kept from an earlier export: the bundle must prove the log only grew since.
+        /// Without --trusted-key, the new checkpoint must be signed by a key that signed this one.
         #[arg(long)]
         since_checkpoint: Option<PathBuf>,
     },
@@ -920,7 +921,9 @@ fn audit_verify(
     match bundle::verify_with_progress(path, trusted.as_ref(), since.as_deref(), &tell) {
         Ok(v) => {
             println!("{v}");
-            if !v.trusted_key {
+            if !v.trusted_key && since.is_some() {
+                eprintln!("note: no --trusted-key: the checkpoint is signed by a key (from the bundle's keyring) that signed your earlier checkpoint");
+            } else if !v.trusted_key {
                 eprintln!("note: checked against the bundle's own keyring; pass --trusted-key to check who signed it");
             }
             if let Some(s) = v.consistent_since {

@@ -2597,6 +2597,75 @@ async fn an_export_since_an_earlier_checkpoint_proves_the_log_only_grew() {
     d.close().await;
 }
 
+/// Without `--trusted-key`, the keys are the bundle's own keyring, to which whoever rewrites the
+/// bundle can add a key: the reader's earlier checkpoint is then the trust anchor, and the new
+/// checkpoint must be signed by a key that signed it.
+#[tokio::test]
+async fn without_a_trusted_key_the_readers_checkpoint_anchors_the_keys() {
+    let d = Deployment::open().await;
+    let a = tenant(&d, "T0A", &["U1", "U2"]).await;
+    let out1 = export_ok(&d, &a, 0, None, "one").await;
+    let cp1 = checkpoint_text(&out1);
+    grant(&d, &a, &["U3"]).await;
+    let out2 = d.bundle_path("two");
+    export(&d, &a, 0, None, Some(&cp1), &out2).await.unwrap();
+    let attacker = attacker_key();
+    let both = Keyring::from_keys([d.trusted.clone(), attacker.verifier()]).unwrap();
+    // The new checkpoint's body (consistent with the reader's), signed by the added key alone,
+    // or by it and the real one.
+    let resign = |dir: &Path, keys: &[&SigningKey]| {
+        let note = checkpoint_text(dir);
+        let cp = Checkpoint::parse_body(&parse_signed_note(&note).unwrap().text).unwrap();
+        fs::write(
+            dir.join(files::CHECKPOINT),
+            sign_checkpoint(&cp, keys).unwrap(),
+        )
+        .unwrap();
+        fs::write(dir.join(files::KEYRING), keyring_text(&both)).unwrap();
+    };
+    let reader = Reader {
+        trusted: None,
+        since: Some(&cp1),
+    };
+    let err = check_tamper(
+        "the checkpoint signed by an added key",
+        &out2,
+        Attacker::RewritesManifest,
+        reader,
+        |dir| resign(dir, &[&attacker]),
+        files::CHECKPOINT,
+        "no key signed both; after a key rotation, name the new key with --trusted-key",
+    );
+    assert!(
+        err.why.starts_with(&format!(
+            "is signed by {}, and your earlier checkpoint by {}",
+            attacker.verifier().to_vkey_text(),
+            d.trusted.to_vkey_text()
+        )),
+        "{err}"
+    );
+    // Without the reader's checkpoint there is no anchor: the bundle's keyring alone, as the
+    // verified line's note says.
+    let (_s, forged) = tampered("added key", &out2, Attacker::RewritesManifest, |dir| {
+        resign(dir, &[&attacker])
+    });
+    let v = verify(&forged, None, None).expect("the bundle's own keys and checkpoint");
+    assert_eq!(v.signed_by, [attacker.verifier().to_vkey_text()]);
+    // Signed by the real key too: it signed both, so it passes.
+    let real = SigningKey::from_skey_text(
+        fs::read_to_string(d.dir.path().join("audit").join("signing.key"))
+            .unwrap()
+            .trim(),
+    )
+    .unwrap();
+    let (_s, cosigned) = tampered("co-signed", &out2, Attacker::RewritesManifest, |dir| {
+        resign(dir, &[&attacker, &real])
+    });
+    let v = verify(&cosigned, None, Some(&cp1)).expect("a key signed both");
+    assert_eq!(v.consistent_since, Some(read_manifest(&out1).tree_size));
+    d.close().await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // 6. The export is audited
 // ---------------------------------------------------------------------------------------------

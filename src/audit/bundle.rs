@@ -1212,8 +1212,29 @@ fn verify_contents(
     }
     let mut consistent_since = None;
     if let Some(since_note) = since_note {
-        let (old, _) = open_checkpoint(since_note, &ring, &manifest.origin)
+        let (old, old_signers) = open_checkpoint(since_note, &ring, &manifest.origin)
             .map_err(|e| fail("since-checkpoint", format!("does not verify: {e}")))?;
+        // Without a trusted key, the keys are the bundle's own, which anyone can add to: the
+        // reader's earlier checkpoint is then the trust anchor, and the new one must be signed by
+        // a key that signed it, or an added key could sign a forged history that extends it.
+        if since.is_some() && trusted.is_none() && !signers.iter().any(|k| old_signers.contains(k))
+        {
+            let names = |keys: &[VerifierKey]| {
+                keys.iter()
+                    .map(VerifierKey::to_vkey_text)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            return Err(fail(
+                files::CHECKPOINT,
+                format!(
+                    "is signed by {}, and your earlier checkpoint by {}: no key signed both; \
+                     after a key rotation, name the new key with --trusted-key",
+                    names(&signers),
+                    names(&old_signers)
+                ),
+            ));
+        }
         let proof = proofs.consistency_proof.as_deref().ok_or_else(|| {
             fail(
                 files::PROOFS,
