@@ -165,6 +165,9 @@ fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
+/// Leading characters that a spreadsheet may take for the start of a formula.
+const FORMULA_STARTS: [char; 6] = ['=', '+', '-', '@', '\t', '\r'];
+
 /// Quotes a CSV field when needed, and defuses a leading formula character for spreadsheets.
 fn csv_field(s: &str) -> String {
     let mut out = String::with_capacity(s.len() + 2);
@@ -178,7 +181,9 @@ fn push_csv_field(out: &mut String, s: &str) {
     if quote {
         out.push('"');
     }
-    if s.starts_with(['=', '+', '-', '@']) {
+    // The characters that start a formula in a spreadsheet, tab and CR included (OWASP's list):
+    // a leading `'` makes the cell text. Inside the quotes, so that the quoting stays intact.
+    if s.starts_with(FORMULA_STARTS) {
         out.push('\'');
     }
     if quote {
@@ -1488,6 +1493,27 @@ mod tests {
         assert_eq!(csv_field("=SUM(A1)"), "'=SUM(A1)");
         let out = csv(&[br#"{"data":{"a":1},"seq":0,"type":"x"}"#.to_vec()]);
         assert_eq!(out.lines().nth(1).unwrap(), "0,,x,,,,,,\"{\"\"a\"\":1}\"");
+    }
+
+    /// Every leading formula character is defused, tab and CR too; the `'` goes inside the quotes
+    /// when the field is quoted, and a formula character elsewhere is left alone.
+    #[test]
+    fn csv_defuses_every_formula_start() {
+        for (value, field) in [
+            ("=1+1", "'=1+1"),
+            ("+1", "'+1"),
+            ("-1", "'-1"),
+            ("@SUM(A1)", "'@SUM(A1)"),
+            ("\t=1+1", "'\t=1+1"),
+            ("\r=1+1", "\"'\r=1+1\""),
+            ("=1,2", "\"'=1,2\""),
+            ("-\"x\"", "\"'-\"\"x\"\"\""),
+            ("a=1", "a=1"),
+            ("a\t", "a\t"),
+            ("", ""),
+        ] {
+            assert_eq!(csv_field(value), field, "{value:?}");
+        }
     }
 
     proptest::proptest! {
