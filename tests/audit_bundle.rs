@@ -1340,8 +1340,161 @@ async fn event_lines_use_the_specified_canonical_encoding() {
     d.close().await;
 }
 
-/// events.csv is a convenience copy, but a reader may open it instead of events.jsonl: when the
-/// manifest lists it, it must be exactly `bundle::csv` of the event lines, checked before the root.
+/// One CSV row of an event, written from the rules of docs/AUDIT-FORMAT.md section 4 as stated
+/// there, independently of `bundle::csv`:
+/// - the columns seq, time, type, principal, principal_kind, initiator, run_id, correlation_id,
+///   then data; each row ends in LF;
+/// - a column's value: absent or null is empty, a string is itself (decoded), anything else is
+///   its canonical encoding; `data` is its canonical encoding, `null` when absent;
+/// - a value starting with = + - @ tab or CR gets a leading `'`; a value containing , " LF or CR
+///   is quoted, the `'` inside the quotes, each `"` doubled.
+fn spec_csv_row(event: &Value) -> String {
+    let field = |value: String| {
+        let defuse = match value.starts_with(['=', '+', '-', '@', '\t', '\r']) {
+            true => "'",
+            false => "",
+        };
+        match value.contains([',', '"', '\n', '\r']) {
+            true => format!("\"{defuse}{}\"", value.replace('"', "\"\"")),
+            false => format!("{defuse}{value}"),
+        }
+    };
+    let columns = [
+        "seq",
+        "time",
+        "type",
+        "principal",
+        "principal_kind",
+        "initiator",
+        "run_id",
+        "correlation_id",
+    ];
+    let mut fields: Vec<String> = columns
+        .iter()
+        .map(|c| match event.get(*c) {
+            None | Some(Value::Null) => field(String::new()),
+            Some(Value::String(s)) => field(s.clone()),
+            Some(other) => field(spec_encoding(other, None)),
+        })
+        .collect();
+    fields.push(field(
+        event
+            .get("data")
+            .map_or("null".to_owned(), |d| spec_encoding(d, None)),
+    ));
+    format!("{}\n", fields.join(","))
+}
+
+const SPEC_CSV_HEADER: &str =
+    "seq,time,type,principal,principal_kind,initiator,run_id,correlation_id,data\n";
+
+/// Spec (docs/AUDIT-FORMAT.md section 4, events.csv): the CSV is the header and one row per event
+/// by the stated rules, both for the events an export writes and for values that exercise every
+/// rule (formula starts, quoting, null, absent members, non-strings, escapes in `data`).
+#[tokio::test]
+async fn events_csv_follows_the_specified_rules() {
+    let d = Deployment::open().await;
+    let a = tenant(&d, "T0A", &["U1", "U2"]).await;
+    let out = export_ok(&d, &a, 0, None, "full").await;
+    let mut want = SPEC_CSV_HEADER.to_owned();
+    for line in event_lines(&out) {
+        want.push_str(&spec_csv_row(&serde_json::from_slice(&line).unwrap()));
+    }
+    assert_eq!(fs::read_to_string(out.join(files::CSV)).unwrap(), want);
+
+    let base = serde_json::json!({
+        "correlation_id": null,
+        "data": {"note": "a \"b\""},
+        "initiator": "user",
+        "principal": "=cmd",
+        "principal_kind": "user",
+        "run_id": "01J",
+        "seq": 7,
+        "tenant": "t_x",
+        "time": "2026-01-01T00:00:00.000000Z",
+        "type": "settings.changed",
+        "v": 1,
+    });
+    // The example of the document: its event (as `base`, but for the tenant) and its row.
+    let doc =
+        fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/AUDIT-FORMAT.md"))
+            .unwrap();
+    let example = &doc[doc
+        .find("For example, the event `")
+        .expect("the CSV example")..];
+    let row = example
+        .split("```text\n")
+        .nth(1)
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap();
+    let leaf = spec_encoding(&base, None).into_bytes();
+    assert!(
+        example.starts_with(&format!(
+            "For example, the event `{}`",
+            String::from_utf8(leaf.clone())
+                .unwrap()
+                .replace("t_x", "t_…")
+        )),
+        "{}",
+        &example[..200]
+    );
+    assert_eq!(
+        bundle::csv(std::slice::from_ref(&leaf)),
+        format!("{SPEC_CSV_HEADER}{row}\n")
+    );
+    assert_eq!(spec_csv_row(&base), format!("{row}\n"));
+    let cases: Vec<(&str, Value)> = vec![
+        ("+1", "+1".into()),
+        ("-1", "-1".into()),
+        ("@x", "@x".into()),
+        ("tab first", "\t=1+1".into()),
+        ("CR first", "\r=1+1".into()),
+        ("tab inside", "a\tb".into()),
+        ("comma", "a,b".into()),
+        ("quote", "say \"hi\"".into()),
+        ("LF", "two\nlines".into()),
+        ("CR", "a\rb".into()),
+        ("formula and comma", "=1,2".into()),
+        ("non-ASCII", "caf\u{e9} \u{1F600}".into()),
+        ("control", "\u{1}x".into()),
+        ("empty", "".into()),
+        ("null", Value::Null),
+        ("number", 5.into()),
+        ("negative number", (-5).into()),
+        ("boolean", true.into()),
+        ("object", serde_json::json!({"b": "=x", "a": [1, "y,z"]})),
+    ];
+    for (label, value) in cases {
+        for column in ["principal", "initiator", "correlation_id"] {
+            let mut v = base.clone();
+            v[column] = value.clone();
+            v["data"] = serde_json::json!({"text": value.clone(), "n": -1});
+            let leaf = spec_encoding(&v, None).into_bytes();
+            assert_eq!(
+                bundle::csv(std::slice::from_ref(&leaf)),
+                format!("{SPEC_CSV_HEADER}{}", spec_csv_row(&v)),
+                "{label} in {column}"
+            );
+        }
+    }
+    for absent in ["run_id", "correlation_id", "data"] {
+        let mut v = base.clone();
+        v.as_object_mut().unwrap().remove(absent);
+        let leaf = spec_encoding(&v, None).into_bytes();
+        let csv = bundle::csv(std::slice::from_ref(&leaf));
+        assert_eq!(
+            csv,
+            format!("{SPEC_CSV_HEADER}{}", spec_csv_row(&v)),
+            "{absent} absent"
+        );
+    }
+    d.close().await;
+}
+
+/// events.csv is a convenience copy, but a reader may open it instead of events.jsonl: it must be
+/// exactly `bundle::csv` of the event lines, checked before the root.
 #[tokio::test]
 async fn an_altered_or_stale_events_csv_under_a_rewritten_manifest_is_caught() {
     let d = Deployment::open().await;
