@@ -2819,6 +2819,99 @@ async fn without_a_trusted_key_the_readers_checkpoint_anchors_the_keys() {
     d.close().await;
 }
 
+/// An export is refused before it is recorded when its `out` is unusable or its earlier checkpoint
+/// is not of this log's history (signed by the deployment, but over another root, or beyond the
+/// log): the log keeps its size and nothing is written.
+#[tokio::test]
+async fn a_refused_export_records_nothing_and_writes_nothing() {
+    let d = Deployment::open().await;
+    let a = tenant(&d, "T0A", &["U1", "U2"]).await;
+    let real = SigningKey::from_skey_text(
+        fs::read_to_string(d.dir.path().join("audit").join("signing.key"))
+            .unwrap()
+            .trim(),
+    )
+    .unwrap();
+    let origin = d.services.audit.origin(&a.id);
+    let scratch = tempfile::tempdir().unwrap();
+
+    // A directory with something in it, a regular file, a path under a regular file.
+    let full = scratch.path().join("full");
+    fs::create_dir(&full).unwrap();
+    fs::write(full.join("keep.txt"), "mine").unwrap();
+    let file = scratch.path().join("file");
+    fs::write(&file, "mine").unwrap();
+    for out in [full.clone(), file.clone(), file.join("bundle")] {
+        let size = log_size(&d, &a).await;
+        let err = export(&d, &a, 0, None, None, &out).await.unwrap_err();
+        assert!(
+            matches!(err, AuditError::Bundle(_)),
+            "{}: {err}",
+            out.display()
+        );
+        assert_eq!(
+            log_size(&d, &a).await,
+            size,
+            "{}: nothing recorded",
+            out.display()
+        );
+    }
+    assert!(
+        matches!(
+            export(&d, &a, 0, None, None, &full).await.unwrap_err(),
+            AuditError::Bundle(bundle::WriteError::NotEmpty(_))
+        ),
+        "a non-empty directory is named as such"
+    );
+    assert_eq!(
+        fs::read_dir(&full).unwrap().count(),
+        1,
+        "the non-empty directory is left as it was"
+    );
+    assert_eq!(fs::read_to_string(&file).unwrap(), "mine");
+
+    // Earlier checkpoints the deployment signed, but not of this history: another root at a size
+    // the log has, a size the log does not have.
+    let size = log_size(&d, &a).await;
+    let mut other = Checkpoint::new(origin.clone(), size - 1, [7; 32]);
+    other
+        .extensions
+        .push("time 2026-01-01T00:00:00.000000Z".into());
+    let mut beyond = Checkpoint::new(origin.clone(), size + 5, [7; 32]);
+    beyond
+        .extensions
+        .push("time 2026-01-01T00:00:00.000000Z".into());
+    for (label, cp, why) in [
+        ("another root", other, "is not this log's root at size"),
+        ("beyond the log", beyond, "is beyond the log's"),
+    ] {
+        let note = sign_checkpoint(&cp, &[&real]).unwrap();
+        let out = d.bundle_path(label);
+        let err = export(&d, &a, 0, None, Some(&note), &out)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, AuditError::Export(m) if m.contains(why)),
+            "{label}: {err}"
+        );
+        assert_eq!(log_size(&d, &a).await, size, "{label}: nothing recorded");
+        assert!(!out.exists(), "{label}: nothing written");
+    }
+
+    // An existing empty directory takes the bundle, and nothing else is left beside it.
+    let empty = scratch.path().join("empty");
+    fs::create_dir(&empty).unwrap();
+    export(&d, &a, 0, None, None, &empty).await.unwrap();
+    verify(&empty, Some(&d.trusted), None).unwrap();
+    let mut names: Vec<String> = fs::read_dir(scratch.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["empty", "file", "full"]);
+    d.close().await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // 6. The export is audited
 // ---------------------------------------------------------------------------------------------

@@ -138,6 +138,9 @@ pub enum WriteError {
     /// The output directory exists and is not empty.
     #[error("{0} exists and is not empty; choose a new directory")]
     NotEmpty(PathBuf),
+    /// The output path names no directory that could be created (`/`, or one ending in `..`).
+    #[error("{0} does not name a directory to create; choose a new directory")]
+    NoName(PathBuf),
     /// A file could not be written.
     #[error("{path}: {source}")]
     Io {
@@ -347,19 +350,108 @@ Without agentgate, follow docs/AUDIT-FORMAT.md of the agentgate repository:
    spreadsheet says what was verified.
 ";
 
-/// Writes a bundle into `dir` (created; it must not exist or be empty).
+/// A bundle being written: a hidden directory beside where the bundle goes, renamed into place
+/// once every file in it is written and synced, so that a bundle at its path is always whole (a
+/// crash or a failed write leaves at most the hidden directory, never a partial bundle).
+pub struct Staging {
+    /// The hidden directory, removed when dropped unless the bundle was moved into place.
+    tmp: tempfile::TempDir,
+    /// Where the bundle goes.
+    out: PathBuf,
+}
+
+/// Checks that a bundle can be written at `out` (it does not exist, or is an empty directory),
+/// creates its parent if needed and the hidden directory the bundle is written into. An exporter
+/// calls this before it records anything, so that an unusable `out` costs the log nothing.
 ///
 /// # Errors
-/// [`WriteError`] when the directory is not empty or a file cannot be written.
-pub fn write(dir: &Path, c: Contents<'_>) -> Result<Manifest, WriteError> {
+/// [`WriteError::NotEmpty`] when `out` is not empty, [`WriteError::NoName`] for a path that names
+/// no directory, [`WriteError::Io`] when `out` is not a directory or a directory cannot be made.
+pub fn stage(out: &Path) -> Result<Staging, WriteError> {
     let io = |path: &Path| {
         let path = path.to_owned();
         move |source| WriteError::Io { path, source }
     };
-    if dir.exists() && fs::read_dir(dir).map_err(io(dir))?.next().is_some() {
-        return Err(WriteError::NotEmpty(dir.to_owned()));
+    let out = match fs::read_dir(out) {
+        Ok(mut entries) => match entries.next() {
+            Some(_) => return Err(WriteError::NotEmpty(out.to_owned())),
+            // An existing empty directory (`.`, say) is replaced by the bundle: by its real name.
+            None => fs::canonicalize(out).map_err(io(out))?,
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => out.to_owned(),
+        Err(source) => {
+            return Err(WriteError::Io {
+                path: out.to_owned(),
+                source,
+            })
+        }
+    };
+    let Some(name) = out.file_name() else {
+        return Err(WriteError::NoName(out));
+    };
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    fs::create_dir_all(&parent).map_err(io(&parent))?;
+    // The mode is the umask's, as for any directory made with `mkdir`.
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::Builder::new()
+        .prefix(&format!(".{}.partial-", name.to_string_lossy()))
+        .permissions(fs::Permissions::from_mode(0o777))
+        .tempdir_in(&parent)
+        .map_err(io(&parent))?;
+    Ok(Staging { tmp, out })
+}
+
+impl Staging {
+    /// Writes the bundle and moves it into place.
+    ///
+    /// # Errors
+    /// [`WriteError`] when a file cannot be written, the events are not the range, or the bundle
+    /// cannot be moved into place (something was put at its path meanwhile: `NotEmpty`).
+    pub fn write(self, c: Contents<'_>) -> Result<Manifest, WriteError> {
+        let manifest = write_files(self.tmp.path(), c)?;
+        let tmp = self.tmp.keep();
+        // A rename onto an empty directory replaces it; onto anything else it fails, and then
+        // the bundle is removed rather than left beside it.
+        if let Err(source) = fs::rename(&tmp, &self.out) {
+            let _ = fs::remove_dir_all(&tmp);
+            let occupied = fs::read_dir(&self.out).is_ok_and(|mut d| d.next().is_some());
+            return Err(match occupied {
+                true => WriteError::NotEmpty(self.out),
+                false => WriteError::Io {
+                    path: self.out,
+                    source,
+                },
+            });
+        }
+        // The rename is durable once the directory holding it is synced.
+        let parent = self.out.parent().unwrap_or(Path::new("."));
+        fs::File::open(parent)
+            .and_then(|d| d.sync_all())
+            .map_err(|source| WriteError::Io {
+                path: parent.to_owned(),
+                source,
+            })?;
+        Ok(manifest)
     }
-    fs::create_dir_all(dir).map_err(io(dir))?;
+}
+
+/// Writes a bundle at `dir` (it must not exist or be empty): [`stage`], then [`Staging::write`].
+///
+/// # Errors
+/// [`WriteError`] when the directory is not empty or a file cannot be written.
+pub fn write(dir: &Path, c: Contents<'_>) -> Result<Manifest, WriteError> {
+    stage(dir)?.write(c)
+}
+
+/// Writes the files of a bundle into the empty directory `dir`.
+fn write_files(dir: &Path, c: Contents<'_>) -> Result<Manifest, WriteError> {
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |source| WriteError::Io { path, source }
+    };
     let mut hashes = BTreeMap::new();
     // The events and their CSV in one pass over the events, one event in memory at a time.
     let mut events = HashingFile::create(dir.join(files::EVENTS))?;
@@ -425,8 +517,8 @@ pub fn write(dir: &Path, c: Contents<'_>) -> Result<Manifest, WriteError> {
         since_size: c.since.map(|(_, s, _)| s),
         files: hashes,
     };
-    // The manifest last, and the directory synced after it: a bundle whose manifest is on disk
-    // has every file it lists on disk too.
+    // The manifest last, and the directory synced after it: the bundle is whole before it is
+    // moved into place.
     let mut text = serde_json::to_vec_pretty(&manifest).expect("the manifest serialises");
     text.push(b'\n');
     let mut f = HashingFile::create(dir.join(files::MANIFEST))?;
@@ -1476,13 +1568,13 @@ mod tests {
             Err(WriteError::Events(e)) => assert_eq!(e.to_string(), "segment unreadable"),
             other => panic!("{other:?}"),
         }
-        // None of the failed ones has a manifest, so none passes for a bundle.
-        for name in ["short", "long", "endless", "failing"] {
-            assert!(
-                !scratch.path().join(name).join(files::MANIFEST).exists(),
-                "{name}"
-            );
-        }
+        // None of the failed ones is there, not even in part, nor is the directory each was
+        // written in: only the one that succeeded.
+        let left: Vec<String> = fs::read_dir(scratch.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(left, ["ok"]);
     }
 
     #[test]
