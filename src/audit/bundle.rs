@@ -332,8 +332,9 @@ is part of the format and verification checks it byte for byte.
 A verified bundle proves that its events are the entries manifest.from to manifest.to - 1
 of the tenant's log, exactly as the log holds them, and that the log held
 manifest.tree_size entries when the checkpoint was signed; agentgate prints both. A bundle
-can be a sub-range: compare the range with what you asked for. To prove that the log only grew since an earlier export,
-keep that export's checkpoint.txt and pass it with --since-checkpoint.
+can be a sub-range: compare the range with what you asked for. To prove that the log only
+grew since an earlier export, keep that export's checkpoint.txt and pass it with
+--since-checkpoint.
 
 Without agentgate, follow docs/AUDIT-FORMAT.md of the agentgate repository:
 1. Check that this directory holds exactly the files of the format (section 4), each
