@@ -2819,6 +2819,72 @@ async fn without_a_trusted_key_the_readers_checkpoint_anchors_the_keys() {
     d.close().await;
 }
 
+/// After a key rotation, the reader's earlier checkpoint (old key) cannot anchor the new one (new
+/// key) without a trusted key: that is refused, saying so; with the new key as `--trusted-key`
+/// the bundle proves continuity from the reader's checkpoint, whichever key signed it.
+#[tokio::test]
+async fn after_a_key_rotation_the_new_trusted_key_verifies_continuity() {
+    let dir = tempfile::tempdir().unwrap();
+    let old_key = SigningKey::generate("ops-old").unwrap();
+    let new_key = SigningKey::generate("ops-new").unwrap();
+    let open = |k: &SigningKey| {
+        Services::open(
+            dir.path(),
+            Some(&SecretString::from("42".repeat(32))),
+            &AuditOptions {
+                signing_key: Some(k.to_skey_text().into()),
+                ..AuditOptions::default()
+            },
+        )
+        .unwrap()
+    };
+    let services = open(&old_key);
+    let d = Deployment {
+        dir: tempfile::tempdir().unwrap(),
+        services,
+        trusted: old_key.verifier(),
+    };
+    let a = tenant(&d, "T0A", &["U1"]).await;
+    let out1 = export_ok(&d, &a, 0, None, "one").await;
+    let cp1 = checkpoint_text(&out1);
+    let size1 = read_manifest(&out1).tree_size;
+    // Its bundles go with it; the reader keeps the checkpoint.
+    d.close().await;
+    let d = Deployment {
+        dir: tempfile::tempdir().unwrap(),
+        services: open(&new_key),
+        trusted: new_key.verifier(),
+    };
+    grant(&d, &a, &["U2"]).await;
+    let out2 = d.bundle_path("two");
+    export(&d, &a, 0, None, Some(&cp1), &out2).await.unwrap();
+
+    let err = verify(&out2, None, Some(&cp1)).unwrap_err();
+    assert_eq!(err.place, files::CHECKPOINT, "{err}");
+    assert_eq!(
+        err.why,
+        format!(
+            "is signed by {}, and your earlier checkpoint by {}: no key signed both; \
+             after a key rotation, name the new key with --trusted-key",
+            new_key.verifier().to_vkey_text(),
+            old_key.verifier().to_vkey_text()
+        )
+    );
+    let v = verify(&out2, Some(&new_key.verifier()), Some(&cp1)).unwrap();
+    assert_eq!(v.consistent_since, Some(size1));
+    assert_eq!(v.signed_by, [new_key.verifier().to_vkey_text()]);
+    let err = verify(&out2, Some(&old_key.verifier()), Some(&cp1)).unwrap_err();
+    assert_eq!(
+        err.place,
+        files::CHECKPOINT,
+        "the old key did not sign it: {err}"
+    );
+    // The bundled earlier checkpoint is checked under the trusted key, like the new one.
+    let err = verify(&out2, Some(&new_key.verifier()), None).unwrap_err();
+    assert_eq!(err.place, "since-checkpoint", "{err}");
+    d.close().await;
+}
+
 /// An export is refused before it is recorded when its `out` is unusable or its earlier checkpoint
 /// is not of this log's history (signed by the deployment, but over another root, or beyond the
 /// log): the log keeps its size and nothing is written.

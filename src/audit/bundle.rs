@@ -1161,7 +1161,7 @@ fn verify_contents(
         Some(k) => {
             Keyring::from_keys([k.clone()]).map_err(|e| fail("--trusted-key", e.to_string()))?
         }
-        None => bundle_ring,
+        None => bundle_ring.clone(),
     };
     let note = text(files::CHECKPOINT)?;
     let (cp, signers): (Checkpoint, Vec<VerifierKey>) =
@@ -1310,7 +1310,21 @@ fn verify_contents(
     }
     let mut consistent_since = None;
     if let Some(since_note) = since_note {
-        let (old, old_signers) = open_checkpoint(since_note, &ring, &manifest.origin)
+        // The reader's own checkpoint is theirs to vouch for: its signature only shows that it is
+        // one of this deployment's, and what matters is that the trusted new checkpoint extends
+        // it. So beside a --trusted-key the bundle's keyring may serve for it too; the trusted key
+        // alone would refuse, after a rotation, the checkpoint an earlier key signed. A bundled
+        // earlier checkpoint is the bundle's, checked under the new checkpoint's keys.
+        let since_ring = match (since, trusted) {
+            (Some(_), Some(k)) => {
+                let mut r = bundle_ring;
+                r.add(k.clone())
+                    .map_err(|e| fail("--trusted-key", e.to_string()))?;
+                r
+            }
+            _ => ring,
+        };
+        let (old, old_signers) = open_checkpoint(since_note, &since_ring, &manifest.origin)
             .map_err(|e| fail("since-checkpoint", format!("does not verify: {e}")))?;
         // Without a trusted key, the keys are the bundle's own, which anyone can add to: the
         // reader's earlier checkpoint is then the trust anchor, and the new one must be signed by
