@@ -1003,9 +1003,12 @@ fn check_file_set(dir: &Path, manifest: &Manifest) -> Result<(), Failure> {
 
 /// Verifies a bundle offline.
 ///
-/// `trusted` replaces the bundle's own keyring for the checkpoints: a reader who obtained the
-/// deployment's key independently should pass it. `since` is a checkpoint the reader kept from an
-/// earlier export; the bundle must then prove the log grew from it by appending only.
+/// `trusted` replaces the bundle's own keyring for the bundle's checkpoints: a reader who obtained
+/// the deployment's key independently should pass it. `since` is a checkpoint the reader kept from
+/// an earlier export; the bundle must then prove the log grew from it by appending only. Without
+/// `trusted`, `since` is the trust anchor: the new checkpoint must be signed by a key that signed
+/// it. With `trusted`, `since` may verify under the bundle's keyring too (after a key rotation it
+/// is an earlier key's), since the reader vouches for it.
 ///
 /// The events are read and checked a chunk at a time ([`CHUNK_BYTES`]) and their leaf hashes go
 /// straight into the range's root, so memory stays bounded however large the bundle is.
