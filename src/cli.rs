@@ -248,7 +248,8 @@ pub enum AuditCommand {
         out: PathBuf,
     },
     /// Verify a bundle offline. Exit codes: 0 verified, 1 verification failed, 2 could not run
-    /// (unreadable --trusted-key or --since-checkpoint).
+    /// (no such bundle directory, an unreadable or invalid --trusted-key, an unreadable
+    /// --since-checkpoint).
     Verify {
         /// The bundle directory.
         path: PathBuf,
@@ -257,6 +258,7 @@ pub enum AuditCommand {
         #[arg(long)]
         trusted_key: Option<String>,
         /// A checkpoint kept from an earlier export: the bundle must prove the log only grew since.
+        /// Without --trusted-key, the new checkpoint must be signed by a key that signed this one.
         #[arg(long)]
         since_checkpoint: Option<PathBuf>,
     },
@@ -856,14 +858,21 @@ async fn audit_replay(services: &Services, tenant: &str) -> anyhow::Result<ExitC
     }
 }
 
-/// Reads a verifier key given inline or as a file.
+/// Reads a verifier key given inline or as a file. An argument naming an existing file is that
+/// file, which must hold a key: a damaged or wrong key file is reported as such, not parsed as if
+/// its name were the key.
 fn read_verifier_key(arg: &str) -> anyhow::Result<VerifierKey> {
-    let text = match std::fs::read_to_string(arg) {
-        Ok(t) => t,
-        Err(_) => arg.to_owned(),
-    };
-    VerifierKey::from_vkey_text(text.trim())
-        .map_err(|e| anyhow::anyhow!("--trusted-key is not a verifier key: {e}"))
+    let path = std::path::Path::new(arg);
+    if path.exists() {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("--trusted-key: cannot read the file {arg}"))?;
+        return VerifierKey::from_vkey_text(text.trim()).map_err(|e| {
+            anyhow::anyhow!("--trusted-key: the file {arg} does not hold a verifier key: {e}")
+        });
+    }
+    VerifierKey::from_vkey_text(arg.trim()).map_err(|e| {
+        anyhow::anyhow!("--trusted-key is neither a verifier key nor an existing file: {e}")
+    })
 }
 
 /// A progress line on stderr for long work (`exported 1200000 events so far`): nothing for the
@@ -901,6 +910,21 @@ fn audit_verify(
     trusted: Option<&str>,
     since: Option<&std::path::Path>,
 ) -> ExitCode {
+    // No bundle to check is a command that could not run, not a bundle that failed.
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => {
+            eprintln!(
+                "error: {} is not a directory; a bundle is the directory `audit export` wrote",
+                path.display()
+            );
+            return ExitCode::from(2);
+        }
+        Err(e) => {
+            eprintln!("error: cannot read the bundle {}: {e}", path.display());
+            return ExitCode::from(2);
+        }
+    }
     let trusted = match trusted.map(read_verifier_key).transpose() {
         Ok(k) => k,
         Err(e) => {
@@ -920,7 +944,9 @@ fn audit_verify(
     match bundle::verify_with_progress(path, trusted.as_ref(), since.as_deref(), &tell) {
         Ok(v) => {
             println!("{v}");
-            if !v.trusted_key {
+            if !v.trusted_key && since.is_some() {
+                eprintln!("note: no --trusted-key: the checkpoint is signed by a key (from the bundle's keyring) that signed your earlier checkpoint");
+            } else if !v.trusted_key {
                 eprintln!("note: checked against the bundle's own keyring; pass --trusted-key to check who signed it");
             }
             if let Some(s) = v.consistent_since {

@@ -294,15 +294,18 @@ fn checkpoint_text(dir: &Path) -> String {
     fs::read_to_string(dir.join(files::CHECKPOINT)).unwrap()
 }
 
+/// Every entry of the bundle directory and its bytes; a directory (which only a tamper puts
+/// there) as its name and a `/`, without its contents.
 fn snapshot(dir: &Path) -> BTreeMap<String, Vec<u8>> {
     fs::read_dir(dir)
         .unwrap()
         .map(|e| {
             let e = e.unwrap();
-            (
-                e.file_name().to_string_lossy().into_owned(),
-                fs::read(e.path()).unwrap(),
-            )
+            let name = e.file_name().to_string_lossy().into_owned();
+            match e.file_type().unwrap().is_dir() {
+                true => (format!("{name}/"), Vec::new()),
+                false => (name, fs::read(e.path()).unwrap()),
+            }
         })
         .collect()
 }
@@ -318,7 +321,10 @@ fn copy_of(out: &Path) -> (tempfile::TempDir, PathBuf) {
 fn copy_bundle(from: &Path, to: &Path) {
     fs::create_dir_all(to).unwrap();
     for (name, bytes) in snapshot(from) {
-        fs::write(to.join(name), bytes).unwrap();
+        match name.strip_suffix('/') {
+            Some(sub) => fs::create_dir(to.join(sub)).unwrap(),
+            None => fs::write(to.join(name), bytes).unwrap(),
+        }
     }
 }
 
@@ -547,6 +553,19 @@ async fn a_full_export_verifies_and_only_against_the_deployments_key() {
     let (cp, _) = open_checkpoint(&checkpoint_text(&out), &ring_of(&d.trusted), &origin).unwrap();
     assert_eq!((cp.size, cp.root), (size + 1, v.root));
 
+    assert_eq!(v.tree_size, size + 1);
+    assert_eq!(
+        v.to_string(),
+        format!(
+            "verified: {size} events (seq 0 to {} of {} in the log), tenant {}, root {}, signed by {}",
+            size - 1,
+            size + 1,
+            a.id,
+            hex::encode(v.root),
+            d.trusted.to_vkey_text()
+        )
+    );
+
     let vt = verify(&out, Some(&d.trusted), None).unwrap();
     assert!(vt.trusted_key);
     assert_eq!(
@@ -565,6 +584,51 @@ async fn a_full_export_verifies_and_only_against_the_deployments_key() {
         assert!(err.why.starts_with("does not verify"), "{err}");
         assert!(err.why.contains("no signature from a known key"), "{err}");
     }
+    d.close().await;
+}
+
+/// The range is the manifest's claim, not signed: whoever has a bundle can cut events off its end,
+/// rebuild the range proof from the dropped events' hashes, re-hash the manifest, and it verifies,
+/// just as a legitimate sub-range export would. What protects the reader is that the verified line
+/// states the range and the size of the signed tree, so the events beyond the bundle show.
+#[tokio::test]
+async fn a_bundle_cut_short_still_verifies_but_says_what_the_log_held() {
+    let d = Deployment::open().await;
+    let a = tenant(&d, "T0A", &["U1", "U2", "U3", "U4", "U5", "U6", "U7"]).await;
+    let size = log_size(&d, &a).await;
+    let out = export_ok(&d, &a, 0, None, "full").await;
+    let m = read_manifest(&out);
+    assert_eq!((m.to, m.tree_size), (size, size + 1));
+    let cut = 6;
+    // The attacker knows the dropped events, so the hashes the new range proof needs; the test
+    // takes them from the whole log for brevity.
+    let mut tree = Tree::new(MemNodeStore::new());
+    for l in log_events(&d, &a, 0, m.tree_size).await {
+        tree.append(&l).unwrap();
+    }
+    let proof = tree.range_proof(0, cut, tree.size()).unwrap();
+    let (_s, short) = tampered("cut short", &out, Attacker::RewritesManifest, |dir| {
+        edit_event_lines(dir, |l| l.truncate(cut as usize));
+        edit_manifest(dir, |m| m.to = cut);
+        edit_proofs(dir, |p| {
+            p.range_proof = proof.iter().map(hex::encode).collect()
+        });
+    });
+    let v = verify(&short, Some(&d.trusted), None).expect("a cut bundle is a valid sub-range");
+    assert_eq!(
+        (v.events, v.range, v.tree_size),
+        (cut, (0, cut), m.tree_size)
+    );
+    let line = v.to_string();
+    assert!(
+        line.starts_with(&format!(
+            "verified: {cut} events (seq 0 to {} of {} in the log), tenant {}, ",
+            cut - 1,
+            m.tree_size,
+            a.id
+        )),
+        "{line}"
+    );
     d.close().await;
 }
 
@@ -1042,7 +1106,7 @@ async fn dropped_duplicated_reordered_truncated_or_extra_events_are_caught() {
     d.close().await;
 }
 
-/// Spec (docs/AUDIT-FORMAT.md section 5 step 6): `events.jsonl` must hold exactly `to - from`
+/// Spec (docs/AUDIT-FORMAT.md section 5 step 7): `events.jsonl` must hold exactly `to - from`
 /// lines. A blank line after the last expected event is one line too many, and so is anything
 /// after it (here a whole extra event): nothing in the file goes unchecked.
 /// A verification tells its progress after every chunk: the events checked so far, rising to
@@ -1276,8 +1340,161 @@ async fn event_lines_use_the_specified_canonical_encoding() {
     d.close().await;
 }
 
-/// events.csv is a convenience copy, but a reader may open it instead of events.jsonl: when the
-/// manifest lists it, it must be exactly `bundle::csv` of the event lines, checked before the root.
+/// One CSV row of an event, written from the rules of docs/AUDIT-FORMAT.md section 4 as stated
+/// there, independently of `bundle::csv`:
+/// - the columns seq, time, type, principal, principal_kind, initiator, run_id, correlation_id,
+///   then data; each row ends in LF;
+/// - a column's value: absent or null is empty, a string is itself (decoded), anything else is
+///   its canonical encoding; `data` is its canonical encoding, `null` when absent;
+/// - a value starting with = + - @ tab or CR gets a leading `'`; a value containing , " LF or CR
+///   is quoted, the `'` inside the quotes, each `"` doubled.
+fn spec_csv_row(event: &Value) -> String {
+    let field = |value: String| {
+        let defuse = match value.starts_with(['=', '+', '-', '@', '\t', '\r']) {
+            true => "'",
+            false => "",
+        };
+        match value.contains([',', '"', '\n', '\r']) {
+            true => format!("\"{defuse}{}\"", value.replace('"', "\"\"")),
+            false => format!("{defuse}{value}"),
+        }
+    };
+    let columns = [
+        "seq",
+        "time",
+        "type",
+        "principal",
+        "principal_kind",
+        "initiator",
+        "run_id",
+        "correlation_id",
+    ];
+    let mut fields: Vec<String> = columns
+        .iter()
+        .map(|c| match event.get(*c) {
+            None | Some(Value::Null) => field(String::new()),
+            Some(Value::String(s)) => field(s.clone()),
+            Some(other) => field(spec_encoding(other, None)),
+        })
+        .collect();
+    fields.push(field(
+        event
+            .get("data")
+            .map_or("null".to_owned(), |d| spec_encoding(d, None)),
+    ));
+    format!("{}\n", fields.join(","))
+}
+
+const SPEC_CSV_HEADER: &str =
+    "seq,time,type,principal,principal_kind,initiator,run_id,correlation_id,data\n";
+
+/// Spec (docs/AUDIT-FORMAT.md section 4, events.csv): the CSV is the header and one row per event
+/// by the stated rules, both for the events an export writes and for values that exercise every
+/// rule (formula starts, quoting, null, absent members, non-strings, escapes in `data`).
+#[tokio::test]
+async fn events_csv_follows_the_specified_rules() {
+    let d = Deployment::open().await;
+    let a = tenant(&d, "T0A", &["U1", "U2"]).await;
+    let out = export_ok(&d, &a, 0, None, "full").await;
+    let mut want = SPEC_CSV_HEADER.to_owned();
+    for line in event_lines(&out) {
+        want.push_str(&spec_csv_row(&serde_json::from_slice(&line).unwrap()));
+    }
+    assert_eq!(fs::read_to_string(out.join(files::CSV)).unwrap(), want);
+
+    let base = serde_json::json!({
+        "correlation_id": null,
+        "data": {"note": "a \"b\""},
+        "initiator": "user",
+        "principal": "=cmd",
+        "principal_kind": "user",
+        "run_id": "01J",
+        "seq": 7,
+        "tenant": "t_x",
+        "time": "2026-01-01T00:00:00.000000Z",
+        "type": "settings.changed",
+        "v": 1,
+    });
+    // The example of the document: its event (as `base`, but for the tenant) and its row.
+    let doc =
+        fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/AUDIT-FORMAT.md"))
+            .unwrap();
+    let example = &doc[doc
+        .find("For example, the event `")
+        .expect("the CSV example")..];
+    let row = example
+        .split("```text\n")
+        .nth(1)
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap();
+    let leaf = spec_encoding(&base, None).into_bytes();
+    assert!(
+        example.starts_with(&format!(
+            "For example, the event `{}`",
+            String::from_utf8(leaf.clone())
+                .unwrap()
+                .replace("t_x", "t_…")
+        )),
+        "{}",
+        &example[..200]
+    );
+    assert_eq!(
+        bundle::csv(std::slice::from_ref(&leaf)),
+        format!("{SPEC_CSV_HEADER}{row}\n")
+    );
+    assert_eq!(spec_csv_row(&base), format!("{row}\n"));
+    let cases: Vec<(&str, Value)> = vec![
+        ("+1", "+1".into()),
+        ("-1", "-1".into()),
+        ("@x", "@x".into()),
+        ("tab first", "\t=1+1".into()),
+        ("CR first", "\r=1+1".into()),
+        ("tab inside", "a\tb".into()),
+        ("comma", "a,b".into()),
+        ("quote", "say \"hi\"".into()),
+        ("LF", "two\nlines".into()),
+        ("CR", "a\rb".into()),
+        ("formula and comma", "=1,2".into()),
+        ("non-ASCII", "caf\u{e9} \u{1F600}".into()),
+        ("control", "\u{1}x".into()),
+        ("empty", "".into()),
+        ("null", Value::Null),
+        ("number", 5.into()),
+        ("negative number", (-5).into()),
+        ("boolean", true.into()),
+        ("object", serde_json::json!({"b": "=x", "a": [1, "y,z"]})),
+    ];
+    for (label, value) in cases {
+        for column in ["principal", "initiator", "correlation_id"] {
+            let mut v = base.clone();
+            v[column] = value.clone();
+            v["data"] = serde_json::json!({"text": value.clone(), "n": -1});
+            let leaf = spec_encoding(&v, None).into_bytes();
+            assert_eq!(
+                bundle::csv(std::slice::from_ref(&leaf)),
+                format!("{SPEC_CSV_HEADER}{}", spec_csv_row(&v)),
+                "{label} in {column}"
+            );
+        }
+    }
+    for absent in ["run_id", "correlation_id", "data"] {
+        let mut v = base.clone();
+        v.as_object_mut().unwrap().remove(absent);
+        let leaf = spec_encoding(&v, None).into_bytes();
+        let csv = bundle::csv(std::slice::from_ref(&leaf));
+        assert_eq!(
+            csv,
+            format!("{SPEC_CSV_HEADER}{}", spec_csv_row(&v)),
+            "{absent} absent"
+        );
+    }
+    d.close().await;
+}
+
+/// events.csv is a convenience copy, but a reader may open it instead of events.jsonl: it must be
+/// exactly `bundle::csv` of the event lines, checked before the root.
 #[tokio::test]
 async fn an_altered_or_stale_events_csv_under_a_rewritten_manifest_is_caught() {
     let d = Deployment::open().await;
@@ -1422,15 +1639,227 @@ async fn an_altered_or_stale_events_csv_under_a_rewritten_manifest_is_caught() {
         ROOT_DIFFERS,
     );
 
-    // The CSV is optional: unlisted and removed, the bundle still verifies, events in full.
-    let (_s, no_csv) = tampered("the CSV unlisted and removed", &full, kc, |dir| {
-        fs::remove_file(dir.join(files::CSV)).unwrap();
-        edit_manifest(dir, |m| {
-            m.files.remove(files::CSV).unwrap();
-        });
-    });
-    let v = verify(&no_csv, Some(&d.trusted), None).expect("a bundle without a CSV");
-    assert_eq!(v.events, n as u64);
+    // The CSV is not optional: unlisted, removed or not, the bundle fails (were it optional, a
+    // forged CSV left in the directory would go unchecked).
+    for reader in [r, t] {
+        check_tamper(
+            "the CSV unlisted and removed",
+            &full,
+            kc,
+            reader,
+            |dir| {
+                fs::remove_file(dir.join(files::CSV)).unwrap();
+                edit_manifest(dir, |m| {
+                    m.files.remove(files::CSV).unwrap();
+                });
+            },
+            files::MANIFEST,
+            "does not list events.csv",
+        );
+        check_tamper(
+            "the CSV unlisted and forged",
+            &full,
+            kc,
+            reader,
+            |dir| {
+                edit_csv(dir, &|rows| bump_seq(rows, 2, 1));
+                edit_manifest(dir, |m| {
+                    m.files.remove(files::CSV).unwrap();
+                });
+            },
+            files::MANIFEST,
+            "does not list events.csv",
+        );
+    }
+    d.close().await;
+}
+
+/// The README a reader follows was covered only by the manifest's hash, which whoever rewrites the
+/// bundle recomputes: it must be the writer's, byte for byte, and the format document holds the
+/// same text, so that an independent verifier can compare it too.
+#[tokio::test]
+async fn the_readme_is_the_writers_byte_for_byte_and_the_documents() {
+    let d = Deployment::open().await;
+    let a = tenant(&d, "T0A", &["U1"]).await;
+    let out = export_ok(&d, &a, 0, None, "full").await;
+    let readme = fs::read_to_string(out.join(files::README)).unwrap();
+
+    let doc =
+        fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/AUDIT-FORMAT.md"))
+            .unwrap();
+    let after = &doc[doc
+        .find("**README.txt** is exactly this text")
+        .expect("the README section")..];
+    let start = after.find("```text\n").expect("its text block") + "```text\n".len();
+    let len = after[start..].find("\n```\n").expect("the block's end") + 1;
+    assert_eq!(
+        &after[start..start + len],
+        readme,
+        "docs/AUDIT-FORMAT.md section 4 holds the README the writer writes"
+    );
+
+    let attacker = attacker_key().verifier().to_vkey_text();
+    for reader in [
+        Reader::default(),
+        Reader {
+            trusted: Some(&d.trusted),
+            since: None,
+        },
+    ] {
+        check_tamper(
+            "README rewritten to trust another key",
+            &out,
+            Attacker::RewritesManifest,
+            reader,
+            |dir| {
+                let text = readme.replace(
+                    "'<the deployment's verifier key>'",
+                    &format!("'{attacker}'"),
+                );
+                fs::write(dir.join(files::README), text).unwrap();
+            },
+            files::README,
+            "is not the README of agentgate-audit-bundle/1",
+        );
+    }
+    check_tamper(
+        "README with a line added",
+        &out,
+        Attacker::RewritesManifest,
+        Reader::default(),
+        |dir| fs::write(dir.join(files::README), format!("{readme}\n")).unwrap(),
+        files::README,
+        "is not the README",
+    );
+    d.close().await;
+}
+
+/// Spec (docs/AUDIT-FORMAT.md section 4 and section 5 step 1): a bundle of format 1 is exactly its
+/// fixed set of files, `since-checkpoint.txt` among them exactly when `since_size` is set, and
+/// the directory holds nothing else: nothing a reader may open goes unchecked.
+#[tokio::test]
+async fn a_bundle_is_exactly_its_file_set() {
+    let d = Deployment::open().await;
+    let a = tenant(&d, "T0A", &["U1", "U2"]).await;
+    let full = export_ok(&d, &a, 0, None, "full").await;
+    let cp1 = checkpoint_text(&full);
+    grant(&d, &a, &["U3"]).await;
+    let since = d.bundle_path("since");
+    export(&d, &a, 0, None, Some(&cp1), &since).await.unwrap();
+    let r = Reader::default();
+    let t = Reader {
+        trusted: Some(&d.trusted),
+        since: None,
+    };
+    let rw = Attacker::RewritesManifest;
+
+    for name in [files::README, files::CSV, files::EVENTS, files::KEYRING] {
+        check_tamper(
+            &format!("{name} unlisted, left in place"),
+            &full,
+            rw,
+            t,
+            |dir| {
+                edit_manifest(dir, |m| {
+                    m.files.remove(name).unwrap();
+                })
+            },
+            files::MANIFEST,
+            &format!("does not list {name}"),
+        );
+    }
+    // Something beside the bundle's files, under either attacker: named, whatever it is.
+    for attacker in [Attacker::Raw, rw] {
+        check_tamper(
+            "an extra file",
+            &full,
+            attacker,
+            t,
+            |dir| fs::write(dir.join("notes.txt"), "trust this key instead").unwrap(),
+            "notes.txt",
+            "is in the bundle directory but not in the manifest",
+        );
+    }
+    check_tamper(
+        "an extra directory",
+        &full,
+        rw,
+        r,
+        |dir| fs::create_dir(dir.join("more")).unwrap(),
+        "more",
+        "is in the bundle directory but not in the manifest",
+    );
+    check_tamper(
+        "a hidden file",
+        &full,
+        rw,
+        r,
+        |dir| fs::write(dir.join(".events.csv"), "x").unwrap(),
+        ".events.csv",
+        "is in the bundle directory but not in the manifest",
+    );
+    check_tamper(
+        "an extra file, listed",
+        &full,
+        rw,
+        r,
+        |dir| {
+            fs::write(dir.join("notes.txt"), "trust this key instead").unwrap();
+            edit_manifest(dir, |m| {
+                m.files.insert("notes.txt".into(), String::new());
+            })
+        },
+        files::MANIFEST,
+        "lists notes.txt, which is not a file of agentgate-audit-bundle/1",
+    );
+
+    // The earlier checkpoint: listed exactly when since_size is set.
+    let ts = Reader {
+        trusted: Some(&d.trusted),
+        since: None,
+    };
+    check_tamper(
+        "since-checkpoint.txt unlisted, since_size kept",
+        &since,
+        rw,
+        ts,
+        |dir| {
+            edit_manifest(dir, |m| {
+                m.files.remove(files::SINCE).unwrap();
+            })
+        },
+        files::MANIFEST,
+        "does not list since-checkpoint.txt",
+    );
+    check_tamper(
+        "since-checkpoint.txt unlisted, since_size cleared, file kept",
+        &since,
+        rw,
+        ts,
+        |dir| {
+            edit_manifest(dir, |m| {
+                m.files.remove(files::SINCE).unwrap();
+                m.since_size = None;
+            })
+        },
+        files::SINCE,
+        "is in the bundle directory but not in the manifest",
+    );
+    check_tamper(
+        "since-checkpoint.txt removed, since_size cleared, the proof kept",
+        &since,
+        rw,
+        ts,
+        |dir| {
+            fs::remove_file(dir.join(files::SINCE)).unwrap();
+            edit_manifest(dir, |m| {
+                m.files.remove(files::SINCE).unwrap();
+                m.since_size = None;
+            })
+        },
+        files::PROOFS,
+        "has a consistency proof but the manifest has no since_size",
+    );
     d.close().await;
 }
 
@@ -1931,10 +2360,25 @@ async fn edited_manifest_fields_and_proofs_are_caught() {
         |dir| {
             edit_manifest(dir, |m| {
                 m.files.insert(files::SINCE.into(), sha256_hex(b""));
+                m.since_size = Some(1);
             })
         },
         files::SINCE,
         "cannot be read",
+    );
+    check_tamper(
+        "the manifest lists a since-checkpoint without since_size",
+        &full,
+        rw,
+        r,
+        |dir| {
+            fs::write(dir.join(files::SINCE), checkpoint_text(dir)).unwrap();
+            edit_manifest(dir, |m| {
+                m.files.insert(files::SINCE.into(), String::new());
+            })
+        },
+        files::MANIFEST,
+        "lists since-checkpoint.txt but has no since_size",
     );
     d.close().await;
 }
@@ -2303,6 +2747,234 @@ async fn an_export_since_an_earlier_checkpoint_proves_the_log_only_grew() {
         );
         assert!(!out.exists());
     }
+    d.close().await;
+}
+
+/// Without `--trusted-key`, the keys are the bundle's own keyring, to which whoever rewrites the
+/// bundle can add a key: the reader's earlier checkpoint is then the trust anchor, and the new
+/// checkpoint must be signed by a key that signed it.
+#[tokio::test]
+async fn without_a_trusted_key_the_readers_checkpoint_anchors_the_keys() {
+    let d = Deployment::open().await;
+    let a = tenant(&d, "T0A", &["U1", "U2"]).await;
+    let out1 = export_ok(&d, &a, 0, None, "one").await;
+    let cp1 = checkpoint_text(&out1);
+    grant(&d, &a, &["U3"]).await;
+    let out2 = d.bundle_path("two");
+    export(&d, &a, 0, None, Some(&cp1), &out2).await.unwrap();
+    let attacker = attacker_key();
+    let both = Keyring::from_keys([d.trusted.clone(), attacker.verifier()]).unwrap();
+    // The new checkpoint's body (consistent with the reader's), signed by the added key alone,
+    // or by it and the real one.
+    let resign = |dir: &Path, keys: &[&SigningKey]| {
+        let note = checkpoint_text(dir);
+        let cp = Checkpoint::parse_body(&parse_signed_note(&note).unwrap().text).unwrap();
+        fs::write(
+            dir.join(files::CHECKPOINT),
+            sign_checkpoint(&cp, keys).unwrap(),
+        )
+        .unwrap();
+        fs::write(dir.join(files::KEYRING), keyring_text(&both)).unwrap();
+    };
+    let reader = Reader {
+        trusted: None,
+        since: Some(&cp1),
+    };
+    let err = check_tamper(
+        "the checkpoint signed by an added key",
+        &out2,
+        Attacker::RewritesManifest,
+        reader,
+        |dir| resign(dir, &[&attacker]),
+        files::CHECKPOINT,
+        "no key signed both; after a key rotation, name the new key with --trusted-key",
+    );
+    assert!(
+        err.why.starts_with(&format!(
+            "is signed by {}, and your earlier checkpoint by {}",
+            attacker.verifier().to_vkey_text(),
+            d.trusted.to_vkey_text()
+        )),
+        "{err}"
+    );
+    // Without the reader's checkpoint there is no anchor: the bundle's keyring alone, as the
+    // verified line's note says.
+    let (_s, forged) = tampered("added key", &out2, Attacker::RewritesManifest, |dir| {
+        resign(dir, &[&attacker])
+    });
+    let v = verify(&forged, None, None).expect("the bundle's own keys and checkpoint");
+    assert_eq!(v.signed_by, [attacker.verifier().to_vkey_text()]);
+    // Signed by the real key too: it signed both, so it passes.
+    let real = SigningKey::from_skey_text(
+        fs::read_to_string(d.dir.path().join("audit").join("signing.key"))
+            .unwrap()
+            .trim(),
+    )
+    .unwrap();
+    let (_s, cosigned) = tampered("co-signed", &out2, Attacker::RewritesManifest, |dir| {
+        resign(dir, &[&attacker, &real])
+    });
+    let v = verify(&cosigned, None, Some(&cp1)).expect("a key signed both");
+    assert_eq!(v.consistent_since, Some(read_manifest(&out1).tree_size));
+    d.close().await;
+}
+
+/// After a key rotation, the reader's earlier checkpoint (old key) cannot anchor the new one (new
+/// key) without a trusted key: that is refused, saying so; with the new key as `--trusted-key`
+/// the bundle proves continuity from the reader's checkpoint, whichever key signed it.
+#[tokio::test]
+async fn after_a_key_rotation_the_new_trusted_key_verifies_continuity() {
+    let dir = tempfile::tempdir().unwrap();
+    let old_key = SigningKey::generate("ops-old").unwrap();
+    let new_key = SigningKey::generate("ops-new").unwrap();
+    let open = |k: &SigningKey| {
+        Services::open(
+            dir.path(),
+            Some(&SecretString::from("42".repeat(32))),
+            &AuditOptions {
+                signing_key: Some(k.to_skey_text().into()),
+                ..AuditOptions::default()
+            },
+        )
+        .unwrap()
+    };
+    let services = open(&old_key);
+    let d = Deployment {
+        dir: tempfile::tempdir().unwrap(),
+        services,
+        trusted: old_key.verifier(),
+    };
+    let a = tenant(&d, "T0A", &["U1"]).await;
+    let out1 = export_ok(&d, &a, 0, None, "one").await;
+    let cp1 = checkpoint_text(&out1);
+    let size1 = read_manifest(&out1).tree_size;
+    // Its bundles go with it; the reader keeps the checkpoint.
+    d.close().await;
+    let d = Deployment {
+        dir: tempfile::tempdir().unwrap(),
+        services: open(&new_key),
+        trusted: new_key.verifier(),
+    };
+    grant(&d, &a, &["U2"]).await;
+    let out2 = d.bundle_path("two");
+    export(&d, &a, 0, None, Some(&cp1), &out2).await.unwrap();
+
+    let err = verify(&out2, None, Some(&cp1)).unwrap_err();
+    assert_eq!(err.place, files::CHECKPOINT, "{err}");
+    assert_eq!(
+        err.why,
+        format!(
+            "is signed by {}, and your earlier checkpoint by {}: no key signed both; \
+             after a key rotation, name the new key with --trusted-key",
+            new_key.verifier().to_vkey_text(),
+            old_key.verifier().to_vkey_text()
+        )
+    );
+    let v = verify(&out2, Some(&new_key.verifier()), Some(&cp1)).unwrap();
+    assert_eq!(v.consistent_since, Some(size1));
+    assert_eq!(v.signed_by, [new_key.verifier().to_vkey_text()]);
+    let err = verify(&out2, Some(&old_key.verifier()), Some(&cp1)).unwrap_err();
+    assert_eq!(
+        err.place,
+        files::CHECKPOINT,
+        "the old key did not sign it: {err}"
+    );
+    // The bundled earlier checkpoint is checked under the trusted key, like the new one.
+    let err = verify(&out2, Some(&new_key.verifier()), None).unwrap_err();
+    assert_eq!(err.place, "since-checkpoint", "{err}");
+    d.close().await;
+}
+
+/// An export is refused before it is recorded when its `out` is unusable or its earlier checkpoint
+/// is not of this log's history (signed by the deployment, but over another root, or beyond the
+/// log): the log keeps its size and nothing is written.
+#[tokio::test]
+async fn a_refused_export_records_nothing_and_writes_nothing() {
+    let d = Deployment::open().await;
+    let a = tenant(&d, "T0A", &["U1", "U2"]).await;
+    let real = SigningKey::from_skey_text(
+        fs::read_to_string(d.dir.path().join("audit").join("signing.key"))
+            .unwrap()
+            .trim(),
+    )
+    .unwrap();
+    let origin = d.services.audit.origin(&a.id);
+    let scratch = tempfile::tempdir().unwrap();
+
+    // A directory with something in it, a regular file, a path under a regular file.
+    let full = scratch.path().join("full");
+    fs::create_dir(&full).unwrap();
+    fs::write(full.join("keep.txt"), "mine").unwrap();
+    let file = scratch.path().join("file");
+    fs::write(&file, "mine").unwrap();
+    for out in [full.clone(), file.clone(), file.join("bundle")] {
+        let size = log_size(&d, &a).await;
+        let err = export(&d, &a, 0, None, None, &out).await.unwrap_err();
+        assert!(
+            matches!(err, AuditError::Bundle(_)),
+            "{}: {err}",
+            out.display()
+        );
+        assert_eq!(
+            log_size(&d, &a).await,
+            size,
+            "{}: nothing recorded",
+            out.display()
+        );
+    }
+    assert!(
+        matches!(
+            export(&d, &a, 0, None, None, &full).await.unwrap_err(),
+            AuditError::Bundle(bundle::WriteError::NotEmpty(_))
+        ),
+        "a non-empty directory is named as such"
+    );
+    assert_eq!(
+        fs::read_dir(&full).unwrap().count(),
+        1,
+        "the non-empty directory is left as it was"
+    );
+    assert_eq!(fs::read_to_string(&file).unwrap(), "mine");
+
+    // Earlier checkpoints the deployment signed, but not of this history: another root at a size
+    // the log has, a size the log does not have.
+    let size = log_size(&d, &a).await;
+    let mut other = Checkpoint::new(origin.clone(), size - 1, [7; 32]);
+    other
+        .extensions
+        .push("time 2026-01-01T00:00:00.000000Z".into());
+    let mut beyond = Checkpoint::new(origin.clone(), size + 5, [7; 32]);
+    beyond
+        .extensions
+        .push("time 2026-01-01T00:00:00.000000Z".into());
+    for (label, cp, why) in [
+        ("another root", other, "is not this log's root at size"),
+        ("beyond the log", beyond, "is beyond the log's"),
+    ] {
+        let note = sign_checkpoint(&cp, &[&real]).unwrap();
+        let out = d.bundle_path(label);
+        let err = export(&d, &a, 0, None, Some(&note), &out)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, AuditError::Export(m) if m.contains(why)),
+            "{label}: {err}"
+        );
+        assert_eq!(log_size(&d, &a).await, size, "{label}: nothing recorded");
+        assert!(!out.exists(), "{label}: nothing written");
+    }
+
+    // An existing empty directory takes the bundle, and nothing else is left beside it.
+    let empty = scratch.path().join("empty");
+    fs::create_dir(&empty).unwrap();
+    export(&d, &a, 0, None, None, &empty).await.unwrap();
+    verify(&empty, Some(&d.trusted), None).unwrap();
+    let mut names: Vec<String> = fs::read_dir(scratch.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["empty", "file", "full"]);
     d.close().await;
 }
 

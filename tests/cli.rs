@@ -339,7 +339,9 @@ fn audit_export_verify_proof_and_replay_from_the_command_line() {
     let (code, text) = verify(&[b1, "--trusted-key", &vkey]);
     assert_eq!(code, Some(0), "{text}");
     assert!(
-        text.starts_with(&format!("verified: 4 events, tenant {tenant}, root ")),
+        text.starts_with(&format!(
+            "verified: 4 events (seq 0 to 3 of 5 in the log), tenant {tenant}, root "
+        )),
         "{text}"
     );
     assert!(text.contains("signed by audit-test+"), "{text}");
@@ -363,6 +365,49 @@ fn audit_export_verify_proof_and_replay_from_the_command_line() {
     assert_eq!(
         verify(&[b1, "--since-checkpoint", "/no/such/file"]).0,
         Some(2)
+    );
+    // Could not run, not a failed bundle: no bundle there; a key file that holds no key (named as
+    // such, not parsed as if its path were the key).
+    let stderr_of = |args: &[&str]| {
+        let out = Command::new(BIN)
+            .args(["audit", "verify"])
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let missing = dir.path().join("no-such-bundle");
+    let (code, err) = stderr_of(&[missing.to_str().unwrap(), "--trusted-key", &vkey]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("cannot read the bundle"), "{err}");
+    let (code, err) = stderr_of(&[vkey_file.to_str().unwrap()]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("is not a directory"), "{err}");
+    let bad_key_file = dir.path().join("bad.pub");
+    std::fs::write(&bad_key_file, "not a key\n").unwrap();
+    let bad = bad_key_file.to_str().unwrap();
+    let (code, err) = stderr_of(&[b1, "--trusted-key", bad]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains(&format!("the file {bad} does not hold a verifier key")),
+        "{err}"
+    );
+    // Unreadable as text: before, its path was parsed as the key instead.
+    std::fs::write(&bad_key_file, b"\xff\xfe key").unwrap();
+    let (code, err) = stderr_of(&[b1, "--trusted-key", bad]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains(&format!("--trusted-key: cannot read the file {bad}")),
+        "{err}"
+    );
+    let (code, err) = stderr_of(&[b1, "--trusted-key", "not-a-key"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("neither a verifier key nor an existing file"),
+        "{err}"
     );
 
     // More events, then an incremental export proven consistent with the first.

@@ -138,6 +138,9 @@ pub enum WriteError {
     /// The output directory exists and is not empty.
     #[error("{0} exists and is not empty; choose a new directory")]
     NotEmpty(PathBuf),
+    /// The output path names no directory that could be created (`/`, or one ending in `..`).
+    #[error("{0} does not name a directory to create; choose a new directory")]
+    NoName(PathBuf),
     /// A file could not be written.
     #[error("{path}: {source}")]
     Io {
@@ -165,6 +168,9 @@ fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
+/// Leading characters that a spreadsheet may take for the start of a formula.
+const FORMULA_STARTS: [char; 6] = ['=', '+', '-', '@', '\t', '\r'];
+
 /// Quotes a CSV field when needed, and defuses a leading formula character for spreadsheets.
 fn csv_field(s: &str) -> String {
     let mut out = String::with_capacity(s.len() + 2);
@@ -178,7 +184,9 @@ fn push_csv_field(out: &mut String, s: &str) {
     if quote {
         out.push('"');
     }
-    if s.starts_with(['=', '+', '-', '@']) {
+    // The characters that start a formula in a spreadsheet, tab and CR included (OWASP's list):
+    // a leading `'` makes the cell text. Inside the quotes, so that the quoting stays intact.
+    if s.starts_with(FORMULA_STARTS) {
         out.push('\'');
     }
     if quote {
@@ -307,6 +315,8 @@ impl HashingFile {
     }
 }
 
+/// The README of every bundle of [`FORMAT`]; [`verify`] requires it byte for byte, and
+/// docs/AUDIT-FORMAT.md section 4 holds a copy (tests/audit_bundle.rs checks the two agree).
 const README: &str = "\
 agentgate audit bundle
 
@@ -315,32 +325,134 @@ To verify it offline with agentgate:
 
     agentgate audit verify . --trusted-key '<the deployment's verifier key>'
 
+Obtain that key from the deployment's operator, not from this directory: keyring.txt
+lists the deployment's keys, but whoever altered a bundle can alter it too. This README
+is part of the format and verification checks it byte for byte.
+
+A verified bundle proves that its events are the entries manifest.from to manifest.to - 1
+of the tenant's log, exactly as the log holds them, and that the log held
+manifest.tree_size entries when the checkpoint was signed; agentgate prints both. A bundle
+can be a sub-range: compare the range with what you asked for. To prove that the log only
+grew since an earlier export, keep that export's checkpoint.txt and pass it with
+--since-checkpoint.
+
 Without agentgate, follow docs/AUDIT-FORMAT.md of the agentgate repository:
-1. Check the SHA-256 of every file listed in manifest.json.
-2. Check that checkpoint.txt is an Ed25519 signed note by a key you trust (keyring.txt lists the
-   deployment's keys; trust one you obtained independently), whose origin is manifest.origin.
+1. Check that this directory holds exactly the files of the format (section 4), each
+   listed in manifest.json but the manifest, and the SHA-256 of every listed file.
+2. Check that checkpoint.txt is an Ed25519 signed note by a key you trust, whose origin
+   is manifest.origin and whose size is manifest.tree_size.
 3. Each line of events.jsonl is one event's exact leaf bytes. Leaf hash = SHA-256(0x00 || line).
    Check seq runs from manifest.from to manifest.to - 1 and tenant is manifest.tenant.
 4. With proofs.json's range_proof, rebuild the RFC 9162 root of manifest.tree_size from the
    leaf hashes and compare it with the checkpoint's root.
-5. If since-checkpoint.txt is present, verify proofs.json's consistency_proof from it to
-   checkpoint.txt (RFC 9162 section 2.1.4).
-events.csv holds the same events for spreadsheets; agentgate checks that it says exactly what events.jsonl says.
+5. With an earlier checkpoint (yours, or since-checkpoint.txt), verify proofs.json's
+   consistency_proof from it to checkpoint.txt (RFC 9162 section 2.1.4).
+6. Check that events.csv is exactly the CSV of events.jsonl (section 4), so that the
+   spreadsheet says what was verified.
 ";
 
-/// Writes a bundle into `dir` (created; it must not exist or be empty).
+/// A bundle being written: a hidden directory beside where the bundle goes, renamed into place
+/// once every file in it is written and synced, so that a bundle at its path is always whole (a
+/// crash or a failed write leaves at most the hidden directory, never a partial bundle).
+pub struct Staging {
+    /// The hidden directory, removed when dropped unless the bundle was moved into place.
+    tmp: tempfile::TempDir,
+    /// Where the bundle goes.
+    out: PathBuf,
+}
+
+/// Checks that a bundle can be written at `out` (it does not exist, or is an empty directory),
+/// creates its parent if needed and the hidden directory the bundle is written into. An exporter
+/// calls this before it records anything, so that an unusable `out` costs the log nothing.
 ///
 /// # Errors
-/// [`WriteError`] when the directory is not empty or a file cannot be written.
-pub fn write(dir: &Path, c: Contents<'_>) -> Result<Manifest, WriteError> {
+/// [`WriteError::NotEmpty`] when `out` is not empty, [`WriteError::NoName`] for a path that names
+/// no directory, [`WriteError::Io`] when `out` is not a directory or a directory cannot be made.
+pub fn stage(out: &Path) -> Result<Staging, WriteError> {
     let io = |path: &Path| {
         let path = path.to_owned();
         move |source| WriteError::Io { path, source }
     };
-    if dir.exists() && fs::read_dir(dir).map_err(io(dir))?.next().is_some() {
-        return Err(WriteError::NotEmpty(dir.to_owned()));
+    let out = match fs::read_dir(out) {
+        Ok(mut entries) => match entries.next() {
+            Some(_) => return Err(WriteError::NotEmpty(out.to_owned())),
+            // An existing empty directory (`.`, say) is replaced by the bundle: by its real name.
+            None => fs::canonicalize(out).map_err(io(out))?,
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => out.to_owned(),
+        Err(source) => {
+            return Err(WriteError::Io {
+                path: out.to_owned(),
+                source,
+            })
+        }
+    };
+    let Some(name) = out.file_name() else {
+        return Err(WriteError::NoName(out));
+    };
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    fs::create_dir_all(&parent).map_err(io(&parent))?;
+    // The mode is the umask's, as for any directory made with `mkdir`.
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::Builder::new()
+        .prefix(&format!(".{}.partial-", name.to_string_lossy()))
+        .permissions(fs::Permissions::from_mode(0o777))
+        .tempdir_in(&parent)
+        .map_err(io(&parent))?;
+    Ok(Staging { tmp, out })
+}
+
+impl Staging {
+    /// Writes the bundle and moves it into place.
+    ///
+    /// # Errors
+    /// [`WriteError`] when a file cannot be written, the events are not the range, or the bundle
+    /// cannot be moved into place (something was put at its path meanwhile: `NotEmpty`).
+    pub fn write(self, c: Contents<'_>) -> Result<Manifest, WriteError> {
+        let manifest = write_files(self.tmp.path(), c)?;
+        let tmp = self.tmp.keep();
+        // A rename onto an empty directory replaces it; onto anything else it fails, and then
+        // the bundle is removed rather than left beside it.
+        if let Err(source) = fs::rename(&tmp, &self.out) {
+            let _ = fs::remove_dir_all(&tmp);
+            let occupied = fs::read_dir(&self.out).is_ok_and(|mut d| d.next().is_some());
+            return Err(match occupied {
+                true => WriteError::NotEmpty(self.out),
+                false => WriteError::Io {
+                    path: self.out,
+                    source,
+                },
+            });
+        }
+        // The rename is durable once the directory holding it is synced.
+        let parent = self.out.parent().unwrap_or(Path::new("."));
+        fs::File::open(parent)
+            .and_then(|d| d.sync_all())
+            .map_err(|source| WriteError::Io {
+                path: parent.to_owned(),
+                source,
+            })?;
+        Ok(manifest)
     }
-    fs::create_dir_all(dir).map_err(io(dir))?;
+}
+
+/// Writes a bundle at `dir` (it must not exist or be empty): [`stage`], then [`Staging::write`].
+///
+/// # Errors
+/// [`WriteError`] when the directory is not empty or a file cannot be written.
+pub fn write(dir: &Path, c: Contents<'_>) -> Result<Manifest, WriteError> {
+    stage(dir)?.write(c)
+}
+
+/// Writes the files of a bundle into the empty directory `dir`.
+fn write_files(dir: &Path, c: Contents<'_>) -> Result<Manifest, WriteError> {
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |source| WriteError::Io { path, source }
+    };
     let mut hashes = BTreeMap::new();
     // The events and their CSV in one pass over the events, one event in memory at a time.
     let mut events = HashingFile::create(dir.join(files::EVENTS))?;
@@ -406,8 +518,8 @@ pub fn write(dir: &Path, c: Contents<'_>) -> Result<Manifest, WriteError> {
         since_size: c.since.map(|(_, s, _)| s),
         files: hashes,
     };
-    // The manifest last, and the directory synced after it: a bundle whose manifest is on disk
-    // has every file it lists on disk too.
+    // The manifest last, and the directory synced after it: the bundle is whole before it is
+    // moved into place.
     let mut text = serde_json::to_vec_pretty(&manifest).expect("the manifest serialises");
     text.push(b'\n');
     let mut f = HashingFile::create(dir.join(files::MANIFEST))?;
@@ -423,15 +535,13 @@ pub fn write(dir: &Path, c: Contents<'_>) -> Result<Manifest, WriteError> {
 struct EventCheck<'a> {
     from: u64,
     tenant: &'a str,
-    /// Whether the bundle lists a CSV, whose rows are then rendered to be compared with it.
-    csv: bool,
 }
 
 /// What checking one run of consecutive events found.
 struct Checked {
     /// The leaf hashes of the events before `failure`.
     leaves: Vec<Hash>,
-    /// The CSV rows those events must have (when the bundle lists a CSV), concatenated.
+    /// The CSV rows those events must have, concatenated.
     rows: String,
     /// The first event that failed.
     failure: Option<Failure>,
@@ -501,14 +611,18 @@ impl EventCheck<'_> {
         if !EVENT_TYPES.contains(&ty.as_ref()) {
             return Err(fail(place(), format!("unknown event type {ty:?}")));
         }
-        if self.csv {
-            push_csv_row(rows, &ev);
-        }
+        push_csv_row(rows, &ev);
         Ok(())
     }
 }
 
 /// What a successful verification established.
+///
+/// The range is the bundle's own claim, checked against the signed tree but not signed itself: a
+/// legitimate sub-range export and a bundle cut short by someone who rebuilt its range proof look
+/// the same. So what was verified always comes with `range` and `tree_size`, which tell a reader
+/// what the log held beyond the bundle (docs/AUDIT-FORMAT.md section 5, "What a verified bundle
+/// proves").
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Verified {
     /// How many events were checked.
@@ -521,6 +635,9 @@ pub struct Verified {
     pub signed_by: Vec<String>,
     /// The first and one-past-last sequence numbers.
     pub range: (u64, u64),
+    /// The size of the tree the checkpoint signs: how many events the log held when it was
+    /// signed, of which the bundle holds `range`.
+    pub tree_size: u64,
     /// The size of the earlier checkpoint the log was proved consistent with, if any.
     pub consistent_since: Option<u64>,
     /// True when the checkpoint was checked against a key given by the reader, not only the
@@ -530,10 +647,14 @@ pub struct Verified {
 
 impl std::fmt::Display for Verified {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The range is stated in full, so that a bundle cut short shows what it left out.
         write!(
             f,
-            "verified: {} events, tenant {}, root {}, signed by {}",
+            "verified: {} events (seq {} to {} of {} in the log), tenant {}, root {}, signed by {}",
             self.events,
+            self.range.0,
+            self.range.1.saturating_sub(1),
+            self.tree_size,
             self.tenant,
             hex::encode(self.root),
             self.signed_by.join(", ")
@@ -569,12 +690,13 @@ pub const CHUNK_BYTES: usize = 2 << 20;
 /// `segment_log::Options::max_record_bytes` says, so that every bundle it writes can pass.
 pub(crate) const MAX_LINE_BYTES: usize = 32 << 20;
 
-/// Files small enough to be read whole, and parsed: everything else is only hashed, or streamed.
-const READ_WHOLE: [&str; 4] = [
+/// Files small enough to be read whole, and checked whole; the events and the CSV are streamed.
+const READ_WHOLE: [&str; 5] = [
     files::CHECKPOINT,
     files::KEYRING,
     files::PROOFS,
     files::SINCE,
+    files::README,
 ];
 
 /// Largest manifest or small file [`verify`] reads whole; those of a real bundle are a few KiB.
@@ -637,15 +759,16 @@ fn cannot_read(name: &str, e: &std::io::Error) -> Failure {
 }
 
 /// Reads `file` in blocks of `block` bytes, computing its SHA-256 and handing each block to
-/// `blocks`, if given; once the receiver hangs up (the checks are done) it goes on hashing alone.
+/// `blocks`; once the receiver hangs up (the checks are done) it goes on hashing alone.
 /// Returns the digest, or the read failure.
 fn stream(
     mut file: fs::File,
     name: &str,
     block: usize,
-    mut blocks: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
+    blocks: std::sync::mpsc::SyncSender<Vec<u8>>,
 ) -> Result<String, Failure> {
     use std::io::Read;
+    let mut blocks = Some(blocks);
     let mut hasher = Sha256::new();
     // Hashing alone, one buffer serves every block; handed on, each block is a new one.
     let mut spare = Vec::new();
@@ -805,11 +928,87 @@ fn hashes(place: &str, hexes: &[String]) -> Result<Vec<Hash>, Failure> {
         .collect()
 }
 
+/// The files of a bundle of [`FORMAT`] with this manifest, the manifest aside: a fixed set, with
+/// the earlier checkpoint exactly when the manifest says the bundle proves consistency from one.
+fn file_set(manifest: &Manifest) -> Vec<&'static str> {
+    let mut set = vec![
+        files::EVENTS,
+        files::CSV,
+        files::CHECKPOINT,
+        files::KEYRING,
+        files::PROOFS,
+        files::README,
+    ];
+    if manifest.since_size.is_some() {
+        set.push(files::SINCE);
+    }
+    set
+}
+
+/// Checks that the manifest lists exactly the [`file_set`], and that the directory holds nothing
+/// else. A file a reader may open must not go unchecked: were a listing optional, dropping
+/// `events.csv` from it would let a forged CSV (the file a spreadsheet opens) pass, and dropping
+/// `since-checkpoint.txt` would skip the consistency proof.
+fn check_file_set(dir: &Path, manifest: &Manifest) -> Result<(), Failure> {
+    let want = file_set(manifest);
+    if let Some(missing) = want.iter().find(|n| !manifest.files.contains_key(**n)) {
+        return Err(fail(files::MANIFEST, format!("does not list {missing}")));
+    }
+    for name in manifest.files.keys() {
+        if name.contains('/') || name.contains('\\') || name.starts_with('.') {
+            return Err(fail(
+                files::MANIFEST,
+                format!("lists a file outside the bundle: {name}"),
+            ));
+        }
+        if name == files::SINCE && manifest.since_size.is_none() {
+            return Err(fail(
+                files::MANIFEST,
+                format!("lists {name} but has no since_size"),
+            ));
+        }
+        if !want.contains(&name.as_str()) {
+            return Err(fail(
+                files::MANIFEST,
+                format!("lists {name}, which is not a file of {FORMAT}"),
+            ));
+        }
+    }
+    let place = "the bundle directory";
+    let listing = |e: std::io::Error| fail(place, format!("cannot be listed: {e}"));
+    let mut present = Vec::new();
+    for entry in fs::read_dir(dir).map_err(listing)? {
+        // A name that is not UTF-8 is shown with replacement characters, and is listed by no
+        // manifest, so it is refused like any other unlisted entry.
+        present.push(
+            entry
+                .map_err(listing)?
+                .file_name()
+                .to_string_lossy()
+                .into_owned(),
+        );
+    }
+    present.sort();
+    match present
+        .iter()
+        .find(|n| n.as_str() != files::MANIFEST && !manifest.files.contains_key(n.as_str()))
+    {
+        Some(extra) => Err(fail(
+            extra.as_str(),
+            "is in the bundle directory but not in the manifest",
+        )),
+        None => Ok(()),
+    }
+}
+
 /// Verifies a bundle offline.
 ///
-/// `trusted` replaces the bundle's own keyring for the checkpoints: a reader who obtained the
-/// deployment's key independently should pass it. `since` is a checkpoint the reader kept from an
-/// earlier export; the bundle must then prove the log grew from it by appending only.
+/// `trusted` replaces the bundle's own keyring for the bundle's checkpoints: a reader who obtained
+/// the deployment's key independently should pass it. `since` is a checkpoint the reader kept from
+/// an earlier export; the bundle must then prove the log grew from it by appending only. Without
+/// `trusted`, `since` is the trust anchor: the new checkpoint must be signed by a key that signed
+/// it. With `trusted`, `since` may verify under the bundle's keyring too (after a key rotation it
+/// is an earlier key's), since the reader vouches for it.
 ///
 /// The events are read and checked a chunk at a time ([`CHUNK_BYTES`]) and their leaf hashes go
 /// straight into the range's root, so memory stays bounded however large the bundle is.
@@ -858,51 +1057,27 @@ pub fn verify_in_chunks(
             format!("unknown format {:?}", manifest.format),
         ));
     }
-    for required in [
-        files::EVENTS,
-        files::CHECKPOINT,
-        files::KEYRING,
-        files::PROOFS,
-    ] {
-        if !manifest.files.contains_key(required) {
-            return Err(fail(files::MANIFEST, format!("does not list {required}")));
-        }
-    }
+    check_file_set(dir, &manifest)?;
     // Each listed file is read once: the bytes whose SHA-256 is checked are the bytes checked
     // below, so a file swapped meanwhile cannot pass as the one that was hashed. The small files
     // are read whole; the others are opened here and streamed below.
     let mut small = BTreeMap::new();
     let mut opened = Vec::new();
     for name in manifest.files.keys() {
-        if name.contains('/') || name.contains('\\') || name.starts_with('.') {
-            return Err(fail(
-                files::MANIFEST,
-                format!("lists a file outside the bundle: {name}"),
-            ));
-        }
         if READ_WHOLE.contains(&name.as_str()) {
             small.insert(name.as_str(), read(dir, name)?);
         } else {
-            // Only the events and the CSV stay open; the others (the README, names this verifier
-            // does not know) are opened again one at a time to be hashed, so that a manifest
-            // listing thousands of files costs neither thousands of descriptors nor threads.
-            let file = open_regular(dir, name)?;
-            let keep = [files::EVENTS, files::CSV].contains(&name.as_str());
-            opened.push((name.as_str(), keep.then_some(file)));
+            // The file set was checked: this is the events or the CSV.
+            opened.push((name.as_str(), open_regular(dir, name)?));
         }
     }
     std::thread::scope(|scope| {
         // One reader per streamed file, hashing as it reads, beside the checks (about a tenth of
-        // the work at 10^6 events). Only the events and the CSV are handed on to the checks.
+        // the work at 10^6 events), handing its blocks on to the checks.
         let mut events = None;
         let mut csv = None;
         let mut readers = BTreeMap::new();
-        let mut others = Vec::new();
         for (name, file) in opened {
-            let Some(file) = file else {
-                others.push(name);
-                continue;
-            };
             let (tx, rx) = std::sync::mpsc::sync_channel(2);
             match name {
                 files::EVENTS => events = Some(rx),
@@ -910,20 +1085,11 @@ pub fn verify_in_chunks(
             }
             readers.insert(
                 name,
-                scope.spawn(move || stream(file, name, chunk_bytes, Some(tx))),
+                scope.spawn(move || stream(file, name, chunk_bytes, tx)),
             );
         }
-        let others = scope.spawn(move || {
-            others
-                .into_iter()
-                .map(|name| {
-                    let digest = open_regular(dir, name)
-                        .and_then(|file| stream(file, name, chunk_bytes.max(64 << 10), None));
-                    (name, digest)
-                })
-                .collect::<Vec<_>>()
-        });
         let events = events.expect("events.jsonl is listed, so it was opened");
+        let csv = csv.expect("events.csv is listed, so it was opened");
         let checked = verify_contents(
             &manifest,
             &small,
@@ -937,7 +1103,6 @@ pub fn verify_in_chunks(
         for (name, reader) in readers {
             digests.insert(name, reader.join().expect("a reader does not panic"));
         }
-        digests.extend(others.join().expect("a reader does not panic"));
         // A file that could not be read, then one that was altered, explain any later failure.
         let mut altered = None;
         for (name, want) in &manifest.files {
@@ -965,12 +1130,12 @@ fn verify_contents(
     manifest: &Manifest,
     small: &BTreeMap<&str, Vec<u8>>,
     (trusted, since): (Option<&VerifierKey>, Option<&str>),
-    (events, csv): (Blocks, Option<Blocks>),
+    (events, csv): (Blocks, Blocks),
     chunk_bytes: usize,
     progress: Option<Progress<'_>>,
 ) -> Result<Verified, Failure> {
-    // Every small file read below is listed (the required ones were checked, the others are
-    // looked up only when listed), so each is in `small`.
+    // Every small file read below is listed (the file set was checked; the earlier checkpoint is
+    // looked up only when `since_size` says it is there), so each is in `small`.
     let bytes = |name: &str| -> Result<&[u8], Failure> {
         small
             .get(name)
@@ -983,6 +1148,14 @@ fn verify_contents(
     if !manifest.origin.ends_with(&format!("/{}", manifest.tenant)) {
         return Err(fail(files::MANIFEST, "the origin does not name the tenant"));
     }
+    // A reader follows the README, and only the manifest's hash covered it: rewritten, it could
+    // tell them to trust whatever key signed the bundle. It is the writer's, byte for byte.
+    if bytes(files::README)? != README.as_bytes() {
+        return Err(fail(
+            files::README,
+            "is not the README of agentgate-audit-bundle/1 (rewritten; see docs/AUDIT-FORMAT.md section 4)",
+        ));
+    }
 
     // The keys: the reader's own, when given, else the bundle's keyring.
     let bundle_ring = parse_keyring(text(files::KEYRING)?, files::KEYRING)
@@ -991,7 +1164,7 @@ fn verify_contents(
         Some(k) => {
             Keyring::from_keys([k.clone()]).map_err(|e| fail("--trusted-key", e.to_string()))?
         }
-        None => bundle_ring,
+        None => bundle_ring.clone(),
     };
     let note = text(files::CHECKPOINT)?;
     let (cp, signers): (Checkpoint, Vec<VerifierKey>) =
@@ -1022,18 +1195,15 @@ fn verify_contents(
     let want = manifest.to - manifest.from;
     // The CSV is a convenience copy, but a reader may trust it: it must say what the events say.
     // Each chunk's rows are rendered as its events are checked, so each event is parsed once.
-    let mut csv = csv.map(|blocks| CsvStream {
-        blocks,
+    let mut csv = CsvStream {
+        blocks: csv,
         buf: Vec::new(),
         pos: 0,
-    });
-    if let Some(c) = &mut csv {
-        c.expect(csv_header().as_bytes())?;
-    }
+    };
+    csv.expect(csv_header().as_bytes())?;
     let ctx = EventCheck {
         from: manifest.from,
         tenant: &manifest.tenant,
-        csv: csv.is_some(),
     };
     // A chunk's events are checked in parallel parts: each event is independent of the others,
     // and the first failure in line order is the one reported.
@@ -1080,9 +1250,7 @@ fn verify_contents(
         };
         for r in results {
             // The rows stop before a failed event, so a CSV difference here came first.
-            if let Some(c) = &mut csv {
-                c.expect(r.rows.as_bytes())?;
-            }
+            csv.expect(r.rows.as_bytes())?;
             for leaf in r.leaves {
                 ranged.push(leaf);
             }
@@ -1113,7 +1281,7 @@ fn verify_contents(
             format!("holds {seen} events but the manifest's range has {want}"),
         ));
     }
-    if csv.as_mut().is_some_and(|c| !c.at_end()) {
+    if !csv.at_end() {
         return Err(fail(files::CSV, CSV_DIFFERS));
     }
 
@@ -1132,15 +1300,56 @@ fn verify_contents(
     }
 
     // Consistency from the reader's earlier checkpoint, or the bundle's own.
-    let bundled_since = match manifest.files.contains_key(files::SINCE) {
-        true => Some(text(files::SINCE)?),
-        false => None,
+    let bundled_since = match manifest.since_size {
+        Some(_) => Some(text(files::SINCE)?),
+        None => None,
     };
     let since_note = since.or(bundled_since);
+    if since_note.is_none() && proofs.consistency_proof.is_some() {
+        return Err(fail(
+            files::PROOFS,
+            "has a consistency proof but the manifest has no since_size",
+        ));
+    }
     let mut consistent_since = None;
     if let Some(since_note) = since_note {
-        let (old, _) = open_checkpoint(since_note, &ring, &manifest.origin)
+        // The reader's own checkpoint is theirs to vouch for: its signature only shows that it is
+        // one of this deployment's, and what matters is that the trusted new checkpoint extends
+        // it. So beside a --trusted-key the bundle's keyring may serve for it too; the trusted key
+        // alone would refuse, after a rotation, the checkpoint an earlier key signed. A bundled
+        // earlier checkpoint is the bundle's, checked under the new checkpoint's keys.
+        let since_ring = match (since, trusted) {
+            (Some(_), Some(k)) => {
+                let mut r = bundle_ring;
+                r.add(k.clone())
+                    .map_err(|e| fail("--trusted-key", e.to_string()))?;
+                r
+            }
+            _ => ring,
+        };
+        let (old, old_signers) = open_checkpoint(since_note, &since_ring, &manifest.origin)
             .map_err(|e| fail("since-checkpoint", format!("does not verify: {e}")))?;
+        // Without a trusted key, the keys are the bundle's own, which anyone can add to: the
+        // reader's earlier checkpoint is then the trust anchor, and the new one must be signed by
+        // a key that signed it, or an added key could sign a forged history that extends it.
+        if since.is_some() && trusted.is_none() && !signers.iter().any(|k| old_signers.contains(k))
+        {
+            let names = |keys: &[VerifierKey]| {
+                keys.iter()
+                    .map(VerifierKey::to_vkey_text)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            return Err(fail(
+                files::CHECKPOINT,
+                format!(
+                    "is signed by {}, and your earlier checkpoint by {}: no key signed both; \
+                     after a key rotation, name the new key with --trusted-key",
+                    names(&signers),
+                    names(&old_signers)
+                ),
+            ));
+        }
         let proof = proofs.consistency_proof.as_deref().ok_or_else(|| {
             fail(
                 files::PROOFS,
@@ -1172,6 +1381,7 @@ fn verify_contents(
         root,
         signed_by: signers.iter().map(VerifierKey::to_vkey_text).collect(),
         range: (manifest.from, manifest.to),
+        tree_size: cp.size,
         consistent_since,
         trusted_key: trusted.is_some(),
     })
@@ -1376,13 +1586,13 @@ mod tests {
             Err(WriteError::Events(e)) => assert_eq!(e.to_string(), "segment unreadable"),
             other => panic!("{other:?}"),
         }
-        // None of the failed ones has a manifest, so none passes for a bundle.
-        for name in ["short", "long", "endless", "failing"] {
-            assert!(
-                !scratch.path().join(name).join(files::MANIFEST).exists(),
-                "{name}"
-            );
-        }
+        // None of the failed ones is there, not even in part, nor is the directory each was
+        // written in: only the one that succeeded.
+        let left: Vec<String> = fs::read_dir(scratch.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(left, ["ok"]);
     }
 
     #[test]
@@ -1393,6 +1603,27 @@ mod tests {
         assert_eq!(csv_field("=SUM(A1)"), "'=SUM(A1)");
         let out = csv(&[br#"{"data":{"a":1},"seq":0,"type":"x"}"#.to_vec()]);
         assert_eq!(out.lines().nth(1).unwrap(), "0,,x,,,,,,\"{\"\"a\"\":1}\"");
+    }
+
+    /// Every leading formula character is defused, tab and CR too; the `'` goes inside the quotes
+    /// when the field is quoted, and a formula character elsewhere is left alone.
+    #[test]
+    fn csv_defuses_every_formula_start() {
+        for (value, field) in [
+            ("=1+1", "'=1+1"),
+            ("+1", "'+1"),
+            ("-1", "'-1"),
+            ("@SUM(A1)", "'@SUM(A1)"),
+            ("\t=1+1", "'\t=1+1"),
+            ("\r=1+1", "\"'\r=1+1\""),
+            ("=1,2", "\"'=1,2\""),
+            ("-\"x\"", "\"'-\"\"x\"\"\""),
+            ("a=1", "a=1"),
+            ("a\t", "a\t"),
+            ("", ""),
+        ] {
+            assert_eq!(csv_field(value), field, "{value:?}");
+        }
     }
 
     proptest::proptest! {

@@ -1174,9 +1174,13 @@ impl AuditLog {
     /// events against it. With `since` (a checkpoint from an earlier export), the bundle also proves
     /// that the log only grew since then.
     ///
+    /// Nothing is recorded when the range, `since` (its signature, size and root) or `out` (it must
+    /// not exist or be empty) is refused, and the bundle is written beside `out` and renamed into
+    /// place, so that a failed or interrupted export leaves no partial bundle at `out`.
+    ///
     /// # Errors
     /// [`AuditError::Export`] for a range outside the log or a `since` checkpoint that is not this
-    /// log's; write and log failures.
+    /// log's; [`AuditError::Bundle`] for an unusable `out`; write and log failures.
     pub async fn export(
         &self,
         ctx: &TenantContext,
@@ -1224,6 +1228,30 @@ impl AuditLog {
                 Some((note, cp))
             }
         };
+        // Everything that can be checked is checked before the export is recorded, so that a
+        // refused export leaves the log as it was: the earlier checkpoint must be of this very
+        // history (a consistency proof from it could not verify otherwise), and the bundle's
+        // directory must be usable.
+        if let Some((_, old)) = &since {
+            if old.size > size {
+                return Err(AuditError::Export(format!(
+                    "the earlier checkpoint's size {} is beyond the log's {size} events",
+                    old.size
+                )));
+            }
+            let root = {
+                let st = log.lock_state().await;
+                st.tree.root_at(checked_size(old.size, log.events.len())?)?
+            };
+            if root != old.root {
+                return Err(AuditError::Export(format!(
+                    "the earlier checkpoint's root is not this log's root at size {}: it signs another history",
+                    old.size
+                )));
+            }
+        }
+        // A few directory operations: not worth a blocking thread of their own.
+        let staging = bundle::stage(out)?;
         self.append_env(
             &log,
             &Envelope::from_ctx(ctx),
@@ -1238,12 +1266,6 @@ impl AuditLog {
             let range = st.tree.range_proof(from, to, tree_size)?;
             let consistency = match &since {
                 None => None,
-                Some((_, old)) if old.size > cp.size => {
-                    return Err(AuditError::Export(format!(
-                        "the earlier checkpoint's size {} is beyond the log",
-                        old.size
-                    )))
-                }
                 Some((_, old)) => Some(
                     st.tree
                         .consistency_proof(checked_size(old.size, cp.size)?, tree_size)?,
@@ -1255,7 +1277,6 @@ impl AuditLog {
         // large tenant, so it runs on a blocking thread, not on one of the runtime's workers,
         // streaming one event at a time.
         let audit = self.clone();
-        let out = out.to_owned();
         let since = since.map(|(n, old)| (n.to_owned(), old.size));
         tokio::task::spawn_blocking(move || {
             let mut events = log
@@ -1278,7 +1299,7 @@ impl AuditLog {
                     .map(|((n, size), p)| (n.as_str(), *size, p)),
                 progress: progress.as_deref().map(|p| p as bundle::Progress<'_>),
             };
-            Ok(bundle::write(&out, contents)?)
+            Ok(staging.write(contents)?)
         })
         .await
         .map_err(|e| AuditError::ExportWriter(e.to_string()))?
