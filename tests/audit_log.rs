@@ -223,8 +223,15 @@ async fn rotated_keys_stay_in_the_keyring_and_old_exports_still_verify() {
         bundle::verify(&out1, Some(&v2), None).is_err(),
         "export 1 was not signed by key 2"
     );
-    // Export 2's checkpoint is key 2's; its earlier checkpoint is key 1's: the bundle keyring verifies both.
-    let v = bundle::verify(&out2, None, Some(&cp1)).unwrap();
+    // Export 2's checkpoint is key 2's; its earlier checkpoint is key 1's. Without a trusted key
+    // the reader's checkpoint anchors the keys, so the rotation is refused; with key 2 trusted it
+    // verifies.
+    let err = bundle::verify(&out2, None, Some(&cp1)).unwrap_err();
+    assert!(
+        err.why.contains("name the new key with --trusted-key"),
+        "{err}"
+    );
+    let v = bundle::verify(&out2, Some(&v2), Some(&cp1)).unwrap();
     assert_eq!(v.consistent_since, Some(bundle_size(&out1)));
     assert!(
         v.signed_by[0].starts_with("ops-2026b+"),
