@@ -262,11 +262,15 @@ const LOST_RUN_PRINCIPAL: &str = "system:agent";
 const LOST_RUN_REASON: &str =
     "lost: the run's state did not survive the gateway's stop (a power loss or a storage failure), so it could not be resumed";
 
-/// A run checkpoint's state, if it can be resumed from: it parses, and the ids it carries (who
-/// started it, the platform's correlation id) are well formed, as the context rebuilt from it
-/// needs them to be.
+/// A run checkpoint's state, if it can be resumed from: it is of this version's format (a later
+/// one may parse, unknown fields ignored, and mean something else, such as a call in flight this
+/// version does not see), it parses, and the ids it carries (who started it, the platform's
+/// correlation id) are well formed, as the context rebuilt from it needs them to be.
 fn readable_state(bytes: &[u8]) -> Option<RunState> {
     let st: RunState = serde_json::from_slice(bytes).ok()?;
+    if st.v != 1 {
+        return None;
+    }
     st.principal.parse::<crate::tenant::PrincipalId>().ok()?;
     if let Some(c) = st.correlation_id.as_deref() {
         c.parse::<crate::tenant::CorrelationId>().ok()?;

@@ -968,12 +968,13 @@ async fn a_run_whose_checkpoint_cannot_be_read_is_ended_on_record_once() {
             Scripted::Tools(vec![("budget__status", json!({}))]),
             Scripted::Hang,
             Scripted::Hang,
+            Scripted::Hang,
         ],
         (10, 5),
         Duration::ZERO,
     )
     .await;
-    let (tenant, run_id, misnamed) = {
+    let (tenant, run_id, misnamed, later) = {
         let s = open(dir.path(), config(Some(&model.url), None));
         let t = install(&s, "T0DAMAGE").await;
         settings(&s, &t, |st| st.llm.provider = "openai".into());
@@ -1002,8 +1003,21 @@ async fn a_run_whose_checkpoint_cannot_be_read_is_ended_on_record_once() {
         repo.runs()
             .put_run(&misnamed, &serde_json::to_vec(&state).unwrap(), false)
             .unwrap();
+        // A third whose checkpoint is well formed but of a later version's format.
+        let ctx = user(&s, "T0DAMAGE", "U0M");
+        let later = ctx.audit().run_id.to_string();
+        abort_run_when(&s, ctx, "later", "called the model", || {
+            model.seen().bodies.len() >= 4
+        })
+        .await;
+        let mut state: serde_json::Value =
+            serde_json::from_slice(&repo.runs().get_run(&later).unwrap().unwrap()).unwrap();
+        state["v"] = json!(2);
+        repo.runs()
+            .put_run(&later, &serde_json::to_vec(&state).unwrap(), false)
+            .unwrap();
         s.close().await.unwrap();
-        (t, run_id, misnamed)
+        (t, run_id, misnamed, later)
     };
 
     let s = open(dir.path(), config(Some(&model.url), None));
@@ -1016,15 +1030,17 @@ async fn a_run_whose_checkpoint_cannot_be_read_is_ended_on_record_once() {
     let ev = events(&s, &op).await;
     assert_ended_on_record(&ev, &run_id, "unreadable:");
 
-    let ends_of_misnamed: Vec<&serde_json::Value> = ev
-        .iter()
-        .filter(|e| e["run_id"] == misnamed.as_str() && e["type"] == "run.failed")
-        .collect();
-    assert_eq!(ends_of_misnamed.len(), 1, "{ends_of_misnamed:?}");
-    assert!(ends_of_misnamed[0]["data"]["reason"]
-        .as_str()
-        .unwrap()
-        .starts_with("unreadable:"));
+    for other in [&misnamed, &later] {
+        let ends: Vec<&serde_json::Value> = ev
+            .iter()
+            .filter(|e| e["run_id"] == other.as_str() && e["type"] == "run.failed")
+            .collect();
+        assert_eq!(ends.len(), 1, "{ends:?}");
+        assert!(ends[0]["data"]["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("unreadable:"));
+    }
 
     // Not ended again; the checkpoint is still there.
     assert_eq!(s.agent.resume_unfinished().await.unwrap(), 0);
