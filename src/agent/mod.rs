@@ -1536,26 +1536,9 @@ impl Agent {
             }
             Status::Running => unreachable!("finish is reached only after the run left Running"),
         };
-        repo.conversations().push_turns(
-            &st.principal,
-            &st.conversation,
-            &[
-                Turn {
-                    role: "user".into(),
-                    text: st.text.clone(),
-                },
-                Turn {
-                    role: "assistant".into(),
-                    text: outcome.text().to_owned(),
-                },
-            ],
-            self.inner.config.history_turns,
-        )?;
-        repo.runs().put_run(
-            &st.run_id,
-            &serde_json::to_vec(&st).expect("run state serialises"),
-            true,
-        )?;
+        // The answer goes out before the run is kept as finished (and its turns with it): a
+        // crash or a stop while it is being delivered leaves the run to be finished again at the
+        // next start, which delivers it again (at least once), rather than never.
         if let Some(sink) = self.inner.replies.get() {
             let target = match &st.reply_sealed {
                 Some(sealed) => match repo.runs().open_reply(&st.run_id, sealed) {
@@ -1571,6 +1554,35 @@ impl Agent {
             if let Some(target) = target {
                 sink.deliver(ctx, &target, &outcome).await;
             }
+        }
+        // Answered: what fails from here is logged, not reported as the run's failure (its user
+        // has the answer). A run not kept as finished is finished again at the next start.
+        let kept = repo
+            .conversations()
+            .push_turns(
+                &st.principal,
+                &st.conversation,
+                &[
+                    Turn {
+                        role: "user".into(),
+                        text: st.text.clone(),
+                    },
+                    Turn {
+                        role: "assistant".into(),
+                        text: outcome.text().to_owned(),
+                    },
+                ],
+                self.inner.config.history_turns,
+            )
+            .and_then(|()| {
+                repo.runs().put_run(
+                    &st.run_id,
+                    &serde_json::to_vec(&st).expect("run state serialises"),
+                    true,
+                )
+            });
+        if let Err(e) = kept {
+            tracing::error!(tenant = %ctx.tenant_id(), run = %st.run_id, error = %e, "a finished run could not be kept as finished; it is finished again at the next start");
         }
         Ok(outcome)
     }

@@ -1754,3 +1754,77 @@ async fn a_run_whose_driver_failed_is_ended_and_not_resumed() {
     assert_eq!(model.seen().bodies.len(), 1);
     s.close().await.unwrap();
 }
+
+/// Delivers nothing until told to; counts what it was asked to deliver.
+#[derive(Default)]
+struct StuckThenCounts {
+    stuck: std::sync::atomic::AtomicBool,
+    asked: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl agentgate::agent::ReplySink for StuckThenCounts {
+    async fn deliver(&self, _ctx: &TenantContext, _target: &Value, _outcome: &RunOutcome) {
+        self.asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        if self.stuck.load(std::sync::atomic::Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// A run whose answer was being delivered when the process stopped is not kept as finished, so
+/// the next start delivers its answer (again, at worst) rather than never; its turns are kept
+/// once.
+#[tokio::test]
+async fn an_answer_cut_off_while_being_delivered_is_delivered_at_the_next_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path(), config(None, None));
+    install(&s, "T0DELIVER").await;
+    let sink = std::sync::Arc::new(StuckThenCounts::default());
+    sink.stuck.store(true, std::sync::atomic::Ordering::SeqCst);
+    s.agent.set_reply_sink(sink.clone());
+    let ctx = user(&s, "T0DELIVER", "U0M");
+    let agent = s.agent.clone();
+    let run_ctx = ctx.clone();
+    let task = tokio::spawn(async move {
+        agent
+            .run_with_reply(
+                &run_ctx,
+                RunRequest {
+                    text: "whoami".into(),
+                    conversation: "slack:C0D".into(),
+                },
+                Some(json!({"platform": "slack", "kind": "response_url", "url": "https://hooks.slack.com/commands/T/1/2"})),
+            )
+            .await
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while sink.asked.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        assert!(std::time::Instant::now() < deadline, "never delivered");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    task.abort();
+    let _ = task.await;
+    sink.stuck.store(false, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(s.agent.resume_unfinished().await.unwrap(), 1);
+    assert_eq!(
+        sink.asked.load(std::sync::atomic::Ordering::SeqCst),
+        2,
+        "delivered again"
+    );
+    let repo = s.store.for_tenant(&ctx).unwrap();
+    assert_eq!(
+        repo.conversations()
+            .history("slack:U0M", "slack:C0D")
+            .unwrap()
+            .len(),
+        2
+    );
+    let ends = events(&s, &ctx)
+        .await
+        .iter()
+        .filter(|e| e["type"] == "run.completed")
+        .count();
+    assert_eq!(ends, 1, "ended once");
+    s.close().await.unwrap();
+}
