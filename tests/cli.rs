@@ -485,6 +485,21 @@ fn audit_export_verify_proof_and_replay_from_the_command_line() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a tenant id"));
+
+    // A bare name is a directory in the current one (its parent reads as "", which the export
+    // once tried to sync as a path after the bundle was in place, and failed).
+    let mut cmd = agentgate(&data);
+    with_key(&mut cmd);
+    let said = run_ok(
+        cmd.current_dir(dir.path())
+            .args(["audit", "export", "--tenant", &tenant, "--out", "bare"]),
+    );
+    assert!(said.contains("exported events 0.."), "{said}");
+    let bare = dir.path().join("bare");
+    assert_eq!(
+        verify(&[bare.to_str().unwrap(), "--trusted-key", &vkey]).0,
+        Some(0)
+    );
 }
 
 #[test]

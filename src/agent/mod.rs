@@ -597,6 +597,7 @@ impl Agent {
                 .as_ref()
                 .map(|t| repo.runs().seal_reply(&run_id, t)),
             last_seq: None,
+            counted_through: None,
         };
         let driven = self.drive(ctx, &repo, &settings, st, Some(un)).await;
         if let Err(e) = &driven {
@@ -874,7 +875,12 @@ impl Agent {
         )?;
         let settings = repo.settings().get()?.ok_or(AgentError::NotProvisioned)?;
         tracing::info!(tenant = %tenant, run = %run_id, step = st.step, "resuming run");
-        self.drive(&ctx, &repo, &settings, st, None).await.map(Some)
+        let driven = self.drive(&ctx, &repo, &settings, st, None).await;
+        if let Err(e) = &driven {
+            // As for a run's first drive: ended, not resumed again at every start.
+            self.end_failed_drive(&repo, &ctx, run_id, e).await;
+        }
+        driven.map(Some)
     }
 
     /// Claims `run_id` for this driver, or `None` when another driver has it.
@@ -1000,7 +1006,13 @@ impl Agent {
     /// are not used again.
     fn count_lost_step(st: &mut RunState, since: &[serde_json::Value]) {
         let n = |v: &serde_json::Value, k: &str| v["data"][k].as_u64().unwrap_or(0);
+        let counted = st.counted_through;
         for v in since {
+            let seq = v["seq"].as_u64();
+            if counted.is_some_and(|c| seq.is_none_or(|s| s <= c)) {
+                continue;
+            }
+            st.counted_through = st.counted_through.max(seq);
             match v["type"].as_str() {
                 Some("model.called") => {
                     st.usage.tokens_in = st.usage.tokens_in.saturating_add(n(v, "tokens_in"));
@@ -1402,10 +1414,18 @@ impl Agent {
             Err(QuotaError::Store(e)) => return Err(e.into()),
         };
         let tenant_policies = repo.policies().tenant_policies()?;
-        let decision =
-            self.inner
-                .gate
-                .decide_with(&ask, &tool.entities, tenant_policies.as_deref());
+        // The run's entities carry the least role its grant required when first built; a grant
+        // changed since gets entities of its own.
+        let changed_grant = std::sync::OnceLock::new();
+        let entities = if min_role == tool.min_role {
+            &tool.entities
+        } else {
+            &changed_grant
+        };
+        let decision = self
+            .inner
+            .gate
+            .decide_with(&ask, entities, tenant_policies.as_deref());
         let policy_ids = match decision {
             Decision::Deny { reason, policy_ids } => {
                 un.events.push(refuse(&reason, policy_ids));
@@ -1800,4 +1820,58 @@ fn save(repo: &TenantStore, st: &RunState) -> Result<(), StoreError> {
         &serde_json::to_vec(st).expect("run state serialises"),
         false,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state() -> RunState {
+        serde_json::from_value(serde_json::json!({
+            "v": 1, "run_id": "r", "principal": "slack:U1", "conversation": "slack:C",
+            "correlation_id": null, "started_at": "2026-12-02T00:00:00Z", "text": "t",
+            "messages": [], "step": 1, "pending": [], "next_call": 0, "in_flight": null,
+            "usage": {"tokens_in": 0, "tokens_out": 0, "tool_calls": 0, "cost_microcents": 0},
+            "status": {"status": "running"}, "last_seq": 9
+        }))
+        .unwrap()
+    }
+
+    /// What events after a checkpoint used is counted once, however often the run is resumed
+    /// from that checkpoint before a barrier moves it on.
+    #[test]
+    fn events_after_a_checkpoint_are_counted_once() {
+        let since = vec![
+            serde_json::json!({"seq": 10, "type": "tool.invoked", "data": {"cost_microcents": 5}}),
+            serde_json::json!({"seq": 11, "type": "model.called", "data": {"tokens_in": 7, "tokens_out": 3, "cost_microcents": 2}}),
+        ];
+        let mut st = state();
+        Agent::count_lost_step(&mut st, &since);
+        let once = (
+            st.usage.tool_calls,
+            st.usage.tokens(),
+            st.usage.cost_microcents,
+            st.step,
+        );
+        assert_eq!(once, (1, 10, 7, 2));
+        // Saved without a barrier (its last_seq unchanged), then resumed again.
+        let mut again: RunState =
+            serde_json::from_slice(&serde_json::to_vec(&st).unwrap()).unwrap();
+        Agent::count_lost_step(&mut again, &since);
+        assert_eq!(
+            (
+                again.usage.tool_calls,
+                again.usage.tokens(),
+                again.usage.cost_microcents,
+                again.step
+            ),
+            once
+        );
+        // A later event is counted.
+        let more = [
+            serde_json::json!({"seq": 12, "type": "tool.invoked", "data": {"cost_microcents": 1}}),
+        ];
+        Agent::count_lost_step(&mut again, &[since, more.to_vec()].concat());
+        assert_eq!(again.usage.tool_calls, 2);
+    }
 }

@@ -76,6 +76,11 @@ pub struct RunState {
     /// resumed after it reached its end looks for its end event only after this point.
     #[serde(default)]
     pub last_seq: Option<u64>,
+    /// The last log position whose usage a resume counted into `usage` from events after
+    /// `last_seq` (a call in flight at a crash, a step the checkpoint did not know of), so that a
+    /// later resume does not count them again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub counted_through: Option<u64>,
 }
 
 /// A run's messages, which only ever grow, with their JSON kept as they are added: a run is

@@ -474,6 +474,12 @@ pub fn resolve(
             let spec = binding.spec();
             let owner = webhook.map(|_| ctx.tenant_id());
             let validator = compiled(owner, &spec.parameters);
+            // A tool whose schema cannot be used (stored before the schema limits, say) is not
+            // shown: every call of it would be refused, spending the run's steps.
+            if validator.is_none() {
+                tracing::warn!(tenant = %ctx.tenant_id(), capability = %g.capability, "a granted tool's schema cannot be used; the tool is not shown until it is declared again");
+                continue;
+            }
             out.push(Resolved {
                 binding,
                 min_role: g.min_role,

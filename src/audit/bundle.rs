@@ -428,7 +428,11 @@ impl Staging {
             });
         }
         // The rename is durable once the directory holding it is synced.
-        let parent = self.out.parent().unwrap_or(Path::new("."));
+        // A bare name's parent is "", which names no directory: it is the current one.
+        let parent = match self.out.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
         fs::File::open(parent)
             .and_then(|d| d.sync_all())
             .map_err(|source| WriteError::Io {

@@ -360,8 +360,6 @@ async fn malformed_bodies_bad_policies_and_bad_llm_settings_are_400() {
     assert_eq!(stored["llm"]["default_temperature_milli"], 700);
 }
 
-/// `LlmPatch::key_ref` is `Option<Option<String>>` so that `null` can clear it, but serde reads
-/// `null` as the outer `None`, so the key_ref can never be cleared (src/http/api.rs, `LlmPatch`).
 /// A forbid that parses but names an attribute the gate never builds (`capabilty`): Cedar would
 /// error on it at every call and skip it, so memory.forget would stay allowed. It is refused.
 #[tokio::test]
@@ -386,6 +384,8 @@ async fn a_misspelt_forbid_is_refused_with_a_400_naming_the_policy() {
     );
 }
 
+/// `LlmPatch::key_ref` is `Option<Option<String>>` so that `null` can clear it, but serde reads
+/// `null` as the outer `None`, so the key_ref can never be cleared (src/http/api.rs, `LlmPatch`).
 #[tokio::test]
 async fn a_null_key_ref_clears_it() {
     let app = spawn().await;

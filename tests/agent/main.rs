@@ -1828,3 +1828,39 @@ async fn an_answer_cut_off_while_being_delivered_is_delivered_at_the_next_start(
     assert_eq!(ends, 1, "ended once");
     s.close().await.unwrap();
 }
+
+/// A granted webhook whose stored schema cannot be used (stored before the schema limits) is not
+/// shown to the model, where every call of it would have been refused.
+#[tokio::test]
+async fn a_tool_whose_stored_schema_cannot_be_used_is_not_shown() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path(), config(None, None));
+    install(&s, "T0OLDSCHEMA").await;
+    let owner = user(&s, "T0OLDSCHEMA", "U0OWNER");
+    declare_and_grant(
+        &s,
+        &owner,
+        webhook("https://hooks.example.com/x", "whsec-old-schema"),
+    )
+    .await;
+    assert!(s
+        .agent
+        .visible_tools(&owner)
+        .unwrap()
+        .contains(&"webhook.create_ticket".to_owned()));
+    let mut old = webhook("https://hooks.example.com/x", "whsec-old-schema");
+    old.schema = json!({"type": "object", "properties": {"p": {"$ref": "#/$defs/a"}}, "$defs": {"a": {"type": "string"}}});
+    s.store
+        .for_tenant(&owner)
+        .unwrap()
+        .webhooks()
+        .put_webhook(&old)
+        .unwrap();
+    let tools = s.agent.visible_tools(&owner).unwrap();
+    assert!(
+        !tools.contains(&"webhook.create_ticket".to_owned()),
+        "{tools:?}"
+    );
+    assert!(tools.contains(&"memory.recall".to_owned()), "{tools:?}");
+    s.close().await.unwrap();
+}

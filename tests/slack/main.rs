@@ -790,6 +790,7 @@ async fn a_run_interrupted_by_a_crash_is_resumed_at_start_and_still_answers() {
             ),
             reply_sealed: None,
             last_seq: None,
+            counted_through: None,
         };
         s.store
             .for_tenant(&op)
