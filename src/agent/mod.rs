@@ -1138,9 +1138,14 @@ impl Agent {
             model,
         } = match planned {
             Ok(Ok(p)) => p,
-            Ok(Err(e)) => {
-                tracing::warn!(tenant = %ctx.tenant_id(), run = %st.run_id, error = %e, "planner failed");
-                if e.may_have_cost() {
+            failed => {
+                // Cut off while the provider may have been generating, or answered in a way that
+                // did not read: the provider bills the call, so it is counted at its estimate.
+                let billed = match &failed {
+                    Ok(Err(e)) => e.may_have_cost(),
+                    _ => true,
+                };
+                if billed {
                     Self::charge_estimate(
                         st,
                         un,
@@ -1151,22 +1156,13 @@ impl Agent {
                         est_cost,
                     );
                 }
-                st.status = Status::Failed {
-                    message: "The model could not be reached; nothing more was done.".into(),
-                };
-                return Ok(());
-            }
-            Err(_) => {
-                // Cut off while the provider may have been generating: it bills the call.
-                Self::charge_estimate(
-                    st,
-                    un,
-                    hold,
-                    planner.provider(),
-                    est_model,
-                    est_tokens,
-                    est_cost,
-                );
+                if let Ok(Err(e)) = failed {
+                    tracing::warn!(tenant = %ctx.tenant_id(), run = %st.run_id, error = %e, "planner failed");
+                    st.status = Status::Failed {
+                        message: "The model could not be reached; nothing more was done.".into(),
+                    };
+                    return Ok(());
+                }
                 // The call was cut off at the ceiling, so it wanted more than the ceiling, even
                 // when the clock read in whole milliseconds shows exactly the ceiling.
                 let limit = ctx.budget().walltime_ms;

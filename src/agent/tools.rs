@@ -97,40 +97,40 @@ pub struct Resolved {
     pub webhook: Option<[u8; 32]>,
 }
 
-/// The SHA-256, in hex, of a webhook tool's definition without its secret (name, description,
-/// schema, URL, timeout, each length-prefixed), for the audit log: it shows which definition the
-/// calls after it used, and reveals nothing of the secret.
-pub fn webhook_definition_sha256(w: &WebhookTool) -> String {
+/// The SHA-256 of a webhook tool's definition (name, description, schema as compact JSON, URL,
+/// the secret when `with_secret`, and the timeout as 8 big-endian bytes), each part as its
+/// 8-byte big-endian length and its bytes, so that no two definitions share one.
+fn webhook_digest(w: &WebhookTool, with_secret: bool) -> [u8; 32] {
+    let schema = w.schema.to_string();
+    let secret = with_secret.then(|| w.secret.expose_secret().as_bytes());
+    let timeout = w.timeout_ms.to_be_bytes();
+    let parts = [
+        Some(w.name.as_bytes()),
+        Some(w.description.as_bytes()),
+        Some(schema.as_bytes()),
+        Some(w.url.as_bytes()),
+        secret,
+        Some(&timeout[..]),
+    ];
     let mut h = Sha256::new();
-    for part in [
-        w.name.as_bytes(),
-        w.description.as_bytes(),
-        w.schema.to_string().as_bytes(),
-        w.url.as_bytes(),
-        &w.timeout_ms.to_be_bytes(),
-    ] {
-        h.update((part.len() as u64).to_be_bytes());
-        h.update(part);
-    }
-    hex::encode(h.finalize())
-}
-
-/// A digest of everything a webhook tool's calls depend on (its description, schema, URL,
-/// secret and timeout), each part length-prefixed so that no two definitions share one.
-pub fn webhook_fingerprint(w: &WebhookTool) -> [u8; 32] {
-    let mut h = Sha256::new();
-    for part in [
-        w.name.as_bytes(),
-        w.description.as_bytes(),
-        w.schema.to_string().as_bytes(),
-        w.url.as_bytes(),
-        w.secret.expose_secret().as_bytes(),
-        &w.timeout_ms.to_be_bytes(),
-    ] {
+    for part in parts.into_iter().flatten() {
         h.update((part.len() as u64).to_be_bytes());
         h.update(part);
     }
     h.finalize().into()
+}
+
+/// The SHA-256, in hex, of a webhook tool's definition without its secret, for the audit log
+/// (docs/AUDIT-FORMAT.md): it shows which definition the calls after it used, and reveals
+/// nothing of the secret.
+pub fn webhook_definition_sha256(w: &WebhookTool) -> String {
+    hex::encode(webhook_digest(w, false))
+}
+
+/// A digest of everything a webhook tool's calls depend on, its secret included, so that a call
+/// can tell whether the tool changed since its run resolved it.
+pub fn webhook_fingerprint(w: &WebhookTool) -> [u8; 32] {
+    webhook_digest(w, true)
 }
 
 impl Resolved {

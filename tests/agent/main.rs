@@ -844,6 +844,22 @@ pub async fn declare_and_grant(s: &Services, owner: &TenantContext, tool: Webhoo
         .unwrap();
 }
 
+/// Services planning with the OpenAI stand-in at `model_url`, and tenant `team` with `tool`
+/// declared and granted to members; returns the services, the tenant and its owner's context.
+pub async fn webhook_tenant(
+    dir: &Path,
+    model_url: &str,
+    team: &str,
+    tool: WebhookTool,
+) -> (Services, TenantId, TenantContext) {
+    let s = open(dir, config(Some(model_url), None));
+    let t = install(&s, team).await;
+    settings(&s, &t, |st| st.llm.provider = "openai".into());
+    let owner = user(&s, team, "U0OWNER");
+    declare_and_grant(&s, &owner, tool).await;
+    (s, t, owner)
+}
+
 /// The tool results a model request body carried, in order.
 pub fn tool_results(body: &Value) -> Vec<String> {
     body["messages"]
@@ -1439,11 +1455,13 @@ async fn a_tool_withdrawn_or_changed_during_a_run_is_refused_at_its_next_call() 
         Duration::ZERO,
     )
     .await;
-    let s = open(dir.path(), config(Some(&model.url), None));
-    let a = install(&s, "T0WITHDRAW").await;
-    settings(&s, &a, |st| st.llm.provider = "openai".into());
-    let owner = user(&s, "T0WITHDRAW", "U0OWNER");
-    declare_and_grant(&s, &owner, webhook(&hooks.url, "whsec-withdraw")).await;
+    let (s, _, owner) = webhook_tenant(
+        dir.path(),
+        &model.url,
+        "T0WITHDRAW",
+        webhook(&hooks.url, "whsec-withdraw"),
+    )
+    .await;
     let (store, admin) = (s.store.clone(), owner.clone());
     let url = hooks.url.clone();
     *change.lock().unwrap() = Some(Box::new(move |n| {
@@ -1577,11 +1595,13 @@ async fn a_run_resumed_from_a_checkpoint_older_than_its_plan_does_not_act_twice(
         Duration::ZERO,
     )
     .await;
-    let s = open(dir.path(), config(Some(&model.url), None));
-    let t = install(&s, "T0STALE").await;
-    settings(&s, &t, |st| st.llm.provider = "openai".into());
-    let owner = user(&s, "T0STALE", "U0OWNER");
-    declare_and_grant(&s, &owner, webhook(&hooks.url, "whsec-stale")).await;
+    let (s, t, _) = webhook_tenant(
+        dir.path(),
+        &model.url,
+        "T0STALE",
+        webhook(&hooks.url, "whsec-stale"),
+    )
+    .await;
     let ctx = user(&s, "T0STALE", "U0M");
     let run_id = ctx.audit().run_id.to_string();
     // The checkpoint saved with the call in flight, taken while the call is out.
