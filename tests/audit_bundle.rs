@@ -294,6 +294,22 @@ fn checkpoint_text(dir: &Path) -> String {
     fs::read_to_string(dir.join(files::CHECKPOINT)).unwrap()
 }
 
+/// A full export `first` of `t`, its checkpoint's text, and a second full export `second` made
+/// after one more grant, with the first's checkpoint as its earlier one.
+async fn exports_one_grant_apart(
+    d: &Deployment,
+    t: &Tenant,
+    first: &str,
+    second: &str,
+) -> (PathBuf, String, PathBuf) {
+    let out1 = export_ok(d, t, 0, None, first).await;
+    let cp1 = checkpoint_text(&out1);
+    grant(d, t, &["U3"]).await;
+    let out2 = d.bundle_path(second);
+    export(d, t, 0, None, Some(&cp1), &out2).await.unwrap();
+    (out1, cp1, out2)
+}
+
 /// Every entry of the bundle directory and its bytes; a directory (which only a tamper puts
 /// there) as its name and a `/`, without its contents.
 fn snapshot(dir: &Path) -> BTreeMap<String, Vec<u8>> {
@@ -1741,11 +1757,7 @@ async fn the_readme_is_the_writers_byte_for_byte_and_the_documents() {
 async fn a_bundle_is_exactly_its_file_set() {
     let d = Deployment::open().await;
     let a = tenant(&d, "T0A", &["U1", "U2"]).await;
-    let full = export_ok(&d, &a, 0, None, "full").await;
-    let cp1 = checkpoint_text(&full);
-    grant(&d, &a, &["U3"]).await;
-    let since = d.bundle_path("since");
-    export(&d, &a, 0, None, Some(&cp1), &since).await.unwrap();
+    let (full, cp1, since) = exports_one_grant_apart(&d, &a, "full", "since").await;
     let r = Reader::default();
     let t = Reader {
         trusted: Some(&d.trusted),
@@ -2757,11 +2769,7 @@ async fn an_export_since_an_earlier_checkpoint_proves_the_log_only_grew() {
 async fn without_a_trusted_key_the_readers_checkpoint_anchors_the_keys() {
     let d = Deployment::open().await;
     let a = tenant(&d, "T0A", &["U1", "U2"]).await;
-    let out1 = export_ok(&d, &a, 0, None, "one").await;
-    let cp1 = checkpoint_text(&out1);
-    grant(&d, &a, &["U3"]).await;
-    let out2 = d.bundle_path("two");
-    export(&d, &a, 0, None, Some(&cp1), &out2).await.unwrap();
+    let (out1, cp1, out2) = exports_one_grant_apart(&d, &a, "one", "two").await;
     let attacker = attacker_key();
     let both = Keyring::from_keys([d.trusted.clone(), attacker.verifier()]).unwrap();
     // The new checkpoint's body (consistent with the reader's), signed by the added key alone,
