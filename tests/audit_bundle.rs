@@ -1757,7 +1757,7 @@ async fn the_readme_is_the_writers_byte_for_byte_and_the_documents() {
 async fn a_bundle_is_exactly_its_file_set() {
     let d = Deployment::open().await;
     let a = tenant(&d, "T0A", &["U1", "U2"]).await;
-    let (full, cp1, since) = exports_one_grant_apart(&d, &a, "full", "since").await;
+    let (full, _, since) = exports_one_grant_apart(&d, &a, "full", "since").await;
     let r = Reader::default();
     let t = Reader {
         trusted: Some(&d.trusted),
