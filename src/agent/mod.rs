@@ -668,55 +668,67 @@ impl Agent {
     /// The first tenant whose runs could not be listed, or run that could not be resumed; the
     /// other tenants and runs are still tried, so one broken tenant does not hold back the rest.
     pub async fn resume_unfinished(&self) -> Result<usize, AgentError> {
-        let mut n = 0;
+        use futures_util::StreamExt;
+        /// Runs resumed at once: each asks its model again, so not all of a crash's at once, and
+        /// not one after another either (a slow provider would hold back every other run).
+        const AT_ONCE: usize = 8;
         let mut first_err = None;
+        let mut listed_runs = Vec::new();
         for t in self.inner.tenants.store().admin().tenants()? {
+            // Lost runs have no checkpoint to resume from: ended first, so that none waits for
+            // the resumed runs to finish.
+            if let Err(e) = self.end_lost_runs(&t.id).await {
+                tracing::error!(tenant = %t.id, error = %e, "cannot end the tenant's lost runs");
+                first_err.get_or_insert(e);
+            }
             let listed = self
                 .inner
                 .tenants
                 .operator_context(&t.id)
                 .map_err(AgentError::from)
                 .and_then(|op| Ok(self.repo(&op)?.runs().unfinished_runs()?));
-            let runs = match listed {
-                Ok(runs) => runs,
+            match listed {
+                Ok(runs) => listed_runs.extend(runs.into_iter().map(|r| (t.id.clone(), r))),
                 Err(e) => {
                     tracing::error!(tenant = %t.id, error = %e, "cannot list the tenant's unfinished runs");
                     first_err.get_or_insert(e);
-                    continue;
-                }
-            };
-            for run_id in runs {
-                match self.resume(&t.id, &run_id).await {
-                    Ok(Some(_)) => n += 1,
-                    // Started by this process after it came up: its own driver has it.
-                    Ok(None) => {}
-                    // A checkpoint that cannot be read: its run is ended on record, and then
-                    // only its file is left, which the operator may look at; not an error at
-                    // every start from then on.
-                    Err(e @ AgentError::CorruptRun(_)) => {
-                        match self.end_unreadable_run(&t.id, &run_id).await {
-                            Ok(true) => {
-                                tracing::warn!(tenant = %t.id, run = %run_id, "a run's checkpoint cannot be read; the run is ended on record and the checkpoint kept for the operator");
-                            }
-                            Ok(false) => {
-                                tracing::error!(tenant = %t.id, run = %run_id, error = %e, "cannot resume run");
-                                first_err.get_or_insert(e);
-                            }
-                            Err(end) => {
-                                tracing::error!(tenant = %t.id, run = %run_id, error = %end, "cannot end a run whose checkpoint cannot be read");
-                                first_err.get_or_insert(e);
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        tracing::error!(tenant = %t.id, run = %run_id, error = %e, "cannot resume run");
-                        first_err.get_or_insert(e);
-                    }
                 }
             }
-            if let Err(e) = self.end_lost_runs(&t.id).await {
-                tracing::error!(tenant = %t.id, error = %e, "cannot end the tenant's lost runs");
-                first_err.get_or_insert(e);
+        }
+        let mut resumed = futures_util::stream::iter(listed_runs)
+            .map(|(tenant, run_id)| async move {
+                let r = self.resume(&tenant, &run_id).await;
+                (tenant, run_id, r)
+            })
+            .buffer_unordered(AT_ONCE);
+        let mut n = 0;
+        while let Some((tenant, run_id, r)) = resumed.next().await {
+            match r {
+                Ok(Some(_)) => n += 1,
+                // Started by this process after it came up: its own driver has it.
+                Ok(None) => {}
+                // A checkpoint that cannot be read: its run is ended on record, and then only
+                // its file is left, which the operator may look at; not an error at every start
+                // from then on.
+                Err(e @ AgentError::CorruptRun(_)) => {
+                    match self.end_unreadable_run(&tenant, &run_id).await {
+                        Ok(true) => {
+                            tracing::warn!(tenant = %tenant, run = %run_id, "a run's checkpoint cannot be read; the run is ended on record and the checkpoint kept for the operator");
+                        }
+                        Ok(false) => {
+                            tracing::error!(tenant = %tenant, run = %run_id, error = %e, "cannot resume run");
+                            first_err.get_or_insert(e);
+                        }
+                        Err(end) => {
+                            tracing::error!(tenant = %tenant, run = %run_id, error = %end, "cannot end a run whose checkpoint cannot be read");
+                            first_err.get_or_insert(e);
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(tenant = %tenant, run = %run_id, error = %e, "cannot resume run");
+                    first_err.get_or_insert(e);
+                }
             }
         }
         first_err.map_or(Ok(n), Err)

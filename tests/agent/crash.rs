@@ -1057,3 +1057,67 @@ async fn a_run_whose_checkpoint_cannot_be_read_is_ended_on_record_once() {
     );
     s.close().await.unwrap();
 }
+
+/// A restart resumes unfinished runs side by side, and ends lost runs before any of them: a
+/// model that does not answer one resumed run holds back neither the other runs nor the end of
+/// another tenant's lost run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_resumed_run_holds_back_neither_other_runs_nor_lost_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = openai_server(vec![Scripted::Hang; 6], (10, 5), Duration::ZERO).await;
+    let (slow, gone, gone_run) = {
+        let s = open(dir.path(), config(Some(&model.url), None));
+        let slow = install(&s, "T0SLOWRES").await;
+        settings(&s, &slow, |st| st.llm.provider = "openai".into());
+        let gone = install(&s, "T0GONERES").await;
+        settings(&s, &gone, |st| st.llm.provider = "openai".into());
+        for n in 1..=2 {
+            let ctx = user(&s, "T0SLOWRES", "U0M");
+            abort_run_when(&s, ctx, "anything", "called the model", || {
+                model.seen().bodies.len() >= n
+            })
+            .await;
+        }
+        let ctx = user(&s, "T0GONERES", "U0M");
+        let gone_run = ctx.audit().run_id.to_string();
+        abort_run_when(&s, ctx, "anything", "called the model", || {
+            model.seen().bodies.len() >= 3
+        })
+        .await;
+        s.close().await.unwrap();
+        (slow, gone, gone_run)
+    };
+    // The second tenant's checkpoint goes with the power.
+    std::fs::remove_dir_all(dir.path().join("runs").join(gone.as_str())).unwrap();
+
+    let s = open(dir.path(), config(Some(&model.url), None));
+    let agent = s.agent.clone();
+    let resuming = tokio::spawn(async move { agent.resume_unfinished().await });
+    let op = s.tenants.operator_context(&gone).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let ended = events(&s, &op).await.iter().any(|e| {
+            e["run_id"] == gone_run.as_str()
+                && e["type"] == "run.failed"
+                && e["data"]["reason"]
+                    .as_str()
+                    .is_some_and(|r| r.starts_with("lost:"))
+        });
+        // Both of the first tenant's runs asked the model again, neither answered.
+        if ended && model.seen().bodies.len() >= 5 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "lost run ended: {ended}; model calls: {}",
+            model.seen().bodies.len()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        !resuming.is_finished(),
+        "the resumed runs are still waiting"
+    );
+    resuming.abort();
+    let _ = slow;
+}
