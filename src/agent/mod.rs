@@ -457,6 +457,50 @@ impl Agent {
         self.events_of_run(ctx, repo, &st.run_id, from).await
     }
 
+    /// The size of the context's tenant log.
+    ///
+    /// # Errors
+    /// Store and audit failures.
+    pub async fn log_size(&self, ctx: &TenantContext) -> Result<u64, AgentError> {
+        let repo = self.repo(ctx)?;
+        Ok(self.inner.audit.head(ctx, repo).await?.size)
+    }
+
+    /// Whether a `command.received` with `correlation_id` is in the context's tenant log from
+    /// position `from` on: a transport asks, for a platform request id claimed by a delivery
+    /// that did not live to confirm that its command was recorded.
+    ///
+    /// # Errors
+    /// Store and audit failures.
+    pub async fn command_on_record_since(
+        &self,
+        ctx: &TenantContext,
+        from: u64,
+        correlation_id: &str,
+    ) -> Result<bool, AgentError> {
+        const CHUNK: u64 = 4096;
+        let repo = self.repo(ctx)?;
+        let size = self.inner.audit.head(ctx, repo.clone()).await?.size;
+        let mut at = from;
+        while at < size {
+            let to = size.min(at + CHUNK);
+            let events = self
+                .inner
+                .audit
+                .read_range(ctx, repo.clone(), at, to)
+                .await?;
+            let found = events
+                .iter()
+                .filter_map(|bytes| serde_json::from_slice::<serde_json::Value>(bytes).ok())
+                .any(|v| v["type"] == "command.received" && v["correlation_id"] == correlation_id);
+            if found {
+                return Ok(true);
+            }
+            at = to;
+        }
+        Ok(false)
+    }
+
     /// The run's own events from log position `from` on.
     async fn events_of_run(
         &self,

@@ -15,8 +15,8 @@ use super::run_files::RunFiles;
 use super::{
     ApiKey, ApiKeyRepo, Backend, ConversationRepo, DedupeRepo, DirectoryEntry, Fact,
     InstallationRepo, MembershipRepo, MemoryRepo, PolicyRepo, ProjectionRepo, Result, RunRepo,
-    SettingsRepo, StoreError, TenantRepos, TenantSummary, ToolGrantRepo, Turn, WebhookTool,
-    WebhookToolRepo,
+    SeenClaim, SettingsRepo, StoreError, TenantRepos, TenantSummary, ToolGrantRepo, Turn,
+    WebhookTool, WebhookToolRepo,
 };
 use crate::audit::projection::{RunState, Usage, UsageDeltas};
 use crate::crypto::Cipher;
@@ -314,16 +314,47 @@ impl ApiKeyRepo for SledTenant {
 
 impl DedupeRepo for SledTenant {
     fn first_time(&self, key: &str) -> Result<bool> {
-        let k = self.key(&Self::text_key("seen", key), "");
-        // The value is when the key was first seen, for `sweep`.
-        let stamp = chrono::Utc::now().timestamp().to_be_bytes();
-        let first = self
-            .tree
-            .compare_and_swap(k.as_bytes(), None as Option<&[u8]>, Some(&stamp[..]))
-            .map_err(engine)?
-            .is_ok();
-        self.tree.flush().map_err(engine)?;
+        let first = self.claim(key, 0)? == SeenClaim::First;
+        if first {
+            self.confirm(key)?;
+        }
         Ok(first)
+    }
+
+    fn claim(&self, key: &str, log_size: u64) -> Result<SeenClaim> {
+        let k = self.key(&Self::text_key("seen", key), "");
+        // The value starts with when the key was first seen (for `sweep`); a pending claim adds
+        // `P` and the log's size then. A recorded one is the time alone (as every key was before
+        // claims were pending), or a single byte (before keys had a time).
+        let mut pending = chrono::Utc::now().timestamp().to_be_bytes().to_vec();
+        pending.push(b'P');
+        pending.extend_from_slice(&log_size.to_be_bytes());
+        let found = self
+            .tree
+            .compare_and_swap(k.as_bytes(), None as Option<&[u8]>, Some(&pending[..]))
+            .map_err(engine)?;
+        self.tree.flush().map_err(engine)?;
+        Ok(match found {
+            Ok(()) => SeenClaim::First,
+            Err(e) => match e.current.as_deref() {
+                Some(v) if v.len() == 17 && v[8] == b'P' => SeenClaim::Pending {
+                    log_size: u64::from_be_bytes(v[9..17].try_into().expect("8 bytes")),
+                },
+                _ => SeenClaim::Recorded,
+            },
+        })
+    }
+
+    fn confirm(&self, key: &str) -> Result<()> {
+        let k = self.key(&Self::text_key("seen", key), "");
+        // Not flushed: a confirmation a crash loses leaves the claim pending, and the next
+        // delivery finds its command on record.
+        self.tree
+            .fetch_and_update(k.as_bytes(), |v| {
+                v.map(|v| v.get(..8).map_or_else(|| v.to_vec(), <[u8]>::to_vec))
+            })
+            .map_err(engine)?;
+        Ok(())
     }
 
     fn forget(&self, key: &str) -> Result<()> {
@@ -339,8 +370,9 @@ impl DedupeRepo for SledTenant {
         let mut n = 0;
         for kv in self.tree.scan_prefix(prefix.as_bytes()) {
             let (k, v) = kv.map_err(engine)?;
-            match <[u8; 8]>::try_from(v.as_ref()) {
-                Ok(seen) if i64::from_be_bytes(seen) < before => {
+            // The time a key was first seen is its first 8 bytes, recorded or pending.
+            match v.get(..8).map(|b| <[u8; 8]>::try_from(b).expect("8 bytes")) {
+                Some(seen) if i64::from_be_bytes(seen) < before => {
                     // Only if unchanged: a key forgotten and seen again meanwhile stays.
                     if self
                         .tree
@@ -351,8 +383,8 @@ impl DedupeRepo for SledTenant {
                         n += 1;
                     }
                 }
-                Ok(_) => {}
-                Err(_) => {
+                Some(_) => {}
+                None => {
                     let _ = self
                         .tree
                         .compare_and_swap(&k, Some(&v), Some(&now[..]))
@@ -1243,6 +1275,34 @@ mod tests {
             .unwrap()
             .first_time("slack-event:Ev2")
             .unwrap());
+    }
+
+    /// A claim is pending, with the log size it was made at, until it is confirmed; then it is
+    /// recorded. A pending claim is swept by its time like a recorded one.
+    #[test]
+    fn a_claimed_request_id_is_pending_until_confirmed() {
+        let (_dir, store) = open();
+        let repos = store.tenant(&TenantId::generate()).unwrap();
+        assert_eq!(repos.claim("k", 41).unwrap(), SeenClaim::First);
+        assert_eq!(
+            repos.claim("k", 99).unwrap(),
+            SeenClaim::Pending { log_size: 41 },
+            "the first claim's size is kept"
+        );
+        repos.confirm("k").unwrap();
+        assert_eq!(repos.claim("k", 99).unwrap(), SeenClaim::Recorded);
+        assert!(!repos.first_time("k").unwrap());
+        assert!(repos.first_time("j").unwrap());
+        assert_eq!(repos.claim("j", 1).unwrap(), SeenClaim::Recorded);
+        assert_eq!(repos.claim("p", 7).unwrap(), SeenClaim::First);
+        let now = chrono::Utc::now().timestamp();
+        assert_eq!(DedupeRepo::sweep(&*repos, now - 600).unwrap(), 0);
+        assert_eq!(
+            repos.claim("p", 8).unwrap(),
+            SeenClaim::Pending { log_size: 7 }
+        );
+        assert_eq!(DedupeRepo::sweep(&*repos, now + 2).unwrap(), 3);
+        assert_eq!(repos.claim("p", 8).unwrap(), SeenClaim::First, "swept");
     }
 
     /// Request ids go once they are older than the cutoff, in the tenant swept only; an id kept

@@ -354,11 +354,24 @@ pub trait RunRepo {
 /// Keys seen before, per tenant, such as platform event ids, so that a retried delivery never runs
 /// anything twice.
 pub trait DedupeRepo {
-    /// Records `key`; true the first time, false every later time. Durable before it returns.
+    /// Records `key` as recorded; true the first time, false every later time. Durable before it
+    /// returns.
     ///
     /// # Errors
     /// [`StoreError`] on an engine failure.
     fn first_time(&self, key: &str) -> Result<bool>;
+    /// Claims `key` for a delivery whose command is yet to be recorded, noting the tenant's log
+    /// size (`log_size`) when it was claimed: [`SeenClaim::First`] the first time (durable before
+    /// it returns), else what an earlier claim left.
+    ///
+    /// # Errors
+    /// [`StoreError`] on an engine failure.
+    fn claim(&self, key: &str, log_size: u64) -> Result<SeenClaim>;
+    /// Marks a claimed `key` as recorded: its command is on record.
+    ///
+    /// # Errors
+    /// [`StoreError`] on an engine failure.
+    fn confirm(&self, key: &str) -> Result<()>;
     /// Forgets `key`, so that the next [`DedupeRepo::first_time`] for it is true again: for a
     /// request whose command could not be recorded after its key was. Durable before it returns.
     ///
@@ -372,6 +385,22 @@ pub trait DedupeRepo {
     /// # Errors
     /// [`StoreError`] on an engine failure.
     fn sweep(&self, before: i64) -> Result<usize>;
+}
+
+/// What [`DedupeRepo::claim`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SeenClaim {
+    /// Never seen: the caller's to record.
+    First,
+    /// Its command is on record.
+    Recorded,
+    /// Claimed by a delivery that had not confirmed its record, when the tenant's log held
+    /// `log_size` events: if that delivery is gone (a crash), its command is on record only if a
+    /// `command.received` of it follows that point.
+    Pending {
+        /// The log's size when it was claimed.
+        log_size: u64,
+    },
 }
 
 /// An API key as stored: never the secret, only its keyed hash.

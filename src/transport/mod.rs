@@ -15,7 +15,7 @@ use sha2::{Digest, Sha256};
 
 use crate::agent::{Agent, ReplySink, RunOutcome, RunRequest};
 use crate::audit::{AuditError, AuditSink, EventBody};
-use crate::store::{Store, StoreError};
+use crate::store::{SeenClaim, Store, StoreError};
 use crate::tenant::TenantContext;
 
 /// Why a command with a platform request id was not accepted.
@@ -27,6 +27,9 @@ pub enum AcceptError {
     /// The command could not be recorded; it may be sent again.
     #[error(transparent)]
     Audit(#[from] AuditError),
+    /// Whether an earlier delivery's command was recorded could not be read from the log.
+    #[error(transparent)]
+    Agent(#[from] crate::agent::AgentError),
 }
 
 /// What [`accept_once`] did.
@@ -70,6 +73,13 @@ enum Claim {
     Seen,
     /// Being recorded by an earlier delivery right now.
     InFlight,
+    /// Claimed by an earlier delivery that is no longer in flight here and did not confirm its
+    /// record (the process died in between), when the log held `log_size` events. Now in flight
+    /// for this caller, which finds out whether that command was recorded.
+    Unconfirmed {
+        /// The log's size at that claim.
+        log_size: u64,
+    },
 }
 
 impl Dedupe {
@@ -81,8 +91,9 @@ impl Dedupe {
         }
     }
 
-    /// Claims `key` in the context's tenant: first the first time, or when it was released since.
-    fn claim(&self, ctx: &TenantContext, key: &str) -> Result<Claim, StoreError> {
+    /// Claims `key` in the context's tenant, whose log holds `log_size` events: first the first
+    /// time, or when it was released since.
+    fn claim(&self, ctx: &TenantContext, key: &str, log_size: u64) -> Result<Claim, StoreError> {
         // Marked in flight before the store is asked, so that a first delivery is in flight
         // before anyone else can find its id seen; unmarked again if it was not the first.
         let fresh = self
@@ -93,14 +104,35 @@ impl Dedupe {
         if !fresh {
             return Ok(Claim::InFlight);
         }
-        let first = self
+        let found = self
             .store
             .for_tenant(ctx)
-            .and_then(|repo| repo.dedupe().first_time(key));
-        if !matches!(first, Ok(true)) {
+            .and_then(|repo| repo.dedupe().claim(key, log_size));
+        let claim = match found {
+            Ok(SeenClaim::First) => Claim::First,
+            Ok(SeenClaim::Pending { log_size }) => Claim::Unconfirmed { log_size },
+            Ok(SeenClaim::Recorded) => Claim::Seen,
+            Err(e) => {
+                self.settle(ctx, key);
+                return Err(e);
+            }
+        };
+        if matches!(claim, Claim::Seen) {
             self.settle(ctx, key);
         }
-        Ok(if first? { Claim::First } else { Claim::Seen })
+        Ok(claim)
+    }
+
+    /// Marks `key` as recorded (its command is on record). If that fails, the claim stays
+    /// pending, and a later delivery looks for the command in the log.
+    fn confirm(&self, ctx: &TenantContext, key: &str) {
+        let confirmed = self
+            .store
+            .for_tenant(ctx)
+            .and_then(|repo| repo.dedupe().confirm(key));
+        if let Err(e) = confirmed {
+            tracing::warn!(tenant = %ctx.tenant_id(), error = %e, "could not confirm a recorded request id; a retry of it looks in the log");
+        }
     }
 
     /// The first delivery of `key` is recorded, or released: no longer in flight.
@@ -139,11 +171,13 @@ pub async fn accept_once(
     cmd: Command,
     reply_to: Value,
 ) -> Result<Accepted, AcceptError> {
-    match seen.claim(&ctx, key)? {
-        Claim::First => {}
+    let log_size = agent.log_size(&ctx).await?;
+    let unconfirmed = match seen.claim(&ctx, key, log_size)? {
+        Claim::First => None,
         Claim::Seen => return Ok(Accepted::AlreadySeen),
         Claim::InFlight => return Ok(Accepted::InFlight),
-    }
+        Claim::Unconfirmed { log_size } => Some(log_size),
+    };
     // Until the command is on record the id is this delivery's; however this ends (an error, a
     // panic, the task dropped), the guard gives it back, so a retry can run it.
     let mut claimed = Claimed {
@@ -152,8 +186,29 @@ pub async fn accept_once(
         key,
         recorded: false,
     };
-    accept(sink, agent, ctx, cmd, reply_to).await?;
+    if let Some(from) = unconfirmed {
+        // An earlier delivery claimed the id and died before confirming its record: its command
+        // was recorded only if the log says so after the claim. A request without a correlation
+        // id cannot be looked for, and is taken as recorded (it ran, or is lost; never twice).
+        let recorded = match ctx.audit().correlation_id.as_ref() {
+            Some(c) => {
+                agent
+                    .command_on_record_since(&ctx, from, c.as_str())
+                    .await?
+            }
+            None => true,
+        };
+        if recorded {
+            claimed.recorded = true;
+            drop(claimed);
+            seen.confirm(&ctx, key);
+            return Ok(Accepted::AlreadySeen);
+        }
+    }
+    accept(sink, agent, ctx.clone(), cmd, reply_to).await?;
     claimed.recorded = true;
+    drop(claimed);
+    seen.confirm(&ctx, key);
     Ok(Accepted::Started)
 }
 

@@ -1532,3 +1532,84 @@ async fn a_mention_by_another_organisations_user_in_a_shared_channel_runs_nothin
     assert_eq!(r.status(), 200);
     assert_eq!(app.commands_received("T0HOST01").await, 1);
 }
+
+/// A delivery that claimed its event id and died before confirming its record (a crash) leaves
+/// the id pending: Slack's retry runs the command if it is not on record after the claim, and
+/// runs nothing if it is.
+#[tokio::test]
+async fn a_retry_after_a_crash_between_claim_and_record_runs_once() {
+    let app = spawn().await;
+    app.install("T0CLAIM1", "xoxb-claim").await;
+    let mention_of = |event_id: &str| json!({"type": "app_mention", "user": "U0M", "text": "<@U0BOTUSER> whoami", "channel": "C0C", "ts": "1.1", "event_id": event_id});
+    let ctx_for = |event_id: &str| {
+        app.services
+            .tenants
+            .resolve(&WorkspaceRequest {
+                identity: PlatformIdentity::Slack {
+                    enterprise_id: None,
+                    team_id: Some("T0CLAIM1".into()),
+                },
+                user: PrincipalId::qualified("slack", "U0M").unwrap(),
+                correlation_id: event_id.parse().ok(),
+                initiator: Initiator::User,
+            })
+            .unwrap()
+            .ctx
+    };
+    let size = |ctx: &TenantContext| {
+        let repo = app.services.store.for_tenant(ctx).unwrap();
+        let audit = app.services.audit.clone();
+        let ctx = ctx.clone();
+        async move { audit.head(&ctx, repo).await.unwrap().size }
+    };
+    // Claimed, then the process died before the command was recorded.
+    let ctx = ctx_for("Ev0LOST1");
+    let at = size(&ctx).await;
+    let repo = app.services.store.for_tenant(&ctx).unwrap();
+    assert_eq!(
+        repo.dedupe().claim("slack-event:Ev0LOST1", at).unwrap(),
+        agentgate::store::SeenClaim::First
+    );
+    app.event("T0CLAIM1", "Ev0LOST1", mention_of("Ev0LOST1"))
+        .await;
+    assert_eq!(
+        app.commands_received("T0CLAIM1").await,
+        1,
+        "the retry ran it"
+    );
+    app.event("T0CLAIM1", "Ev0LOST1", mention_of("Ev0LOST1"))
+        .await;
+    assert_eq!(
+        app.commands_received("T0CLAIM1").await,
+        1,
+        "and confirmed it"
+    );
+
+    // Claimed and recorded, then the process died before confirming.
+    let ctx = ctx_for("Ev0DONE1");
+    let at = size(&ctx).await;
+    assert_eq!(
+        repo.dedupe().claim("slack-event:Ev0DONE1", at).unwrap(),
+        agentgate::store::SeenClaim::First
+    );
+    app.services
+        .sink
+        .append(
+            &ctx,
+            EventBody::CommandReceived {
+                platform: "slack".into(),
+                kind: "app_mention".into(),
+                text_sha256: "00".repeat(32),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(app.commands_received("T0CLAIM1").await, 2);
+    app.event("T0CLAIM1", "Ev0DONE1", mention_of("Ev0DONE1"))
+        .await;
+    assert_eq!(
+        app.commands_received("T0CLAIM1").await,
+        2,
+        "on record: not run again"
+    );
+}
