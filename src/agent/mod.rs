@@ -208,6 +208,17 @@ fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
+/// What the log holds of a command (see [`Agent::command_on_record_since`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CommandOnRecord {
+    /// Not recorded.
+    No,
+    /// Recorded, and its run never began on record: the process died in between.
+    NotStarted,
+    /// Recorded, and its run began (it is resumed, or was ended, from there).
+    Started,
+}
+
 /// The agent. Cheap to clone.
 #[derive(Clone)]
 pub struct Agent {
@@ -457,18 +468,18 @@ impl Agent {
         self.events_of_run(ctx, repo, &st.run_id, from).await
     }
 
-    /// The size of the context's tenant log.
+    /// The number of durable events in the context's tenant log.
     ///
     /// # Errors
     /// Store and audit failures.
     pub async fn log_size(&self, ctx: &TenantContext) -> Result<u64, AgentError> {
         let repo = self.repo(ctx)?;
-        Ok(self.inner.audit.head(ctx, repo).await?.size)
+        Ok(self.inner.audit.durable_size(ctx, repo).await?)
     }
 
-    /// Whether a `command.received` with `correlation_id` is in the context's tenant log from
-    /// position `from` on: a transport asks, for a platform request id claimed by a delivery
-    /// that did not live to confirm that its command was recorded.
+    /// What the context's tenant log holds, from position `from` on, of the command whose
+    /// platform request is `correlation_id`: a transport asks, for a request id claimed by a
+    /// delivery that did not live to confirm that its command was recorded.
     ///
     /// # Errors
     /// Store and audit failures.
@@ -477,10 +488,14 @@ impl Agent {
         ctx: &TenantContext,
         from: u64,
         correlation_id: &str,
-    ) -> Result<bool, AgentError> {
+    ) -> Result<CommandOnRecord, AgentError> {
         const CHUNK: u64 = 4096;
+        // Canonical events start with their correlation id (keys sorted), and it needs no
+        // escaping: only this request's events are parsed.
+        let prefix = format!("{{\"correlation_id\":\"{correlation_id}\"");
         let repo = self.repo(ctx)?;
-        let size = self.inner.audit.head(ctx, repo.clone()).await?.size;
+        let size = self.inner.audit.durable_size(ctx, repo.clone()).await?;
+        let mut found = CommandOnRecord::No;
         let mut at = from;
         while at < size {
             let to = size.min(at + CHUNK);
@@ -489,16 +504,23 @@ impl Agent {
                 .audit
                 .read_range(ctx, repo.clone(), at, to)
                 .await?;
-            let found = events
+            for v in events
                 .iter()
+                .filter(|bytes| bytes.starts_with(prefix.as_bytes()))
                 .filter_map(|bytes| serde_json::from_slice::<serde_json::Value>(bytes).ok())
-                .any(|v| v["type"] == "command.received" && v["correlation_id"] == correlation_id);
-            if found {
-                return Ok(true);
+            {
+                match v["type"].as_str() {
+                    Some("command.received") => found = CommandOnRecord::NotStarted,
+                    // The command's run began (or was refused for the quota) on record.
+                    Some("run.started" | "budget.exceeded" | "run.completed" | "run.failed") => {
+                        return Ok(CommandOnRecord::Started);
+                    }
+                    _ => {}
+                }
             }
             at = to;
         }
-        Ok(false)
+        Ok(found)
     }
 
     /// The run's own events from log position `from` on.

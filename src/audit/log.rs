@@ -1037,6 +1037,19 @@ impl AuditLog {
         first_err.map_or(Ok(()), Err)
     }
 
+    /// The number of durable events in the context's tenant log, without its root: no lock is
+    /// taken and no tree node read, so it costs nothing on a request's path.
+    ///
+    /// # Errors
+    /// [`AuditError`] when the log cannot be opened.
+    pub async fn durable_size(
+        &self,
+        ctx: &TenantContext,
+        repo: TenantStore,
+    ) -> Result<u64, AuditError> {
+        Ok(self.log_for(ctx.tenant_id(), repo).await?.events.len())
+    }
+
     /// The head of the context's tenant log.
     ///
     /// # Errors

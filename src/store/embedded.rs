@@ -314,10 +314,15 @@ impl ApiKeyRepo for SledTenant {
 
 impl DedupeRepo for SledTenant {
     fn first_time(&self, key: &str) -> Result<bool> {
-        let first = self.claim(key, 0)? == SeenClaim::First;
-        if first {
-            self.confirm(key)?;
-        }
+        // Recorded at once: the time alone (see `claim`), in one write.
+        let k = self.key(&Self::text_key("seen", key), "");
+        let stamp = chrono::Utc::now().timestamp().to_be_bytes();
+        let first = self
+            .tree
+            .compare_and_swap(k.as_bytes(), None as Option<&[u8]>, Some(&stamp[..]))
+            .map_err(engine)?
+            .is_ok();
+        self.tree.flush().map_err(engine)?;
         Ok(first)
     }
 

@@ -13,7 +13,7 @@ use serde_json::Value;
 
 use sha2::{Digest, Sha256};
 
-use crate::agent::{Agent, ReplySink, RunOutcome, RunRequest};
+use crate::agent::{Agent, CommandOnRecord, ReplySink, RunOutcome, RunRequest};
 use crate::audit::{AuditError, AuditSink, EventBody};
 use crate::store::{SeenClaim, Store, StoreError};
 use crate::tenant::TenantContext;
@@ -179,51 +179,56 @@ pub async fn accept_once(
         Claim::Unconfirmed { log_size } => Some(log_size),
     };
     // Until the command is on record the id is this delivery's; however this ends (an error, a
-    // panic, the task dropped), the guard gives it back, so a retry can run it.
+    // panic, the task dropped), the guard gives it back, so a retry can run it. An earlier
+    // delivery's pending claim is given back only once the log shows its command never ran.
     let mut claimed = Claimed {
         seen,
         ctx: ctx.clone(),
         key,
         recorded: false,
+        release: unconfirmed.is_none(),
     };
     if let Some(from) = unconfirmed {
-        // An earlier delivery claimed the id and died before confirming its record: its command
-        // was recorded only if the log says so after the claim. A request without a correlation
-        // id cannot be looked for, and is taken as recorded (it ran, or is lost; never twice).
-        let recorded = match ctx.audit().correlation_id.as_ref() {
+        // An earlier delivery claimed the id and died before confirming its record. Its command
+        // ran if the log shows its run beginning after the claim; recorded but never begun (the
+        // process died in between), or not recorded, it is this delivery's to record and run. A
+        // request without a correlation id cannot be looked for, and is taken as run.
+        let on_record = match ctx.audit().correlation_id.as_ref() {
             Some(c) => {
                 agent
                     .command_on_record_since(&ctx, from, c.as_str())
                     .await?
             }
-            None => true,
+            None => CommandOnRecord::Started,
         };
-        if recorded {
-            claimed.recorded = true;
-            drop(claimed);
+        if on_record == CommandOnRecord::Started {
             seen.confirm(&ctx, key);
+            claimed.recorded = true;
             return Ok(Accepted::AlreadySeen);
         }
+        claimed.release = true;
     }
     accept(sink, agent, ctx.clone(), cmd, reply_to).await?;
-    claimed.recorded = true;
-    drop(claimed);
+    // Confirmed while still in flight, so that no retry meanwhile finds it pending.
     seen.confirm(&ctx, key);
+    claimed.recorded = true;
     Ok(Accepted::Started)
 }
 
-/// A first delivery's hold on its request id: on drop the id is no longer in flight, and unless
-/// its command was recorded, it is released in the store as well.
+/// A delivery's hold on its request id: on drop the id is no longer in flight, and unless its
+/// command was recorded, it is released in the store as well (if `release`: not while the log is
+/// still to say whether an earlier delivery's command ran).
 struct Claimed<'a> {
     seen: &'a Dedupe,
     ctx: TenantContext,
     key: &'a str,
     recorded: bool,
+    release: bool,
 }
 
 impl Drop for Claimed<'_> {
     fn drop(&mut self) {
-        if !self.recorded {
+        if !self.recorded && self.release {
             self.seen.release(&self.ctx, self.key);
         }
         self.seen.settle(&self.ctx, self.key);

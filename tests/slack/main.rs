@@ -1212,7 +1212,16 @@ async fn a_delivery_that_panics_gives_its_id_back() {
 async fn a_mention_without_an_event_id_is_refused() {
     let app = spawn().await;
     app.install("T0NOID01", "xoxb-noid").await;
-    for id in [None, Some("")] {
+    // An id that is not a correlation id's shape could not be looked for in the log after a
+    // crash: refused like a missing one.
+    let long = "E".repeat(257);
+    for id in [
+        None,
+        Some(""),
+        Some("Ev/1"),
+        Some("Ev 1"),
+        Some(long.as_str()),
+    ] {
         let mut body = json!({"type": "event_callback", "team_id": "T0NOID01", "event": {"type": "app_mention", "user": "U0M", "text": "<@U0BOTUSER> whoami", "channel": "C0R", "ts": "1.1"}});
         if let Some(id) = id {
             body["event_id"] = json!(id);
@@ -1585,31 +1594,56 @@ async fn a_retry_after_a_crash_between_claim_and_record_runs_once() {
         "and confirmed it"
     );
 
-    // Claimed and recorded, then the process died before confirming.
+    // Claimed and recorded, then the process died before the run began (its `run.started`
+    // waits for its first barrier): nothing would ever answer it, so the retry records and runs
+    // it.
+    let record = |ctx: TenantContext, body: EventBody| {
+        let sink = app.services.sink.clone();
+        async move { sink.append(&ctx, body).await.unwrap() }
+    };
+    let command = || EventBody::CommandReceived {
+        platform: "slack".into(),
+        kind: "app_mention".into(),
+        text_sha256: "00".repeat(32),
+    };
+    let ctx = ctx_for("Ev0HALF1");
+    let at = size(&ctx).await;
+    assert_eq!(
+        repo.dedupe().claim("slack-event:Ev0HALF1", at).unwrap(),
+        agentgate::store::SeenClaim::First
+    );
+    record(ctx, command()).await;
+    assert_eq!(app.commands_received("T0CLAIM1").await, 2);
+    app.event("T0CLAIM1", "Ev0HALF1", mention_of("Ev0HALF1"))
+        .await;
+    assert_eq!(
+        app.commands_received("T0CLAIM1").await,
+        3,
+        "recorded again, and run"
+    );
+
+    // Claimed, recorded and begun, then the process died before confirming: the run is the
+    // restart's to resume, and the retry runs nothing.
     let ctx = ctx_for("Ev0DONE1");
     let at = size(&ctx).await;
     assert_eq!(
         repo.dedupe().claim("slack-event:Ev0DONE1", at).unwrap(),
         agentgate::store::SeenClaim::First
     );
-    app.services
-        .sink
-        .append(
-            &ctx,
-            EventBody::CommandReceived {
-                platform: "slack".into(),
-                kind: "app_mention".into(),
-                text_sha256: "00".repeat(32),
-            },
-        )
-        .await
-        .unwrap();
-    assert_eq!(app.commands_received("T0CLAIM1").await, 2);
+    record(ctx.clone(), command()).await;
+    record(
+        ctx,
+        EventBody::RunStarted {
+            prompt_sha256: "00".repeat(32),
+        },
+    )
+    .await;
+    assert_eq!(app.commands_received("T0CLAIM1").await, 4);
     app.event("T0CLAIM1", "Ev0DONE1", mention_of("Ev0DONE1"))
         .await;
     assert_eq!(
         app.commands_received("T0CLAIM1").await,
-        2,
-        "on record: not run again"
+        4,
+        "begun: not run again"
     );
 }

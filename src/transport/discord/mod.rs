@@ -165,7 +165,10 @@ async fn interactions(
     }
     // A signed request can be sent again within the signature's five minutes: each interaction
     // runs at most once, by its id, which Discord sends with every one.
-    let Some(interaction_id) = v["id"].as_str().filter(|i| !i.is_empty()) else {
+    let Some(interaction_id) = v["id"]
+        .as_str()
+        .filter(|i| i.parse::<crate::tenant::CorrelationId>().is_ok())
+    else {
         return (StatusCode::BAD_REQUEST, "malformed interaction").into_response();
     };
     let Some(guild_id) = v["guild_id"].as_str() else {

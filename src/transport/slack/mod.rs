@@ -181,7 +181,12 @@ async fn commands(State(state): State<SlackState>, headers: HeaderMap, body: Byt
     };
     // A signed request can be sent again within the signature's five minutes: each slash command
     // runs at most once, by its trigger id, which Slack sends with every one.
-    let Some(trigger_id) = form.trigger_id.filter(|t| !t.is_empty()) else {
+    // It is also the command's correlation id, by which a retry after a crash finds whether the
+    // command was recorded: one that is not a correlation id's shape is refused like a missing one.
+    let Some(trigger_id) = form
+        .trigger_id
+        .filter(|t| t.parse::<crate::tenant::CorrelationId>().is_ok())
+    else {
         return (StatusCode::BAD_REQUEST, "slash command without trigger_id").into_response();
     };
     if !state.api.response_url_allowed(&form.response_url) {
@@ -274,7 +279,10 @@ async fn events(State(state): State<SlackState>, headers: HeaderMap, body: Bytes
             // Slack retries a delivery it thinks failed, and a signed request can be sent again
             // within the signature's five minutes: each event runs at most once, by its id. Slack
             // always sends one; an event without it could not be told from its own retry.
-            let Some(event_id) = v["event_id"].as_str().filter(|id| !id.is_empty()) else {
+            let Some(event_id) = v["event_id"]
+                .as_str()
+                .filter(|id| id.parse::<crate::tenant::CorrelationId>().is_ok())
+            else {
                 return (StatusCode::BAD_REQUEST, "event without event_id").into_response();
             };
             let user = event["user"].as_str().unwrap_or_default();
