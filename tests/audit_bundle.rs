@@ -1122,9 +1122,6 @@ async fn dropped_duplicated_reordered_truncated_or_extra_events_are_caught() {
     d.close().await;
 }
 
-/// Spec (docs/AUDIT-FORMAT.md section 5 step 7): `events.jsonl` must hold exactly `to - from`
-/// lines. A blank line after the last expected event is one line too many, and so is anything
-/// after it (here a whole extra event): nothing in the file goes unchecked.
 /// A verification tells its progress after every chunk: the events checked so far, rising to
 /// all of them.
 #[tokio::test]
@@ -1233,6 +1230,9 @@ async fn an_over_long_event_line_is_refused_without_buffering_it() {
     d.close().await;
 }
 
+/// Spec (docs/AUDIT-FORMAT.md section 5 step 7): `events.jsonl` must hold exactly `to - from`
+/// lines. A blank line after the last expected event is one line too many, and so is anything
+/// after it (here a whole extra event): nothing in the file goes unchecked.
 #[tokio::test]
 async fn bytes_after_a_trailing_blank_line_are_rejected() {
     let d = Deployment::open().await;

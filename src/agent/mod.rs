@@ -489,38 +489,57 @@ impl Agent {
         from: u64,
         correlation_id: &str,
     ) -> Result<CommandOnRecord, AgentError> {
-        const CHUNK: u64 = 4096;
         // Canonical events start with their correlation id (keys sorted), and it needs no
         // escaping: only this request's events are parsed.
         let prefix = format!("{{\"correlation_id\":\"{correlation_id}\"");
         let repo = self.repo(ctx)?;
-        let size = self.inner.audit.durable_size(ctx, repo.clone()).await?;
         let mut found = CommandOnRecord::No;
-        let mut at = from;
-        while at < size {
-            let to = size.min(at + CHUNK);
-            let events = self
+        self.scan_log(ctx, &repo, from, |bytes| {
+            if !bytes.starts_with(prefix.as_bytes()) {
+                return true;
+            }
+            let v = serde_json::from_slice::<serde_json::Value>(bytes).unwrap_or_default();
+            match v["type"].as_str() {
+                Some("command.received") => found = CommandOnRecord::NotStarted,
+                // The command's run began (or was refused for the quota) on record.
+                Some("run.started" | "budget.exceeded" | "run.completed" | "run.failed") => {
+                    found = CommandOnRecord::Started;
+                    return false;
+                }
+                _ => {}
+            }
+            true
+        })
+        .await?;
+        Ok(found)
+    }
+
+    /// Reads the context's tenant log from position `from` to its durable end in chunks (a long
+    /// log is never held whole), handing each event's leaf bytes to `each` until it returns false.
+    async fn scan_log(
+        &self,
+        ctx: &TenantContext,
+        repo: &TenantStore,
+        mut from: u64,
+        mut each: impl FnMut(&[u8]) -> bool,
+    ) -> Result<(), AgentError> {
+        const CHUNK: u64 = 4096;
+        let size = self.inner.audit.durable_size(ctx, repo.clone()).await?;
+        while from < size {
+            let to = size.min(from + CHUNK);
+            for bytes in self
                 .inner
                 .audit
-                .read_range(ctx, repo.clone(), at, to)
-                .await?;
-            for v in events
-                .iter()
-                .filter(|bytes| bytes.starts_with(prefix.as_bytes()))
-                .filter_map(|bytes| serde_json::from_slice::<serde_json::Value>(bytes).ok())
+                .read_range(ctx, repo.clone(), from, to)
+                .await?
             {
-                match v["type"].as_str() {
-                    Some("command.received") => found = CommandOnRecord::NotStarted,
-                    // The command's run began (or was refused for the quota) on record.
-                    Some("run.started" | "budget.exceeded" | "run.completed" | "run.failed") => {
-                        return Ok(CommandOnRecord::Started);
-                    }
-                    _ => {}
+                if !each(&bytes) {
+                    return Ok(());
                 }
             }
-            at = to;
+            from = to;
         }
-        Ok(found)
+        Ok(())
     }
 
     /// The run's own events from log position `from` on.
@@ -529,28 +548,20 @@ impl Agent {
         ctx: &TenantContext,
         repo: &TenantStore,
         run_id: &str,
-        mut from: u64,
+        from: u64,
     ) -> Result<Vec<serde_json::Value>, AgentError> {
-        // Read in chunks: a run whose checkpoint is old may have a long log after it, of which
-        // only its own few events are kept.
-        const CHUNK: u64 = 4096;
-        let size = self.inner.audit.head(ctx, repo.clone()).await?.size;
+        // A run whose checkpoint is old may have a long log after it, of which only its own few
+        // events are kept.
         let mut mine = Vec::new();
-        while from < size {
-            let to = size.min(from + CHUNK);
-            let events = self
-                .inner
-                .audit
-                .read_range(ctx, repo.clone(), from, to)
-                .await?;
-            mine.extend(
-                events
-                    .iter()
-                    .filter_map(|bytes| serde_json::from_slice::<serde_json::Value>(bytes).ok())
-                    .filter(|v| v["run_id"] == run_id),
-            );
-            from = to;
-        }
+        self.scan_log(ctx, repo, from, |bytes| {
+            if let Ok(v) = serde_json::from_slice::<serde_json::Value>(bytes) {
+                if v["run_id"] == run_id {
+                    mine.push(v);
+                }
+            }
+            true
+        })
+        .await?;
         Ok(mine)
     }
 
