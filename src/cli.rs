@@ -184,6 +184,28 @@ fn shown(name: &str) -> String {
         .collect()
 }
 
+/// `v` as pretty JSON for a terminal: serde_json leaves DEL, the C1 controls and the bidirectional
+/// overrides and isolates as they are, which a terminal acts on or which make a name read as
+/// another (a workspace's own name is printed here); they are written as `\u` escapes, which
+/// every JSON reader reads back as the same characters. They can only stand inside strings.
+fn terminal_json(v: &serde_json::Value) -> serde_json::Result<String> {
+    let text = serde_json::to_string_pretty(v)?;
+    let escaped = |c: char| {
+        ('\u{7F}'..='\u{9F}').contains(&c)
+            || ('\u{202A}'..='\u{202E}').contains(&c)
+            || ('\u{2066}'..='\u{2069}').contains(&c)
+    };
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if escaped(c) {
+            out.push_str(&format!("\\u{:04x}", u32::from(c)));
+        } else {
+            out.push(c);
+        }
+    }
+    Ok(out)
+}
+
 /// Parses `90d`, `12h`, `30m` or `never`.
 fn parse_expiry(text: &str) -> anyhow::Result<Option<chrono::Duration>> {
     if text == "never" {
@@ -1027,7 +1049,7 @@ fn tenants_list(services: &Services, as_json: bool) -> anyhow::Result<()> {
                 })
             })
             .collect();
-        println!("{}", serde_json::to_string_pretty(&arr)?);
+        println!("{}", terminal_json(&serde_json::Value::Array(arr))?);
     } else {
         for (t, insts) in &rows {
             let ids: Vec<&str> = insts.iter().map(|i| i.id.as_str()).collect();
@@ -1086,7 +1108,7 @@ async fn tenants_limits(services: &Services, cmd: TenantsCommand) -> anyhow::Res
         .await?;
     println!(
         "{}",
-        serde_json::to_string_pretty(&json!({
+        terminal_json(&json!({
             "tenant": id.as_str(),
             "plan": s.plan,
             "quota": s.quota,
@@ -1126,7 +1148,7 @@ async fn installations(services: &Services, cmd: InstallationsCommand) -> anyhow
                         })
                     })
                     .collect();
-                println!("{}", serde_json::to_string_pretty(&arr)?);
+                println!("{}", terminal_json(&serde_json::Value::Array(arr))?);
             } else {
                 for (t, insts) in &rows {
                     for i in insts {
@@ -1151,6 +1173,22 @@ async fn installations(services: &Services, cmd: InstallationsCommand) -> anyhow
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What a terminal acts on, or what makes a name read as another, is escaped in JSON output
+    /// and reads back as the same text.
+    #[test]
+    fn json_for_a_terminal_escapes_del_c1_and_bidi_controls() {
+        let name = "acme\u{7f}\u{9b}31m\u{202e}evil\u{2066}x";
+        let out = terminal_json(&serde_json::json!({"name": name})).unwrap();
+        assert!(
+            !out.chars()
+                .any(|c| c == '\u{7f}' || c == '\u{9b}' || c == '\u{202e}' || c == '\u{2066}'),
+            "{out:?}"
+        );
+        assert!(out.contains("\\u007f") && out.contains("\\u009b") && out.contains("\\u202e"));
+        let back: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(back["name"], name);
+    }
 
     #[test]
     fn names_are_shown_without_control_characters() {
