@@ -313,19 +313,6 @@ impl ApiKeyRepo for SledTenant {
 }
 
 impl DedupeRepo for SledTenant {
-    fn first_time(&self, key: &str) -> Result<bool> {
-        // Recorded at once: the time alone (see `claim`), in one write.
-        let k = self.key(&Self::text_key("seen", key), "");
-        let stamp = chrono::Utc::now().timestamp().to_be_bytes();
-        let first = self
-            .tree
-            .compare_and_swap(k.as_bytes(), None as Option<&[u8]>, Some(&stamp[..]))
-            .map_err(engine)?
-            .is_ok();
-        self.tree.flush().map_err(engine)?;
-        Ok(first)
-    }
-
     fn claim(&self, key: &str, log_size: u64) -> Result<SeenClaim> {
         let k = self.key(&Self::text_key("seen", key), "");
         // The value starts with when the key was first seen (for `sweep`); a pending claim adds
@@ -1265,21 +1252,32 @@ mod tests {
         let (dir, store) = open();
         let (a, b) = (TenantId::generate(), TenantId::generate());
         let repos = store.tenant(&a).unwrap();
-        assert!(repos.first_time("slack-event:Ev1").unwrap());
-        assert!(!repos.first_time("slack-event:Ev1").unwrap());
-        assert!(repos.first_time("slack-event:Ev2").unwrap());
+        assert_eq!(repos.claim("slack-event:Ev1", 0).unwrap(), SeenClaim::First);
+        assert_ne!(repos.claim("slack-event:Ev1", 0).unwrap(), SeenClaim::First);
+        assert_eq!(repos.claim("slack-event:Ev2", 0).unwrap(), SeenClaim::First);
         DedupeRepo::forget(&*repos, "slack-event:Ev1").unwrap();
         drop((repos, store));
         let cipher = Cipher::new(&MasterKey::parse(&"33".repeat(32)).unwrap());
         let store = Embedded::open(dir.path(), cipher).unwrap();
         let repos = store.tenant(&a).unwrap();
-        assert!(repos.first_time("slack-event:Ev1").unwrap(), "forgotten");
-        assert!(!repos.first_time("slack-event:Ev2").unwrap(), "still seen");
-        assert!(store
-            .tenant(&b)
-            .unwrap()
-            .first_time("slack-event:Ev2")
-            .unwrap());
+        assert_eq!(
+            repos.claim("slack-event:Ev1", 0).unwrap(),
+            SeenClaim::First,
+            "forgotten"
+        );
+        assert_ne!(
+            repos.claim("slack-event:Ev2", 0).unwrap(),
+            SeenClaim::First,
+            "still seen"
+        );
+        assert_eq!(
+            store
+                .tenant(&b)
+                .unwrap()
+                .claim("slack-event:Ev2", 0)
+                .unwrap(),
+            SeenClaim::First
+        );
     }
 
     /// A claim is pending, with the log size it was made at, until it is confirmed; then it is
@@ -1296,8 +1294,8 @@ mod tests {
         );
         repos.confirm("k").unwrap();
         assert_eq!(repos.claim("k", 99).unwrap(), SeenClaim::Recorded);
-        assert!(!repos.first_time("k").unwrap());
-        assert!(repos.first_time("j").unwrap());
+        assert_eq!(repos.claim("j", 1).unwrap(), SeenClaim::First);
+        repos.confirm("j").unwrap();
         assert_eq!(repos.claim("j", 1).unwrap(), SeenClaim::Recorded);
         assert_eq!(repos.claim("p", 7).unwrap(), SeenClaim::First);
         let now = chrono::Utc::now().timestamp();
@@ -1317,8 +1315,8 @@ mod tests {
         let (_dir, store) = open();
         let (a, b) = (TenantId::generate(), TenantId::generate());
         let (ra, rb) = (store.tenant(&a).unwrap(), store.tenant(&b).unwrap());
-        assert!(ra.first_time("slack-event:Ev1").unwrap());
-        assert!(rb.first_time("slack-event:Ev1").unwrap());
+        assert_eq!(ra.claim("slack-event:Ev1", 0).unwrap(), SeenClaim::First);
+        assert_eq!(rb.claim("slack-event:Ev1", 0).unwrap(), SeenClaim::First);
         let old_key = format!("{a}/{}/", SledTenant::text_key("seen", "slack-event:Old"));
         store
             .db
@@ -1332,19 +1330,30 @@ mod tests {
             0,
             "none is that old"
         );
-        assert!(!ra.first_time("slack-event:Ev1").unwrap(), "still seen");
-        assert!(
-            !ra.first_time("slack-event:Old").unwrap(),
+        assert_ne!(
+            ra.claim("slack-event:Ev1", 0).unwrap(),
+            SeenClaim::First,
+            "still seen"
+        );
+        assert_ne!(
+            ra.claim("slack-event:Old", 0).unwrap(),
+            SeenClaim::First,
             "stamped, still seen"
         );
         assert_eq!(DedupeRepo::sweep(&*ra, now + 2).unwrap(), 2);
-        assert!(ra.first_time("slack-event:Ev1").unwrap(), "swept");
-        assert!(
-            ra.first_time("slack-event:Old").unwrap(),
+        assert_eq!(
+            ra.claim("slack-event:Ev1", 0).unwrap(),
+            SeenClaim::First,
+            "swept"
+        );
+        assert_eq!(
+            ra.claim("slack-event:Old", 0).unwrap(),
+            SeenClaim::First,
             "swept once stamped"
         );
-        assert!(
-            !rb.first_time("slack-event:Ev1").unwrap(),
+        assert_ne!(
+            rb.claim("slack-event:Ev1", 0).unwrap(),
+            SeenClaim::First,
             "the other tenant keeps its own"
         );
     }

@@ -354,12 +354,6 @@ pub trait RunRepo {
 /// Keys seen before, per tenant, such as platform event ids, so that a retried delivery never runs
 /// anything twice.
 pub trait DedupeRepo {
-    /// Records `key` as recorded; true the first time, false every later time. Durable before it
-    /// returns.
-    ///
-    /// # Errors
-    /// [`StoreError`] on an engine failure.
-    fn first_time(&self, key: &str) -> Result<bool>;
     /// Claims `key` for a delivery whose command is yet to be recorded, noting the tenant's log
     /// size (`log_size`) when it was claimed: [`SeenClaim::First`] the first time (durable before
     /// it returns), else what an earlier claim left.
@@ -372,7 +366,7 @@ pub trait DedupeRepo {
     /// # Errors
     /// [`StoreError`] on an engine failure.
     fn confirm(&self, key: &str) -> Result<()>;
-    /// Forgets `key`, so that the next [`DedupeRepo::first_time`] for it is true again: for a
+    /// Forgets `key`, so that the next [`DedupeRepo::claim`] of it is the first again: for a
     /// request whose command could not be recorded after its key was. Durable before it returns.
     ///
     /// # Errors

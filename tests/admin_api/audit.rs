@@ -260,26 +260,34 @@ async fn an_export_whose_client_stops_reading_gives_up_its_slot() {
     let app = spawn_with_timeout(std::time::Duration::from_secs(1)).await;
     big_log(&app).await;
     let held = start_export(&app).await;
+    export_once_free(
+        &app,
+        std::time::Duration::from_secs(15),
+        "the stalled export kept its slot",
+    )
+    .await;
+    // What it reads now ends in an error, not as if it were a whole (if short) archive.
+    assert!(
+        held.bytes().await.is_err(),
+        "a cut-off export ended as a whole response"
+    );
+}
+
+/// Asks for an export as A's compliance officer until the tenant's one export slot is free and
+/// the export is made (200), each refusal meanwhile a 409; fails with `why` after `within`.
+async fn export_once_free(app: &TestApp, within: std::time::Duration, why: &str) {
     let started = std::time::Instant::now();
     loop {
         let r = app
             .post("/api/v1/audit/export", &app.a.compliance.token, json!({}))
             .await;
         if r.status == 200 {
-            break;
+            return;
         }
         assert_eq!(r.status, 409, "{}", r.error());
-        assert!(
-            started.elapsed() < std::time::Duration::from_secs(15),
-            "the stalled export kept its slot"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert!(started.elapsed() < within, "{why}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-    // What it reads now ends in an error, not as if it were a whole (if short) archive.
-    assert!(
-        held.bytes().await.is_err(),
-        "a cut-off export ended as a whole response"
-    );
 }
 
 /// Starts an export of all of A's log and returns its response, its bundle not yet read.
@@ -355,21 +363,12 @@ async fn one_export_per_tenant_at_a_time() {
     let bundle = first.bytes().await.unwrap();
     assert!(bundle.len() > 14_000_000, "{}", bundle.len());
     // The slot is given up once the archive is written, just after its last bytes went out.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        let r = app
-            .post("/api/v1/audit/export", &app.a.compliance.token, json!({}))
-            .await;
-        if r.status == 200 {
-            break;
-        }
-        assert_eq!(r.status, 409, "{}", r.error());
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the slot was not given up"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    export_once_free(
+        &app,
+        std::time::Duration::from_secs(10),
+        "the slot was not given up",
+    )
+    .await;
     assert_eq!(exports_of(&app).await, 2);
 }
 

@@ -356,20 +356,27 @@ async fn old_request_ids_are_forgotten_in_every_tenant() {
             .unwrap();
         let ctx = t.resolve(&slack_request(team, "U0BOSS")).unwrap().ctx;
         let repo = app.services.store.for_tenant(&ctx).unwrap();
-        assert!(repo.dedupe().first_time("slack-event:Ev1").unwrap());
+        assert_eq!(
+            repo.dedupe().claim("slack-event:Ev1", 0).unwrap(),
+            agentgate::store::SeenClaim::First
+        );
         ctxs.push(ctx);
     }
     let now = chrono::Utc::now().timestamp();
     assert_eq!(t.sweep_seen(now - 3600).unwrap(), 0, "all are recent");
     for ctx in &ctxs {
         let repo = app.services.store.for_tenant(ctx).unwrap();
-        assert!(!repo.dedupe().first_time("slack-event:Ev1").unwrap());
+        assert_ne!(
+            repo.dedupe().claim("slack-event:Ev1", 0).unwrap(),
+            agentgate::store::SeenClaim::First
+        );
     }
     assert_eq!(t.sweep_seen(now + 2).unwrap(), 2);
     for ctx in &ctxs {
         let repo = app.services.store.for_tenant(ctx).unwrap();
-        assert!(
-            repo.dedupe().first_time("slack-event:Ev1").unwrap(),
+        assert_eq!(
+            repo.dedupe().claim("slack-event:Ev1", 0).unwrap(),
+            agentgate::store::SeenClaim::First,
             "forgotten"
         );
     }
